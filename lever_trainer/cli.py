@@ -1,0 +1,410 @@
+"""``lever-train``: the command line.
+
+``lever-train [train] OPTIONS`` trains; ``lever-train plugins`` lists installed
+plugins; ``lever-train demo-data DIR`` writes the synthetic demo dataset. Every
+:class:`~lever_trainer.errors.LeverError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from . import __version__
+from .checkpoint import atomic_write_bytes, infer_policy_shape, load_into_model, read_state_dict
+from .data import (
+    DataOptions,
+    check_ids_in_range,
+    file_fingerprint,
+    load_embeddings,
+    load_rl_data,
+    split_train_val,
+)
+from .errors import LeverError
+from .model import PointerPolicy, PolicyConfig
+from .plugins import discover, load_plugins
+from .state import TrainConfig
+
+#: Seed-script flags that stand for a plugin choice.
+ALIAS_FLAGS = {
+    "rce_use_raw_reward": ("--rce_use_raw_reward", "raw-reward"),
+    "rce_use_normalized_reward": ("--rce_use_normalized_reward", "normalized-reward"),
+    "freeze_backbone_in_grpo": ("--freeze_backbone_in_grpo", "freeze-backbone"),
+}
+
+
+def warn(message: str) -> None:
+    """Print a warning line to stderr."""
+    click.echo(message, err=True)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a LeverError into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LeverError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+class DefaultToTrain(click.Group):
+    """A group whose default command is ``train``: ``lever-train --beam-data ...`` trains."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToTrain, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lever-train")
+def main() -> None:
+    """Train a pointer policy for in-context example selection (RCE, then GRPO).
+
+    Run `lever-train train --help` for the training options (`train` may be
+    omitted), `lever-train plugins` for the installed plugins.
+    """
+
+
+def resolve_device(name: str) -> str:
+    """Check a --device value; CUDA without CUDA falls back to CPU with a warning."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LeverError(
+            f"--device: {name!r} is not a device (expected cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise LeverError(
+            f"--device: unsupported device type {device.type!r} (expected cpu or cuda)"
+        )
+    if not torch.cuda.is_available():
+        warn(f"warning: --device {name}: CUDA is not available, running on cpu")
+        return "cpu"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise LeverError(
+            f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
+        )
+    return str(device)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a directory that already holds checkpoints unless --overwrite."""
+    if path.exists() and not path.is_dir():
+        raise LeverError(f"--output-dir: {path} exists and is not a directory")
+    existing = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise LeverError(
+            f"--output-dir: {path} already holds checkpoints ({shown}); pass "
+            "--overwrite to write over them, or choose another directory"
+        )
+
+
+def plugin_choices(enable: tuple[str, ...], aliases: dict[str, bool]) -> list[str]:
+    """--plugin names plus those implied by the seed script's flags."""
+    names = list(enable)
+    on = [flag for key, (flag, _) in ALIAS_FLAGS.items() if aliases.get(key)]
+    if "--rce_use_raw_reward" in on and "--rce_use_normalized_reward" in on:
+        raise click.UsageError(
+            "--rce_use_raw_reward and --rce_use_normalized_reward both choose "
+            "the RCE reward (raw and normalized); give only one"
+        )
+    for key, (_, plugin) in ALIAS_FLAGS.items():
+        if aliases.get(key) and plugin not in names:
+            names.append(plugin)
+    if "raw-reward" in names and "normalized-reward" in names:
+        raise click.UsageError(
+            "--plugin raw-reward and --plugin normalized-reward both choose "
+            "the RCE reward; give only one"
+        )
+    return names
+
+
+def build_model(
+    d: int, hidden_dim: int | None, num_layers: int | None, sft_ckpt: str | None, trust: bool
+) -> tuple[PointerPolicy, list[str]]:
+    """The policy for embedding width ``d``, loaded from ``sft_ckpt`` when given."""
+    state_dict = read_state_dict(sft_ckpt, trust) if sft_ckpt else None
+    shape = infer_policy_shape(state_dict) if state_dict is not None else {}
+    for flag, given, key in (
+        ("--hidden-dim", hidden_dim, "hidden_dim"),
+        ("--num-layers", num_layers, "num_layers"),
+    ):
+        if given is not None and key in shape and shape[key] != given:
+            raise LeverError(
+                f"{flag} {given} disagrees with --sft-ckpt {sft_ckpt}, "
+                f"which has {key.replace('_', ' ')} {shape[key]}"
+            )
+    config = PolicyConfig(
+        input_dim=d,
+        hidden_dim=hidden_dim or shape.get("hidden_dim", 256),
+        num_layers=num_layers or shape.get("num_layers", 1),
+    )
+    model = PointerPolicy(config)
+    lines: list[str] = []
+    if state_dict is not None:
+        assert sft_ckpt is not None
+        report = load_into_model(
+            model, state_dict, sft_ckpt, f" (embedding width d={d} from --img-emb)"
+        )
+        lines = report.lines()
+    return model, lines
+
+
+@main.command("train")
+@click.option(
+    "--beam-data",
+    "--beam_data",
+    "beam_data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="RL data JSON (SPEC 2.1).",
+)
+@click.option(
+    "--img-emb",
+    "--img_emb",
+    "img_emb",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.",
+)
+@click.option(
+    "--cand-emb",
+    "cand_emb",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Separate candidate embedding table (default: --img-emb).",
+)
+@click.option("--emb-key", default=None, help="Tensor name inside a multi-tensor embedding file.")
+@click.option(
+    "--sft-ckpt",
+    "--sft_ckpt",
+    "sft_ckpt",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
+)
+@click.option(
+    "--trust-checkpoint", is_flag=True, help="Allow a full (unsafe) pickle load of --sft-ckpt."
+)
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Where checkpoints and metrics go.",
+)
+@click.option("--overwrite", is_flag=True, help="Write over checkpoints already in --output-dir.")
+@click.option(
+    "--rce-epochs",
+    "--rce_epochs",
+    "rce_epochs",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+)
+@click.option(
+    "--grpo-epochs",
+    "--grpo_epochs",
+    "grpo_epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+)
+@click.option(
+    "--batch-size",
+    "--batch_size",
+    "batch_size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Queries per optimiser step.",
+)
+@click.option("--rce-lr", "--rce_lr", "rce_lr", type=float, default=1e-4, show_default=True)
+@click.option("--grpo-lr", "--grpo_lr", "grpo_lr", type=float, default=1e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option(
+    "--rce-temp-start",
+    "--rce_temp_start",
+    "rce_temp_start",
+    type=float,
+    default=2.0,
+    show_default=True,
+)
+@click.option(
+    "--rce-temp-end", "--rce_temp_end", "rce_temp_end", type=float, default=0.5, show_default=True
+)
+@click.option("--kl-beta", "--kl_beta", "kl_beta", type=float, default=0.1, show_default=True)
+@click.option(
+    "--clip-epsilon", "--clip_epsilon", "clip_epsilon", type=float, default=0.2, show_default=True
+)
+@click.option("--early-top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--late-top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--early-epochs", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--hidden-dim",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Policy width (default 256, or the --sft-ckpt's).",
+)
+@click.option(
+    "--num-layers",
+    "--num_layers",
+    "num_layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cross-attention layers (default 1, or the --sft-ckpt's).",
+)
+@click.option("--max-pool", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--val-ratio", type=float, default=0.2, show_default=True)
+@click.option("--keep-fallback", is_flag=True, help="Keep candidates whose evaluation fell back.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--plugin",
+    "plugins_on",
+    multiple=True,
+    metavar="NAME",
+    help="Enable an installed plugin (repeatable).",
+)
+@click.option(
+    "--no-plugin",
+    "plugins_off",
+    multiple=True,
+    metavar="NAME",
+    help="Disable a plugin that is on by default (repeatable).",
+)
+@click.option("--rce_use_raw_reward", is_flag=True, help="Same as --plugin raw-reward.")
+@click.option(
+    "--rce_use_normalized_reward", is_flag=True, help="Same as --plugin normalized-reward."
+)
+@click.option("--freeze_backbone_in_grpo", is_flag=True, help="Same as --plugin freeze-backbone.")
+@user_errors
+def train(**opts: Any) -> None:
+    """Train on RL data: reference log-probs, RCE epochs, then GRPO epochs."""
+    from .trainer import Trainer
+
+    enable = plugin_choices(opts["plugins_on"], {k: opts[k] for k in ALIAS_FLAGS})
+    plugins = load_plugins(enable, opts["plugins_off"], warn=warn)
+    device = resolve_device(opts["device"])
+    output_dir = Path(opts["output_dir"])
+    check_output_dir(output_dir, opts["overwrite"])
+
+    data_opts = DataOptions(
+        max_pool=opts["max_pool"], keep_fallback=opts["keep_fallback"], val_ratio=opts["val_ratio"]
+    )
+    table, report = load_rl_data(opts["beam_data"], data_opts)
+    for line in report.lines():
+        click.echo(line)
+    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
+    check_ids_in_range(table, emb)
+    train_table, val_table = split_train_val(table, data_opts.val_ratio)
+    click.echo(
+        f"split: {len(train_table)} train / {len(val_table)} validation queries, "
+        f"S = {table.seq_len}, d = {emb.dim}"
+    )
+
+    torch.manual_seed(opts["seed"])
+    model, ckpt_lines = build_model(
+        emb.dim, opts["hidden_dim"], opts["num_layers"], opts["sft_ckpt"], opts["trust_checkpoint"]
+    )
+    for line in ckpt_lines:
+        click.echo(line)
+    config = TrainConfig(
+        rce_epochs=opts["rce_epochs"],
+        grpo_epochs=opts["grpo_epochs"],
+        batch_size=opts["batch_size"],
+        rce_lr=opts["rce_lr"],
+        grpo_lr=opts["grpo_lr"],
+        weight_decay=opts["weight_decay"],
+        grad_clip=opts["grad_clip"],
+        rce_tau_start=opts["rce_temp_start"],
+        rce_tau_end=opts["rce_temp_end"],
+        kl_beta=opts["kl_beta"],
+        clip_epsilon=opts["clip_epsilon"],
+        early_epochs=opts["early_epochs"],
+        early_top_k=opts["early_top_k"],
+        late_top_k=opts["late_top_k"],
+        seed=opts["seed"],
+        device=device,
+    )
+    click.echo(
+        f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    fingerprint = file_fingerprint(opts["beam_data"], opts["img_emb"], opts["cand_emb"])
+    run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
+    trainer = Trainer(config, model, train_table, val_table, emb, plugins, output_dir, run_metadata)
+    trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "train_config": config.to_dict(),
+        "model": model.config.to_dict(),
+        "plugins": plugins.versions(),
+        **run_metadata,
+        "argv": sys.argv[1:],
+        "lever_trainer_version": __version__,
+    }
+    atomic_write_bytes(
+        output_dir / "run_config.json",
+        (json.dumps(run_config, indent=2, sort_keys=True) + "\n").encode(),
+    )
+    state = trainer.fit()
+    if state.history:
+        click.echo(f"done: {len(state.history)} epochs, checkpoints in {output_dir}")
+
+
+@main.command("plugins")
+def plugins_cmd() -> None:
+    """List installed plugins: name, distribution, version, hooks, default state."""
+    found = discover()
+    if not found:
+        click.echo("no plugins installed")
+        return
+    for p in found:
+        dist = f"{p.distribution or '?'} {p.version or '?'}"
+        if p.broken:
+            click.echo(f"{p.name}  [{dist}]  BROKEN: {p.error}")
+            continue
+        default = "on by default" if p.enabled_by_default else "off by default"
+        click.echo(f"{p.name}  [{dist}]  {default}")
+        if p.description:
+            click.echo(f"    {p.description}")
+        click.echo(f"    hooks: {', '.join(p.hooks) or 'none'}")
+
+
+@main.command("demo-data")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--queries", type=click.IntRange(min=5), default=400, show_default=True)
+@click.option("--pool", type=click.IntRange(min=4), default=32, show_default=True)
+@click.option("--dim", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> None:
+    """Write a synthetic RL dataset with a learnable signal into OUT_DIR."""
+    from .demo import DemoSpec, write_demo
+
+    spec = DemoSpec(queries=queries, demos=max(3 * queries, pool), pool=pool, dim=dim, seed=seed)
+    data_path, emb_path = write_demo(Path(out_dir), spec)
+    click.echo(f"wrote {data_path} and {emb_path}")
+    click.echo(
+        f"train with: lever-train --beam-data {data_path} --img-emb {emb_path} "
+        f"--output-dir runs/demo"
+    )

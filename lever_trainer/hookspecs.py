@@ -1,0 +1,122 @@
+"""Every hook a lever_trainer plugin can implement.
+
+A plugin is a module (or object) registered under the ``lever_trainer`` entry-point
+group, whose functions are marked with :data:`lever_trainer.hookimpl` and named after
+the hook specifications below. An implementation may accept any subset of a hook's
+arguments, by name. Wrappers (``hookwrapper``/``wrapper``) are not supported.
+
+Two kinds of hook:
+
+* **Broadcast** hooks are called on every active plugin; their return values are
+  ignored. An exception raised inside one stops the run with a message naming
+  the plugin and the hook.
+* **Single-answer** hooks (marked ``firstresult``) decide one thing. Plugins that
+  have nothing to say return None. When several active plugins answer, a plugin the
+  user asked for with ``--plugin`` overrides ones that are only on by default; two
+  answers of equal standing are an error naming both plugins. The run's log says
+  which plugin decided.
+
+A plugin module may also define ``ENABLED_BY_DEFAULT = True`` (it takes part in
+every run unless ``--no-plugin NAME``) and ``DESCRIPTION`` (one line, shown by
+``lever-train plugins``).
+
+The ``state`` argument is a :class:`lever_trainer.state.TrainState`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .state import RewardChoice, TrainState
+
+PROJECT = "lever_trainer"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def select_reward(state: TrainState, phase: str) -> RewardChoice | None:
+    """Choose the reward tensor that ``phase``'s loss consumes.
+
+    Called once for each phase that will run (``"rce"``, ``"grpo"``), before
+    training starts, so the choice is printed up front. Return a
+    :class:`~lever_trainer.state.RewardChoice`, or None to leave the decision to
+    another plugin. Single answer; required: a phase with epochs and no answer
+    stops the run.
+    """
+
+
+@hookspec
+def configure_trainable_params(state: TrainState, model: nn.Module) -> None:
+    """Freeze parameters for the phase about to start (``state.phase``).
+
+    Called at the start of every phase, after all parameters have been made
+    trainable again and before the phase's optimiser is built. Set
+    ``requires_grad_(False)`` on what should stay fixed; the optimiser holds only
+    the parameters that still require gradients. Broadcast.
+    """
+
+
+@hookspec(firstresult=True)
+def adapt_kl_beta(state: TrainState, kl: float, beta: float) -> float | None:
+    """Return the KL weight to use after a GRPO optimiser step.
+
+    ``kl`` is the step's batch KL, ``beta`` the weight it was computed with.
+    Single answer; when no active plugin answers, the weight stays fixed.
+    """
+
+
+@hookspec
+def on_train_start(state: TrainState) -> None:
+    """Called once, after data and model are ready and before reference log-probs. Broadcast."""
+
+
+@hookspec
+def on_phase_start(state: TrainState) -> None:
+    """Called when a phase begins, after its optimiser is built. Broadcast."""
+
+
+@hookspec
+def on_step_end(state: TrainState) -> None:
+    """Called after every optimiser step; ``state.last_step`` holds its losses. Broadcast."""
+
+
+@hookspec
+def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
+    """Called after an epoch's validation and checkpoint, with the epoch's ``metrics``.
+
+    ``metrics`` holds ``phase``-independent keys: ``train_loss``, ``val_loss``,
+    ``policy_reward@1``, ``policy_correct@1``, ``random_reward``,
+    ``oracle_reward``, ``normalized_gain``, ``spearman`` (validation keys are absent
+    when the validation split is empty) and, in GRPO, ``kl`` and ``kl_beta``.
+    Broadcast.
+    """
+
+
+@hookspec
+def on_phase_end(state: TrainState) -> None:
+    """Called when a phase has finished its last epoch. Broadcast."""
+
+
+@hookspec
+def on_train_end(state: TrainState) -> None:
+    """Called once after the last phase. Broadcast."""
+
+
+#: Hooks that take a single answer.
+SINGLE_ANSWER_HOOKS = frozenset({"select_reward", "adapt_kl_beta"})
+
+
+def all_hook_names() -> list[str]:
+    """Names of every hook specification in this module."""
+    return [
+        name for name, obj in globals().items() if callable(obj) and hasattr(obj, f"{PROJECT}_spec")
+    ]
+
+
+__all__: list[Any] = ["SINGLE_ANSWER_HOOKS", "all_hook_names", "hookimpl", "hookspec"]

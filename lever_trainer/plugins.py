@@ -1,0 +1,235 @@
+"""Finding, activating and calling plugins.
+
+Plugins are found through the ``lever_trainer`` entry-point group, the same door
+for built-in and third-party packages. Discovery is not activation: a run uses the
+plugins that are on by default plus those named with ``--plugin``, minus those
+named with ``--no-plugin``. Hooks are called through :class:`PluginSet`, which
+attributes every answer and every exception to the plugin that produced it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import LeverError, PluginError
+
+ENTRY_POINT_GROUP = "lever_trainer"
+#: Set to 1 to ignore installed plugins entirely (only ``extra`` objects register).
+DISABLE_AUTOLOAD_ENV = "LEVER_TRAINER_DISABLE_PLUGIN_AUTOLOAD"
+
+
+@dataclass
+class PluginInfo:
+    """One installed plugin, as ``lever-train plugins`` lists it."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    obj: Any = None
+    error: str | None = None
+    enabled_by_default: bool = False
+    description: str = ""
+    hooks: list[str] = field(default_factory=list)
+
+    @property
+    def broken(self) -> bool:
+        """True when the plugin failed to import or to register."""
+        return self.error is not None
+
+
+def _hook_names(obj: Any) -> list[str]:
+    names = set(hookspecs.all_hook_names())
+    marker = f"{hookspecs.PROJECT}_impl"
+    return sorted(n for n in dir(obj) if n in names and hasattr(getattr(obj, n, None), marker))
+
+
+def describe_object(
+    name: str, obj: Any, distribution: str | None = None, version: str | None = None
+) -> PluginInfo:
+    """Build the :class:`PluginInfo` of an already imported plugin object."""
+    return PluginInfo(
+        name=name,
+        distribution=distribution,
+        version=version,
+        obj=obj,
+        enabled_by_default=bool(getattr(obj, "ENABLED_BY_DEFAULT", False)),
+        description=str(
+            getattr(obj, "DESCRIPTION", "") or (obj.__doc__ or "").strip().split("\n")[0]
+        ),
+        hooks=_hook_names(obj),
+    )
+
+
+def discover() -> list[PluginInfo]:
+    """Every plugin installed under the entry-point group; broken ones carry ``error``."""
+    if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("", "0"):
+        return []
+    found: dict[str, PluginInfo] = {}
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        version = dist.version if dist is not None else None
+        if ep.name in found:
+            # The same distribution seen twice on sys.path is harmless; two
+            # distributions claiming one name is not.
+            if found[ep.name].distribution != dist_name:
+                found[ep.name].error = (
+                    f"plugin name {ep.name!r} is claimed by both "
+                    f"{found[ep.name].distribution} and {dist_name}"
+                )
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            found[ep.name] = PluginInfo(
+                ep.name, dist_name, version, error=f"{type(exc).__name__}: {exc}"
+            )
+            continue
+        found[ep.name] = describe_object(ep.name, obj, dist_name, version)
+    return sorted(found.values(), key=lambda p: p.name)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of a single-answer hook and where it came from."""
+
+    value: Any
+    plugin: str
+    origin: str  # "default", "explicit" or "plugin"
+
+    @property
+    def label(self) -> str:
+        """``default``, ``explicit`` or ``plugin NAME``, as printed in the run's log."""
+        return f"plugin {self.plugin}" if self.origin == "plugin" else self.origin
+
+
+class PluginSet:
+    """The active plugins of one run, registered with a pluggy manager."""
+
+    def __init__(self, active: Sequence[PluginInfo], explicit: Iterable[str] = ()) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.active = list(active)
+        self.explicit = set(explicit)
+        self._by_obj: dict[int, PluginInfo] = {}
+        for info in self.active:
+            try:
+                self.pm.register(info.obj, name=info.name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(
+                    f"plugin {info.name}: invalid hook implementation ({exc})"
+                ) from None
+            self._by_obj[id(info.obj)] = info
+        for hook_name in hookspecs.all_hook_names():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name}: hook {hook_name} is a wrapper;"
+                        " lever_trainer hooks do not support wrappers"
+                    )
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the active plugins."""
+        return [p.name for p in self.active]
+
+    def versions(self) -> dict[str, str]:
+        """``{plugin name: "distribution version"}`` of the active plugins, for checkpoints."""
+        return {p.name: f"{p.distribution or '-'} {p.version or '-'}" for p in self.active}
+
+    def _answers(self, hook_name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+        out = []
+        # pluggy calls implementations last-registered first; keep its order.
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            args = {a: kwargs[a] for a in impl.argnames}
+            try:
+                result = impl.function(**args)
+            except LeverError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name} failed in hook {hook_name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            out.append((impl.plugin_name, result))
+        return out
+
+    def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a broadcast hook on every active plugin; returns ``(plugin, result)`` pairs."""
+        return self._answers(hook_name, kwargs)
+
+    def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
+        """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""
+        answers = [(n, v) for n, v in self._answers(hook_name, kwargs) if v is not None]
+        if not answers:
+            return None
+        if len(answers) > 1:
+            explicit = [(n, v) for n, v in answers if n in self.explicit]
+            if len(explicit) != 1:
+                tied = explicit or answers
+                names = " and ".join(n for n, _ in tied)
+                what = f" for phase {kwargs['phase']!r}" if "phase" in kwargs else ""
+                raise PluginError(
+                    f"plugins {names} both answer hook {hook_name}{what}; "
+                    "enable only one of them (--plugin / --no-plugin)"
+                )
+            answers = explicit
+        name, value = answers[0]
+        info = next(p for p in self.active if p.name == name)
+        if not info.enabled_by_default:
+            origin = "plugin"
+        else:
+            origin = "explicit" if name in self.explicit else "default"
+        return Decision(value, name, origin)
+
+
+def select_active(
+    installed: Sequence[PluginInfo],
+    enable: Sequence[str] = (),
+    disable: Sequence[str] = (),
+    warn: Any = None,
+) -> list[PluginInfo]:
+    """Defaults plus ``enable`` minus ``disable``; unknown or broken names are errors."""
+    by_name = {p.name: p for p in installed}
+    known = ", ".join(sorted(by_name)) or "none installed"
+    for flag, names in (("--plugin", enable), ("--no-plugin", disable)):
+        for n in names:
+            if n not in by_name:
+                raise LeverError(f"{flag}: unknown plugin {n!r} (installed: {known})")
+    both = sorted(set(enable) & set(disable))
+    if both:
+        raise LeverError(f"--plugin and --no-plugin both name {both[0]!r}")
+    active = []
+    for p in installed:
+        wanted = p.name in enable or (p.enabled_by_default and p.name not in disable)
+        if not wanted:
+            continue
+        if p.broken:
+            if p.name in enable:
+                raise LeverError(f"--plugin: plugin {p.name!r} is broken: {p.error}")
+            if warn is not None:
+                warn(f"warning: skipping broken plugin {p.name!r}: {p.error}")
+            continue
+        active.append(p)
+    return active
+
+
+def load_plugins(
+    enable: Sequence[str] = (),
+    disable: Sequence[str] = (),
+    extra: Sequence[tuple[str, ModuleType | object]] = (),
+    warn: Any = None,
+) -> PluginSet:
+    """Discover installed plugins, add ``extra`` (name, object) pairs, activate and register."""
+    installed = discover()
+    installed += [describe_object(n, obj) for n, obj in extra]
+    active = select_active(installed, enable, disable, warn)
+    return PluginSet(active, explicit=enable)

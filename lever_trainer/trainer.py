@@ -1,0 +1,321 @@
+"""The core loop: reference log-probs, then the RCE and GRPO phases.
+
+Read it top to bottom: :meth:`Trainer.fit` runs the phases; :meth:`Trainer.run_phase`
+builds the phase's optimiser after the plugins have chosen what trains, then loops
+over epochs and batches; :meth:`Trainer.rce_step` and :meth:`Trainer.grpo_step` turn a
+batch into a loss with the pure functions of :mod:`lever_trainer.losses`. Every
+experimental choice is a hook call, never an ``if`` on a flag.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import checkpoint_name, save_checkpoint
+from .data import Batch, Embeddings, QueryTable, iter_batches
+from .errors import LeverError
+from .losses import (
+    group_advantages,
+    grpo_loss,
+    rce_loss,
+    rce_temperature,
+    sequence_logprobs,
+    top_k_mask,
+)
+from .metrics import selection_metrics
+from .model import PointerPolicy
+from .plugins import Decision, PluginSet
+from .state import PHASES, RewardChoice, TrainConfig, TrainState
+
+#: RCE temperature of the validation loss (SPEC section 7).
+VAL_TAU = 1.0
+
+
+def policy_logprobs(model: PointerPolicy, batch: Batch) -> torch.Tensor:
+    """Teacher-forced sequence log-probs [B, G] of every candidate in ``batch``.
+
+    The query and pool are encoded once; all G sequences decode against that encoding.
+    """
+    z, keys = model.encode(batch.query_emb, batch.cand_emb, batch.pool_mask)
+    logits, _ = model.decode(z, keys, batch.pool_mask, batch.sequences)
+    return sequence_logprobs(logits, batch.sequences)
+
+
+def gather_groups(
+    batch: Batch, keep: torch.Tensor, rewards: torch.Tensor
+) -> tuple[Batch, torch.Tensor]:
+    """Compact a batch to the candidates in ``keep`` [B, G]; returns it and their rewards."""
+    width = max(int(keep.sum(-1).max()), 1)
+    # Kept entries first, in their original order (stable sort on the keep flag).
+    idx = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
+    s = batch.sequences.shape[-1]
+    ref = batch.ref_logprobs
+    compact = Batch(
+        rows=batch.rows,
+        query_ids=batch.query_ids,
+        query_emb=batch.query_emb,
+        cand_emb=batch.cand_emb,
+        pool_mask=batch.pool_mask,
+        sequences=batch.sequences.gather(1, idx.unsqueeze(-1).expand(-1, -1, s)),
+        cand_mask=keep.gather(1, idx),
+        rewards_raw=batch.rewards_raw.gather(1, idx),
+        rewards_norm=batch.rewards_norm.gather(1, idx),
+        correct=batch.correct.gather(1, idx),
+        ref_logprobs=None if ref is None else ref.gather(1, idx),
+    )
+    return compact, rewards.gather(1, idx)
+
+
+class Trainer:
+    """Runs a whole training job; see the module docstring for the order of events."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: PointerPolicy,
+        train: QueryTable,
+        val: QueryTable,
+        emb: Embeddings,
+        plugins: PluginSet,
+        output_dir: Path,
+        run_metadata: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.emb = emb
+        self.plugins = plugins
+        self.output_dir = output_dir
+        self.run_metadata = dict(run_metadata or {})
+        self.state = TrainState(
+            config=config,
+            model=self.model,
+            train=train,
+            val=val,
+            output_dir=output_dir,
+            kl_beta=config.kl_beta,
+        )
+        if log is not None:
+            self.state.logger = log
+        self.ref_logprobs: torch.Tensor | None = None
+        self.rewards: dict[str, Decision] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # -- the whole job -----------------------------------------------------------
+    def fit(self) -> TrainState:
+        """Run every phase that has epochs; returns the final state."""
+        state = self.state
+        if not self.rewards:
+            self.resolve_rewards()
+        self.plugins.call_all("on_train_start", state=state)
+        self.ref_logprobs = self.compute_logprobs(state.train)
+        if len(state.val):
+            start = self.validate()
+            state.log("start: " + format_metrics(start))
+        for phase in PHASES:
+            if state.phase_epochs(phase) > 0:
+                self.run_phase(phase)
+        self.plugins.call_all("on_train_end", state=state)
+        return state
+
+    def resolve_rewards(self) -> dict[str, Decision]:
+        """Ask ``select_reward`` for every phase that will run, log and keep the answers."""
+        decisions = {}
+        for phase in PHASES:
+            if self.state.phase_epochs(phase) == 0:
+                continue
+            decision = self.plugins.call_single("select_reward", state=self.state, phase=phase)
+            if decision is None or not isinstance(decision.value, RewardChoice):
+                raise LeverError(
+                    f"no active plugin answers hook select_reward for phase {phase!r}; enable "
+                    "one (e.g. --plugin raw-reward), see `lever-train plugins`"
+                )
+            choice: RewardChoice = decision.value
+            self.state.log(
+                f"{phase.upper()} reward: {choice.name} ({choice.source}) [{decision.label}]"
+            )
+            decisions[phase] = decision
+        self.rewards = decisions
+        return decisions
+
+    # -- one phase ---------------------------------------------------------------
+    def run_phase(self, phase: str) -> None:
+        """Choose trainable parameters, build the optimiser, run the phase's epochs."""
+        state, cfg, model = self.state, self.config, self.model
+        state.phase, state.epoch, state.step = phase, 0, 0
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.plugins.call_all("configure_trainable_params", state=state, model=model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise LeverError(f"phase {phase}: the active plugins froze every parameter")
+        lr = cfg.rce_lr if phase == "rce" else cfg.grpo_lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        epochs = state.phase_epochs()
+        state.steps_per_epoch = math.ceil(len(state.train) / cfg.batch_size)
+        total_steps = epochs * state.steps_per_epoch
+        choice: RewardChoice = self.rewards[phase].value
+        self.plugins.call_all("on_phase_start", state=state)
+        for epoch in range(1, epochs + 1):
+            state.epoch, state.step_in_epoch = epoch, 0
+            started = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(state.train), generator=self.generator)
+            sums: dict[str, float] = {}
+            for batch in iter_batches(
+                state.train, self.emb, cfg.batch_size, order, self.ref_logprobs
+            ):
+                batch = batch.to(self.device)
+                if phase == "rce":
+                    tau = rce_temperature(
+                        state.step, total_steps, cfg.rce_tau_start, cfg.rce_tau_end
+                    )
+                    out = self.rce_step(batch, choice, tau)
+                else:
+                    out = self.grpo_step(batch, choice)
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(out["loss"])
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                state.last_step = {k: float(v.detach()) for k, v in out.items()}
+                if phase == "grpo":
+                    self.update_kl_beta(state.last_step["kl"])
+                for k, v in state.last_step.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(batch)
+                state.step += 1
+                state.step_in_epoch += 1
+                self.plugins.call_all("on_step_end", state=state)
+            metrics: dict[str, float] = {
+                f"train_{k}": v / len(state.train) for k, v in sums.items()
+            }
+            if phase == "grpo":
+                metrics["kl_beta"] = state.kl_beta
+            metrics.update(self.validate())
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            state.metrics = metrics
+            state.history.append({"phase": phase, "epoch": epoch, **metrics})
+            self.save_epoch_checkpoint()
+            self.plugins.call_all("on_epoch_end", state=state, metrics=metrics)
+        self.plugins.call_all("on_phase_end", state=state)
+
+    def rce_step(self, batch: Batch, choice: RewardChoice, tau: float) -> dict[str, torch.Tensor]:
+        """RCE loss of one batch at temperature ``tau`` (SPEC section 5)."""
+        logprobs = policy_logprobs(self.model, batch)
+        rewards = choice.compute(batch)
+        return {"loss": rce_loss(logprobs, rewards, batch.cand_mask, tau), "tau": torch.tensor(tau)}
+
+    def grpo_top_k(self) -> int:
+        """Curriculum: how many candidates per query the current GRPO epoch keeps."""
+        cfg = self.config
+        return cfg.early_top_k if self.state.epoch - 1 < cfg.early_epochs else cfg.late_top_k
+
+    def grpo_step(self, batch: Batch, choice: RewardChoice) -> dict[str, torch.Tensor]:
+        """GRPO loss of one batch against the reference log-probs (SPEC section 6)."""
+        rewards = choice.compute(batch)
+        keep = top_k_mask(rewards, batch.cand_mask, self.grpo_top_k())
+        kept, kept_rewards = gather_groups(batch, keep, rewards)
+        advantages = group_advantages(kept_rewards, kept.cand_mask, self.config.advantage_clip)
+        new_logprobs = policy_logprobs(self.model, kept)
+        assert kept.ref_logprobs is not None
+        return grpo_loss(
+            new_logprobs,
+            kept.ref_logprobs,
+            advantages,
+            kept.cand_mask,
+            self.config.clip_epsilon,
+            self.state.kl_beta,
+        )
+
+    def update_kl_beta(self, kl: float) -> None:
+        """Let the ``adapt_kl_beta`` hook move the KL weight; no answer keeps it."""
+        decision = self.plugins.call_single(
+            "adapt_kl_beta", state=self.state, kl=kl, beta=self.state.kl_beta
+        )
+        if decision is not None:
+            self.state.kl_beta = float(decision.value)
+
+    # -- evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, table: QueryTable) -> torch.Tensor:
+        """Eval-mode sequence log-probs [Q, G] of every candidate of ``table`` (pads 0)."""
+        was_training = self.model.training
+        self.model.eval()
+        out = torch.zeros(table.rewards_raw.shape)
+        for batch in iter_batches(table, self.emb, self.config.batch_size):
+            lp = policy_logprobs(self.model, batch.to(self.device)).cpu()
+            out[batch.rows, : lp.shape[1]] = lp.masked_fill(~batch.cand_mask, 0.0)
+        self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation RCE loss (raw rewards, tau = 1, eval mode) and selection metrics."""
+        table = self.state.val
+        if len(table) == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for batch in iter_batches(table, self.emb, self.config.batch_size):
+            b = batch.to(self.device)
+            lp = policy_logprobs(self.model, b)
+            loss_sum += float(rce_loss(lp, b.rewards_raw, b.cand_mask, VAL_TAU)) * len(b)
+            for name, (values, defined) in selection_metrics(
+                lp, b.rewards_raw, b.correct, b.cand_mask
+            ).items():
+                sums[name] = sums.get(name, 0.0) + float(values[defined].sum())
+                counts[name] = counts.get(name, 0) + int(defined.sum())
+        self.model.train(was_training)
+        metrics = {"val_loss": loss_sum / len(table)}
+        for name, total in sums.items():
+            if counts[name]:
+                metrics[name] = total / counts[name]
+        return metrics
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_epoch_checkpoint(self) -> Path:
+        """Write ``{phase}_epoch{n}.safetensors`` with the run's metadata."""
+        state = self.state
+        assert state.phase is not None
+        path = self.output_dir / checkpoint_name(state.phase, state.epoch)
+        metadata = {
+            "lever_trainer_version": __version__,
+            "phase": state.phase,
+            "epoch": state.epoch,
+            "kl_beta": state.kl_beta,
+            "metrics": state.metrics,
+            "model": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "plugins": self.plugins.versions(),
+            **self.run_metadata,
+        }
+        save_checkpoint(path, self.model.state_dict(), metadata)
+        return path
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One-line rendering of an epoch's metrics, in a stable order."""
+    order = [
+        "train_loss",
+        "val_loss",
+        "policy_reward@1",
+        "random_reward",
+        "oracle_reward",
+        "normalized_gain",
+        "policy_correct@1",
+        "spearman",
+        "train_kl",
+        "kl_beta",
+    ]
+    parts = [f"{k} {metrics[k]:.4f}" for k in order if k in metrics]
+    return "  ".join(parts)

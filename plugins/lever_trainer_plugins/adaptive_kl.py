@@ -1,0 +1,18 @@
+"""Adapt the GRPO KL weight after every step (SPEC 6). On by default.
+
+``--no-plugin adaptive-kl`` keeps the weight fixed at ``--kl-beta``.
+"""
+
+from __future__ import annotations
+
+from lever_trainer import TrainState, hookimpl
+from lever_trainer.losses import adapt_kl_beta as adapt
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "KL weight x1.5 when kl > 0.1, /1.5 when kl < 0.01, kept in [0.001, 10]"
+
+
+@hookimpl
+def adapt_kl_beta(state: TrainState, kl: float, beta: float) -> float:
+    """The SPEC's rule, from the batch KL of the step just taken."""
+    return adapt(beta, kl)

@@ -1,0 +1,20 @@
+"""GRPO scores its groups with the group-normalised rewards (``beam_rewards``), SPEC 6.
+
+On by default; a plugin answering ``select_reward`` for ``"grpo"`` and named with
+``--plugin`` replaces it.
+"""
+
+from __future__ import annotations
+
+from lever_trainer import RewardChoice, TrainState, hookimpl
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "GRPO advantages come from group-normalised rewards (beam_rewards)"
+
+
+@hookimpl
+def select_reward(state: TrainState, phase: str) -> RewardChoice | None:
+    """Answer for the GRPO phase only."""
+    if phase != "grpo":
+        return None
+    return RewardChoice.from_batch_field("normalized", "beam_rewards", "rewards_norm")

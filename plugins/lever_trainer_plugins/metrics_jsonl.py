@@ -1,0 +1,18 @@
+"""Append every epoch's metrics to ``metrics.jsonl`` in the output directory. On by default."""
+
+from __future__ import annotations
+
+import json
+
+from lever_trainer import TrainState, hookimpl
+from lever_trainer.checkpoint import atomic_write_bytes
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "write each epoch's metrics to OUTPUT_DIR/metrics.jsonl"
+
+
+@hookimpl
+def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
+    """Rewrite metrics.jsonl atomically with the run's history so far."""
+    lines = [json.dumps(entry, sort_keys=True) for entry in state.history]
+    atomic_write_bytes(state.output_dir / "metrics.jsonl", ("\n".join(lines) + "\n").encode())
