@@ -104,15 +104,49 @@ class PointerPolicy(nn.Module):
         ``pool_mask`` [B, K] is True for real pool entries; padded entries are
         left out of the attention.
         """
-        q1 = self.input_proj(query_emb).unsqueeze(1)
+        q1 = self.input_proj(query_emb)
         c1 = self.input_proj(cand_emb)
-        key_padding_mask = None if pool_mask is None else ~pool_mask
+        pad = None if pool_mask is None else ~pool_mask
         for attn, norm in zip(self.cross_attn_layers, self.attn_norms, strict=True):
-            a, _ = attn(q1, c1, c1, key_padding_mask=key_padding_mask, need_weights=False)
-            q1 = norm(a + q1)
-        z = F.normalize(self.query_proj(self.dropout(q1.squeeze(1))), dim=-1)
+            q1 = norm(self._attend(attn, q1, c1, pad) + q1)
+        z = F.normalize(self.query_proj(self.dropout(q1)), dim=-1)
         keys = F.normalize(self.cand_proj(self.dropout(c1)), dim=-1)
         return z, keys
+
+    def _attend(
+        self,
+        attn: nn.Module,
+        q1: torch.Tensor,
+        c1: torch.Tensor,
+        pad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``attn(query=q1, key=c1, value=c1)`` for a one-token query, without projecting keys.
+
+        Equal to :class:`torch.nn.MultiheadAttention` (same parameters, same
+        formula), but the key and value projections are moved to the query side:
+        ``q . (W_k c + b_k) = (W_k^T q) . c + q . b_k`` and
+        ``sum_k a_k (W_v c_k + b_v) = W_v (sum_k a_k c_k) + (sum_k a_k) b_v``. That
+        replaces two [K, h] x [h, h] products per query by [h] x [h, h] ones — a
+        third of the encoder's work when the pool has 64 entries.
+        """
+        assert isinstance(attn, nn.MultiheadAttention)
+        batch, h = q1.shape
+        heads = attn.num_heads
+        dh = h // heads
+        assert attn.in_proj_weight is not None and attn.in_proj_bias is not None
+        w_q, w_k, w_v = torch.split(attn.in_proj_weight, h)
+        b_q, b_k, b_v = torch.split(attn.in_proj_bias, h)
+        q = F.linear(q1, w_q, b_q).view(batch, heads, dh) * dh**-0.5
+        u = torch.einsum("bnj,njh->bnh", q, w_k.view(heads, dh, h))  # [B, heads, h]
+        scores = torch.bmm(u, c1.transpose(1, 2))  # [B, heads, K]
+        scores = scores + (q * b_k.view(heads, dh)).sum(-1, keepdim=True)
+        if pad is not None:
+            scores = scores.masked_fill(pad.unsqueeze(1), float("-inf"))
+        weights = F.dropout(torch.softmax(scores, dim=-1), attn.dropout, self.training)
+        context = torch.bmm(weights, c1)  # [B, heads, h]
+        out = torch.einsum("bnh,njh->bnj", context, w_v.view(heads, dh, h))
+        out = out + weights.sum(-1, keepdim=True) * b_v.view(heads, dh)
+        return attn.out_proj(out.reshape(batch, h))  # type: ignore[no-any-return]
 
     def decode(
         self,

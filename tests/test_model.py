@@ -197,3 +197,18 @@ def test_cuda_matches_cpu(policy, reference) -> None:  # pragma: no cover - no G
     with torch.no_grad():
         gpu_logits, _ = gpu(reference[p + "query_emb"].cuda(), reference[p + "cand_emb"].cuda())
     assert torch.allclose(gpu_logits.cpu(), cpu_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@torch.no_grad()
+def test_attention_rewrite_equals_torch_multihead_attention(heads: int) -> None:
+    """The key/value projections moved to the query side give MultiheadAttention's output."""
+    torch.manual_seed(0)
+    model = PointerPolicy(PolicyConfig(input_dim=16, hidden_dim=32, num_heads=heads)).eval()
+    attn = model.cross_attn_layers[0]
+    torch.nn.init.normal_(attn.in_proj_bias)  # non-zero biases exercise both bias terms
+    q1, c1 = torch.randn(3, 32), torch.randn(3, 7, 32)
+    pool_mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
+    ours = model._attend(attn, q1, c1, ~pool_mask)
+    theirs, _ = attn(q1.unsqueeze(1), c1, c1, key_padding_mask=~pool_mask, need_weights=False)
+    assert torch.allclose(ours, theirs.squeeze(1), atol=1e-5)
