@@ -63,6 +63,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _encode_metadata_value(value: Any) -> str:
+    """JSON text of ``value``; a string stays as it is unless it would decode as JSON.
+
+    :func:`read_metadata` JSON-decodes every value, so a string such as ``"1"`` or
+    ``"true"`` must be stored quoted to come back as the same string.
+    """
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(value, sort_keys=True)
+
+
 def save_checkpoint(
     path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
 ) -> None:
@@ -70,10 +84,8 @@ def save_checkpoint(
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    header = {"format_version": FORMAT_VERSION}
-    header.update(
-        {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-    )
+    header = {"format_version": FORMAT_VERSION}  # JSON text "1": read back as the integer 1
+    header.update({k: _encode_metadata_value(v) for k, v in metadata.items()})
     try:
         atomic_write_bytes(path, save(tensors, metadata=header))
     except OSError as exc:
@@ -192,6 +204,39 @@ def infer_policy_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]
     return shape
 
 
+def _check_input_dim(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, dim_hint: str
+) -> None:
+    """Refuse a checkpoint trained on another embedding width d.
+
+    When d equals the hidden width the input projection is the identity and has no
+    weight, so a different d does not show up as a shape mismatch of a shared key:
+    the checkpoint's ``input_proj.weight`` would be silently ignored, or the model's
+    left at its random initialisation.
+    """
+    own = model.state_dict()
+    model_d = getattr(getattr(model, "config", None), "input_dim", None)
+    if model_d is None:
+        return
+    if "input_proj.weight" in state_dict and "input_proj.weight" not in own:
+        key = "input_proj.weight"
+    elif (
+        "input_proj.weight" in own
+        and "input_proj.weight" not in state_dict
+        and "query_proj.weight" in state_dict
+    ):
+        key = "query_proj.weight"  # identity input projection: d == hidden width
+    else:
+        return
+    ckpt_d = int(state_dict[key].shape[-1])
+    if ckpt_d != model_d:
+        raise LeverError(
+            f"{path}: parameter {key!r} has shape {list(state_dict[key].shape)}, so the "
+            f"checkpoint was trained on embedding width d={ckpt_d}, but the model is "
+            f"built for d={model_d}{dim_hint}"
+        )
+
+
 def load_into_model(
     model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, dim_hint: str = ""
 ) -> ImportReport:
@@ -209,6 +254,7 @@ def load_into_model(
             )
         if not value.is_floating_point():
             raise LeverError(f"{path}: parameter {key!r} has dtype {value.dtype}, expected float")
+    _check_input_dim(model, state_dict, path, dim_hint)
     filtered = {k: v.to(own[k].dtype) for k, v in state_dict.items() if k in own}
     report.missing = sorted(set(own) - set(filtered))
     report.loaded = len(filtered)

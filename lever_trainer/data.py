@@ -319,6 +319,11 @@ def _read_json(path: Path) -> Any:
         ) from None
     except UnicodeDecodeError as exc:
         raise LeverError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
+    except RecursionError:
+        raise LeverError(f"{path}: not valid RL data (JSON nested too deeply)") from None
+
+
+_MAX_ID = 2**63 - 1
 
 
 def _int_list(value: Any, where: str, field_name: str) -> list[int]:
@@ -330,6 +335,8 @@ def _int_list(value: Any, where: str, field_name: str) -> list[int]:
             raise LeverError(f"{where}: field {field_name!r} holds {v!r}, expected an integer")
         if v < 0:
             raise LeverError(f"{where}: field {field_name!r} holds negative value {v}")
+        if v > _MAX_ID:  # would overflow the int64 tensors built from it
+            raise LeverError(f"{where}: field {field_name!r} holds {v}, too large for an id")
         out.append(v)
     return out
 
@@ -342,7 +349,11 @@ def _drop_reason(cand: Mapping[str, Any], opts: DataOptions) -> str | None:
         return "vqa_eval_mode=error"
     if mode == "fallback" and not opts.keep_fallback:
         return "vqa_eval_mode=fallback"
-    if opts.gen_methods is not None and cand.get("gen_method") not in opts.gen_methods:
+    method = cand.get("gen_method")
+    # a non-string gen_method (a list, say) is not in the set; `in` would raise on it
+    if opts.gen_methods is not None and (
+        not isinstance(method, str) or method not in opts.gen_methods
+    ):
         return "gen_method not in --gen-methods"
     return None
 
@@ -407,6 +418,9 @@ def _parse_query(
                 parsed.append(("gid", _int_list(cand["pointer_global"], where, "pointer_global")))
         elif "pointer_pos" in cand:
             parsed.append(("gid", _int_list(cand["pointer_pos"], where, "pointer_pos")))
+        elif "pointer_global" in cand:
+            # no candidate_pool_ids to place `pointer` in: the global ids are the sequence
+            parsed.append(("gid", _int_list(cand["pointer_global"], where, "pointer_global")))
         elif "pointer" in cand:
             parsed.append(("gid", _int_list(cand["pointer"], where, "pointer")))
         else:
@@ -465,9 +479,15 @@ def _num(cand: Mapping[str, Any], name: str, where: str) -> float:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise LeverError(f"{where}: field {name!r} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise LeverError(
+            f"{where}: field {name!r} is too large, expected a finite number"
+        ) from None
+    if not math.isfinite(number):
         raise LeverError(f"{where}: field {name!r} is {value}, expected a finite number")
-    return float(value)
+    return number
 
 
 def _query_id(key: str) -> int | None:
@@ -517,6 +537,7 @@ def load_rl_data(path: str | os.PathLike[str], opts: DataOptions) -> tuple[Query
         )
     report = LoadReport(str(p))
     items: list[tuple[int, Any]] = []
+    seen: dict[int, str] = {}
     for key, value in raw.items():
         qid = _query_id(key)
         if qid is None:
@@ -524,6 +545,11 @@ def load_rl_data(path: str | os.PathLike[str], opts: DataOptions) -> tuple[Query
             if stripped[:1].isdigit():
                 raise LeverError(f"{p}: key {key!r} looks like a query id but is not an integer")
             continue  # metadata such as "_meta"
+        if qid > _MAX_ID:
+            raise LeverError(f"{p}: query id {key} is too large")
+        if qid in seen:  # "7" and " 7" both parse as 7
+            raise LeverError(f"{p}: query id {qid} appears twice (keys {seen[qid]!r}, {key!r})")
+        seen[qid] = key
         items.append((qid, value))
     if not items:
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
@@ -561,7 +587,8 @@ def split_train_val(table: QueryTable, val_ratio: float) -> tuple[QueryTable, Qu
     if not 0.0 <= val_ratio < 1.0:
         raise LeverError(f"--val-ratio: expected a value in [0, 1), got {val_ratio}")
     order = torch.argsort(table.query_ids, stable=True)
-    n_train = int(len(table) * (1.0 - val_ratio))
+    # the epsilon keeps e.g. 20 * (1 - 0.9) = 1.9999999999999996 from flooring to 1
+    n_train = math.floor(len(table) * (1.0 - val_ratio) + 1e-9)
     n_train = max(1, min(len(table), n_train))
     return table.select(order[:n_train]), table.select(order[n_train:])
 
