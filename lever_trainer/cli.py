@@ -8,6 +8,7 @@ plugins; ``lever-train demo-data DIR`` writes the synthetic demo dataset. Every
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from . import __version__
 from .checkpoint import atomic_write_bytes, infer_policy_shape, load_into_model, read_state_dict
 from .data import (
     DataOptions,
+    cache_path_for,
     check_ids_in_range,
     file_fingerprint,
     load_embeddings,
@@ -166,6 +168,30 @@ def build_model(
     return model, lines
 
 
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that decide how RL data becomes a table (shared by train and prepare)."""
+    fn = click.option(
+        "--keep-fallback", is_flag=True, help="Keep candidates whose evaluation fell back."
+    )(fn)
+    fn = click.option(
+        "--max-pool",
+        type=click.IntRange(min=1),
+        default=64,
+        show_default=True,
+        help="Cut each query's pool to its first N ids.",
+    )(fn)
+    return fn
+
+
+def make_data_options(opts: dict[str, Any]) -> DataOptions:
+    """DataOptions from parsed CLI options."""
+    return DataOptions(
+        max_pool=opts["max_pool"],
+        keep_fallback=opts["keep_fallback"],
+        val_ratio=opts.get("val_ratio", 0.2),
+    )
+
+
 @main.command("train")
 @click.option(
     "--beam-data",
@@ -272,9 +298,13 @@ def build_model(
     default=None,
     help="Cross-attention layers (default 1, or the --sft-ckpt's).",
 )
-@click.option("--max-pool", type=click.IntRange(min=1), default=64, show_default=True)
+@data_options
 @click.option("--val-ratio", type=float, default=0.2, show_default=True)
-@click.option("--keep-fallback", is_flag=True, help="Keep candidates whose evaluation fell back.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write the prepared cache next to --beam-data.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option(
@@ -307,10 +337,10 @@ def train(**opts: Any) -> None:
     output_dir = Path(opts["output_dir"])
     check_output_dir(output_dir, opts["overwrite"])
 
-    data_opts = DataOptions(
-        max_pool=opts["max_pool"], keep_fallback=opts["keep_fallback"], val_ratio=opts["val_ratio"]
+    data_opts = make_data_options(opts)
+    table, report = load_rl_data(
+        opts["beam_data"], data_opts, cache=not opts["no_cache"], warn=warn
     )
-    table, report = load_rl_data(opts["beam_data"], data_opts)
     for line in report.lines():
         click.echo(line)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
@@ -349,7 +379,9 @@ def train(**opts: Any) -> None:
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
-    fingerprint = file_fingerprint(opts["beam_data"], opts["img_emb"], opts["cand_emb"])
+    data_hash = report.source_sha256 or file_fingerprint(opts["beam_data"])
+    emb_hash = file_fingerprint(opts["img_emb"], opts["cand_emb"])
+    fingerprint = hashlib.sha256(f"{data_hash}:{emb_hash}".encode()).hexdigest()
     run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
     trainer = Trainer(config, model, train_table, val_table, emb, plugins, output_dir, run_metadata)
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
@@ -408,3 +440,27 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
         f"train with: lever-train --beam-data {data_path} --img-emb {emb_path} "
         f"--output-dir runs/demo"
     )
+
+
+@main.command("prepare")
+@click.option(
+    "--beam-data",
+    "--beam_data",
+    "beam_data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="RL data JSON (SPEC 2.1).",
+)
+@data_options
+@user_errors
+def prepare(**opts: Any) -> None:
+    """Convert RL data JSON into its prepared binary form, next to the file.
+
+    Training reads the prepared form instead of the JSON whenever it was made from
+    the same bytes (sha256) with the same data options; otherwise it rebuilds it.
+    """
+    _, report = load_rl_data(opts["beam_data"], make_data_options(opts), cache=True, warn=warn)
+    for line in report.lines():
+        click.echo(line)
+    if not report.cache:
+        raise LeverError(f"{cache_path_for(opts['beam_data'])}: could not write the prepared form")

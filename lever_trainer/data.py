@@ -12,8 +12,9 @@ import hashlib
 import json
 import math
 import os
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import LeverError
+from .jsonstream import iter_object_members
 from .rewards import RewardWeights, normalize_group, raw_reward
 
 POINTER_FIELDS = ("pointer_global", "pointer_pos", "pointer")
@@ -52,6 +54,8 @@ class LoadReport:
     queries_dropped: Counter[str] = field(default_factory=Counter)
     equal_reward_groups: int = 0
     pools_cut: int = 0
+    source_sha256: str = ""
+    cache: str = ""
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -64,6 +68,8 @@ class LoadReport:
             out.append(f"  dropped {n} queries: {reason}")
         if self.pools_cut:
             out.append(f"  {self.pools_cut} pools cut to --max-pool")
+        if self.cache:
+            out.append(f"  prepared cache: {self.cache}")
         if self.equal_reward_groups:
             out.append(
                 f"  {self.equal_reward_groups} queries have all-equal rewards "
@@ -307,22 +313,6 @@ def check_ids_in_range(table: QueryTable, emb: Embeddings) -> None:
 
 
 # --------------------------------------------------------------------------- RL JSON
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise LeverError(f"{path}: file not found")
-    try:
-        with path.open("rb") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise LeverError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise LeverError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
-    except RecursionError:
-        raise LeverError(f"{path}: not valid RL data (JSON nested too deeply)") from None
-
-
 _MAX_ID = 2**63 - 1
 
 
@@ -498,47 +488,101 @@ def _query_id(key: str) -> int | None:
     return qid if qid >= 0 and str(qid) == key.strip() else None
 
 
-def build_table(groups: Sequence[_Group], normalize: str) -> QueryTable:
-    """Pad parsed groups into a :class:`QueryTable` and normalise each group's rewards."""
-    q = len(groups)
-    k = max((len(g.pool) for g in groups), default=0)
-    gmax = max((len(g.sequences) for g in groups), default=0)
-    s = len(groups[0].sequences[0]) if groups else 0
-    table = QueryTable(
-        query_ids=torch.tensor([g.qid for g in groups], dtype=torch.long),
-        pool_ids=torch.zeros(q, k, dtype=torch.long),
-        pool_len=torch.tensor([len(g.pool) for g in groups], dtype=torch.long),
-        sequences=torch.zeros(q, gmax, s, dtype=torch.long),
-        group_len=torch.tensor([len(g.sequences) for g in groups], dtype=torch.long),
-        rewards_raw=torch.zeros(q, gmax),
-        rewards_norm=torch.zeros(q, gmax),
-        correct=torch.zeros(q, gmax),
-        cand_index=torch.zeros(q, gmax, dtype=torch.long),
-    )
-    for i, g in enumerate(groups):
-        n = len(g.sequences)
-        table.pool_ids[i, : len(g.pool)] = torch.tensor(g.pool)
-        table.sequences[i, :n] = torch.tensor(g.sequences)
-        raw = torch.tensor(g.rewards_raw, dtype=torch.float32)
-        table.rewards_raw[i, :n] = raw
-        table.rewards_norm[i, :n] = normalize_group(raw, normalize)
-        table.correct[i, :n] = torch.tensor(g.correct)
-        table.cand_index[i, :n] = torch.tensor(g.cand_index)
-    return table
+class _GroupBuffer:
+    """Parsed query groups kept in flat typed arrays: 8 bytes a number, not Python objects.
 
+    A 100,000-query file holds millions of ids and rewards; Python lists of ints and
+    floats would cost several times the file size.
+    """
 
-def load_rl_data(path: str | os.PathLike[str], opts: DataOptions) -> tuple[QueryTable, LoadReport]:
-    """Read, filter and validate an RL data JSON file into a :class:`QueryTable`."""
-    p = Path(path)
-    raw = _read_json(p)
-    if not isinstance(raw, dict):
-        raise LeverError(
-            f"{p}: top level must be an object of query id -> query, found {type(raw).__name__}"
+    def __init__(self) -> None:
+        self.qids = array("q")
+        self.pool_len = array("q")
+        self.group_len = array("q")
+        self.pool = array("q")
+        self.seqs = array("q")
+        self.raw = array("d")
+        self.correct = array("d")
+        self.cand_index = array("q")
+        self.seq_len: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.qids)
+
+    def add(self, g: _Group, where: str) -> None:
+        """Append one group; every sequence must have the file's length S."""
+        for j, seq in zip(g.cand_index, g.sequences, strict=True):
+            if self.seq_len is None:
+                self.seq_len = len(seq)
+            elif len(seq) != self.seq_len:
+                raise LeverError(
+                    f"{where}: query {g.qid} candidate {j}: sequence has length {len(seq)}"
+                    f" but earlier sequences have length {self.seq_len}"
+                )
+        self.qids.append(g.qid)
+        self.pool_len.append(len(g.pool))
+        self.group_len.append(len(g.sequences))
+        self.pool.extend(g.pool)
+        for seq in g.sequences:
+            self.seqs.extend(seq)
+        self.raw.extend(g.rewards_raw)
+        self.correct.extend(g.correct)
+        self.cand_index.extend(g.cand_index)
+
+    def to_table(self, normalize: str) -> QueryTable:
+        """Pad into a :class:`QueryTable` in query-id order, normalising each group."""
+        s = self.seq_len or 0
+        pool_len = torch.tensor(self.pool_len, dtype=torch.long)
+        group_len = torch.tensor(self.group_len, dtype=torch.long)
+        seqs = torch.tensor(self.seqs, dtype=torch.long).view(-1, s)
+        raw = _pad(torch.tensor(self.raw, dtype=torch.float32), group_len)
+        table = QueryTable(
+            query_ids=torch.tensor(self.qids, dtype=torch.long),
+            pool_ids=_pad(torch.tensor(self.pool, dtype=torch.long), pool_len),
+            pool_len=pool_len,
+            sequences=_pad(seqs, group_len),
+            group_len=group_len,
+            rewards_raw=raw,
+            rewards_norm=torch.zeros_like(raw),
+            correct=_pad(torch.tensor(self.correct, dtype=torch.float32), group_len),
+            cand_index=_pad(torch.tensor(self.cand_index, dtype=torch.long), group_len),
         )
+        table = table.select(torch.argsort(table.query_ids))
+        norm = torch.zeros_like(table.rewards_raw)
+        for i, n in enumerate(table.group_len.tolist()):
+            norm[i, :n] = normalize_group(table.rewards_raw[i, :n], normalize)
+        table.rewards_norm = norm
+        return table
+
+
+def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rows of ``flat`` (concatenated segments of ``lengths``) as a zero-padded [Q, max] tensor."""
+    width = int(lengths.max()) if len(lengths) else 0
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(len(rows)) - starts[rows]
+    out = torch.zeros((len(lengths), width, *flat.shape[1:]), dtype=flat.dtype)
+    out[rows, cols] = flat
+    return out
+
+
+def build_table(groups: Sequence[_Group], normalize: str, where: str = "data") -> QueryTable:
+    """Pad parsed groups into a :class:`QueryTable` and normalise each group's rewards."""
+    buf = _GroupBuffer()
+    for g in groups:
+        buf.add(g, where)
+    return buf.to_table(normalize)
+
+
+def parse_rl_members(
+    members: Iterable[tuple[str, Any]], path: str | os.PathLike[str], opts: DataOptions
+) -> tuple[QueryTable, LoadReport]:
+    """Turn ``(key, value)`` members of an RL data object into a table and a load report."""
+    p = Path(path)
     report = LoadReport(str(p))
-    items: list[tuple[int, Any]] = []
+    buf = _GroupBuffer()
     seen: dict[int, str] = {}
-    for key, value in raw.items():
+    for key, value in members:
         qid = _query_id(key)
         if qid is None:
             stripped = key.strip().lstrip("+-")
@@ -550,35 +594,152 @@ def load_rl_data(path: str | os.PathLike[str], opts: DataOptions) -> tuple[Query
         if qid in seen:  # "7" and " 7" both parse as 7
             raise LeverError(f"{p}: query id {qid} appears twice (keys {seen[qid]!r}, {key!r})")
         seen[qid] = key
-        items.append((qid, value))
-    if not items:
-        raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
-    items.sort(key=lambda kv: kv[0])
-    groups: list[_Group] = []
-    seq_len: int | None = None
-    for qid, value in items:
         group = _parse_query(qid, value, p, opts, report)
-        if group is None:
-            continue
-        for j, seq in zip(group.cand_index, group.sequences, strict=True):
-            if seq_len is None:
-                seq_len = len(seq)
-            elif len(seq) != seq_len:
-                raise LeverError(
-                    f"{p}: query {qid} candidate {j}: sequence has length {len(seq)}"
-                    f" but earlier sequences have length {seq_len}"
-                )
-        groups.append(group)
-    if not groups:
+        if group is not None:
+            buf.add(group, str(p))
+    if not seen:
+        raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
+    if not len(buf):
         raise LeverError(f"{p}: no query has a candidate left after filtering")
-    table = build_table(groups, opts.normalize)
+    table = buf.to_table(opts.normalize)
     report.queries_total = len(table)
     report.candidates_total = table.num_candidates
     mask = table.cand_mask()
-    spread = table.rewards_raw.masked_fill(~mask, float("-inf")).amax(
-        1
-    ) - table.rewards_raw.masked_fill(~mask, float("inf")).amin(1)
-    report.equal_reward_groups = int((spread <= 1e-12).sum())
+    high = table.rewards_raw.masked_fill(~mask, float("-inf")).amax(1)
+    low = table.rewards_raw.masked_fill(~mask, float("inf")).amin(1)
+    report.equal_reward_groups = int((high - low <= 1e-12).sum())
+    return table, report
+
+
+# --------------------------------------------------------------------------- prepared cache
+CACHE_SUFFIX = ".lever-cache.safetensors"
+CACHE_FORMAT = "1"
+_TABLE_FIELDS = (
+    "query_ids",
+    "pool_ids",
+    "pool_len",
+    "sequences",
+    "group_len",
+    "rewards_raw",
+    "rewards_norm",
+    "correct",
+    "cand_index",
+)
+
+
+def cache_path_for(path: str | os.PathLike[str]) -> Path:
+    """Path of the prepared form of an RL data file: beside it, ``*.lever-cache.safetensors``."""
+    return Path(str(path) + CACHE_SUFFIX)
+
+
+def options_key(opts: DataOptions) -> str:
+    """The data options that shape the table, as canonical JSON (val_ratio excluded)."""
+    fields_ = {
+        "max_pool": opts.max_pool,
+        "keep_fallback": opts.keep_fallback,
+        "gen_methods": sorted(opts.gen_methods) if opts.gen_methods is not None else None,
+        "require_positive": opts.require_positive,
+        "reward_mode": opts.reward_mode,
+        "reward_weights": [
+            opts.reward_weights.hard,
+            opts.reward_weights.soft,
+            opts.reward_weights.rel,
+        ],
+        "normalize": opts.normalize,
+    }
+    return json.dumps(fields_, sort_keys=True)
+
+
+def save_prepared(
+    table: QueryTable, report: LoadReport, source_sha256: str, opts: DataOptions, out: Path
+) -> None:
+    """Write a table and its load report as a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    from .checkpoint import atomic_write_bytes
+
+    meta = {
+        "cache_format": CACHE_FORMAT,
+        "source_sha256": source_sha256,
+        "options": options_key(opts),
+        "report": json.dumps(
+            {
+                "path": report.path,
+                "queries_total": report.queries_total,
+                "candidates_total": report.candidates_total,
+                "dropped": dict(report.dropped),
+                "queries_dropped": dict(report.queries_dropped),
+                "equal_reward_groups": report.equal_reward_groups,
+                "pools_cut": report.pools_cut,
+            }
+        ),
+    }
+    tensors = {name: getattr(table, name).contiguous() for name in _TABLE_FIELDS}
+    atomic_write_bytes(out, save(tensors, metadata=meta))
+
+
+def load_prepared(
+    path: Path, source_sha256: str, opts: DataOptions
+) -> tuple[QueryTable, LoadReport] | None:
+    """The cached table if ``path`` was prepared from these bytes with these options, else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            if (
+                meta.get("cache_format") != CACHE_FORMAT
+                or meta.get("source_sha256") != source_sha256
+                or meta.get("options") != options_key(opts)
+            ):
+                return None
+            tensors = {name: fh.get_tensor(name) for name in _TABLE_FIELDS}
+        info = json.loads(meta["report"])
+    except Exception:  # an unreadable cache is rebuilt, never trusted
+        return None
+    report = LoadReport(
+        info["path"],
+        info["queries_total"],
+        info["candidates_total"],
+        Counter(info["dropped"]),
+        Counter(info["queries_dropped"]),
+        info["equal_reward_groups"],
+        info["pools_cut"],
+    )
+    return QueryTable(**tensors), report
+
+
+def load_rl_data(
+    path: str | os.PathLike[str],
+    opts: DataOptions,
+    cache: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[QueryTable, LoadReport]:
+    """Read, filter and validate an RL data JSON file into a :class:`QueryTable`.
+
+    The file is decoded one query at a time. With ``cache``, a prepared form next to
+    the file (:func:`cache_path_for`) is used when it was made from the same bytes
+    (sha256) with the same options, and written otherwise.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LeverError(f"{p}: file not found")
+    digest = file_fingerprint(p) if cache else ""
+    target = cache_path_for(p)
+    if cache and target.is_file():
+        hit = load_prepared(target, digest, opts)
+        if hit is not None:
+            hit[1].source_sha256, hit[1].cache = digest, f"read {target}"
+            return hit
+    table, report = parse_rl_members(iter_object_members(p), p, opts)
+    report.source_sha256 = digest
+    if cache:
+        try:
+            save_prepared(table, report, digest, opts, target)
+            report.cache = f"wrote {target}"
+        except OSError as exc:
+            if warn is not None:
+                warn(f"warning: cannot write the prepared cache {target} ({exc.strerror or exc})")
     return table, report
 
 
@@ -648,11 +809,13 @@ __all__ = [
     "LoadReport",
     "QueryTable",
     "build_table",
+    "cache_path_for",
     "check_ids_in_range",
     "file_fingerprint",
     "iter_batches",
     "load_embeddings",
     "load_rl_data",
     "make_batch",
+    "parse_rl_members",
     "split_train_val",
 ]

@@ -91,6 +91,8 @@ class _Reader:
         while True:
             try:
                 value, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise self.fail("JSON nested too deeply") from None
             except json.JSONDecodeError as exc:
                 # An error may just mean "read more". more() shifts the buffer even
                 # when it finds nothing, so always decode again after calling it.
