@@ -25,7 +25,10 @@ from lever_trainer.model import CHOSEN_LOGIT, PointerPolicy
 
 
 def reference_forward(
-    model: PointerPolicy, query: torch.Tensor, cands: torch.Tensor, labels: torch.Tensor | None,
+    model: PointerPolicy,
+    query: torch.Tensor,
+    cands: torch.Tensor,
+    labels: torch.Tensor | None,
     steps: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC section 4 written out literally: logits [B, S, K] and predictions [B, S]."""
@@ -61,8 +64,9 @@ def _query(table: QueryTable, emb: Embeddings, i: int) -> tuple[torch.Tensor, ..
     return query, cands, table.sequences[i, :n], table.rewards_raw[i, :n], table.rewards_norm[i, :n]
 
 
-def logprobs_one(model: PointerPolicy, query: torch.Tensor, cands: torch.Tensor,
-                 seqs: torch.Tensor) -> torch.Tensor:
+def logprobs_one(
+    model: PointerPolicy, query: torch.Tensor, cands: torch.Tensor, seqs: torch.Tensor
+) -> torch.Tensor:
     """Sequence log-probs [n] with the pool re-encoded for each of the n sequences."""
     n = seqs.shape[0]
     logits, _ = reference_forward(model, query.expand(n, -1), cands.expand(n, -1, -1), seqs)
@@ -70,13 +74,16 @@ def logprobs_one(model: PointerPolicy, query: torch.Tensor, cands: torch.Tensor,
 
 
 @torch.no_grad()
-def reference_logprobs(model: PointerPolicy, table: QueryTable, emb: Embeddings,
-                       queries: int) -> None:
-    """Eval-mode log-probs of every candidate of the first ``queries`` queries."""
+def reference_logprobs(
+    model: PointerPolicy, table: QueryTable, emb: Embeddings, queries: int
+) -> torch.Tensor:
+    """Eval-mode log-probs [Q, G] of every candidate of the first ``queries`` queries."""
     model.eval()
+    out = torch.zeros(table.rewards_raw.shape)
     for i in range(queries):
         query, cands, seqs, _, _ = _query(table, emb, i)
-        logprobs_one(model, query, cands, seqs)
+        out[i, : len(seqs)] = logprobs_one(model, query, cands, seqs)
+    return out
 
 
 def rce_epoch(model: PointerPolicy, table: QueryTable, emb: Embeddings, queries: int) -> None:
@@ -87,15 +94,23 @@ def rce_epoch(model: PointerPolicy, table: QueryTable, emb: Embeddings, queries:
         query, cands, seqs, raw, _ = _query(table, emb, i)
         lp = logprobs_one(model, query, cands, seqs)
         mask = torch.ones(1, len(raw), dtype=torch.bool)
-        loss = rce_loss(lp.unsqueeze(0), raw.unsqueeze(0), mask, rce_temperature(i, queries, 2.0, 0.5))
+        loss = rce_loss(
+            lp.unsqueeze(0), raw.unsqueeze(0), mask, rce_temperature(i, queries, 2.0, 0.5)
+        )
         opt.zero_grad()
         torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
 
-def grpo_epoch(model: PointerPolicy, table: QueryTable, emb: Embeddings, queries: int,
-               ref: torch.Tensor, top_k: int = 3) -> None:
+def grpo_epoch(
+    model: PointerPolicy,
+    table: QueryTable,
+    emb: Embeddings,
+    queries: int,
+    ref: torch.Tensor,
+    top_k: int = 3,
+) -> None:
     """One GRPO epoch (top-k curriculum) over the first ``queries`` queries, one per step."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)

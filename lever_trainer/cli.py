@@ -464,3 +464,60 @@ def prepare(**opts: Any) -> None:
         click.echo(line)
     if not report.cache:
         raise LeverError(f"{cache_path_for(opts['beam_data'])}: could not write the prepared form")
+
+
+@main.command("select")
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A checkpoint of this project (or any --sft-ckpt format).",
+)
+@click.option(
+    "--beam-data",
+    "--beam_data",
+    "beam_data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="RL data JSON whose queries and pools to use.",
+)
+@click.option("--img-emb", "--img_emb", "img_emb", required=True, type=click.Path(dir_okay=False))
+@click.option("--cand-emb", type=click.Path(dir_okay=False), default=None)
+@click.option("--emb-key", default=None)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSON file to write: {query id: [global ids]}.",
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Demonstrations to pick per query (default: the data's S).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-checkpoint", is_flag=True)
+@data_options
+@user_errors
+def select_cmd(**opts: Any) -> None:
+    """Pick demonstrations for every query of --beam-data with a trained policy."""
+    from .select import select_demonstrations
+
+    device = resolve_device(opts["device"])
+    table, _ = load_rl_data(opts["beam_data"], make_data_options(opts), cache=True, warn=warn)
+    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
+    check_ids_in_range(table, emb)
+    model, lines = build_model(emb.dim, None, None, opts["ckpt"], opts["trust_checkpoint"])
+    for line in lines:
+        click.echo(line)
+    shots = opts["shots"] or table.seq_len
+    if shots > int(table.pool_len.min()):
+        raise LeverError(
+            f"--shots {shots}: some query pools hold only {int(table.pool_len.min())} ids"
+        )
+    picks = select_demonstrations(model.to(device), table, emb, shots, opts["batch_size"], device)
+    result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks.tolist(), strict=True)}
+    atomic_write_bytes(Path(opts["output"]), (json.dumps(result) + "\n").encode())
+    click.echo(f"wrote {len(result)} selections to {opts['output']}")

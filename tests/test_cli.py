@@ -182,3 +182,19 @@ def test_demo_learns_above_random(tmp_path) -> None:
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["policy_reward@1"] > last["random_reward"] + 0.1, run.stdout
     assert last["normalized_gain"] > 0.1
+
+
+def test_select_command_picks_from_each_pool(cli, demo_files, tmp_path) -> None:
+    run = tmp_path / "run"
+    assert cli(*train_args(demo_files, run, "--rce-epochs", "1")).exit_code == 0
+    out = tmp_path / "sel.json"
+    result = cli("select", "--ckpt", run / "rce_epoch1.safetensors", "--beam-data", demo_files[0],
+                 "--img-emb", demo_files[1], "--output", out)
+    assert result.exit_code == 0, result.output
+    picks = json.loads(out.read_text())
+    doc = json.loads(demo_files[0].read_text())
+    queries = [k for k in doc if k.isdigit()]
+    assert sorted(picks) == sorted(queries)
+    for qid, ids in picks.items():
+        assert len(ids) == 2 and len(set(ids)) == 2
+        assert set(ids) <= set(doc[qid]["candidate_pool_ids"])
