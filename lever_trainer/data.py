@@ -765,8 +765,11 @@ def make_batch(
     return Batch(
         rows=rows,
         query_ids=sub.query_ids,
-        query_emb=emb.query[sub.query_ids],
-        cand_emb=emb.cand[sub.pool_ids],
+        query_emb=emb.query.index_select(0, sub.query_ids),
+        # index_select is several times faster than advanced indexing for this gather
+        cand_emb=emb.cand.index_select(0, sub.pool_ids.reshape(-1)).view(
+            *sub.pool_ids.shape, emb.cand.shape[1]
+        ),
         pool_mask=sub.pool_mask(),
         sequences=sub.sequences,
         cand_mask=sub.cand_mask(),

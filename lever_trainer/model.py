@@ -34,6 +34,34 @@ BACKBONE_MODULES = ("input_proj", "query_proj", "cand_proj")
 HEAD_MODULES = ("cross_attn_layers", "attn_norms", "query_update_gate")
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, as :func:`torch.nn.functional.dropout`, with cheaper masks on CPU.
+
+    Zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
+    The mask compares random 16-bit integers with ``p * 2**16`` when that is a whole
+    number (p = 0.5 is), else random 32-bit integers with ``p * 2**32``: four or two
+    elements per 64-bit draw instead of one float each, which is what makes
+    ``bernoulli_`` the most expensive step of a training batch on CPU.
+    """
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    for bits, dtype in ((16, torch.int16), (32, torch.int32)):
+        threshold = p * 2**bits
+        if threshold == int(threshold) or bits == 32:
+            break
+    per_word = 64 // bits
+    words = -(-x.numel() // per_word)
+    raw = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device)
+    draws = raw.view(dtype)[: x.numel()].view(x.shape)
+    # draws are uniform on [-2**(bits-1), 2**(bits-1)); keep those at or above the cut
+    keep = draws >= round(threshold) - 2 ** (bits - 1)
+    return x * keep * (1.0 / (1.0 - p))
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Hyper-parameters of the pointer policy (defaults from SPEC section 4)."""
@@ -109,8 +137,9 @@ class PointerPolicy(nn.Module):
         pad = None if pool_mask is None else ~pool_mask
         for attn, norm in zip(self.cross_attn_layers, self.attn_norms, strict=True):
             q1 = norm(self._attend(attn, q1, c1, pad) + q1)
-        z = F.normalize(self.query_proj(self.dropout(q1)), dim=-1)
-        keys = F.normalize(self.cand_proj(self.dropout(c1)), dim=-1)
+        p, training = self.config.dropout, self.training
+        z = F.normalize(self.query_proj(dropout(q1, p, training)), dim=-1)
+        keys = F.normalize(self.cand_proj(dropout(c1, p, training)), dim=-1)
         return z, keys
 
     def _attend(

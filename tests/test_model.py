@@ -212,3 +212,21 @@ def test_attention_rewrite_equals_torch_multihead_attention(heads: int) -> None:
     ours = model._attend(attn, q1, c1, ~pool_mask)
     theirs, _ = attn(q1.unsqueeze(1), c1, c1, key_padding_mask=~pool_mask, need_weights=False)
     assert torch.allclose(ours, theirs.squeeze(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.25])
+def test_dropout_keeps_one_minus_p_and_rescales(p: float) -> None:
+    from lever_trainer.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000)
+    out = dropout(x, p, training=True)
+    kept = out != 0
+    # 400,000 Bernoulli(1 - p) draws: the kept fraction is within 5 standard errors
+    se = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * se
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    assert torch.equal(dropout(x, p, training=False), x)
+    assert torch.equal(dropout(x, 1.0, training=True), torch.zeros_like(x))
+    # independent masks along every axis: rows and columns each keep about 1 - p
+    assert kept.float().mean(0).std() < 0.1 and kept.float().mean(1).std() < 0.1
