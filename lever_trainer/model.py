@@ -49,10 +49,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return torch.zeros_like(x)
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    for bits, dtype in ((16, torch.int16), (32, torch.int32)):
-        threshold = p * 2**bits
-        if threshold == int(threshold) or bits == 32:
-            break
+    bits, dtype = (16, torch.int16) if float(p * 2**16).is_integer() else (32, torch.int32)
+    threshold = p * 2**bits
     per_word = 64 // bits
     words = -(-x.numel() // per_word)
     raw = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device)
