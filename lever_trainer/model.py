@@ -57,7 +57,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     draws = raw.view(dtype)[: x.numel()].view(x.shape)
     # draws are uniform on [-2**(bits-1), 2**(bits-1)); keep those at or above the cut
     keep = draws >= round(threshold) - 2 ** (bits - 1)
-    return x * keep * (1.0 / (1.0 - p))
+    out: torch.Tensor = x * keep * (1.0 / (1.0 - p))
+    return out
 
 
 @dataclass(frozen=True)
