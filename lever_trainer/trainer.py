@@ -36,6 +36,9 @@ from .state import PHASES, RewardChoice, TrainConfig, TrainState
 
 #: RCE temperature of the validation loss (SPEC section 7).
 VAL_TAU = 1.0
+#: Smallest batch for gradient-free passes (reference log-probs, validation): without
+#: activations to keep, larger batches use the matmul units better.
+MIN_EVAL_BATCH = 128
 
 
 def policy_logprobs(model: PointerPolicy, batch: Batch) -> torch.Tensor:
@@ -108,6 +111,7 @@ class Trainer:
         self.ref_logprobs: torch.Tensor | None = None
         self.rewards: dict[str, Decision] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.eval_batch_size = max(config.batch_size, MIN_EVAL_BATCH)
 
     # -- the whole job -----------------------------------------------------------
     def fit(self) -> TrainState:
@@ -249,7 +253,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         out = torch.zeros(table.rewards_raw.shape)
-        for batch in iter_batches(table, self.emb, self.config.batch_size):
+        for batch in iter_batches(table, self.emb, self.eval_batch_size):
             lp = policy_logprobs(self.model, batch.to(self.device)).cpu()
             out[batch.rows, : lp.shape[1]] = lp.masked_fill(~batch.cand_mask, 0.0)
         self.model.train(was_training)
@@ -266,7 +270,7 @@ class Trainer:
         loss_sum = 0.0
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for batch in iter_batches(table, self.emb, self.config.batch_size):
+        for batch in iter_batches(table, self.emb, self.eval_batch_size):
             b = batch.to(self.device)
             lp = policy_logprobs(self.model, b)
             loss_sum += float(rce_loss(lp, b.rewards_raw, b.cand_mask, VAL_TAU)) * len(b)
