@@ -188,8 +188,17 @@ def test_select_command_picks_from_each_pool(cli, demo_files, tmp_path) -> None:
     run = tmp_path / "run"
     assert cli(*train_args(demo_files, run, "--rce-epochs", "1")).exit_code == 0
     out = tmp_path / "sel.json"
-    result = cli("select", "--ckpt", run / "rce_epoch1.safetensors", "--beam-data", demo_files[0],
-                 "--img-emb", demo_files[1], "--output", out)
+    result = cli(
+        "select",
+        "--ckpt",
+        run / "rce_epoch1.safetensors",
+        "--beam-data",
+        demo_files[0],
+        "--img-emb",
+        demo_files[1],
+        "--output",
+        out,
+    )
     assert result.exit_code == 0, result.output
     picks = json.loads(out.read_text())
     doc = json.loads(demo_files[0].read_text())
