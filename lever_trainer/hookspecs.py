@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
     from torch import nn
 
     from .state import RewardChoice, TrainState
@@ -71,6 +74,20 @@ def adapt_kl_beta(state: TrainState, kl: float, beta: float) -> float | None:
     """
 
 
+@hookspec(firstresult=True)
+def grpo_reference_logprobs(
+    state: TrainState, compute: Callable[[], torch.Tensor]
+) -> torch.Tensor | None:
+    """Choose the reference log-probs the GRPO phase measures its ratios against.
+
+    Called once at the start of the GRPO phase, after its optimiser is built.
+    ``compute()`` returns the current policy's eval-mode sequence log-probs of every
+    training candidate, [Q, G] aligned with ``state.train``. Return a tensor of that
+    shape, or None to keep the default: the starting model's log-probs, computed
+    before the RCE phase (SPEC section 6). Single answer; optional.
+    """
+
+
 @hookspec
 def on_train_start(state: TrainState) -> None:
     """Called once, after data and model are ready and before reference log-probs. Broadcast."""
@@ -109,7 +126,7 @@ def on_train_end(state: TrainState) -> None:
 
 
 #: Hooks that take a single answer.
-SINGLE_ANSWER_HOOKS = frozenset({"select_reward", "adapt_kl_beta"})
+SINGLE_ANSWER_HOOKS = frozenset({"select_reward", "adapt_kl_beta", "grpo_reference_logprobs"})
 
 
 def all_hook_names() -> list[str]:

@@ -167,6 +167,8 @@ class Trainer:
         state.steps_per_epoch = math.ceil(len(state.train) / cfg.batch_size)
         total_steps = epochs * state.steps_per_epoch
         choice: RewardChoice = self.rewards[phase].value
+        if phase == "grpo":
+            self.choose_reference()
         self.plugins.call_all("on_phase_start", state=state)
         for epoch in range(1, epochs + 1):
             state.epoch, state.step_in_epoch = epoch, 0
@@ -209,6 +211,26 @@ class Trainer:
             self.save_epoch_checkpoint()
             self.plugins.call_all("on_epoch_end", state=state, metrics=metrics)
         self.plugins.call_all("on_phase_end", state=state)
+
+    def choose_reference(self) -> None:
+        """Let ``grpo_reference_logprobs`` replace the starting model's log-probs for GRPO."""
+        decision = self.plugins.call_single(
+            "grpo_reference_logprobs",
+            state=self.state,
+            compute=lambda: self.compute_logprobs(self.state.train),
+        )
+        if decision is None:
+            return
+        ref = decision.value
+        expected = tuple(self.state.train.rewards_raw.shape)
+        if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != expected:
+            shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+            raise LeverError(
+                f"plugin {decision.plugin}: hook grpo_reference_logprobs returned {shape}, "
+                f"expected a tensor of shape {expected}"
+            )
+        self.ref_logprobs = ref.detach().to(torch.float32).cpu()
+        self.state.log(f"GRPO reference log-probs: [plugin {decision.plugin}]")
 
     def rce_step(self, batch: Batch, choice: RewardChoice, tau: float) -> dict[str, torch.Tensor]:
         """RCE loss of one batch at temperature ``tau`` (SPEC section 5)."""

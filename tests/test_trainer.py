@@ -255,3 +255,55 @@ def test_custom_reward_plugin_without_core_edit(demo_files, tmp_path) -> None:
     )
     trainer.fit()
     assert "RCE reward: zeros (all zero) [plugin zeros]" in trainer.log_lines
+
+
+def test_grpo_reference_default_is_start_and_refresh_plugin_uses_post_rce(
+    demo_files, tmp_path
+) -> None:
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy:
+        @hookimpl
+        def on_phase_start(self, state) -> None:
+            if state.phase == "grpo":
+                seen["ref"] = trainer.ref_logprobs.clone()
+                seen["now"] = trainer.compute_logprobs(state.train)
+
+    trainer = make_trainer(
+        demo_files, tmp_path / "a", grpo_epochs=1, extra=(("spy", Spy()),), enable=("spy",)
+    )
+    start = trainer.compute_logprobs(trainer.state.train)
+    trainer.fit()
+    assert torch.equal(seen["ref"], start) and not torch.equal(seen["ref"], seen["now"])
+
+    trainer = make_trainer(
+        demo_files,
+        tmp_path / "b",
+        grpo_epochs=1,
+        extra=(("spy", Spy()),),
+        enable=("spy", "grpo-reference-refresh"),
+    )
+    trainer.fit()
+    assert torch.equal(seen["ref"], seen["now"])
+    assert "GRPO reference log-probs: [plugin grpo-reference-refresh]" in trainer.log_lines
+
+
+def test_grpo_reference_of_wrong_shape_names_the_plugin(demo_files, tmp_path) -> None:
+    class Bad:
+        @hookimpl
+        def grpo_reference_logprobs(self, state, compute):
+            return torch.zeros(3)
+
+    trainer = make_trainer(
+        demo_files,
+        tmp_path / "run",
+        rce_epochs=0,
+        grpo_epochs=1,
+        extra=(("bad", Bad()),),
+        enable=("bad",),
+    )
+    with pytest.raises(
+        LeverError,
+        match=r"plugin bad: hook grpo_reference_logprobs returned \(3,\), expected a tensor of shape",
+    ):
+        trainer.fit()
