@@ -168,6 +168,39 @@ def build_model(
     return model, lines
 
 
+beam_data_option = click.option(
+    "--beam-data",
+    "--beam_data",
+    "beam_data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="RL data JSON (SPEC 2.1).",
+)
+
+
+def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--img-emb, --cand-emb and --emb-key (shared by train and select)."""
+    fn = click.option(
+        "--emb-key", default=None, help="Tensor name inside a multi-tensor embedding file."
+    )(fn)
+    fn = click.option(
+        "--cand-emb",
+        "cand_emb",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Separate candidate embedding table (default: --img-emb).",
+    )(fn)
+    fn = click.option(
+        "--img-emb",
+        "--img_emb",
+        "img_emb",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.",
+    )(fn)
+    return fn
+
+
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options that decide how RL data becomes a table (shared by train and prepare)."""
     fn = click.option(
@@ -193,30 +226,8 @@ def make_data_options(opts: dict[str, Any]) -> DataOptions:
 
 
 @main.command("train")
-@click.option(
-    "--beam-data",
-    "--beam_data",
-    "beam_data",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="RL data JSON (SPEC 2.1).",
-)
-@click.option(
-    "--img-emb",
-    "--img_emb",
-    "img_emb",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.",
-)
-@click.option(
-    "--cand-emb",
-    "cand_emb",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Separate candidate embedding table (default: --img-emb).",
-)
-@click.option("--emb-key", default=None, help="Tensor name inside a multi-tensor embedding file.")
+@beam_data_option
+@embedding_options
 @click.option(
     "--sft-ckpt",
     "--sft_ckpt",
@@ -443,14 +454,7 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
 
 
 @main.command("prepare")
-@click.option(
-    "--beam-data",
-    "--beam_data",
-    "beam_data",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="RL data JSON (SPEC 2.1).",
-)
+@beam_data_option
 @data_options
 @user_errors
 def prepare(**opts: Any) -> None:
@@ -473,17 +477,8 @@ def prepare(**opts: Any) -> None:
     type=click.Path(dir_okay=False),
     help="A checkpoint of this project (or any --sft-ckpt format).",
 )
-@click.option(
-    "--beam-data",
-    "--beam_data",
-    "beam_data",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="RL data JSON whose queries and pools to use.",
-)
-@click.option("--img-emb", "--img_emb", "img_emb", required=True, type=click.Path(dir_okay=False))
-@click.option("--cand-emb", type=click.Path(dir_okay=False), default=None)
-@click.option("--emb-key", default=None)
+@beam_data_option
+@embedding_options
 @click.option(
     "--output",
     required=True,

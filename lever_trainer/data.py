@@ -614,7 +614,7 @@ def parse_rl_members(
 # --------------------------------------------------------------------------- prepared cache
 CACHE_SUFFIX = ".lever-cache.safetensors"
 CACHE_FORMAT = "1"
-_TABLE_FIELDS = (
+TABLE_FIELDS = (
     "query_ids",
     "pool_ids",
     "pool_len",
@@ -674,7 +674,7 @@ def save_prepared(
             }
         ),
     }
-    tensors = {name: getattr(table, name).contiguous() for name in _TABLE_FIELDS}
+    tensors = {name: getattr(table, name).contiguous() for name in TABLE_FIELDS}
     atomic_write_bytes(out, save(tensors, metadata=meta))
 
 
@@ -693,7 +693,7 @@ def load_prepared(
                 or meta.get("options") != options_key(opts)
             ):
                 return None
-            tensors = {name: fh.get_tensor(name) for name in _TABLE_FIELDS}
+            tensors = {name: fh.get_tensor(name) for name in TABLE_FIELDS}
         info = json.loads(meta["report"])
     except Exception:  # an unreadable cache is rebuilt, never trusted
         return None

@@ -10,24 +10,12 @@ import pytest
 import torch
 
 import lever_trainer.jsonstream as jsonstream
-from lever_trainer.data import DataOptions, cache_path_for, load_rl_data
+from lever_trainer.data import TABLE_FIELDS, DataOptions, cache_path_for, load_rl_data
 from lever_trainer.errors import LeverError
-
-FIELDS = (
-    "query_ids",
-    "pool_ids",
-    "pool_len",
-    "sequences",
-    "group_len",
-    "rewards_raw",
-    "rewards_norm",
-    "correct",
-    "cand_index",
-)
 
 
 def assert_same_table(a, b) -> None:
-    for name in FIELDS:
+    for name in TABLE_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and torch.equal(x, y), name
 
