@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from . import __version__
 from .checkpoint import atomic_write_bytes, infer_policy_shape, load_into_model, read_state_dict
 from .data import (
     DataOptions,
+    LoadReport,
+    QueryTable,
     cache_path_for,
     check_ids_in_range,
     file_fingerprint,
@@ -30,8 +32,10 @@ from .data import (
     split_train_val,
 )
 from .errors import LeverError
+from .jsonstream import iter_object_members
 from .model import PointerPolicy, PolicyConfig
-from .plugins import discover, load_plugins
+from .plugins import PluginSet, discover, load_plugins
+from .rewards import RewardParams, registry_from_plugins
 from .state import TrainConfig
 
 #: Seed-script flags that stand for a plugin choice.
@@ -202,26 +206,199 @@ def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that decide how RL data becomes a table (shared by train and prepare)."""
+    """The options that decide how RL data becomes a table (train, prepare, select)."""
+    options = [
+        click.option(
+            "--max-pool",
+            "--max_pool",
+            "max_pool",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="Cut each query's pool to its first N ids.",
+        ),
+        click.option(
+            "--keep-fallback",
+            "--no_skip_fallback_reward",
+            "keep_fallback",
+            is_flag=True,
+            help="Keep candidates whose evaluation fell back.",
+        ),
+        click.option(
+            "--require-positive-query",
+            "--require_positive_query",
+            "require_positive",
+            is_flag=True,
+            help="Keep only queries with at least one vqa_correct == 1 candidate.",
+        ),
+        click.option(
+            "--gen-methods",
+            "--gen_methods",
+            "gen_methods",
+            default=None,
+            metavar="LIST",
+            help="Keep only candidates of these gen_method values, "
+            "comma-separated (e.g. beam,sample).",
+        ),
+        click.option(
+            "--reward-mode",
+            "--reward_mode",
+            "reward_mode",
+            default="hard_plus_soft",
+            show_default=True,
+            help="Raw-reward formula (SPEC 3.1), from a plugin.",
+        ),
+        click.option(
+            "--hard-weight",
+            "--hard_weight",
+            "hard_weight",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="wh: weight of vqa_correct.",
+        ),
+        click.option(
+            "--soft-weight",
+            "--soft_weight",
+            "soft_weight",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="ws: weight of vqa_acc_score / vqa_gt_prob.",
+        ),
+        click.option(
+            "--rel-weight",
+            "--rel_weight",
+            "rel_weight",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="wl: weight of vqa_rel_score.",
+        ),
+        click.option(
+            "--reward-alpha",
+            "--reward_alpha",
+            "reward_alpha",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="legacy mode: weight of the beam quality.",
+        ),
+        click.option(
+            "--reward-beta",
+            "--reward_beta",
+            "reward_beta",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="legacy mode: weight of the correctness.",
+        ),
+        click.option(
+            "--correctness-mode",
+            "--correctness_mode",
+            "correctness_mode",
+            type=click.Choice(["01", "pm1"]),
+            default="01",
+            show_default=True,
+            help="legacy mode: correctness as 0/1 or -1/+1.",
+        ),
+        click.option(
+            "--use-logprob",
+            "--use_logprob",
+            "use_logprob",
+            is_flag=True,
+            help="legacy mode: quality = -logprob_score instead of beam_score.",
+        ),
+        click.option(
+            "--normalize",
+            "--normalize_method",
+            "normalize",
+            default="z_score_clamp",
+            show_default=True,
+            help="Group normaliser (SPEC 3.2), from a plugin.",
+        ),
+        click.option(
+            "--normalize-clamp-value",
+            "--normalize_clamp_value",
+            "normalize_clamp",
+            type=click.FloatRange(min=0, min_open=True),
+            default=3.0,
+            show_default=True,
+            help="Bound of z_score_clamp.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def plugin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--plugin and --no-plugin."""
     fn = click.option(
-        "--keep-fallback", is_flag=True, help="Keep candidates whose evaluation fell back."
+        "--no-plugin",
+        "plugins_off",
+        multiple=True,
+        metavar="NAME",
+        help="Disable a plugin that is on by default (repeatable).",
     )(fn)
     fn = click.option(
-        "--max-pool",
-        type=click.IntRange(min=1),
-        default=64,
-        show_default=True,
-        help="Cut each query's pool to its first N ids.",
+        "--plugin",
+        "plugins_on",
+        multiple=True,
+        metavar="NAME",
+        help="Enable an installed plugin (repeatable).",
     )(fn)
     return fn
 
 
 def make_data_options(opts: dict[str, Any]) -> DataOptions:
     """DataOptions from parsed CLI options."""
+    methods = None
+    if opts.get("gen_methods") is not None:
+        methods = frozenset(m.strip() for m in opts["gen_methods"].split(",") if m.strip())
+        if not methods:
+            raise LeverError("--gen-methods: expected a comma-separated list such as beam,sample")
+    params = RewardParams(
+        hard=opts["hard_weight"],
+        soft=opts["soft_weight"],
+        rel=opts["rel_weight"],
+        alpha=opts["reward_alpha"],
+        beta=opts["reward_beta"],
+        correctness=opts["correctness_mode"],
+        use_logprob=opts["use_logprob"],
+        clamp=opts["normalize_clamp"],
+    )
     return DataOptions(
         max_pool=opts["max_pool"],
         keep_fallback=opts["keep_fallback"],
+        gen_methods=methods,
+        require_positive=opts["require_positive"],
         val_ratio=opts.get("val_ratio", 0.2),
+        reward_mode=opts["reward_mode"],
+        reward_params=params,
+        normalize=opts["normalize"],
+    )
+
+
+def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, LoadReport]:
+    """Load --beam-data with the plugins' reward modes, normalisers and readers."""
+    registry = registry_from_plugins(plugins)
+
+    def reader(path: Path) -> Iterable[tuple[str, Any]]:
+        decision = plugins.call_single("read_rl_data", path=path)
+        if decision is None:
+            return iter_object_members(path)
+        click.echo(f"reading {path} with plugin {decision.plugin}")
+        members: Iterable[tuple[str, Any]] = decision.value
+        return members
+
+    return load_rl_data(
+        opts["beam_data"],
+        make_data_options(opts),
+        cache=not opts.get("no_cache", False),
+        warn=warn,
+        registry=registry,
+        reader=reader,
     )
 
 
@@ -310,7 +487,15 @@ def make_data_options(opts: dict[str, Any]) -> DataOptions:
     help="Cross-attention layers (default 1, or the --sft-ckpt's).",
 )
 @data_options
-@click.option("--val-ratio", type=float, default=0.2, show_default=True)
+@click.option(
+    "--val-ratio",
+    "--val_ratio",
+    "val_ratio",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of queries (the highest ids) kept for validation.",
+)
 @click.option(
     "--no-cache",
     is_flag=True,
@@ -318,20 +503,7 @@ def make_data_options(opts: dict[str, Any]) -> DataOptions:
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--plugin",
-    "plugins_on",
-    multiple=True,
-    metavar="NAME",
-    help="Enable an installed plugin (repeatable).",
-)
-@click.option(
-    "--no-plugin",
-    "plugins_off",
-    multiple=True,
-    metavar="NAME",
-    help="Disable a plugin that is on by default (repeatable).",
-)
+@plugin_options
 @click.option("--rce_use_raw_reward", is_flag=True, help="Same as --plugin raw-reward.")
 @click.option(
     "--rce_use_normalized_reward", is_flag=True, help="Same as --plugin normalized-reward."
@@ -349,9 +521,7 @@ def train(**opts: Any) -> None:
     check_output_dir(output_dir, opts["overwrite"])
 
     data_opts = make_data_options(opts)
-    table, report = load_rl_data(
-        opts["beam_data"], data_opts, cache=not opts["no_cache"], warn=warn
-    )
+    table, report = load_data(opts, plugins)
     for line in report.lines():
         click.echo(line)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
@@ -456,6 +626,7 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
 @main.command("prepare")
 @beam_data_option
 @data_options
+@plugin_options
 @user_errors
 def prepare(**opts: Any) -> None:
     """Convert RL data JSON into its prepared binary form, next to the file.
@@ -463,7 +634,8 @@ def prepare(**opts: Any) -> None:
     Training reads the prepared form instead of the JSON whenever it was made from
     the same bytes (sha256) with the same data options; otherwise it rebuilds it.
     """
-    _, report = load_rl_data(opts["beam_data"], make_data_options(opts), cache=True, warn=warn)
+    plugins = load_plugins(opts["plugins_on"], opts["plugins_off"], warn=warn)
+    _, report = load_data(opts, plugins)
     for line in report.lines():
         click.echo(line)
     if not report.cache:
@@ -495,13 +667,15 @@ def prepare(**opts: Any) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-checkpoint", is_flag=True)
 @data_options
+@plugin_options
 @user_errors
 def select_cmd(**opts: Any) -> None:
     """Pick demonstrations for every query of --beam-data with a trained policy."""
     from .select import select_demonstrations
 
     device = resolve_device(opts["device"])
-    table, _ = load_rl_data(opts["beam_data"], make_data_options(opts), cache=True, warn=warn)
+    plugins = load_plugins(opts["plugins_on"], opts["plugins_off"], warn=warn)
+    table, _ = load_data(opts, plugins)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
     check_ids_in_range(table, emb)
     model, lines = build_model(emb.dim, None, None, opts["ckpt"], opts["trust_checkpoint"])

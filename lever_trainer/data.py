@@ -21,9 +21,16 @@ from typing import Any
 
 import torch
 
-from .errors import LeverError
+from .errors import LeverError, PluginError
 from .jsonstream import iter_object_members
-from .rewards import RewardWeights, normalize_group, raw_reward
+from .rewards import (
+    NormalizeFn,
+    RawRewardFn,
+    RewardParams,
+    RewardRegistry,
+    clip_reward,
+    default_registry,
+)
 
 POINTER_FIELDS = ("pointer_global", "pointer_pos", "pointer")
 
@@ -39,7 +46,7 @@ class DataOptions:
     require_positive: bool = False
     val_ratio: float = 0.2
     reward_mode: str = "hard_plus_soft"
-    reward_weights: RewardWeights = field(default_factory=RewardWeights)
+    reward_params: RewardParams = field(default_factory=RewardParams)
     normalize: str = "z_score_clamp"
 
 
@@ -359,7 +366,7 @@ class _Group:
 
 
 def _parse_query(
-    qid: int, value: Any, path: Path, opts: DataOptions, report: LoadReport
+    qid: int, value: Any, path: Path, opts: DataOptions, report: LoadReport, raw_fn: RawRewardFn
 ) -> _Group | None:
     where_q = f"{path}: query {qid}"
     if not isinstance(value, Mapping):
@@ -456,11 +463,42 @@ def _parse_query(
     correct = []
     for j, cand in kept:
         where = f"{where_q} candidate {j}"
-        for name in ("vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score"):
+        for name in (
+            "vqa_acc_score",
+            "vqa_gt_prob",
+            "vqa_rel_score",
+            "beam_score",
+            "logprob_score",
+        ):
             _num(cand, name, where)
-        rewards.append(raw_reward(cand, opts.reward_mode, opts.reward_weights))
-        correct.append(_num(cand, "vqa_correct", where))
+        hard = _num(cand, "vqa_correct", where)
+        if hard not in (0.0, 1.0):
+            raise LeverError(
+                f"{where}: field 'vqa_correct' is {cand.get('vqa_correct')!r}, expected 0 or 1"
+            )
+        rewards.append(clip_reward(_raw_reward(cand, raw_fn, opts, where)))
+        correct.append(hard)
     return _Group(qid, pool, sequences, rewards, correct, [j for j, _ in kept])
+
+
+def _raw_reward(
+    cand: Mapping[str, Any], raw_fn: RawRewardFn, opts: DataOptions, where: str
+) -> float:
+    """A candidate's raw reward: its own ``raw_reward`` field when a reader set one
+    (the legacy beam format carries its rewards), else the chosen mode's formula."""
+    if "raw_reward" in cand:
+        return _num(cand, "raw_reward", where)
+    try:
+        value = float(raw_fn(cand, opts.reward_params))
+    except LeverError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{where}: reward mode {opts.reward_mode!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not math.isfinite(value):
+        raise LeverError(f"{where}: reward mode {opts.reward_mode!r} gave {value}")
+    return value
 
 
 def _num(cand: Mapping[str, Any], name: str, where: str) -> float:
@@ -529,7 +567,7 @@ class _GroupBuffer:
         self.correct.extend(g.correct)
         self.cand_index.extend(g.cand_index)
 
-    def to_table(self, normalize: str) -> QueryTable:
+    def to_table(self, normalize: NormalizeFn, params: RewardParams) -> QueryTable:
         """Pad into a :class:`QueryTable` in query-id order, normalising each group."""
         s = self.seq_len or 0
         pool_len = torch.tensor(self.pool_len, dtype=torch.long)
@@ -550,7 +588,7 @@ class _GroupBuffer:
         table = table.select(torch.argsort(table.query_ids))
         norm = torch.zeros_like(table.rewards_raw)
         for i, n in enumerate(table.group_len.tolist()):
-            norm[i, :n] = normalize_group(table.rewards_raw[i, :n], normalize)
+            norm[i, :n] = normalize(table.rewards_raw[i, :n], params)
         table.rewards_norm = norm
         return table
 
@@ -566,19 +604,31 @@ def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_table(groups: Sequence[_Group], normalize: str, where: str = "data") -> QueryTable:
+def build_table(
+    groups: Sequence[_Group], normalize: NormalizeFn, params: RewardParams, where: str = "data"
+) -> QueryTable:
     """Pad parsed groups into a :class:`QueryTable` and normalise each group's rewards."""
     buf = _GroupBuffer()
     for g in groups:
         buf.add(g, where)
-    return buf.to_table(normalize)
+    return buf.to_table(normalize, params)
 
 
 def parse_rl_members(
-    members: Iterable[tuple[str, Any]], path: str | os.PathLike[str], opts: DataOptions
+    members: Iterable[tuple[str, Any]],
+    path: str | os.PathLike[str],
+    opts: DataOptions,
+    registry: RewardRegistry | None = None,
 ) -> tuple[QueryTable, LoadReport]:
-    """Turn ``(key, value)`` members of an RL data object into a table and a load report."""
+    """Turn ``(key, value)`` members of an RL data object into a table and a load report.
+
+    ``registry`` supplies the reward mode and normaliser named in ``opts`` (default:
+    those of the plugins that are on by default).
+    """
     p = Path(path)
+    registry = registry if registry is not None else default_registry()
+    raw_fn = registry.raw_fn(opts.reward_mode)
+    normalize = registry.normalize_fn(opts.normalize)
     report = LoadReport(str(p))
     buf = _GroupBuffer()
     seen: dict[int, str] = {}
@@ -594,14 +644,14 @@ def parse_rl_members(
         if qid in seen:  # "7" and " 7" both parse as 7
             raise LeverError(f"{p}: query id {qid} appears twice (keys {seen[qid]!r}, {key!r})")
         seen[qid] = key
-        group = _parse_query(qid, value, p, opts, report)
+        group = _parse_query(qid, value, p, opts, report, raw_fn)
         if group is not None:
             buf.add(group, str(p))
     if not seen:
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
     if not len(buf):
         raise LeverError(f"{p}: no query has a candidate left after filtering")
-    table = buf.to_table(opts.normalize)
+    table = buf.to_table(normalize, opts.reward_params)
     report.queries_total = len(table)
     report.candidates_total = table.num_candidates
     mask = table.cand_mask()
@@ -640,11 +690,7 @@ def options_key(opts: DataOptions) -> str:
         "gen_methods": sorted(opts.gen_methods) if opts.gen_methods is not None else None,
         "require_positive": opts.require_positive,
         "reward_mode": opts.reward_mode,
-        "reward_weights": [
-            opts.reward_weights.hard,
-            opts.reward_weights.soft,
-            opts.reward_weights.rel,
-        ],
+        "reward_params": opts.reward_params.to_dict(),
         "normalize": opts.normalize,
     }
     return json.dumps(fields_, sort_keys=True)
@@ -714,16 +760,24 @@ def load_rl_data(
     opts: DataOptions,
     cache: bool = False,
     warn: Callable[[str], None] | None = None,
+    registry: RewardRegistry | None = None,
+    reader: Callable[[Path], Iterable[tuple[str, Any]]] | None = None,
 ) -> tuple[QueryTable, LoadReport]:
-    """Read, filter and validate an RL data JSON file into a :class:`QueryTable`.
+    """Read, filter and validate an RL data file into a :class:`QueryTable`.
 
-    The file is decoded one query at a time. With ``cache``, a prepared form next to
-    the file (:func:`cache_path_for`) is used when it was made from the same bytes
-    (sha256) with the same options, and written otherwise.
+    The file is decoded one query at a time, by ``reader`` when given (a plugin's
+    reader of another format, yielding members in the RL data format) or as RL data
+    JSON. With ``cache``, a prepared form next to the file (:func:`cache_path_for`)
+    is used when it was made from the same bytes (sha256) with the same options, and
+    written otherwise.
     """
     p = Path(path)
     if not p.is_file():
         raise LeverError(f"{p}: file not found")
+    registry = registry if registry is not None else default_registry()
+    # Resolve the names first: an unknown mode is an error even when a cache exists.
+    registry.raw_fn(opts.reward_mode)
+    registry.normalize_fn(opts.normalize)
     digest = file_fingerprint(p) if cache else ""
     target = cache_path_for(p)
     if cache and target.is_file():
@@ -731,7 +785,8 @@ def load_rl_data(
         if hit is not None:
             hit[1].source_sha256, hit[1].cache = digest, f"read {target}"
             return hit
-    table, report = parse_rl_members(iter_object_members(p), p, opts)
+    members = reader(p) if reader is not None else iter_object_members(p)
+    table, report = parse_rl_members(members, p, opts, registry)
     report.source_sha256 = digest
     if cache:
         try:

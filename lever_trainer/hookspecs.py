@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Mapping
+    from pathlib import Path
 
     import torch
     from torch import nn
 
+    from .rewards import NormalizeFn, RawRewardFn
     from .state import RewardChoice, TrainState
 
 PROJECT = "lever_trainer"
@@ -51,6 +53,39 @@ def select_reward(state: TrainState, phase: str) -> RewardChoice | None:
     :class:`~lever_trainer.state.RewardChoice`, or None to leave the decision to
     another plugin. Single answer; required: a phase with epochs and no answer
     stops the run.
+    """
+
+
+@hookspec
+def reward_modes() -> Mapping[str, RawRewardFn] | None:
+    """Contribute raw-reward formulas, by name (``--reward-mode NAME``).
+
+    Called once when the data is loaded. Return ``{name: fn}`` where
+    ``fn(candidate, params)`` takes one logged candidate (a dict of its JSON fields)
+    and a :class:`~lever_trainer.rewards.RewardParams`, and returns its raw reward
+    (the loader clips it to [-5, 5]). Broadcast; the answers are merged, and two
+    plugins providing the same name is an error naming both.
+    """
+
+
+@hookspec
+def normalizers() -> Mapping[str, NormalizeFn] | None:
+    """Contribute group normalisers, by name (``--normalize NAME``).
+
+    Called once when the data is loaded. Return ``{name: fn}`` where
+    ``fn(rewards, params)`` maps one query's raw rewards [n] to normalised rewards [n].
+    Broadcast and merged like :func:`reward_modes`.
+    """
+
+
+@hookspec(firstresult=True)
+def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
+    """Read a data file of another format.
+
+    Called once per run with the ``--beam-data`` path. A plugin that recognises the
+    file returns an iterable of ``(query id, query)`` pairs in the RL data format of
+    SPEC section 2.1 (a candidate may carry ``raw_reward`` to bypass the reward
+    formula); otherwise None, and the file is read as RL data JSON. Single answer.
     """
 
 
@@ -126,7 +161,9 @@ def on_train_end(state: TrainState) -> None:
 
 
 #: Hooks that take a single answer.
-SINGLE_ANSWER_HOOKS = frozenset({"select_reward", "adapt_kl_beta", "grpo_reference_logprobs"})
+SINGLE_ANSWER_HOOKS = frozenset(
+    {"select_reward", "adapt_kl_beta", "grpo_reference_logprobs", "read_rl_data"}
+)
 
 
 def all_hook_names() -> list[str]:

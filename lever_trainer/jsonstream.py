@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from .errors import LeverError
@@ -114,7 +114,9 @@ class _Reader:
             return value
 
 
-def iter_object_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+def iter_object_members(
+    path: str | os.PathLike[str],
+) -> Generator[tuple[str, Any], None, None]:
     """Yield the ``(key, value)`` members of the JSON object in ``path``, in file order.
 
     Raises :class:`LeverError` for a file that is empty, not JSON, truncated, or whose

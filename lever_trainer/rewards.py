@@ -1,87 +1,125 @@
-"""Reward formulas (SPEC section 3).
+"""Reward formulas and group normalisers (SPEC section 3), supplied by plugins.
 
-Raw-reward formulas and group normalisers are looked up by name in two tables,
-so the loader never hard-codes an expression: adding a mode is adding an entry.
-Raw rewards are computed once per candidate at load time; normalised rewards once
-per query group, over the group's kept candidates.
+The core holds no formula. Plugins contribute named raw-reward modes through the
+``reward_modes`` hook and named normalisers through ``normalizers``; the loader looks
+the chosen names up in the merged :class:`RewardRegistry`. Raw rewards are computed
+once per candidate at load time and clipped to [-5, 5]; normalised rewards once per
+query group, over the group's kept candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import LeverError
-from .losses import ZSCORE_STD_EPS
+from .errors import LeverError, PluginError
+
+if TYPE_CHECKING:
+    from .plugins import PluginSet
 
 #: Every raw reward is clipped to this range (SPEC 3.1).
 RAW_REWARD_CLIP = 5.0
 
 
 @dataclass(frozen=True)
-class RewardWeights:
-    """Weights of the raw-reward formulas: hard (``wh``), soft (``ws``), relevance (``wl``)."""
+class RewardParams:
+    """Settings every reward formula and normaliser receives.
+
+    ``hard``, ``soft``, ``rel`` are the weights ``wh``, ``ws``, ``wl``; ``alpha``,
+    ``beta``, ``correctness`` (``"01"`` or ``"pm1"``) and ``use_logprob`` belong to the
+    ``legacy`` mode; ``clamp`` is the bound of ``z_score_clamp``.
+    """
 
     hard: float = 1.0
     soft: float = 1.0
     rel: float = 0.1
+    alpha: float = 1.0
+    beta: float = 1.0
+    correctness: str = "01"
+    use_logprob: bool = False
+    clamp: float = 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for cache keys and metadata."""
+        return asdict(self)
 
 
-def _field(cand: Mapping[str, Any], name: str) -> float:
-    value = cand.get(name)
-    return 0.0 if value is None else float(value)
+#: ``fn(candidate, params) -> raw reward`` (before clipping).
+RawRewardFn = Callable[[Mapping[str, Any], RewardParams], float]
+#: ``fn(raw rewards of one group [n], params) -> normalised rewards [n]``.
+NormalizeFn = Callable[[torch.Tensor, RewardParams], torch.Tensor]
 
 
-def hard_plus_soft(cand: Mapping[str, Any], w: RewardWeights) -> float:
-    """``wh * vqa_correct + ws * vqa_acc_score`` (the default mode)."""
-    return w.hard * _field(cand, "vqa_correct") + w.soft * _field(cand, "vqa_acc_score")
-
-
-RawRewardFn = Callable[[Mapping[str, Any], RewardWeights], float]
-NormalizeFn = Callable[[torch.Tensor], torch.Tensor]
-
-RAW_REWARD_MODES: dict[str, RawRewardFn] = {"hard_plus_soft": hard_plus_soft}
-
-
-def raw_reward(cand: Mapping[str, Any], mode: str, weights: RewardWeights) -> float:
-    """Raw reward of one candidate under ``mode``, clipped to [-5, 5]."""
-    try:
-        fn = RAW_REWARD_MODES[mode]
-    except KeyError:
-        known = ", ".join(sorted(RAW_REWARD_MODES))
-        raise LeverError(f"--reward-mode: unknown mode {mode!r} (known: {known})") from None
-    value = fn(cand, weights)
+def clip_reward(value: float) -> float:
+    """Clip a raw reward to [-5, 5]."""
     return max(-RAW_REWARD_CLIP, min(RAW_REWARD_CLIP, value))
 
 
-def z_score(rewards: torch.Tensor) -> torch.Tensor:
-    """``(r - mean) / std`` with the unbiased std; unchanged when n = 1 or std <= 1e-12."""
-    if rewards.numel() < 2:
-        return rewards.clone()
-    std = rewards.std(unbiased=True)
-    if std <= ZSCORE_STD_EPS:
-        return rewards.clone()
-    return (rewards - rewards.mean()) / std
+@dataclass
+class RewardRegistry:
+    """Named raw-reward modes and normalisers, with the plugin that provides each."""
+
+    modes: dict[str, RawRewardFn] = field(default_factory=dict)
+    normalizers: dict[str, NormalizeFn] = field(default_factory=dict)
+    providers: dict[str, str] = field(default_factory=dict)
+
+    def raw_fn(self, mode: str) -> RawRewardFn:
+        """The formula of ``mode``; an unknown mode is a user error listing the known ones."""
+        try:
+            return self.modes[mode]
+        except KeyError:
+            known = ", ".join(sorted(self.modes)) or "none"
+            raise LeverError(
+                f"--reward-mode: no active plugin provides mode {mode!r} (available: {known})"
+            ) from None
+
+    def normalize_fn(self, method: str) -> NormalizeFn:
+        """The normaliser ``method``; an unknown one is a user error listing the known ones."""
+        try:
+            return self.normalizers[method]
+        except KeyError:
+            known = ", ".join(sorted(self.normalizers)) or "none"
+            raise LeverError(
+                f"--normalize: no active plugin provides method {method!r} (available: {known})"
+            ) from None
+
+    def add(self, kind: str, plugin: str, entries: Mapping[str, Any]) -> None:
+        """Register ``entries`` of ``kind`` ("mode" or "normalizer") from ``plugin``."""
+        table: dict[str, Any] = self.modes if kind == "mode" else self.normalizers
+        for name, fn in entries.items():
+            if not callable(fn):
+                raise PluginError(f"plugin {plugin}: {kind} {name!r} is not callable")
+            other = self.providers.get(f"{kind}:{name}")
+            if other is not None and other != plugin:
+                raise PluginError(
+                    f"plugins {other} and {plugin} both provide {kind} {name!r}; "
+                    "disable one of them (--no-plugin)"
+                )
+            table[name] = fn
+            self.providers[f"{kind}:{name}"] = plugin
 
 
-def z_score_clamp(rewards: torch.Tensor, clamp: float = 3.0) -> torch.Tensor:
-    """:func:`z_score` clamped to ``[-clamp, clamp]`` (the default normaliser)."""
-    if rewards.numel() < 2 or rewards.std(unbiased=True) <= ZSCORE_STD_EPS:
-        return rewards.clone()
-    return z_score(rewards).clamp(-clamp, clamp)
+def registry_from_plugins(plugins: PluginSet) -> RewardRegistry:
+    """Merge the ``reward_modes`` and ``normalizers`` answers of the active plugins."""
+    registry = RewardRegistry()
+    for hook, kind in (("reward_modes", "mode"), ("normalizers", "normalizer")):
+        for plugin, entries in plugins.call_all(hook):
+            if entries is None:
+                continue
+            if not isinstance(entries, Mapping):
+                raise PluginError(
+                    f"plugin {plugin}: hook {hook} must return a mapping of name -> "
+                    f"function, got {type(entries).__name__}"
+                )
+            registry.add(kind, plugin, entries)
+    return registry
 
 
-NORMALIZERS: dict[str, NormalizeFn] = {"z_score_clamp": z_score_clamp, "z_score": z_score}
+def default_registry() -> RewardRegistry:
+    """The registry of the plugins a run uses by default (for library callers)."""
+    from .plugins import load_plugins
 
-
-def normalize_group(rewards: torch.Tensor, method: str) -> torch.Tensor:
-    """Normalise one query's raw rewards [n] with the named method."""
-    try:
-        fn = NORMALIZERS[method]
-    except KeyError:
-        known = ", ".join(sorted(NORMALIZERS))
-        raise LeverError(f"--normalize: unknown method {method!r} (known: {known})") from None
-    return fn(rewards)
+    return registry_from_plugins(load_plugins())

@@ -1,0 +1,59 @@
+"""Group normalisers of SPEC 3.2 (``--normalize``). On by default.
+
+For the two z-scores, a group of one candidate or with ``std <= 1e-12`` keeps its
+raw rewards unchanged, as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lever_trainer import hookimpl
+from lever_trainer.losses import ZSCORE_STD_EPS
+from lever_trainer.rewards import NormalizeFn, RewardParams
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "group normalisers of SPEC 3.2: z_score_clamp (default), z_score, rank"
+
+
+def z_score(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
+    """``(r - mean) / std`` with the unbiased std."""
+    if rewards.numel() < 2:
+        return rewards.clone()
+    std = rewards.std(unbiased=True)
+    if std <= ZSCORE_STD_EPS:
+        return rewards.clone()
+    return (rewards - rewards.mean()) / std
+
+
+def z_score_clamp(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
+    """:func:`z_score` clamped to ``[-c, c]``, ``c = --normalize-clamp-value`` (3)."""
+    if rewards.numel() < 2 or rewards.std(unbiased=True) <= ZSCORE_STD_EPS:
+        return rewards.clone()
+    return z_score(rewards, params).clamp(-params.clamp, params.clamp)
+
+
+def rank(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
+    """``1 - 2*rank/(n-1)``, rank 0 the highest reward (ties: lower index first); 0 if n = 1."""
+    n = rewards.numel()
+    if n < 2:
+        return torch.zeros_like(rewards)
+    order = torch.sort(rewards, descending=True, stable=True).indices
+    ranks = torch.empty(n, dtype=rewards.dtype)
+    ranks[order] = torch.arange(n, dtype=rewards.dtype)
+    return 1 - 2 * ranks / (n - 1)
+
+
+NORMALIZERS: dict[str, NormalizeFn] = {
+    "z_score_clamp": z_score_clamp,
+    "z_score": z_score,
+    "rank": rank,
+}
+
+
+@hookimpl
+def normalizers() -> Mapping[str, NormalizeFn]:
+    """The three normalisers."""
+    return NORMALIZERS
