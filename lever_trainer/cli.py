@@ -502,6 +502,26 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
     help="Neither read nor write the prepared cache next to --beam-data.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--max-bad-steps",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Stop after this many consecutive steps with a non-finite loss or gradient.",
+)
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep only the newest N epoch checkpoints (default: all).",
+)
+@click.option(
+    "--best-metric",
+    default=None,
+    metavar="NAME",
+    help="Also keep the best epoch by this validation metric as best.safetensors.",
+)
+@click.option("--best-mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @plugin_options
 @click.option("--rce_use_raw_reward", is_flag=True, help="Same as --plugin raw-reward.")
@@ -555,6 +575,10 @@ def train(**opts: Any) -> None:
         late_top_k=opts["late_top_k"],
         seed=opts["seed"],
         device=device,
+        max_bad_steps=opts["max_bad_steps"],
+        keep_last=opts["keep_last"],
+        best_metric=opts["best_metric"],
+        best_mode=opts["best_mode"],
     )
     click.echo(
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; "

@@ -39,6 +39,10 @@ class TrainConfig:
     late_top_k: int = 5
     seed: int = 42
     device: str = "cpu"
+    max_bad_steps: int = 10
+    keep_last: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "max"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for checkpoint metadata and logs."""

@@ -112,6 +112,9 @@ class Trainer:
         self.rewards: dict[str, Decision] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.eval_batch_size = max(config.batch_size, MIN_EVAL_BATCH)
+        self.bad_steps = 0
+        self.saved: list[Path] = []
+        self.best_value: float | None = None
 
     # -- the whole job -----------------------------------------------------------
     def fit(self) -> TrainState:
@@ -176,6 +179,7 @@ class Trainer:
             model.train()
             order = torch.randperm(len(state.train), generator=self.generator)
             sums: dict[str, float] = {}
+            counted, skipped = 0, 0
             for batch in iter_batches(
                 state.train, self.emb, cfg.batch_size, order, self.ref_logprobs
             ):
@@ -188,20 +192,27 @@ class Trainer:
                 else:
                     out = self.grpo_step(batch, choice)
                 optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(out["loss"])
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                state.last_step = {k: float(v.detach()) for k, v in out.items()}
-                if phase == "grpo":
-                    self.update_kl_beta(state.last_step["kl"])
-                for k, v in state.last_step.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(batch)
+                if self.finite_step(out["loss"], params, batch):
+                    optimizer.step()
+                    state.last_step = {k: float(v.detach()) for k, v in out.items()}
+                    if phase == "grpo":
+                        self.update_kl_beta(state.last_step["kl"])
+                    for k, v in state.last_step.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(batch)
+                    counted += len(batch)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
                 state.step += 1
                 state.step_in_epoch += 1
                 self.plugins.call_all("on_step_end", state=state)
-            metrics: dict[str, float] = {
-                f"train_{k}": v / len(state.train) for k, v in sums.items()
-            }
+            metrics: dict[str, float] = {f"train_{k}": v / max(counted, 1) for k, v in sums.items()}
+            if skipped:
+                metrics["skipped_steps"] = skipped
+                state.log(
+                    f"warning: {phase} epoch {epoch}: skipped {skipped} steps with a "
+                    "non-finite loss or gradient"
+                )
             if phase == "grpo":
                 metrics["kl_beta"] = state.kl_beta
             metrics.update(self.validate())
@@ -211,6 +222,32 @@ class Trainer:
             self.save_epoch_checkpoint()
             self.plugins.call_all("on_epoch_end", state=state, metrics=metrics)
         self.plugins.call_all("on_phase_end", state=state)
+
+    def finite_step(
+        self, loss: torch.Tensor, params: list[torch.nn.Parameter], batch: Batch
+    ) -> bool:
+        """Backpropagate and clip; False (step to be skipped) on a non-finite loss or gradient.
+
+        After ``max_bad_steps`` such steps in a row the run stops, naming the phase,
+        epoch, step and the batch's query ids; the last epoch checkpoint stays as it is.
+        """
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            torch.autograd.backward(loss)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            ok = bool(torch.isfinite(norm))
+        self.bad_steps = 0 if ok else self.bad_steps + 1
+        if self.bad_steps >= self.config.max_bad_steps:
+            state = self.state
+            ids = ", ".join(str(q) for q in batch.query_ids.tolist())
+            what = "loss" if not bool(torch.isfinite(loss)) else "gradient"
+            raise LeverError(
+                f"phase {state.phase} epoch {state.epoch} step {state.step_in_epoch + 1}: "
+                f"{self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                f"(this one: {what}; query ids {ids}); stopped without writing a checkpoint "
+                f"(--max-bad-steps {self.config.max_bad_steps})"
+            )
+        return ok
 
     def choose_reference(self) -> None:
         """Let ``grpo_reference_logprobs`` replace the starting model's log-probs for GRPO."""
@@ -326,7 +363,41 @@ class Trainer:
             **self.run_metadata,
         }
         save_checkpoint(path, self.model.state_dict(), metadata)
+        self.retain(path)
+        self.save_best(metadata)
         return path
+
+    def retain(self, newest: Path) -> None:
+        """``keep_last``: remove older epoch checkpoints, only once ``newest`` is complete."""
+        if newest in self.saved:
+            self.saved.remove(newest)
+        self.saved.append(newest)
+        keep = self.config.keep_last
+        if keep is None:
+            return
+        while len(self.saved) > keep:
+            self.saved.pop(0).unlink(missing_ok=True)
+
+    def save_best(self, metadata: dict[str, Any]) -> None:
+        """``best_metric``: keep the best epoch so far as ``best.safetensors``."""
+        name = self.config.best_metric
+        if name is None:
+            return
+        value = self.state.metrics.get(name)
+        if value is None:
+            if len(self.state.val):
+                raise LeverError(
+                    f"--best-metric: no metric named {name!r} "
+                    f"(known: {', '.join(sorted(self.state.metrics))})"
+                )
+            return
+        better = self.best_value is None or (
+            value > self.best_value if self.config.best_mode == "max" else value < self.best_value
+        )
+        if better:
+            self.best_value = value
+            meta = {**metadata, "best_metric": name, "best_value": value}
+            save_checkpoint(self.output_dir / "best.safetensors", self.model.state_dict(), meta)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
