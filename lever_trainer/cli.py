@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -182,7 +183,7 @@ beam_data_option = click.option(
 )
 
 
-def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def embedding_options(fn: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
     """--img-emb, --cand-emb and --emb-key (shared by train and select)."""
     fn = click.option(
         "--emb-key", default=None, help="Tensor name inside a multi-tensor embedding file."
@@ -198,11 +199,25 @@ def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--img-emb",
         "--img_emb",
         "img_emb",
-        required=True,
+        required=required,
         type=click.Path(dir_okay=False),
         help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.",
     )(fn)
     return fn
+
+
+beam_data_option_optional = click.option(
+    "--beam-data",
+    "--beam_data",
+    "beam_data",
+    type=click.Path(dir_okay=False),
+    help="RL data JSON (SPEC 2.1).  [required unless --resume]",
+)
+
+
+def embedding_options_optional(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`embedding_options` with --img-emb checked by the command (train --resume)."""
+    return embedding_options(fn, required=False)
 
 
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -403,8 +418,8 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
 
 
 @main.command("train")
-@beam_data_option
-@embedding_options
+@beam_data_option_optional
+@embedding_options_optional
 @click.option(
     "--sft-ckpt",
     "--sft_ckpt",
@@ -420,7 +435,7 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
     "--output-dir",
     "--output_dir",
     "output_dir",
-    required=True,
+    required=False,
     type=click.Path(file_okay=False),
     help="Where checkpoints and metrics go.",
 )
@@ -524,6 +539,13 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
 @click.option("--best-mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @plugin_options
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="RUN_DIR",
+    help="Continue the run in RUN_DIR from its newest snapshot, with its options.",
+)
 @click.option("--rce_use_raw_reward", is_flag=True, help="Same as --plugin raw-reward.")
 @click.option(
     "--rce_use_normalized_reward", is_flag=True, help="Same as --plugin normalized-reward."
@@ -532,8 +554,20 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
 @user_errors
 def train(**opts: Any) -> None:
     """Train on RL data: reference log-probs, RCE epochs, then GRPO epochs."""
-    from .trainer import Trainer
+    from .trainer import SNAPSHOT_NAME, StopRequested, Trainer
 
+    options = dict(opts)
+    snapshot = None
+    if opts["resume"]:
+        opts, snapshot, original = resume_run(Path(opts["resume"]))
+    else:
+        for name, flag in (
+            ("beam_data", "--beam-data"),
+            ("img_emb", "--img-emb"),
+            ("output_dir", "--output-dir"),
+        ):
+            if not opts[name]:
+                raise click.UsageError(f"Missing option '{flag}'.")
     enable = plugin_choices(opts["plugins_on"], {k: opts[k] for k in ALIAS_FLAGS})
     plugins = load_plugins(enable, opts["plugins_off"], warn=warn)
     device = resolve_device(opts["device"])
@@ -590,22 +624,114 @@ def train(**opts: Any) -> None:
     run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
     trainer = Trainer(config, model, train_table, val_table, emb, plugins, output_dir, run_metadata)
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "train_config": config.to_dict(),
-        "model": model.config.to_dict(),
-        "plugins": plugins.versions(),
-        **run_metadata,
-        "argv": sys.argv[1:],
-        "lever_trainer_version": __version__,
-    }
-    atomic_write_bytes(
-        output_dir / "run_config.json",
-        (json.dumps(run_config, indent=2, sort_keys=True) + "\n").encode(),
-    )
-    state = trainer.fit()
+    if snapshot is not None:
+        if original.get("data_fingerprint") != fingerprint:
+            raise LeverError(
+                f"--resume: the data files changed since the run in {output_dir} "
+                "started (their fingerprint differs); resume needs the same data"
+            )
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run_config = {
+            "train_config": config.to_dict(),
+            "model": model.config.to_dict(),
+            "plugins": plugins.versions(),
+            **run_metadata,
+            "options": options,
+            "lever_trainer_version": __version__,
+        }
+        atomic_write_bytes(
+            output_dir / "run_config.json",
+            (json.dumps(run_config, indent=2, sort_keys=True) + "\n").encode(),
+        )
+    install_stop_handlers(trainer)
+    try:
+        state = trainer.fit(resume=snapshot)
+    except StopRequested as stop:
+        click.echo(
+            f"stopped by {stop.reason} after phase {stop.phase} epoch {stop.epoch} step "
+            f"{stop.step}; snapshot {output_dir / SNAPSHOT_NAME}",
+            err=True,
+        )
+        click.echo(f"resume with: lever-train --resume {output_dir}", err=True)
+        sys.exit(EXIT_STOPPED)
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted at once; the newest complete snapshot is in {output_dir}, "
+            f"resume with: lever-train --resume {output_dir}",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except LeverError as exc:
+        if getattr(exc, "snapshot", None):
+            raise LeverError(
+                f"{exc}; a snapshot of the last completed step is in "
+                f"{output_dir}, resume with: lever-train --resume {output_dir}"
+            ) from None
+        raise
+    finally:
+        restore_signal_handlers()
     if state.history:
         click.echo(f"done: {len(state.history)} epochs, checkpoints in {output_dir}")
+
+
+#: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
+EXIT_STOPPED = 3
+#: Exit status after a second Ctrl-C stopped the run at once.
+EXIT_INTERRUPTED = 130
+_saved_handlers: dict[int, Any] = {}
+
+
+def install_stop_handlers(trainer: Any) -> None:
+    """SIGINT/SIGTERM: finish the step, write a snapshot, stop; a second SIGINT stops at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_requested = name
+        click.echo(
+            f"\n{name}: finishing the current step, then writing a resumable snapshot "
+            "(Ctrl-C again to stop at once)",
+            err=True,
+        )
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        _saved_handlers[sig] = signal.signal(sig, handler)
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers :func:`install_stop_handlers` replaced."""
+    while _saved_handlers:
+        sig, old = _saved_handlers.popitem()
+        signal.signal(sig, old)
+
+
+def resume_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Options, snapshot and run config of the run in ``run_dir``, for --resume."""
+    from .trainer import SNAPSHOT_NAME
+
+    config_path, snap_path = run_dir / "run_config.json", run_dir / SNAPSHOT_NAME
+    if not config_path.is_file():
+        raise LeverError(f"--resume: {run_dir} has no run_config.json (not a lever-train run)")
+    if not snap_path.is_file():
+        raise LeverError(
+            f"--resume: {run_dir} has no {SNAPSHOT_NAME} (the run stopped before "
+            "its first snapshot; start it again)"
+        )
+    try:
+        original = json.loads(config_path.read_text())
+        opts = dict(original["options"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LeverError(f"{config_path}: unreadable run config ({exc})") from None
+    try:
+        snapshot = torch.load(snap_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LeverError(f"{snap_path}: unreadable snapshot ({exc})") from None
+    for key in ("plugins_on", "plugins_off"):
+        opts[key] = tuple(opts.get(key) or ())
+    opts.update(output_dir=str(run_dir), overwrite=True, resume=str(run_dir))
+    return opts, snapshot, original
 
 
 @main.command("plugins")
@@ -714,3 +840,51 @@ def select_cmd(**opts: Any) -> None:
     result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks.tolist(), strict=True)}
     atomic_write_bytes(Path(opts["output"]), (json.dumps(result) + "\n").encode())
     click.echo(f"wrote {len(result)} selections to {opts['output']}")
+
+
+@main.command("convert-checkpoint")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option(
+    "--input-dim",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Embedding width d; must agree with SRC (default: read from SRC's weights).",
+)
+@click.option(
+    "--num-heads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Attention heads to record in the metadata (default: SRC's metadata, else 1).",
+)
+@click.option("--trust-checkpoint", is_flag=True, help="Allow a full (unsafe) pickle load of SRC.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@user_errors
+def convert_checkpoint_cmd(
+    src: str,
+    dst: str,
+    input_dim: int | None,
+    num_heads: int | None,
+    trust_checkpoint: bool,
+    overwrite: bool,
+) -> None:
+    """Convert a starting checkpoint SRC into this project's safetensors DST.
+
+    SRC may be a torch.save dict with model_state_dict, a Lightning .ckpt, a bare
+    state dict or one of this project's checkpoints. Only the policy's weights are
+    kept; DST's metadata records the model shape, SRC's path and sha256, and the
+    ignored and missing keys. DST works as --sft-ckpt.
+    """
+    from .checkpoint import convert_checkpoint
+
+    report = convert_checkpoint(
+        src,
+        dst,
+        input_dim=input_dim,
+        num_heads=num_heads,
+        trust=trust_checkpoint,
+        overwrite=overwrite,
+        warn=warn,
+    )
+    for line in report.lines():
+        click.echo(line)

@@ -9,6 +9,7 @@ experimental choice is a hook call, never an ``if`` on a flag.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import checkpoint_name, save_checkpoint
+from .checkpoint import atomic_write_bytes, checkpoint_name, save_checkpoint
 from .data import Batch, Embeddings, QueryTable, iter_batches
-from .errors import LeverError
+from .errors import LeverError, PluginError
 from .losses import (
     group_advantages,
     grpo_loss,
@@ -33,6 +34,48 @@ from .metrics import selection_metrics
 from .model import PointerPolicy
 from .plugins import Decision, PluginSet
 from .state import PHASES, RewardChoice, TrainConfig, TrainState
+
+#: File name of the resume snapshot in the output directory, and its format version.
+SNAPSHOT_NAME = "resume.pt"
+SNAPSHOT_FORMAT = 1
+
+
+class StopRequested(Exception):
+    """Raised after a stop was requested (a signal) and the snapshot was written."""
+
+    def __init__(self, reason: str, state: TrainState) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.phase, self.epoch, self.step = state.phase, state.epoch, state.step_in_epoch
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    """The random states a step consumes: torch's global RNG (dropout), the shuffle
+    generator, and Python's in case a plugin draws from it."""
+    import random
+
+    out: dict[str, Any] = {
+        "rng_torch": torch.get_rng_state(),
+        "rng_shuffle": generator.get_state(),
+        "rng_python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        out["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(snap: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Set the random states recorded by :func:`capture_rng`."""
+    import random
+
+    torch.set_rng_state(snap["rng_torch"])
+    if generator is not None:
+        generator.set_state(snap["rng_shuffle"])
+    version, internal, gauss = snap["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "rng_cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snap["rng_cuda"])
+
 
 #: RCE temperature of the validation loss (SPEC section 7).
 VAL_TAU = 1.0
@@ -115,21 +158,48 @@ class Trainer:
         self.bad_steps = 0
         self.saved: list[Path] = []
         self.best_value: float | None = None
+        self.stop_requested: str | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.epoch_progress: dict[str, Any] = {}
+        self.step_rng: dict[str, Any] = capture_rng(self.generator)
 
     # -- the whole job -----------------------------------------------------------
-    def fit(self) -> TrainState:
-        """Run every phase that has epochs; returns the final state."""
+    def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
+        """Run every phase that has epochs; returns the final state.
+
+        ``resume`` is a snapshot written by :meth:`save_snapshot`: the run continues
+        from the step after it, with every state (weights, optimiser, RNG, order of
+        the current epoch, reference log-probs) as it was.
+        """
         state = self.state
         if not self.rewards:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
-        self.ref_logprobs = self.compute_logprobs(state.train)
-        if len(state.val):
-            start = self.validate()
-            state.log("start: " + format_metrics(start))
+        if resume is None:
+            self.ref_logprobs = self.compute_logprobs(state.train)
+            if len(state.val):
+                start = self.validate()
+                state.log("start: " + format_metrics(start))
+        else:
+            self.restore_snapshot(resume)
+            state.log(
+                f"resumed from phase {resume['phase']} epoch {resume['epoch']} "
+                f"step {resume['step_in_epoch']}"
+            )
         for phase in PHASES:
-            if state.phase_epochs(phase) > 0:
-                self.run_phase(phase)
+            if state.phase_epochs(phase) == 0:
+                continue
+            if resume is not None and PHASES.index(phase) < PHASES.index(resume["phase"]):
+                continue
+            same_phase = resume is not None and phase == resume["phase"]
+            try:
+                self.run_phase(phase, resume if same_phase else None)
+            except PluginError as exc:
+                # A plugin failed inside the phase: keep the last completed step.
+                if self.epoch_progress:
+                    self.save_snapshot(epoch_closed=False)
+                    exc.snapshot = True  # type: ignore[attr-defined]
+                raise
         self.plugins.call_all("on_train_end", state=state)
         return state
 
@@ -154,10 +224,11 @@ class Trainer:
         return decisions
 
     # -- one phase ---------------------------------------------------------------
-    def run_phase(self, phase: str) -> None:
+    def run_phase(self, phase: str, resume: dict[str, Any] | None = None) -> None:
         """Choose trainable parameters, build the optimiser, run the phase's epochs."""
         state, cfg, model = self.state, self.config, self.model
         state.phase, state.epoch, state.step = phase, 0, 0
+        self.epoch_progress = {}
         for p in model.parameters():
             p.requires_grad_(True)
         self.plugins.call_all("configure_trainable_params", state=state, model=model)
@@ -165,24 +236,47 @@ class Trainer:
         if not params:
             raise LeverError(f"phase {phase}: the active plugins froze every parameter")
         lr = cfg.rce_lr if phase == "rce" else cfg.grpo_lr
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.optimizer = optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         epochs = state.phase_epochs()
         state.steps_per_epoch = math.ceil(len(state.train) / cfg.batch_size)
         total_steps = epochs * state.steps_per_epoch
         choice: RewardChoice = self.rewards[phase].value
-        if phase == "grpo":
+        first_epoch, progress = 1, None
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            state.step = resume["step"]
+            first_epoch = resume["epoch"]
+            if resume["epoch_closed"]:
+                first_epoch += 1
+            else:
+                progress = resume
+        elif phase == "grpo":
             self.choose_reference()
         self.plugins.call_all("on_phase_start", state=state)
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             state.epoch, state.step_in_epoch = epoch, 0
             started = time.perf_counter()
             model.train()
-            order = torch.randperm(len(state.train), generator=self.generator)
-            sums: dict[str, float] = {}
-            counted, skipped = 0, 0
+            if progress is not None:
+                order, sums = progress["epoch_order"], dict(progress["epoch_sums"])
+                counted, skipped = progress["epoch_counted"], progress["epoch_skipped"]
+                state.step_in_epoch = progress["step_in_epoch"]
+                restore_rng(progress)
+                progress = None
+            else:
+                order = torch.randperm(len(state.train), generator=self.generator)
+                sums, counted, skipped = {}, 0, 0
+            self.epoch_progress = {
+                "epoch_order": order,
+                "epoch_sums": sums,
+                "epoch_counted": counted,
+                "epoch_skipped": skipped,
+            }
+            rows = order[state.step_in_epoch * cfg.batch_size :]
             for batch in iter_batches(
-                state.train, self.emb, cfg.batch_size, order, self.ref_logprobs
+                state.train, self.emb, cfg.batch_size, rows, self.ref_logprobs
             ):
+                self.step_rng = capture_rng(self.generator)
                 batch = batch.to(self.device)
                 if phase == "rce":
                     tau = rce_temperature(
@@ -205,7 +299,12 @@ class Trainer:
                     skipped += 1
                 state.step += 1
                 state.step_in_epoch += 1
+                self.epoch_progress.update(epoch_counted=counted, epoch_skipped=skipped)
+                self.step_rng = capture_rng(self.generator)
                 self.plugins.call_all("on_step_end", state=state)
+                if self.stop_requested is not None:
+                    self.save_snapshot(epoch_closed=False)
+                    raise StopRequested(self.stop_requested, state)
             metrics: dict[str, float] = {f"train_{k}": v / max(counted, 1) for k, v in sums.items()}
             if skipped:
                 metrics["skipped_steps"] = skipped
@@ -221,7 +320,62 @@ class Trainer:
             state.history.append({"phase": phase, "epoch": epoch, **metrics})
             self.save_epoch_checkpoint()
             self.plugins.call_all("on_epoch_end", state=state, metrics=metrics)
+            self.step_rng = capture_rng(self.generator)
+            self.save_snapshot(epoch_closed=True)
         self.plugins.call_all("on_phase_end", state=state)
+
+    # -- snapshots for exact resume ----------------------------------------------
+    def snapshot(self, epoch_closed: bool) -> dict[str, Any]:
+        """Everything needed to continue after the last completed step, bit for bit.
+
+        ``epoch_closed``: the epoch's validation, checkpoint and hooks are done.
+        """
+        state = self.state
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "epoch_closed": epoch_closed,
+            "phase": state.phase,
+            "epoch": state.epoch,
+            "step": state.step,
+            "step_in_epoch": state.step_in_epoch,
+            "kl_beta": state.kl_beta,
+            "bad_steps": self.bad_steps,
+            "history": state.history,
+            "metrics": state.metrics,
+            "best_value": self.best_value,
+            "saved": [str(p) for p in self.saved],
+            "ref_logprobs": self.ref_logprobs,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            **self.epoch_progress,
+            **self.step_rng,
+        }
+
+    def save_snapshot(self, epoch_closed: bool) -> Path:
+        """Write :meth:`snapshot` to ``OUTPUT_DIR/resume.pt``, atomically."""
+        path = self.output_dir / SNAPSHOT_NAME
+        buffer = io.BytesIO()
+        torch.save(self.snapshot(epoch_closed), buffer)
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as exc:
+            raise LeverError(
+                f"{path}: cannot write the resume snapshot ({exc.strerror or exc})"
+            ) from None
+        return path
+
+    def restore_snapshot(self, snap: dict[str, Any]) -> None:
+        """Put the weights, KL weight, history and reference log-probs of ``snap`` back."""
+        state = self.state
+        self.model.load_state_dict(snap["model"])
+        state.kl_beta = snap["kl_beta"]
+        state.history = list(snap["history"])
+        state.metrics = dict(snap["metrics"])
+        self.bad_steps = snap["bad_steps"]
+        self.best_value = snap["best_value"]
+        self.saved = [Path(p) for p in snap["saved"]]
+        self.ref_logprobs = snap["ref_logprobs"]
+        restore_rng(snap, self.generator)
 
     def finite_step(
         self, loss: torch.Tensor, params: list[torch.nn.Parameter], batch: Batch
