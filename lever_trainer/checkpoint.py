@@ -9,16 +9,18 @@ or the new complete file.
 Starting checkpoints may also be a ``torch.save`` dict with ``model_state_dict``, a
 PyTorch Lightning ``.ckpt`` (``state_dict`` with ``lever_lm.``/``pointer_selector.``
 prefixes and the older ``cross_attn.*``/``attn_norm.*`` names), or a bare state dict.
-Pickles are opened with ``weights_only=True``.
+Pickles are opened with ``weights_only=True``. :func:`convert_checkpoint` turns any
+of them into this project's safetensors (``lever-train convert-checkpoint``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,24 +163,34 @@ def _torch_load(path: Path, trust: bool) -> Any:
         raise LeverError(f"{path}: cannot read checkpoint ({first})") from None
 
 
-def read_state_dict(path: str | os.PathLike[str], trust: bool = False) -> dict[str, torch.Tensor]:
-    """Read a starting checkpoint in any supported format into ``{our key: tensor}``."""
+def is_pickle_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`read_state_dict` opens ``path`` with ``torch.load`` (a pickle)."""
+    return Path(path).suffix.lower() != ".safetensors"
+
+
+def read_state_dict_with_format(
+    path: str | os.PathLike[str], trust: bool = False
+) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`read_state_dict`, plus a description of the container that held the weights."""
     p = Path(path)
     if not p.is_file():
-        raise LeverError(f"{p}: file not found")
-    if p.suffix.lower() == ".safetensors":
+        raise LeverError(f"{p}: " + ("not a file" if p.exists() else "file not found"))
+    if not is_pickle_checkpoint(p):
         from safetensors.torch import load_file
 
         try:
             raw: Any = load_file(str(p))
         except Exception as exc:
             raise LeverError(f"{p}: cannot read safetensors checkpoint ({exc})") from None
+        source_format = "safetensors"
     else:
         raw = _torch_load(p, trust)
+        source_format = "torch.save state dict"
         if isinstance(raw, Mapping):
             for key in ("model_state_dict", "state_dict", "model"):
                 if isinstance(raw.get(key), Mapping):
                     raw = raw[key]
+                    source_format = f"torch.save dict, weights under {key!r}"
                     break
     if not isinstance(raw, Mapping):
         raise LeverError(f"{p}: expected a state dict of tensors, found {type(raw).__name__}")
@@ -188,7 +200,12 @@ def read_state_dict(path: str | os.PathLike[str], trust: bool = False) -> dict[s
             out[normalize_key(str(k))] = v
     if not out:
         raise LeverError(f"{p}: holds no tensors")
-    return out
+    return out, source_format
+
+
+def read_state_dict(path: str | os.PathLike[str], trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a starting checkpoint in any supported format into ``{our key: tensor}``."""
+    return read_state_dict_with_format(path, trust)[0]
 
 
 def infer_policy_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -265,3 +282,173 @@ def load_into_model(
         )
     model.load_state_dict(filtered, strict=False)
     return report
+
+
+# ----------------------------------------------------------------- conversion
+@dataclass
+class ConversionReport:
+    """What :func:`convert_checkpoint` read, kept, dropped and wrote."""
+
+    src: str
+    dst: str
+    source_format: str
+    config: dict[str, Any]
+    input_dim_from: str
+    kept: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """Summary lines for the command's output."""
+        c = self.config
+        out = [
+            f"read {self.src} ({self.source_format})",
+            f"  policy: input_dim {c['input_dim']} ({self.input_dim_from}), "
+            f"hidden_dim {c['hidden_dim']}, num_layers {c['num_layers']}, "
+            f"num_heads {c['num_heads']}",
+            f"  loaded {len(self.kept)} policy tensors",
+        ]
+        if self.ignored:
+            shown = ", ".join(self.ignored[:5]) + (" ..." if len(self.ignored) > 5 else "")
+            out.append(f"  ignored {len(self.ignored)} keys the policy does not have: {shown}")
+        if self.missing:
+            out.append(
+                f"  missing {len(self.missing)} policy keys (not in the file; a run "
+                f"starting from it initialises them): {', '.join(self.missing)}"
+            )
+        out.append(f"wrote {self.dst}")
+        return out
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_num_heads(path: Path) -> int | None:
+    """``num_heads`` recorded in one of this project's checkpoints, if any."""
+    if is_pickle_checkpoint(path):
+        return None
+    try:
+        model = read_metadata(path).get("model")
+    except Exception:
+        return None
+    heads = model.get("num_heads") if isinstance(model, dict) else None
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    input_dim: int | None = None,
+    num_heads: int | None = None,
+    trust: bool = False,
+    overwrite: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ConversionReport:
+    """Convert a starting checkpoint in any supported format into this project's safetensors.
+
+    The policy's shape comes from the weights: hidden width and layer count from
+    :func:`infer_policy_shape`, the embedding width ``d`` from ``input_proj.weight``
+    (``[hidden, d]``), or ``d = hidden`` when there is none (identity projection).
+    ``input_dim`` must agree with that. The weights are checked by loading them into
+    a policy of that shape; only the policy's own keys are written, unchanged (same
+    values and dtype), with metadata: ``model`` (the :class:`PolicyConfig` dict),
+    ``converted_from``, ``source_format``, ``source_sha256``, ``ignored_keys`` (a
+    count), ``missing_keys`` (a list) and ``lever_trainer_version``. An existing
+    ``dst`` is refused unless ``overwrite``; nothing is written on any error.
+    """
+    from . import __version__
+    from .model import PointerPolicy, PolicyConfig
+
+    src_p, dst_p = Path(src), Path(dst)
+    if dst_p.suffix.lower() != ".safetensors":
+        raise LeverError(
+            f"{dst_p}: the converted checkpoint must be named *.safetensors "
+            "(the suffix decides how --sft-ckpt reads a file)"
+        )
+    if dst_p.is_dir():
+        raise LeverError(f"{dst_p}: is a directory")
+    if dst_p.exists() and not overwrite:
+        raise LeverError(f"{dst_p}: already exists; pass --overwrite to replace it")
+    if trust and warn is not None and src_p.is_file() and is_pickle_checkpoint(src_p):
+        warn(
+            f"warning: --trust-checkpoint: opening {src_p} with a full (unsafe) pickle "
+            "load (weights_only=False), which can run code stored in the file"
+        )
+    state_dict, source_format = read_state_dict_with_format(src_p, trust)
+
+    shape = infer_policy_shape(state_dict)
+    if "hidden_dim" not in shape:
+        raise LeverError(
+            f"{src_p}: none of its {len(state_dict)} tensors is 'query_proj.weight' "
+            f"(e.g. {next(iter(state_dict))!r}), so it holds no pointer policy to convert"
+        )
+    hidden = shape["hidden_dim"]
+    proj = state_dict.get("input_proj.weight")
+    if proj is not None:
+        if proj.dim() != 2 or int(proj.shape[0]) != hidden:
+            raise LeverError(
+                f"{src_p}: parameter 'input_proj.weight' has shape {list(proj.shape)}, "
+                f"expected [{hidden}, d] (hidden dim {hidden} from 'query_proj.weight')"
+            )
+        ckpt_d = int(proj.shape[1])
+        d_from = "from input_proj.weight"
+        why = f"whose 'input_proj.weight' has shape {list(proj.shape)}, so d={ckpt_d}"
+    else:
+        ckpt_d = hidden
+        d_from = "no input_proj.weight: identity projection, d = hidden dim"
+        why = (
+            "which has no 'input_proj.weight' (an identity input projection), so d equals "
+            f"its hidden dim {hidden}"
+        )
+    if input_dim is not None and input_dim != ckpt_d:
+        raise LeverError(f"--input-dim {input_dim} disagrees with {src_p}, {why}")
+    if num_heads is None:
+        num_heads = _source_num_heads(src_p) or 1
+    if hidden % num_heads:
+        raise LeverError(f"--num-heads {num_heads} does not divide the hidden dim {hidden}")
+    config = PolicyConfig(
+        input_dim=ckpt_d,
+        hidden_dim=hidden,
+        num_layers=shape.get("num_layers", 1),
+        num_heads=num_heads,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        model = PointerPolicy(config)
+    report = load_into_model(model, state_dict, str(src_p), f" (d={ckpt_d}, {d_from})")
+    if proj is not None and ckpt_d == hidden and not torch.equal(proj.float(), torch.eye(hidden)):
+        if warn is not None:
+            warn(
+                f"warning: {src_p}: 'input_proj.weight' is dropped: with d equal to the "
+                f"hidden dim ({hidden}) this project's input projection is the identity, "
+                "so the converted policy computes something else than the source one"
+            )
+    own = model.state_dict()
+    kept = {k: v.detach().clone() for k, v in state_dict.items() if k in own}
+    metadata: dict[str, Any] = {
+        "model": config.to_dict(),
+        "converted_from": os.path.abspath(src_p),
+        "source_format": source_format,
+        "source_sha256": _sha256_of(src_p),
+        "ignored_keys": len(report.ignored),
+        "missing_keys": report.missing,
+        "lever_trainer_version": __version__,
+    }
+    save_checkpoint(dst_p, kept, metadata)
+    return ConversionReport(
+        src=str(src_p),
+        dst=str(dst_p),
+        source_format=source_format,
+        config=config.to_dict(),
+        input_dim_from=d_from,
+        kept=sorted(kept),
+        ignored=report.ignored,
+        missing=report.missing,
+        metadata=metadata,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
@@ -518,6 +519,11 @@ def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, Loa
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Deterministic algorithms only (also on CUDA); slower on GPU.",
+)
+@click.option(
     "--max-bad-steps",
     type=click.IntRange(min=1),
     default=10,
@@ -571,6 +577,8 @@ def train(**opts: Any) -> None:
     enable = plugin_choices(opts["plugins_on"], {k: opts[k] for k in ALIAS_FLAGS})
     plugins = load_plugins(enable, opts["plugins_off"], warn=warn)
     device = resolve_device(opts["device"])
+    if opts.get("deterministic"):
+        make_deterministic()
     output_dir = Path(opts["output_dir"])
     check_output_dir(output_dir, opts["overwrite"])
 
@@ -680,6 +688,14 @@ EXIT_STOPPED = 3
 #: Exit status after a second Ctrl-C stopped the run at once.
 EXIT_INTERRUPTED = 130
 _saved_handlers: dict[int, Any] = {}
+
+
+def make_deterministic() -> None:
+    """Torch flags for run-to-run identical results on CUDA as well as CPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def install_stop_handlers(trainer: Any) -> None:

@@ -124,6 +124,27 @@ def grpo_reference_logprobs(
 
 
 @hookspec
+def plugin_state_dict(state: TrainState) -> dict[str, Any] | None:
+    """Return this plugin's state (tensors, numbers, strings, lists, dicts) to keep.
+
+    Called whenever a resume snapshot is written (after every epoch, on a stop). The
+    answer is stored under the plugin's name and handed back to
+    :func:`load_plugin_state` of the same plugin when the run resumes, so a plugin
+    with state (a curriculum position, a running statistic) continues exactly.
+    Broadcast; None means no state.
+    """
+
+
+@hookspec
+def load_plugin_state(state: TrainState, saved: dict[str, Any]) -> None:
+    """Restore what :func:`plugin_state_dict` returned for this plugin.
+
+    Called once when a run resumes, before the first step, only for plugins that
+    saved a state. Broadcast.
+    """
+
+
+@hookspec
 def on_train_start(state: TrainState) -> None:
     """Called once, after data and model are ready and before reference log-probs. Broadcast."""
 

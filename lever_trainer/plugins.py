@@ -166,6 +166,21 @@ class PluginSet:
         """Call a broadcast hook on every active plugin; returns ``(plugin, result)`` pairs."""
         return self._answers(hook_name, kwargs)
 
+    def call_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
+        """Call ``hook_name`` of one active plugin only (None if it does not implement it)."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name != plugin:
+                continue
+            try:
+                return impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except LeverError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {plugin} failed in hook {hook_name}: {type(exc).__name__}: {exc}"
+                ) from exc
+        return None
+
     def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
         """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""
         answers = [(n, v) for n, v in self._answers(hook_name, kwargs) if v is not None]

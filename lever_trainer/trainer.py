@@ -347,6 +347,11 @@ class Trainer:
             "ref_logprobs": self.ref_logprobs,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "plugins": {
+                name: value
+                for name, value in self.plugins.call_all("plugin_state_dict", state=state)
+                if value is not None
+            },
             **self.epoch_progress,
             **self.step_rng,
         }
@@ -375,6 +380,14 @@ class Trainer:
         self.best_value = snap["best_value"]
         self.saved = [Path(p) for p in snap["saved"]]
         self.ref_logprobs = snap["ref_logprobs"]
+        for name, saved in snap.get("plugins", {}).items():
+            if name not in self.plugins.names:
+                state.log(
+                    f"warning: the snapshot holds a state of plugin {name}, which is "
+                    "not active in this run"
+                )
+                continue
+            self.plugins.call_plugin(name, "load_plugin_state", state=state, saved=saved)
         restore_rng(snap, self.generator)
 
     def finite_step(

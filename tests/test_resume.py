@@ -62,3 +62,48 @@ def test_snapshot_after_every_epoch_is_the_newest_complete_state(demo_files, tmp
     assert snapshot["step_in_epoch"] == trainer.state.steps_per_epoch
     for key, value in weights(trainer).items():
         assert torch.equal(snapshot["model"][key], value)
+
+
+class Counter:
+    """A plugin with state: it counts optimiser steps, and keeps the count in snapshots."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @hookimpl
+    def on_step_end(self, state) -> None:
+        self.count += 1
+
+    @hookimpl
+    def plugin_state_dict(self, state) -> dict:
+        return {"count": self.count}
+
+    @hookimpl
+    def load_plugin_state(self, state, saved: dict) -> None:
+        self.count = saved["count"]
+
+
+def test_plugin_state_travels_through_the_snapshot(demo_files, tmp_path) -> None:
+    full_counter = Counter()
+    full = make_trainer(demo_files, tmp_path / "full", extra=(("counter", full_counter),),
+                        enable=("counter",), **SETTINGS)
+    full.fit()
+
+    class Stopper:
+        @hookimpl
+        def on_step_end(self, state) -> None:
+            if (state.phase, state.epoch, state.step_in_epoch) == ("grpo", 1, 2):
+                first.stop_requested = "test"
+
+    out = tmp_path / "run"
+    first = make_trainer(demo_files, out, extra=(("counter", Counter()), ("stopper", Stopper())),
+                         enable=("counter", "stopper"), **SETTINGS)
+    with pytest.raises(StopRequested):
+        first.fit()
+    snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
+    assert snapshot["plugins"] == {"counter": {"count": 2 * 4 + 2}}
+    second_counter = Counter()
+    second = make_trainer(demo_files, out, extra=(("counter", second_counter),),
+                          enable=("counter",), **SETTINGS)
+    second.fit(resume=snapshot)
+    assert second_counter.count == full_counter.count == 4 * 4

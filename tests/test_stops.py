@@ -188,3 +188,14 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(data, tmp_path) -> N
             )
             assert resumed.returncode == 0, resumed.stderr
     assert torn == []
+
+
+def test_deterministic_flag_runs_and_repeats(data, tmp_path) -> None:
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = start(data, out, "--deterministic")
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        outs.append(final_weights(out))
+    assert all(torch.equal(outs[0][k], v) for k, v in outs[1].items())
