@@ -111,7 +111,15 @@ def resolve_device(name: str) -> str:
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds checkpoints unless --overwrite."""
+    """Refuse a directory that already holds checkpoints unless --overwrite, or that
+    cannot be created or written; checked before anything is written."""
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LeverError(f"--output-dir: cannot create {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LeverError(f"--output-dir: cannot write into {ancestor} (permission denied)")
     if path.exists() and not path.is_dir():
         raise LeverError(f"--output-dir: {path} exists and is not a directory")
     existing = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
@@ -639,7 +647,12 @@ def train(**opts: Any) -> None:
                 "started (their fingerprint differs); resume needs the same data"
             )
     else:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LeverError(
+                f"--output-dir: cannot create {output_dir} ({exc.strerror or exc})"
+            ) from None
         run_config = {
             "train_config": config.to_dict(),
             "model": model.config.to_dict(),

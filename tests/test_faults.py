@@ -105,3 +105,106 @@ def test_unknown_best_metric_is_a_user_error(demo_files, tmp_path) -> None:
     trainer = make_trainer(demo_files, tmp_path / "run", best_metric="accuracy")
     with pytest.raises(LeverError, match=r"--best-metric: no metric named 'accuracy' \(known: "):
         trainer.fit()
+
+
+def test_plugin_failure_keeps_last_completed_step_and_resumes_exactly(demo_files, tmp_path) -> None:
+    from lever_trainer.errors import PluginError
+    from lever_trainer.trainer import SNAPSHOT_NAME
+
+    settings = {"rce_epochs": 2, "grpo_epochs": 1, "batch_size": 8}
+    full = make_trainer(demo_files, tmp_path / "full", **settings)
+    full.fit()
+
+    class Faulty:
+        @hookimpl
+        def on_step_end(self, state) -> None:
+            if (state.phase, state.epoch, state.step_in_epoch) == ("rce", 2, 3):
+                raise RuntimeError("disk quota of my logger")
+
+    out = tmp_path / "run"
+    broken = make_trainer(
+        demo_files, out, extra=(("faulty", Faulty()),), enable=("faulty",), **settings
+    )
+    with pytest.raises(PluginError, match="plugin faulty failed in hook on_step_end: RuntimeError"):
+        broken.fit()
+    snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
+    assert (snapshot["phase"], snapshot["epoch"], snapshot["step_in_epoch"]) == ("rce", 2, 3)
+    resumed = make_trainer(demo_files, out, **settings)
+    resumed.fit(resume=snapshot)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(
+    demo_files, tmp_path, monkeypatch
+) -> None:
+    import errno
+
+    import lever_trainer.checkpoint as ckpt
+
+    out = tmp_path / "run"
+    trainer = make_trainer(demo_files, out, rce_epochs=2)
+    real = ckpt.os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd: int) -> None:
+        # the second epoch's checkpoint hits a full disk while it is being written
+        if trainer.state.epoch == 2:
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
+    with pytest.raises(
+        LeverError,
+        match=r"rce_epoch2.safetensors: cannot write checkpoint \(No space left on device\)",
+    ):
+        trainer.fit()
+    assert calls["n"] >= 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.jsonl",
+        "rce_epoch1.safetensors",
+        "resume.pt",
+    ]
+    assert read_metadata(out / "rce_epoch1.safetensors")["epoch"] == 1
+    load_file(str(out / "rce_epoch1.safetensors"))
+
+
+def test_unwritable_output_directory_is_a_clear_error(cli, demo_files, tmp_path) -> None:
+    import os
+
+    from conftest import assert_user_error
+
+    if os.geteuid() == 0:
+        # root ignores directory permissions: make the output path a file's child instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        result = cli(
+            "--beam-data",
+            demo_files[0],
+            "--img-emb",
+            demo_files[1],
+            "--output-dir",
+            blocker / "run",
+            "--rce-epochs",
+            "1",
+            "--hidden-dim",
+            "16",
+        )
+        assert_user_error(result, str(blocker))
+        return
+    locked = tmp_path / "locked"  # pragma: no cover - CI runs as root
+    locked.mkdir(mode=0o500)
+    result = cli(
+        "--beam-data",
+        demo_files[0],
+        "--img-emb",
+        demo_files[1],
+        "--output-dir",
+        locked / "run",
+        "--rce-epochs",
+        "1",
+        "--hidden-dim",
+        "16",
+    )
+    assert_user_error(result, str(locked))

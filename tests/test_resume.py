@@ -36,8 +36,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(demo_files, tmp_path, sto
                 interrupted.stop_requested = "test"
 
     out = tmp_path / "run"
-    interrupted = make_trainer(demo_files, out, extra=(("stopper", Stopper()),),
-                               enable=("stopper",), **SETTINGS)
+    interrupted = make_trainer(
+        demo_files, out, extra=(("stopper", Stopper()),), enable=("stopper",), **SETTINGS
+    )
     with pytest.raises(StopRequested) as stopped:
         interrupted.fit()
     assert (stopped.value.phase, stopped.value.epoch, stopped.value.step) == stop_at
@@ -85,8 +86,13 @@ class Counter:
 
 def test_plugin_state_travels_through_the_snapshot(demo_files, tmp_path) -> None:
     full_counter = Counter()
-    full = make_trainer(demo_files, tmp_path / "full", extra=(("counter", full_counter),),
-                        enable=("counter",), **SETTINGS)
+    full = make_trainer(
+        demo_files,
+        tmp_path / "full",
+        extra=(("counter", full_counter),),
+        enable=("counter",),
+        **SETTINGS,
+    )
     full.fit()
 
     class Stopper:
@@ -96,14 +102,20 @@ def test_plugin_state_travels_through_the_snapshot(demo_files, tmp_path) -> None
                 first.stop_requested = "test"
 
     out = tmp_path / "run"
-    first = make_trainer(demo_files, out, extra=(("counter", Counter()), ("stopper", Stopper())),
-                         enable=("counter", "stopper"), **SETTINGS)
+    first = make_trainer(
+        demo_files,
+        out,
+        extra=(("counter", Counter()), ("stopper", Stopper())),
+        enable=("counter", "stopper"),
+        **SETTINGS,
+    )
     with pytest.raises(StopRequested):
         first.fit()
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
     assert snapshot["plugins"] == {"counter": {"count": 2 * 4 + 2}}
     second_counter = Counter()
-    second = make_trainer(demo_files, out, extra=(("counter", second_counter),),
-                          enable=("counter",), **SETTINGS)
+    second = make_trainer(
+        demo_files, out, extra=(("counter", second_counter),), enable=("counter",), **SETTINGS
+    )
     second.fit(resume=snapshot)
     assert second_counter.count == full_counter.count == 4 * 4

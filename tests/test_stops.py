@@ -199,3 +199,24 @@ def test_deterministic_flag_runs_and_repeats(data, tmp_path) -> None:
         assert proc.returncode == 0, err
         outs.append(final_weights(out))
     assert all(torch.equal(outs[0][k], v) for k, v in outs[1].items())
+
+
+def test_second_sigint_stops_at_once(data, tmp_path) -> None:
+    out = tmp_path / "run"
+    # slow steps (a wide model) so that the second signal lands inside the same step
+    proc = start(data, out, "--hidden-dim", "2048", "--batch-size", "32")
+    wait_for_line(proc, "rce epoch 1/")
+    deadline = time.time() + 60
+    while not (out / "resume.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)  # epoch 1's snapshot is written just after its line
+    time.sleep(0.1)
+    assert proc.stderr is not None
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "finishing the current step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at once" in err and "Traceback" not in err
+    assert torch.load(out / "resume.pt", weights_only=True)["epoch_closed"]  # epoch 1's snapshot
