@@ -405,25 +405,53 @@ def make_data_options(opts: dict[str, Any]) -> DataOptions:
 
 
 def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, LoadReport]:
-    """Load --beam-data with the plugins' reward modes, normalisers and readers."""
-    registry = registry_from_plugins(plugins)
+    """Load --beam-data with the plugins' reward modes, normalisers and readers.
 
-    def reader(path: Path) -> Iterable[tuple[str, Any]]:
-        decision = plugins.call_single("read_rl_data", path=path)
+    The prepared cache is keyed on the plugins (and their versions) that read the
+    file and supply the chosen formulas, so switching one of them rebuilds it.
+    """
+    registry = registry_from_plugins(plugins)
+    data_opts = make_data_options(opts)
+    path = Path(opts["beam_data"])
+    decision = plugins.call_single("read_rl_data", path=path) if path.is_file() else None
+    versions = plugins.versions()
+
+    def version_of(key: str) -> str:
+        plugin = registry.providers.get(key, "")
+        return f"{plugin} {versions.get(plugin, '')}".strip()
+
+    producers = json.dumps(
+        {
+            "reader": version_of("")
+            if decision is None
+            else f"{decision.plugin} {versions.get(decision.plugin, '')}",
+            "reward_mode": version_of(f"mode:{data_opts.reward_mode}"),
+            "normalize": version_of(f"normalizer:{data_opts.normalize}"),
+        },
+        sort_keys=True,
+    )
+
+    def reader(p: Path) -> Iterable[tuple[str, Any]]:
         if decision is None:
-            return iter_object_members(path)
-        click.echo(f"reading {path} with plugin {decision.plugin}")
+            return iter_object_members(p)
+        click.echo(f"reading {p} with plugin {decision.plugin}")
         members: Iterable[tuple[str, Any]] = decision.value
         return members
 
-    return load_rl_data(
-        opts["beam_data"],
-        make_data_options(opts),
-        cache=not opts.get("no_cache", False),
-        warn=warn,
-        registry=registry,
-        reader=reader,
-    )
+    try:
+        return load_rl_data(
+            path,
+            data_opts,
+            cache=not opts.get("no_cache", False),
+            warn=warn,
+            registry=registry,
+            reader=reader,
+            producers=producers,
+        )
+    finally:
+        close = getattr(decision.value if decision is not None else None, "close", None)
+        if callable(close):
+            close()  # a reader that was not needed (cache hit) releases its file
 
 
 @main.command("train")

@@ -697,7 +697,12 @@ def options_key(opts: DataOptions) -> str:
 
 
 def save_prepared(
-    table: QueryTable, report: LoadReport, source_sha256: str, opts: DataOptions, out: Path
+    table: QueryTable,
+    report: LoadReport,
+    source_sha256: str,
+    opts: DataOptions,
+    out: Path,
+    producers: str = "",
 ) -> None:
     """Write a table and its load report as a safetensors file, atomically."""
     from safetensors.torch import save
@@ -708,6 +713,7 @@ def save_prepared(
         "cache_format": CACHE_FORMAT,
         "source_sha256": source_sha256,
         "options": options_key(opts),
+        "producers": producers,
         "report": json.dumps(
             {
                 "path": report.path,
@@ -725,7 +731,7 @@ def save_prepared(
 
 
 def load_prepared(
-    path: Path, source_sha256: str, opts: DataOptions
+    path: Path, source_sha256: str, opts: DataOptions, producers: str = ""
 ) -> tuple[QueryTable, LoadReport] | None:
     """The cached table if ``path`` was prepared from these bytes with these options, else None."""
     from safetensors import safe_open
@@ -737,6 +743,7 @@ def load_prepared(
                 meta.get("cache_format") != CACHE_FORMAT
                 or meta.get("source_sha256") != source_sha256
                 or meta.get("options") != options_key(opts)
+                or meta.get("producers", "") != producers
             ):
                 return None
             tensors = {name: fh.get_tensor(name) for name in TABLE_FIELDS}
@@ -762,14 +769,16 @@ def load_rl_data(
     warn: Callable[[str], None] | None = None,
     registry: RewardRegistry | None = None,
     reader: Callable[[Path], Iterable[tuple[str, Any]]] | None = None,
+    producers: str = "",
 ) -> tuple[QueryTable, LoadReport]:
     """Read, filter and validate an RL data file into a :class:`QueryTable`.
 
     The file is decoded one query at a time, by ``reader`` when given (a plugin's
     reader of another format, yielding members in the RL data format) or as RL data
     JSON. With ``cache``, a prepared form next to the file (:func:`cache_path_for`)
-    is used when it was made from the same bytes (sha256) with the same options, and
-    written otherwise.
+    is used when it was made from the same bytes (sha256) with the same options and
+    the same ``producers`` (a caller's description of the code that reads and scores
+    the file: which plugins, which versions), and written otherwise.
     """
     p = Path(path)
     if not p.is_file():
@@ -781,7 +790,7 @@ def load_rl_data(
     digest = file_fingerprint(p) if cache else ""
     target = cache_path_for(p)
     if cache and target.is_file():
-        hit = load_prepared(target, digest, opts)
+        hit = load_prepared(target, digest, opts, producers)
         if hit is not None:
             hit[1].source_sha256, hit[1].cache = digest, f"read {target}"
             return hit
@@ -790,7 +799,7 @@ def load_rl_data(
     report.source_sha256 = digest
     if cache:
         try:
-            save_prepared(table, report, digest, opts, target)
+            save_prepared(table, report, digest, opts, target, producers)
             report.cache = f"wrote {target}"
         except OSError as exc:
             if warn is not None:

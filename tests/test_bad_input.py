@@ -505,3 +505,199 @@ def test_mutated_rl_json_loads_or_raises_lever_error(
     assert bool((table.rewards_raw.abs() <= 5).all())
     assert bool(torch.isfinite(table.rewards_norm).all())
     assert report.candidates_total == int(mask.sum())
+
+
+# ----------------------------------------------------------------- issue 4: malformed RL data
+def query_id_not_an_integer(data: dict[str, Any]) -> list[str]:
+    data["12a"] = data.pop("2")
+    return ["'12a'", "not an integer"]
+
+
+def pointer_candidates_not_a_list(data: dict[str, Any]) -> list[str]:
+    data["3"]["pointer_candidates"] = {"0": data["3"]["pointer_candidates"][0]}
+    return ["query 3", "'pointer_candidates'", "must be a list"]
+
+
+def pointer_holds_a_string(data: dict[str, Any]) -> list[str]:
+    data["1"]["pointer_candidates"][2]["pointer"] = [14, "15"]
+    return ["query 1", "candidate 2", "'pointer'", "'15'", "integer"]
+
+
+def pointer_holds_a_negative_number(data: dict[str, Any]) -> list[str]:
+    data["1"]["pointer_candidates"][2]["pointer"] = [-3, 14]
+    return ["query 1", "candidate 2", "'pointer'", "negative", "-3"]
+
+
+def pointer_holds_a_float(data: dict[str, Any]) -> list[str]:
+    data["1"]["pointer_candidates"][1]["pointer"] = [13, 11.0]
+    return ["query 1", "candidate 1", "'pointer'", "11.0", "integer"]
+
+
+def pointer_pos_holds_a_fraction(data: dict[str, Any]) -> list[str]:
+    del data["5"]["pointer_candidates"][0]["pointer"]
+    data["5"]["pointer_candidates"][0]["pointer_pos"] = [15, 16.5]
+    return ["query 5", "candidate 0", "'pointer_pos'", "16.5"]
+
+
+def sequence_repeats_a_global_id(data: dict[str, Any]) -> list[str]:
+    data["4"]["pointer_candidates"][1]["pointer"] = [16, 16]
+    return ["query 4", "candidate 1", "repeats"]
+
+
+def sequence_repeats_a_pool_position(data: dict[str, Any]) -> list[str]:
+    data["2"] = {
+        "candidate_pool_ids": [10, 11, 12],
+        "pointer_candidates": [
+            {"pointer": [0, 1], "pointer_global": [10, 11], "vqa_correct": 1},
+            {"pointer": [2, 2], "pointer_global": [12, 12], "vqa_correct": 0},
+        ],
+    }
+    return ["query 2", "candidate 1", "repeats"]
+
+
+def candidate_pool_ids_with_duplicates(data: dict[str, Any]) -> list[str]:
+    data["2"] = {
+        "candidate_pool_ids": [10, 11, 12, 11],
+        "pointer_candidates": [{"pointer": [0, 1], "pointer_global": [10, 11]}],
+    }
+    return ["query 2", "'candidate_pool_ids'", "duplicate"]
+
+
+def vqa_correct_two(data: dict[str, Any]) -> list[str]:
+    data["5"]["pointer_candidates"][1]["vqa_correct"] = 2
+    return ["query 5", "candidate 1", "'vqa_correct'", "2", "expected 0 or 1"]
+
+
+def vqa_correct_fraction(data: dict[str, Any]) -> list[str]:
+    data["0"]["pointer_candidates"][2]["vqa_correct"] = 0.5
+    return ["query 0", "candidate 2", "'vqa_correct'", "0.5", "expected 0 or 1"]
+
+
+def vqa_correct_minus_one(data: dict[str, Any]) -> list[str]:
+    data["0"]["pointer_candidates"][2]["vqa_correct"] = -1
+    return ["query 0", "candidate 2", "'vqa_correct'", "-1", "expected 0 or 1"]
+
+
+def vqa_correct_string(data: dict[str, Any]) -> list[str]:
+    data["3"]["pointer_candidates"][0]["vqa_correct"] = "1"
+    return ["query 3", "candidate 0", "'vqa_correct'", "'1'", "number"]
+
+
+def vqa_correct_bool(data: dict[str, Any]) -> list[str]:
+    data["3"]["pointer_candidates"][0]["vqa_correct"] = True
+    return ["query 3", "candidate 0", "'vqa_correct'", "True"]
+
+
+def vqa_acc_score_nan(data: dict[str, Any]) -> list[str]:
+    data["0"]["pointer_candidates"][1]["vqa_acc_score"] = float("nan")  # JSON NaN
+    return ["query 0", "candidate 1", "'vqa_acc_score'", "nan", "finite"]
+
+
+def vqa_gt_prob_infinite(data: dict[str, Any]) -> list[str]:
+    data["4"]["pointer_candidates"][0]["vqa_gt_prob"] = float("-inf")  # JSON -Infinity
+    return ["query 4", "candidate 0", "'vqa_gt_prob'", "-inf", "finite"]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        query_id_not_an_integer,
+        pointer_candidates_not_a_list,
+        pointer_holds_a_string,
+        pointer_holds_a_negative_number,
+        pointer_holds_a_float,
+        pointer_pos_holds_a_fraction,
+        sequence_repeats_a_global_id,
+        sequence_repeats_a_pool_position,
+        candidate_pool_ids_with_duplicates,
+        vqa_correct_two,
+        vqa_correct_fraction,
+        vqa_correct_minus_one,
+        vqa_correct_string,
+        vqa_correct_bool,
+        vqa_acc_score_nan,
+        vqa_gt_prob_infinite,
+    ],
+)
+def test_malformed_rl_data(
+    cli: Cli,
+    files: tuple[Path, Path],
+    tmp_path: Path,
+    mutate: Callable[[dict[str, Any]], list[str]],
+) -> None:
+    data = tiny_data()
+    fragments = mutate(data)
+    bad = write_json(tmp_path / "malformed.json", data)
+    out = tmp_path / "out"
+    assert_refused(train(cli, bad, files[1], out), out, "malformed.json", *fragments)
+
+
+@pytest.mark.parametrize("text", ["", "  \n"], ids=["empty", "whitespace"])
+def test_empty_data_file(cli: Cli, files: tuple[Path, Path], tmp_path: Path, text: str) -> None:
+    bad = tmp_path / "empty.json"
+    bad.write_text(text)
+    out = tmp_path / "out"
+    assert_refused(train(cli, bad, files[1], out), out, "empty.json", "file is empty")
+    result = cli("prepare", "--beam-data", bad)
+    assert_user_error(result, "empty.json", "file is empty")
+
+
+# ----------------------------------------------------------------- issue 4: embeddings
+@pytest.mark.parametrize(
+    ("name", "table", "dtype"),
+    [
+        ("int32.npy", torch.arange(N * D, dtype=torch.int32).reshape(N, D), "int32"),
+        ("int16.safetensors", torch.ones(N, D, dtype=torch.int16), "int16"),
+        ("bool.pt", torch.ones(N, D, dtype=torch.bool), "bool"),
+    ],
+)
+def test_non_float_embedding_is_refused(
+    cli: Cli, files: tuple[Path, Path], tmp_path: Path, name: str, table: torch.Tensor, dtype: str
+) -> None:
+    emb = write_emb(tmp_path / name, table)
+    out = tmp_path / "out"
+    assert_refused(train(cli, files[0], emb, out), out, name, "floating point", dtype)
+
+
+@pytest.mark.parametrize("name", ["half.pt", "half.safetensors", "half.npy"])
+def test_float16_embedding_is_accepted(
+    cli: Cli, files: tuple[Path, Path], tmp_path: Path, name: str
+) -> None:
+    emb = write_emb(tmp_path / name, tiny_emb().half())
+    out = tmp_path / "out"
+    result = train(cli, files[0], emb, out, "--hidden-dim", "16")
+    assert result.exit_code == 0, result.output
+    assert f"d = {D}" in result.output
+    assert (out / "rce_epoch1.safetensors").is_file()
+
+
+def test_pt_dict_of_several_tensors_needs_emb_key(
+    cli: Cli, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    emb = tmp_path / "multi.pt"
+    torch.save({"image": tiny_emb(), "text": tiny_emb() * 2}, emb)
+    out = tmp_path / "out"
+    assert_refused(
+        train(cli, files[0], emb, out), out, "multi.pt", "2 tensors", "image", "text", "--emb-key"
+    )
+    result = train(cli, files[0], emb, out, "--emb-key", "audio")
+    assert_refused(result, out, "multi.pt", "'audio'", "image, text")
+    result = train(cli, files[0], emb, out, "--emb-key", "text", "--hidden-dim", "16")
+    assert result.exit_code == 0, result.output
+
+
+# ----------------------------------------------------------------- issue 4: reward flags
+@pytest.mark.parametrize(
+    ("flag", "name"),
+    [
+        ("--reward-mode", "--reward-mode"),
+        ("--reward_mode", "--reward-mode"),
+        ("--normalize", "--normalize"),
+    ],
+)
+def test_name_that_no_plugin_provides(
+    cli: Cli, files: tuple[Path, Path], tmp_path: Path, flag: str, name: str
+) -> None:
+    out = tmp_path / "out"
+    result = train(cli, *files, out, flag, "nope")
+    assert_refused(result, out, name, "'nope'", "no active plugin", "available:")

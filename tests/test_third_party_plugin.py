@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -25,8 +26,10 @@ from types import ModuleType
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lever_trainer.checkpoint import read_metadata
+from lever_trainer.data import CACHE_SUFFIX
 
 PLUGIN_SRC = Path(__file__).parent / "third_party_plugin"
 DIST = "lever-trainer-rank-reward"
@@ -193,7 +196,7 @@ def test_installed_plugin_is_listed_and_changes_only_runs_that_enable_it(
     head = next(i for i, ln in enumerate(lines) if ln.startswith(f"{PLUGIN} "))
     assert f"[{DIST} {VERSION}]" in lines[head] and "off by default" in lines[head], lines[head]
     entry = lines[head + 1 : head + 3]  # description, hooks
-    assert any(ln.strip() == "hooks: select_reward" for ln in entry), entry
+    assert any(ln.strip() == "hooks: reward_modes, select_reward" for ln in entry), entry
 
     runs = {"rank1": [PLUGIN], "raw1": [], "rank2": [PLUGIN], "raw2": []}
     results = {}
@@ -212,8 +215,6 @@ def test_installed_plugin_is_listed_and_changes_only_runs_that_enable_it(
         assert "RCE reward: raw (beam_rewards_raw) [default]" in results[name], results[name]
         assert "rank" not in results[name].split("RCE reward:")[1].splitlines()[0]
 
-    from safetensors.torch import load_file
-
     weights = {n: load_file(str(tmp_path / n / "rce_epoch2.safetensors")) for n in runs}
     assert set(weights["rank1"]) == set(weights["raw1"])
 
@@ -229,6 +230,75 @@ def test_installed_plugin_is_listed_and_changes_only_runs_that_enable_it(
     assert isinstance(plugins, dict), meta
     assert plugins[PLUGIN] == f"{DIST} {VERSION}", plugins
     assert PLUGIN not in read_metadata(tmp_path / "raw1" / "rce_epoch2.safetensors")["plugins"]
+
+
+# ---------------------------------------------------------------- a reward mode from a plugin
+def test_acc_squared_by_hand(rank_module: ModuleType) -> None:
+    """``ws * s**2``; a missing or null score is 0."""
+    from lever_trainer.rewards import RewardParams
+
+    modes = rank_module.reward_modes()
+    assert set(modes) == {"acc_squared"}
+    fn = modes["acc_squared"]
+    assert fn({"vqa_acc_score": 0.5, "vqa_correct": 1}, RewardParams()) == 0.25  # 0.5^2
+    assert fn({"vqa_acc_score": 0.5}, RewardParams(soft=2.0)) == 0.5  # 2 * 0.25
+    assert fn({"vqa_correct": 1}, RewardParams()) == 0.0
+    assert fn({"vqa_acc_score": None}, RewardParams()) == 0.0
+
+
+def acc_data(root: Path) -> tuple[str, str]:
+    """Four queries, candidates with vqa_acc_score 1.0, 0.5, 0.0 and none; ids < 12."""
+    root.mkdir()
+    data = {
+        str(q): {
+            "pointer_candidates": [
+                {"pointer": [4, 5], "vqa_correct": 1, "vqa_acc_score": 1.0},
+                {"pointer": [5, 6], "vqa_correct": 0, "vqa_acc_score": 0.5},
+                {"pointer": [6, 7], "vqa_correct": 0, "vqa_acc_score": 0.0},
+                {"pointer": [7, 8 + q], "vqa_correct": 0},
+            ]
+        }
+        for q in range(4)
+    }
+    (root / "rl.json").write_text(json.dumps(data))
+    emb = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"embeddings": emb}, str(root / "emb.safetensors"))
+    return str(root / "rl.json"), str(root / "emb.safetensors")
+
+
+def test_installed_plugin_adds_a_reward_mode_only_when_enabled(
+    plugin_install: Installed, tmp_path: Path
+) -> None:
+    """``--plugin rank-reward --reward-mode acc_squared`` trains on ``ws * s**2``;
+    without ``--plugin rank-reward`` the mode is one error line naming --reward-mode."""
+    path = plugin_install.path
+    on_data, on_emb = acc_data(tmp_path / "on")
+    off_data, _ = acc_data(tmp_path / "off")
+    mode = ["--reward_mode", "acc_squared", "--soft-weight", "2"]
+    on = start(
+        ["--beam-data", on_data, "--img-emb", on_emb, "--output-dir", "run",
+         *TRAIN_ARGS, "--plugin", PLUGIN, *mode],
+        path,
+        tmp_path,
+    )  # fmt: skip
+    off = start(["prepare", "--beam-data", off_data, *mode], path, tmp_path)
+    trained, refused = finish(on), finish(off)
+
+    log = ok(trained)
+    assert "loaded" in log and "4 queries, 16 candidates" in log, log
+    assert "done: 2 epochs" in log, log
+    # the table the run prepared (and trained on) holds 2 * s**2: [2, 0.5, 0, 0] per query
+    table = load_file(on_data + CACHE_SUFFIX)
+    assert table["rewards_raw"].tolist() == [[2.0, 0.5, 0.0, 0.0]] * 4
+    meta = read_metadata(tmp_path / "run" / "rce_epoch2.safetensors")
+    assert PLUGIN in meta["plugins"], meta
+
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    assert "Traceback" not in refused.stderr
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, refused.stderr
+    assert "--reward-mode" in errors[0] and "'acc_squared'" in errors[0], errors[0]
+    assert not Path(off_data + CACHE_SUFFIX).exists()
 
 
 # ---------------------------------------------------------------------- a broken plugin

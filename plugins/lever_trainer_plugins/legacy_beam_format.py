@@ -9,6 +9,7 @@ must carry ``id_list``; anything else is left to the RL data JSON reader.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,17 @@ DESCRIPTION = "read legacy beam files ({qid: {id_list, score_list}}) as RL data"
 
 
 def _is_query_key(key: str) -> bool:
-    return key.strip().isdigit()
+    key = key.strip()
+    return key.isascii() and key.isdigit()  # "²".isdigit() is True, int("²") fails
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        return False
 
 
 def convert(members: Iterable[tuple[str, Any]], path: Path) -> Iterator[tuple[str, Any]]:
@@ -50,6 +61,10 @@ def convert(members: Iterable[tuple[str, Any]], path: Path) -> Iterator[tuple[st
                 raise LeverError(
                     f"{where} candidate {j}: a beam must end with its query id "
                     f"{int(key)}, found {beam[-1]!r}"
+                )
+            if not _finite_number(score):
+                raise LeverError(
+                    f"{where} candidate {j}: 'score_list' holds {score!r}, expected a finite number"
                 )
             cands.append(
                 {"pointer": beam[:-1], "raw_reward": score, "gen_method": "beam", "beam_rank": j}

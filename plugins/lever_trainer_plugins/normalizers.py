@@ -1,7 +1,8 @@
 """Group normalisers of SPEC 3.2 (``--normalize``). On by default.
 
 For the two z-scores, a group of one candidate or with ``std <= 1e-12`` keeps its
-raw rewards unchanged, as the reference implementation does.
+raw rewards unchanged, as the reference implementation does. Mean and std are taken
+in float64: in float32, seven equal rewards of 0.3 have a std of 3e-8, not 0.
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ ENABLED_BY_DEFAULT = True
 DESCRIPTION = "group normalisers of SPEC 3.2: z_score_clamp (default), z_score, rank"
 
 
+def _flat(rewards: torch.Tensor) -> bool:
+    """One candidate, or an unbiased std <= 1e-12 (computed in float64)."""
+    return rewards.numel() < 2 or bool(rewards.double().std(unbiased=True) <= ZSCORE_STD_EPS)
+
+
 def z_score(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
     """``(r - mean) / std`` with the unbiased std."""
-    if rewards.numel() < 2:
+    if _flat(rewards):
         return rewards.clone()
-    std = rewards.std(unbiased=True)
-    if std <= ZSCORE_STD_EPS:
-        return rewards.clone()
-    return (rewards - rewards.mean()) / std
+    r = rewards.double()
+    return ((r - r.mean()) / r.std(unbiased=True)).to(rewards.dtype)
 
 
 def z_score_clamp(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
     """:func:`z_score` clamped to ``[-c, c]``, ``c = --normalize-clamp-value`` (3)."""
-    if rewards.numel() < 2 or rewards.std(unbiased=True) <= ZSCORE_STD_EPS:
+    if _flat(rewards):
         return rewards.clone()
     return z_score(rewards, params).clamp(-params.clamp, params.clamp)
 

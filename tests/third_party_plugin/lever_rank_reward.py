@@ -6,16 +6,27 @@ highest raw reward (``batch.rewards_raw``) scores 1, the lowest -1, the rest are
 spaced evenly between: ``1 - 2 * rank / (n - 1)``, rank 0 being the best and ties
 going to the lower index. A query with one candidate scores 0. Off by default:
 ``lever-train --plugin rank-reward``.
+
+It also adds a raw-reward formula through the ``reward_modes`` hook, without any
+edit to lever_trainer: ``--reward-mode acc_squared`` scores a candidate
+``ws * vqa_acc_score ** 2`` (a missing score counts as 0).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from lever_trainer import RewardChoice, TrainState, hookimpl
 from lever_trainer.data import Batch
+from lever_trainer.rewards import RawRewardFn, RewardParams
 
-DESCRIPTION = "RCE and GRPO weigh candidates by the rank of their raw reward (1 best, -1 worst)"
+DESCRIPTION = (
+    "RCE and GRPO weigh candidates by the rank of their raw reward (1 best, -1 worst); "
+    "reward mode acc_squared"
+)
 
 #: The phases this plugin answers ``select_reward`` for.
 PHASES = ("rce", "grpo")
@@ -53,3 +64,19 @@ def select_reward(state: TrainState, phase: str) -> RewardChoice | None:
     if phase not in PHASES:
         return None
     return RewardChoice(name="rank", source="rank of beam_rewards_raw", compute=rank_reward)
+
+
+def acc_squared(cand: Mapping[str, Any], params: RewardParams) -> float:
+    """``ws * s ** 2`` with ``s = vqa_acc_score`` (0 when missing), ``ws = --soft-weight``."""
+    acc = cand.get("vqa_acc_score")
+    return params.soft * float(acc or 0.0) ** 2
+
+
+#: The raw-reward modes this plugin adds (``--reward-mode NAME``).
+MODES: dict[str, RawRewardFn] = {"acc_squared": acc_squared}
+
+
+@hookimpl
+def reward_modes() -> Mapping[str, RawRewardFn]:
+    """Add ``acc_squared``."""
+    return MODES
