@@ -21,7 +21,13 @@ import click
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, infer_policy_shape, load_into_model, read_state_dict
+from .checkpoint import (
+    atomic_write_bytes,
+    infer_policy_shape,
+    is_pickle_checkpoint,
+    load_into_model,
+    read_state_dict,
+)
 from .data import (
     DataOptions,
     LoadReport,
@@ -155,6 +161,11 @@ def build_model(
     d: int, hidden_dim: int | None, num_layers: int | None, sft_ckpt: str | None, trust: bool
 ) -> tuple[PointerPolicy, list[str]]:
     """The policy for embedding width ``d``, loaded from ``sft_ckpt`` when given."""
+    if sft_ckpt and trust and is_pickle_checkpoint(Path(sft_ckpt)):
+        warn(
+            f"warning: --trust-checkpoint: loading {sft_ckpt} with a full (unsafe) pickle "
+            "load; only do this for files from a source you trust"
+        )
     state_dict = read_state_dict(sft_ckpt, trust) if sft_ckpt else None
     shape = infer_policy_shape(state_dict) if state_dict is not None else {}
     for flag, given, key in (

@@ -290,6 +290,13 @@ def test_unsafe_checkpoint_names_trust_flag(
     out = tmp_path / "out"
     result = train(cli, files[0], files[1], out, "--sft-ckpt", ckpt)
     assert_refused(result, out, "full.ckpt", "--trust-checkpoint")
+    # with the flag the full load goes ahead, after a warning that names the file
+    result = train(cli, files[0], files[1], out, "--sft-ckpt", ckpt, "--trust-checkpoint")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --trust-checkpoint: loading {ckpt} with a full (unsafe) pickle load" in (
+        result.output
+    )
+    assert "loaded starting checkpoint" in result.output
 
 
 # ----------------------------------------------------------------- flags and plugins
