@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from lever_trainer.checkpoint import read_metadata
 
+# GRPO runs 3 epochs so that a signal sent after "grpo epoch 1/" always lands mid-run
 TRAIN = [
     "--rce-epochs",
     "3",
     "--grpo-epochs",
-    "2",
+    "3",
     "--batch-size",
     "4",
     "--hidden-dim",
@@ -91,7 +92,7 @@ def wait_for_line(proc: subprocess.Popen[str], prefix: str) -> None:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "grpo_epoch2.safetensors"))
+    return load_file(str(out / "grpo_epoch3.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,7 @@ def test_signal_stops_cleanly_and_resume_is_exact(
         ("rce", 3),
         ("grpo", 1),
         ("grpo", 2),
+        ("grpo", 3),
     ]
 
 
