@@ -629,13 +629,12 @@ def train(**opts: Any) -> None:
     output_dir = Path(opts["output_dir"])
     check_output_dir(output_dir, opts["overwrite"])
 
-    data_opts = make_data_options(opts)
     table, report = load_data(opts, plugins)
     for line in report.lines():
         click.echo(line)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
     check_ids_in_range(table, emb)
-    train_table, val_table = split_train_val(table, data_opts.val_ratio)
+    train_table, val_table = split_train_val(table, opts["val_ratio"])
     click.echo(
         f"split: {len(train_table)} train / {len(val_table)} validation queries, "
         f"S = {table.seq_len}, d = {emb.dim}"

@@ -25,6 +25,7 @@ The ``state`` argument is a :class:`lever_trainer.state.TrainState`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -181,12 +182,6 @@ def on_train_end(state: TrainState) -> None:
     """Called once after the last phase. Broadcast."""
 
 
-#: Hooks that take a single answer.
-SINGLE_ANSWER_HOOKS = frozenset(
-    {"select_reward", "adapt_kl_beta", "grpo_reference_logprobs", "read_rl_data"}
-)
-
-
 def all_hook_names() -> list[str]:
     """Names of every hook specification in this module."""
     return [
@@ -194,4 +189,14 @@ def all_hook_names() -> list[str]:
     ]
 
 
-__all__: list[Any] = ["SINGLE_ANSWER_HOOKS", "all_hook_names", "hookimpl", "hookspec"]
+@functools.cache
+def single_answer_hooks() -> frozenset[str]:
+    """Names of the hooks marked ``firstresult`` above (read from the markers themselves)."""
+    return frozenset(
+        name
+        for name in all_hook_names()
+        if globals()[name].__dict__[f"{PROJECT}_spec"]["firstresult"]
+    )
+
+
+__all__: list[Any] = ["all_hook_names", "hookimpl", "hookspec", "single_answer_hooks"]

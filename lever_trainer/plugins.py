@@ -164,6 +164,8 @@ class PluginSet:
 
     def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call a broadcast hook on every active plugin; returns ``(plugin, result)`` pairs."""
+        if hook_name in hookspecs.single_answer_hooks():
+            raise ValueError(f"hook {hook_name} takes a single answer: use call_single")
         return self._answers(hook_name, kwargs)
 
     def call_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
@@ -183,6 +185,8 @@ class PluginSet:
 
     def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
         """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""
+        if hook_name not in hookspecs.single_answer_hooks():
+            raise ValueError(f"hook {hook_name} is not a single-answer (firstresult) hook")
         answers = [(n, v) for n, v in self._answers(hook_name, kwargs) if v is not None]
         if not answers:
             return None
