@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .policy import Policy
     from .rewards import NormalizeFn, RawRewardFn
     from .state import RewardChoice, TrainState
 
@@ -87,6 +88,20 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
     file returns an iterable of ``(query id, query)`` pairs in the RL data format of
     SPEC section 2.1 (a candidate may carry ``raw_reward`` to bypass the reward
     formula); otherwise None, and the file is read as RL data JSON. Single answer.
+    """
+
+
+@hookspec(firstresult=True)
+def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> Policy | None:
+    """Build the policy called ``name`` (``--policy NAME``) for embedding width ``input_dim``.
+
+    Return a :class:`lever_trainer.api.Policy` (see :mod:`lever_trainer.policy` for the
+    protocol) when ``name`` is yours, else None. ``options`` maps option names to values:
+    for a new run, the policy options the user set (``hidden_dim``, ``num_layers``, ...,
+    and every plugin option; a missing or None entry means "use your default"); when a
+    checkpoint is rebuilt, exactly what the policy's ``policy_options()`` recorded. Read
+    what you need, ignore the rest. Single answer; required (exactly one plugin builds
+    each policy name).
     """
 
 
