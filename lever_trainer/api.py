@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .errors import LeverError, PluginError
 from .hookspecs import hookimpl
+from .options import Option
 from .policy import (
     CHOSEN_LOGIT,
     Policy,
@@ -22,6 +23,7 @@ from .state import RewardChoice, TrainConfig, TrainState
 __all__ = [
     "CHOSEN_LOGIT",
     "LeverError",
+    "Option",
     "PluginError",
     "Policy",
     "PointerTrunk",

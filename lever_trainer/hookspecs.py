@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from pathlib import Path
 
     import torch
     from torch import nn
 
+    from .options import Option
     from .policy import Policy
     from .rewards import NormalizeFn, RawRewardFn
     from .state import RewardChoice, TrainState
@@ -88,6 +89,19 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
     file returns an iterable of ``(query id, query)`` pairs in the RL data format of
     SPEC section 2.1 (a candidate may carry ``raw_reward`` to bypass the reward
     formula); otherwise None, and the file is read as RL data JSON. Single answer.
+    """
+
+
+@hookspec
+def add_options() -> Sequence[Option] | None:
+    """Declare this plugin's command-line options (in the manner of ``pytest_addoption``).
+
+    Return a list of :class:`lever_trainer.api.Option`. Called for every installed
+    plugin when the command line is built, so ``lever-train train --help`` lists them
+    under the plugin's name (and ``lever-train plugins`` shows them). Each value,
+    given or default, reaches every plugin as ``state.options[option.dest]`` and is
+    recorded in ``run_config.json`` and checkpoint metadata. Two plugins declaring the
+    same flag or ``dest`` is an error naming both. Broadcast; no ``state`` argument.
     """
 
 

@@ -1,0 +1,91 @@
+"""Options that plugins add to ``lever-train train`` (the ``add_options`` hook).
+
+A plugin returns a list of :class:`Option`; the command line shows them in
+``lever-train train --help`` under the plugin's name and in ``lever-train plugins``.
+Every value (default or given) reaches the plugins as ``state.options[dest]``, and
+is recorded in ``run_config.json`` and in each checkpoint's metadata. This module
+does not import torch or click, so declaring options stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Value types an option may take.
+OPTION_TYPES = ("int", "float", "str", "bool", "choice")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option contributed by a plugin.
+
+    ``flags``: the spellings, long form first (``("--mmr-reduction", "--mmr_reduction")``);
+    ``dest``: the key in ``state.options`` (default: the first flag without dashes,
+    ``-`` -> ``_``); ``type``: one of ``int``, ``float``, ``str``, ``bool`` (an on/off
+    flag, default False) or ``choice`` (one of ``choices``); ``min``/``max`` bound
+    numbers (``min_open``/``max_open`` exclude the bound); ``multiple`` makes it
+    repeatable (the value is a tuple). ``help`` is shown in ``--help``.
+    """
+
+    flags: tuple[str, ...]
+    type: str = "str"
+    default: Any = None
+    help: str = ""
+    dest: str = ""
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    multiple: bool = False
+    metavar: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.flags, str):
+            object.__setattr__(self, "flags", (self.flags,))
+        if not self.flags or not all(f.startswith("--") for f in self.flags):
+            raise ValueError(f"option flags must start with '--': {self.flags!r}")
+        if self.type not in OPTION_TYPES:
+            raise ValueError(f"option {self.flags[0]}: type must be one of {OPTION_TYPES}")
+        if self.type == "choice" and not self.choices:
+            raise ValueError(f"option {self.flags[0]}: a choice option needs choices")
+        if not self.dest:
+            object.__setattr__(self, "dest", self.flags[0].lstrip("-").replace("-", "_"))
+
+    @property
+    def name(self) -> str:
+        """The main spelling, e.g. ``--mmr-reduction``."""
+        return self.flags[0]
+
+
+def check_value(option: Option, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for ``option`` (None when it is)."""
+    if value is None or option.multiple:
+        return None
+    if option.type == "choice":
+        return None if value in option.choices else f"expected one of {', '.join(option.choices)}"
+    if option.type in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"expected a number, got {value!r}"
+        if value != value:  # NaN
+            return "expected a number, got nan"
+        if option.min is not None and (
+            value < option.min or (option.min_open and value == option.min)
+        ):
+            return f"expected a value {'>' if option.min_open else '>='} {option.min}"
+        if option.max is not None and (
+            value > option.max or (option.max_open and value == option.max)
+        ):
+            return f"expected a value {'<' if option.max_open else '<='} {option.max}"
+    return None
+
+
+def flatten(options: Sequence[Option]) -> dict[str, Option]:
+    """``{dest: option}``."""
+    return {o.dest: o for o in options}
+
+
+__all__ = ["OPTION_TYPES", "Option", "check_value", "flatten"]
