@@ -7,7 +7,7 @@ Generates an RL data file (SPEC 2.1: ``pointer_global`` encoding, pools of 64
 ``candidate_pool_ids``, exactly 12 logged sequences of length 2 per query, with the
 fields a real file carries), then measures each of these in a fresh process:
 
-* ``load_rl_data``      - ``load_rl_data(path, DataOptions())``, no prepared cache;
+* ``load_rl_data``      - ``load_rl_data(path, DataOptions(), builtin_registry())``, no prepared cache;
 * ``json.load``         - the straightforward ``json.load`` of the whole file;
 * ``prepare``           - the first ``cache=True`` call: parse and write the cache;
 * ``cache read``        - the second ``cache=True`` call: read the prepared form.
@@ -168,12 +168,20 @@ def worker(kind: str, path: Path, trace: bool) -> dict[str, Any]:
     import torch  # imported before the measurement, like the loader's own modules
 
     from lever_trainer.data import DataOptions, cache_path_for, load_rl_data
+    from lever_trainer.plugins import load_plugins
+    from lever_trainer.rewards import registry_from_plugins
+
+    def builtin_registry() -> Any:
+        return registry_from_plugins(load_plugins())
 
     torch.set_num_threads(1)
     cache = kind in ("prepare", "cache")
     if kind == "prepare":
         cache_path_for(path).unlink(missing_ok=True)
-    (table, report), out = measure(lambda: load_rl_data(path, DataOptions(), cache=cache), trace)
+    registry = builtin_registry()  # plugin discovery is not part of the measurement
+    (table, report), out = measure(
+        lambda: load_rl_data(path, DataOptions(), registry, cache=cache), trace
+    )
     if kind == "cache":
         assert report.cache.startswith("read"), report.cache
     out["queries"] = len(table)

@@ -21,7 +21,8 @@ from lever_trainer.losses import (
     sequence_logprobs,
     top_k_mask,
 )
-from lever_trainer.model import CHOSEN_LOGIT, PointerPolicy
+from lever_trainer.policy import CHOSEN_LOGIT
+from lever_trainer_plugins.pointer import PointerPolicy
 
 
 def reference_forward(
@@ -37,8 +38,9 @@ def reference_forward(
     for attn, norm in zip(model.cross_attn_layers, model.attn_norms, strict=True):
         a, _ = attn(q1, c1, c1, need_weights=False)
         q1 = norm(a + q1)
-    z = F.normalize(model.query_proj(model.dropout(q1.squeeze(1))), dim=-1)
-    keys = F.normalize(model.cand_proj(model.dropout(c1)), dim=-1)
+    p = model.config.dropout
+    z = F.normalize(model.query_proj(F.dropout(q1.squeeze(1), p, model.training)), dim=-1)
+    keys = F.normalize(model.cand_proj(F.dropout(c1, p, model.training)), dim=-1)
     steps = labels.shape[1] if labels is not None else steps
     chosen = torch.zeros(keys.shape[:2], dtype=torch.bool)
     all_logits, all_preds = [], []

@@ -101,12 +101,20 @@ def rce_flops(pool_len: torch.Tensor, group_len: torch.Tensor, steps: int, d: in
     return float((3 * (encoder + decoder) - input_proj).sum())
 
 
+def builtin_registry() -> Any:
+    """Reward modes and normalisers of the plugins that are on by default."""
+    from lever_trainer.plugins import load_plugins
+    from lever_trainer.rewards import registry_from_plugins
+
+    return registry_from_plugins(load_plugins())
+
+
 def worker_prepare(data: Path) -> dict[str, Any]:
     from lever_trainer.data import DataOptions, cache_path_for, load_rl_data
 
     cache_path_for(data).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    table, _ = load_rl_data(data, DataOptions(), cache=True)
+    table, _ = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     return {
         "prepare_s": time.perf_counter() - t0,
         "queries": len(table),
@@ -117,21 +125,21 @@ def worker_prepare(data: Path) -> dict[str, Any]:
 
 def worker_ours(data: Path, emb_path: Path, batch_size: int) -> dict[str, Any]:
     from lever_trainer.data import DataOptions, load_embeddings, load_rl_data
-    from lever_trainer.model import PointerPolicy, PolicyConfig
     from lever_trainer.plugins import load_plugins
     from lever_trainer.select import select_demonstrations
     from lever_trainer.state import TrainConfig
     from lever_trainer.trainer import Trainer
+    from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
     t0 = time.perf_counter()
-    table, report = load_rl_data(data, DataOptions(), cache=True)
+    table, report = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     emb = load_embeddings(emb_path)
     load_s = time.perf_counter() - t0
     assert report.cache.startswith("read"), report.cache
     torch.manual_seed(0)
     model = PointerPolicy(PolicyConfig(input_dim=emb.dim))
     plugins = load_plugins(disable=["console-log", "metrics-jsonl"])
-    config = TrainConfig(rce_epochs=1, grpo_epochs=1, batch_size=batch_size)
+    config = TrainConfig(batch_size=batch_size)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             config,
@@ -141,14 +149,15 @@ def worker_ours(data: Path, emb_path: Path, batch_size: int) -> dict[str, Any]:
             emb,
             plugins,
             Path(out),
+            options={"rce_epochs": 1, "grpo_epochs": 1},
             log=lambda _: None,
         )
         trainer.resolve_rewards()
         t0 = time.perf_counter()
-        trainer.ref_logprobs = trainer.compute_logprobs(table)
+        trainer.start_logprobs = trainer.compute_logprobs(table)
         ref_s = time.perf_counter() - t0
-        trainer.run_phase("rce")
-        trainer.run_phase("grpo")
+        for phase in trainer.phases:  # rce, then grpo
+            trainer.run_phase(phase)
         rce_s, grpo_s = (e["epoch_seconds"] for e in trainer.state.history)
     t0 = time.perf_counter()
     select_demonstrations(model, table, emb, table.seq_len)
@@ -174,12 +183,12 @@ def worker_straight(data: Path, emb_path: Path, queries: int) -> dict[str, Any]:
     import straightforward as sf
 
     from lever_trainer.data import DataOptions, load_embeddings, parse_rl_members
-    from lever_trainer.model import PointerPolicy, PolicyConfig
+    from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
     t0 = time.perf_counter()
     with open(data) as fh:
         doc = json.load(fh)  # the reference implementation's way: the whole file as objects
-    table, _ = parse_rl_members(doc.items(), data, DataOptions())
+    table, _ = parse_rl_members(doc.items(), data, DataOptions(), builtin_registry())
     emb = load_embeddings(emb_path)
     load_s = time.perf_counter() - t0
     del doc

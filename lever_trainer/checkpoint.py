@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import LeverError
+from .fileio import atomic_write_bytes
 
 FORMAT_VERSION = "1"
 _PREFIXES = ("lever_lm.", "pointer_selector.", "module.")
@@ -40,29 +40,6 @@ _RENAMES = (
 def checkpoint_name(phase: str, epoch: int) -> str:
     """File name of a phase's epoch checkpoint, e.g. ``rce_epoch1.safetensors``."""
     return f"{phase}_epoch{epoch}.safetensors"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _encode_metadata_value(value: Any) -> str:
@@ -232,7 +209,7 @@ def _check_input_dim(
     left at its random initialisation.
     """
     own = model.state_dict()
-    model_d = getattr(getattr(model, "config", None), "input_dim", None)
+    model_d = getattr(model, "input_dim", None)
     if model_d is None:
         return
     if "input_proj.weight" in state_dict and "input_proj.weight" not in own:
@@ -350,6 +327,7 @@ def convert_checkpoint(
     trust: bool = False,
     overwrite: bool = False,
     warn: Callable[[str], None] | None = None,
+    build: Callable[[int, dict[str, Any]], torch.nn.Module] | None = None,
 ) -> ConversionReport:
     """Convert a starting checkpoint in any supported format into this project's safetensors.
 
@@ -362,9 +340,16 @@ def convert_checkpoint(
     ``converted_from``, ``source_format``, ``source_sha256``, ``ignored_keys`` (a
     count), ``missing_keys`` (a list) and ``lever_trainer_version``. An existing
     ``dst`` is refused unless ``overwrite``; nothing is written on any error.
+
+    ``build(input_dim, options)`` builds the policy the weights are checked against
+    (the run assembly passes the default policy's ``build_policy``); its
+    ``policy_name`` and ``policy_options()`` are recorded as ``policy``.
     """
     from . import __version__
-    from .model import PointerPolicy, PolicyConfig
+    from .policy import TrunkConfig
+
+    if build is None:
+        raise ValueError("convert_checkpoint needs a policy builder")
 
     src_p, dst_p = Path(src), Path(dst)
     if dst_p.suffix.lower() != ".safetensors":
@@ -413,14 +398,14 @@ def convert_checkpoint(
         num_heads = _source_num_heads(src_p) or 1
     if hidden % num_heads:
         raise LeverError(f"--num-heads {num_heads} does not divide the hidden dim {hidden}")
-    config = PolicyConfig(
+    config = TrunkConfig(
         input_dim=ckpt_d,
         hidden_dim=hidden,
         num_layers=shape.get("num_layers", 1),
         num_heads=num_heads,
     )
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        model = PointerPolicy(config)
+        model = build(ckpt_d, config.options())
     report = load_into_model(model, state_dict, str(src_p), f" (d={ckpt_d}, {d_from})")
     if proj is not None and ckpt_d == hidden and not torch.equal(proj.float(), torch.eye(hidden)):
         if warn is not None:
@@ -431,8 +416,14 @@ def convert_checkpoint(
             )
     own = model.state_dict()
     kept = {k: v.detach().clone() for k, v in state_dict.items() if k in own}
+    options = model.policy_options() if hasattr(model, "policy_options") else config.options()
     metadata: dict[str, Any] = {
-        "model": config.to_dict(),
+        "policy": {
+            "name": getattr(model, "policy_name", ""),
+            "input_dim": ckpt_d,
+            "options": options,
+        },
+        "model": {"input_dim": ckpt_d, **options},
         "converted_from": os.path.abspath(src_p),
         "source_format": source_format,
         "source_sha256": _sha256_of(src_p),

@@ -1,57 +1,35 @@
-"""``lever-train``: the command line.
+"""``lever-train``: the command line. It parses options and reports; runs are assembled
+in :mod:`lever_trainer.run`.
 
 ``lever-train [train] OPTIONS`` trains; ``lever-train plugins`` lists installed
 plugins; ``lever-train demo-data DIR`` writes the synthetic demo dataset. Every
 :class:`~lever_trainer.errors.LeverError` becomes one line on stderr and exit status 2.
+Options that plugins declare (``add_options`` hook) are added to the commands that take
+them and shown in ``--help`` under the plugin's name.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
+import math
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import torch
+from click.core import ParameterSource
 
 from . import __version__
-from .checkpoint import (
-    atomic_write_bytes,
-    infer_policy_shape,
-    is_pickle_checkpoint,
-    load_into_model,
-    read_state_dict,
-)
-from .data import (
-    DataOptions,
-    LoadReport,
-    QueryTable,
-    cache_path_for,
-    check_ids_in_range,
-    file_fingerprint,
-    load_embeddings,
-    load_rl_data,
-    split_train_val,
-)
 from .errors import LeverError
-from .jsonstream import iter_object_members
-from .model import PointerPolicy, PolicyConfig
-from .plugins import PluginSet, discover, load_plugins
-from .rewards import RewardParams, registry_from_plugins
-from .state import TrainConfig
+from .options import Option
 
-#: Seed-script flags that stand for a plugin choice.
-ALIAS_FLAGS = {
-    "rce_use_raw_reward": ("--rce_use_raw_reward", "raw-reward"),
-    "rce_use_normalized_reward": ("--rce_use_normalized_reward", "normalized-reward"),
-    "freeze_backbone_in_grpo": ("--freeze_backbone_in_grpo", "freeze-backbone"),
-}
+#: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
+EXIT_STOPPED = 3
+#: Exit status after a second Ctrl-C stopped the run at once.
+EXIT_INTERRUPTED = 130
 
 
 def warn(message: str) -> None:
@@ -73,16 +51,267 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class DefaultToTrain(click.Group):
-    """A group whose default command is ``train``: ``lever-train --beam-data ...`` trains."""
+# ------------------------------------------------------------------ option types
+class Number(click.ParamType):
+    """An int or float within bounds; NaN and infinities are refused."""
+
+    def __init__(
+        self,
+        kind: type,
+        min: float | None = None,
+        max: float | None = None,
+        min_open: bool = False,
+        max_open: bool = False,
+    ) -> None:
+        self.kind, self.min, self.max = kind, min, max
+        self.min_open, self.max_open = min_open, max_open
+        self.name = kind.__name__
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low = self.min is not None and (
+            number < self.min or (self.min_open and number == self.min)
+        )
+        high = self.max is not None and (
+            number > self.max or (self.max_open and number == self.max)
+        )
+        if low or high:
+            self.fail(f"{value} is not in {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        """The accepted range, e.g. ``x>0`` or ``0<=x<1``."""
+        left = "" if self.min is None else f"{self.min}{'<' if self.min_open else '<='}"
+        right = "" if self.max is None else f"{'<' if self.max_open else '<='}{self.max}"
+        return f"{left}x{right}" if left or right else "any number"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        rng = self.describe()
+        return f"{self.name.upper()}" + ("" if rng == "any number" else f" RANGE ({rng})")
+
+
+def click_option(option: Option, group: str) -> click.Option:
+    """The click parameter of a plugin's :class:`Option`, tagged with its help group."""
+    kwargs: dict[str, Any] = {"help": option.help, "multiple": option.multiple}
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    if option.type == "bool":
+        kwargs.update(is_flag=True, default=bool(option.default))
+    else:
+        kwargs.update(default=option.default, show_default=option.default is not None)
+        if option.type == "int":
+            kwargs["type"] = Number(int, option.min, option.max, option.min_open, option.max_open)
+        elif option.type == "float":
+            kwargs["type"] = Number(
+                float, option.min, option.max, option.min_open, option.max_open
+            )
+        elif option.type == "choice":
+            kwargs["type"] = click.Choice(list(option.choices))
+    param = click.Option([*option.flags, option.dest], **kwargs)
+    param.lever_group = group  # type: ignore[attr-defined]
+    return param
+
+
+def opt(*decls: str, group: str = "Options", **kwargs: Any) -> Callable[[Any], Any]:
+    """``click.option`` that also records the help group of the option."""
+
+    def decorate(fn: Any) -> Any:
+        fn = click.option(*decls, **kwargs)(fn)
+        fn.__click_params__[-1].lever_group = group
+        return fn
+
+    return decorate
+
+
+class GroupedCommand(click.Command):
+    """A command whose ``--help`` lists options in sections (core groups, then plugins)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                groups.setdefault(getattr(param, "lever_group", "Options"), []).append(record)
+        for title, records in groups.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+# ------------------------------------------------------------------ shared options
+def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--img-emb, --cand-emb and --emb-key (shared by train, select and evaluate)."""
+    fn = opt("--emb-key", group="Data", default=None, help="Tensor name inside a multi-tensor embedding file.")(fn)
+    fn = opt(
+        "--cand-emb", "cand_emb", group="Data", type=click.Path(dir_okay=False), default=None,
+        help="Separate candidate embedding table (default: --img-emb).",
+    )(fn)
+    fn = opt(
+        "--img-emb", "--img_emb", "img_emb", group="Data", type=click.Path(dir_okay=False),
+        help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.  [required]",
+    )(fn)
+    return fn
+
+
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The core options that decide how RL data becomes a table (train, prepare, select)."""
+    decorators = [
+        opt(
+            "--beam-data", "--beam_data", "beam_data", group="Data",
+            type=click.Path(dir_okay=False), help="RL data JSON (SPEC 2.1).  [required]",
+        ),
+        opt(
+            "--max-pool", "--max_pool", "max_pool", group="Data", type=Number(int, 1),
+            default=64, show_default=True, help="Cut each query's pool to its first N ids.",
+        ),
+        opt(
+            "--keep-fallback", "--no_skip_fallback_reward", "keep_fallback", group="Data",
+            is_flag=True, help="Keep candidates whose evaluation fell back.",
+        ),
+        opt(
+            "--require-positive-query", "--require_positive_query", "require_positive",
+            group="Data", is_flag=True,
+            help="Keep only queries with at least one vqa_correct == 1 candidate.",
+        ),
+        opt(
+            "--gen-methods", "--gen_methods", "gen_methods", group="Data", default=None,
+            metavar="LIST",
+            help="Keep only candidates of these gen_method values, comma-separated "
+            "(e.g. beam,sample).",
+        ),
+        opt(
+            "--reward-mode", "--reward_mode", "reward_mode", group="Rewards",
+            default="hard_plus_soft", show_default=True,
+            help="Raw-reward formula (SPEC 3.1), from a plugin.",
+        ),
+        opt(
+            "--hard-weight", "--hard_weight", "hard_weight", group="Rewards", type=Number(float),
+            default=1.0, show_default=True, help="wh: weight of vqa_correct.",
+        ),
+        opt(
+            "--soft-weight", "--soft_weight", "soft_weight", group="Rewards", type=Number(float),
+            default=1.0, show_default=True, help="ws: weight of vqa_acc_score / vqa_gt_prob.",
+        ),
+        opt(
+            "--rel-weight", "--rel_weight", "rel_weight", group="Rewards", type=Number(float),
+            default=0.1, show_default=True, help="wl: weight of vqa_rel_score.",
+        ),
+        opt(
+            "--normalize", "--normalize_method", "normalize", group="Rewards",
+            default="z_score_clamp", show_default=True,
+            help="Group normaliser (SPEC 3.2), from a plugin.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def plugin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--plugin and --no-plugin."""
+    fn = opt(
+        "--no-plugin", "plugins_off", group="Plugins", multiple=True, metavar="NAME",
+        help="Disable a plugin that is on by default (repeatable).",
+    )(fn)
+    fn = opt(
+        "--plugin", "plugins_on", group="Plugins", multiple=True, metavar="NAME",
+        help="Enable an installed plugin (repeatable).",
+    )(fn)
+    return fn
+
+
+def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--policy and the trunk's options, which every policy may read."""
+    decorators = [
+        opt(
+            "--policy", group="Policy", default="pointer", show_default=True, metavar="NAME",
+            help="The policy to train, built by a plugin (see `lever-train plugins`).",
+        ),
+        opt(
+            "--hidden-dim", "--hidden_dim", "hidden_dim", group="Policy", type=Number(int, 1),
+            default=None, help="Policy width (default 256, or the --sft-ckpt's).",
+        ),
+        opt(
+            "--num-layers", "--num_layers", "num_layers", group="Policy", type=Number(int, 1, 64),
+            default=None, help="Cross-attention layers (default 1, or the --sft-ckpt's).",
+        ),
+        opt(
+            "--num-heads", "--num_heads", "num_heads", group="Policy", type=Number(int, 1),
+            default=None, help="Attention heads (default 1); must divide the width.",
+        ),
+        opt(
+            "--dropout", group="Policy", type=Number(float, 0, 1, max_open=True), default=None,
+            help="Dropout on the query state and item keys in training (default 0.5).",
+        ),
+        opt(
+            "--attn-dropout", "--attn_dropout", "attn_dropout", group="Policy",
+            type=Number(float, 0, 1, max_open=True), default=None,
+            help="Dropout on the attention weights in training (default 0.1).",
+        ),
+        opt(
+            "--policy-temperature", "temperature", group="Policy",
+            type=Number(float, 0, min_open=True), default=None,
+            help="Logit temperature tau_p of the pointer scores (default 0.1).",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def given_options(ctx: click.Context, opts: dict[str, Any]) -> dict[str, str]:
+    """``{dest: flag}`` of the options set on the command line (not defaults)."""
+    flags = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
+    return {
+        dest: flags.get(dest, dest)
+        for dest in opts
+        if ctx.get_parameter_source(dest) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+
+
+# ------------------------------------------------------------------ commands
+@functools.cache
+def installed_plugins() -> tuple[Any, ...]:
+    """The installed plugins (discovered once per process)."""
+    from .plugins import discover
+
+    return tuple(discover())
+
+
+def add_plugin_options(command: click.Command, name: str) -> click.Command:
+    """Add every installed plugin's options that ``name`` takes, grouped by plugin."""
+    for info in installed_plugins():
+        for option in info.options:
+            if name in option.commands:
+                command.params.append(click_option(option, f"Plugin {info.name}"))
+    return command
+
+
+class LeverGroup(click.Group):
+    """The command group: ``lever-train --beam-data ...`` means ``lever-train train ...``;
+    commands that take plugin options get them when first looked up."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["train", *args]
         return super().parse_args(ctx, args)
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not getattr(command, "lever_ready", False):
+            add_plugin_options(command, cmd_name)
+            command.lever_ready = True  # type: ignore[attr-defined]
+        return command
 
-@click.group(cls=DefaultToTrain, context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=LeverGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lever-train")
 def main() -> None:
     """Train a pointer policy for in-context example selection (RCE, then GRPO).
@@ -92,620 +321,70 @@ def main() -> None:
     """
 
 
-def resolve_device(name: str) -> str:
-    """Check a --device value; CUDA without CUDA falls back to CPU with a warning."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LeverError(
-            f"--device: {name!r} is not a device (expected cpu, cuda or cuda:N)"
-        ) from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type != "cuda":
-        raise LeverError(
-            f"--device: unsupported device type {device.type!r} (expected cpu or cuda)"
-        )
-    if not torch.cuda.is_available():
-        warn(f"warning: --device {name}: CUDA is not available, running on cpu")
-        return "cpu"
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise LeverError(
-            f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
-        )
-    return str(device)
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds checkpoints unless --overwrite, or that
-    cannot be created or written; checked before anything is written."""
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LeverError(f"--output-dir: cannot create {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LeverError(f"--output-dir: cannot write into {ancestor} (permission denied)")
-    if path.exists() and not path.is_dir():
-        raise LeverError(f"--output-dir: {path} exists and is not a directory")
-    existing = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
-    if existing and not overwrite:
-        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise LeverError(
-            f"--output-dir: {path} already holds checkpoints ({shown}); pass "
-            "--overwrite to write over them, or choose another directory"
-        )
-
-
-def plugin_choices(enable: tuple[str, ...], aliases: dict[str, bool]) -> list[str]:
-    """--plugin names plus those implied by the seed script's flags."""
-    names = list(enable)
-    on = [flag for key, (flag, _) in ALIAS_FLAGS.items() if aliases.get(key)]
-    if "--rce_use_raw_reward" in on and "--rce_use_normalized_reward" in on:
-        raise click.UsageError(
-            "--rce_use_raw_reward and --rce_use_normalized_reward both choose "
-            "the RCE reward (raw and normalized); give only one"
-        )
-    for key, (_, plugin) in ALIAS_FLAGS.items():
-        if aliases.get(key) and plugin not in names:
-            names.append(plugin)
-    if "raw-reward" in names and "normalized-reward" in names:
-        raise click.UsageError(
-            "--plugin raw-reward and --plugin normalized-reward both choose "
-            "the RCE reward; give only one"
-        )
-    return names
-
-
-def build_model(
-    d: int, hidden_dim: int | None, num_layers: int | None, sft_ckpt: str | None, trust: bool
-) -> tuple[PointerPolicy, list[str]]:
-    """The policy for embedding width ``d``, loaded from ``sft_ckpt`` when given."""
-    if sft_ckpt and trust and is_pickle_checkpoint(Path(sft_ckpt)):
-        warn(
-            f"warning: --trust-checkpoint: loading {sft_ckpt} with a full (unsafe) pickle "
-            "load; only do this for files from a source you trust"
-        )
-    state_dict = read_state_dict(sft_ckpt, trust) if sft_ckpt else None
-    shape = infer_policy_shape(state_dict) if state_dict is not None else {}
-    for flag, given, key in (
-        ("--hidden-dim", hidden_dim, "hidden_dim"),
-        ("--num-layers", num_layers, "num_layers"),
-    ):
-        if given is not None and key in shape and shape[key] != given:
-            raise LeverError(
-                f"{flag} {given} disagrees with --sft-ckpt {sft_ckpt}, "
-                f"which has {key.replace('_', ' ')} {shape[key]}"
-            )
-    config = PolicyConfig(
-        input_dim=d,
-        hidden_dim=hidden_dim or shape.get("hidden_dim", 256),
-        num_layers=num_layers or shape.get("num_layers", 1),
-    )
-    model = PointerPolicy(config)
-    lines: list[str] = []
-    if state_dict is not None:
-        assert sft_ckpt is not None
-        report = load_into_model(
-            model, state_dict, sft_ckpt, f" (embedding width d={d} from --img-emb)"
-        )
-        lines = report.lines()
-    return model, lines
-
-
-beam_data_option = click.option(
-    "--beam-data",
-    "--beam_data",
-    "beam_data",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="RL data JSON (SPEC 2.1).",
-)
-
-
-def embedding_options(fn: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
-    """--img-emb, --cand-emb and --emb-key (shared by train and select)."""
-    fn = click.option(
-        "--emb-key", default=None, help="Tensor name inside a multi-tensor embedding file."
-    )(fn)
-    fn = click.option(
-        "--cand-emb",
-        "cand_emb",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Separate candidate embedding table (default: --img-emb).",
-    )(fn)
-    fn = click.option(
-        "--img-emb",
-        "--img_emb",
-        "img_emb",
-        required=required,
-        type=click.Path(dir_okay=False),
-        help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.",
-    )(fn)
-    return fn
-
-
-beam_data_option_optional = click.option(
-    "--beam-data",
-    "--beam_data",
-    "beam_data",
-    type=click.Path(dir_okay=False),
-    help="RL data JSON (SPEC 2.1).  [required unless --resume]",
-)
-
-
-def embedding_options_optional(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`embedding_options` with --img-emb checked by the command (train --resume)."""
-    return embedding_options(fn, required=False)
-
-
-def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that decide how RL data becomes a table (train, prepare, select)."""
-    options = [
-        click.option(
-            "--max-pool",
-            "--max_pool",
-            "max_pool",
-            type=click.IntRange(min=1),
-            default=64,
-            show_default=True,
-            help="Cut each query's pool to its first N ids.",
-        ),
-        click.option(
-            "--keep-fallback",
-            "--no_skip_fallback_reward",
-            "keep_fallback",
-            is_flag=True,
-            help="Keep candidates whose evaluation fell back.",
-        ),
-        click.option(
-            "--require-positive-query",
-            "--require_positive_query",
-            "require_positive",
-            is_flag=True,
-            help="Keep only queries with at least one vqa_correct == 1 candidate.",
-        ),
-        click.option(
-            "--gen-methods",
-            "--gen_methods",
-            "gen_methods",
-            default=None,
-            metavar="LIST",
-            help="Keep only candidates of these gen_method values, "
-            "comma-separated (e.g. beam,sample).",
-        ),
-        click.option(
-            "--reward-mode",
-            "--reward_mode",
-            "reward_mode",
-            default="hard_plus_soft",
-            show_default=True,
-            help="Raw-reward formula (SPEC 3.1), from a plugin.",
-        ),
-        click.option(
-            "--hard-weight",
-            "--hard_weight",
-            "hard_weight",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="wh: weight of vqa_correct.",
-        ),
-        click.option(
-            "--soft-weight",
-            "--soft_weight",
-            "soft_weight",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="ws: weight of vqa_acc_score / vqa_gt_prob.",
-        ),
-        click.option(
-            "--rel-weight",
-            "--rel_weight",
-            "rel_weight",
-            type=float,
-            default=0.1,
-            show_default=True,
-            help="wl: weight of vqa_rel_score.",
-        ),
-        click.option(
-            "--reward-alpha",
-            "--reward_alpha",
-            "reward_alpha",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="legacy mode: weight of the beam quality.",
-        ),
-        click.option(
-            "--reward-beta",
-            "--reward_beta",
-            "reward_beta",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="legacy mode: weight of the correctness.",
-        ),
-        click.option(
-            "--correctness-mode",
-            "--correctness_mode",
-            "correctness_mode",
-            type=click.Choice(["01", "pm1"]),
-            default="01",
-            show_default=True,
-            help="legacy mode: correctness as 0/1 or -1/+1.",
-        ),
-        click.option(
-            "--use-logprob",
-            "--use_logprob",
-            "use_logprob",
-            is_flag=True,
-            help="legacy mode: quality = -logprob_score instead of beam_score.",
-        ),
-        click.option(
-            "--normalize",
-            "--normalize_method",
-            "normalize",
-            default="z_score_clamp",
-            show_default=True,
-            help="Group normaliser (SPEC 3.2), from a plugin.",
-        ),
-        click.option(
-            "--normalize-clamp-value",
-            "--normalize_clamp_value",
-            "normalize_clamp",
-            type=click.FloatRange(min=0, min_open=True),
-            default=3.0,
-            show_default=True,
-            help="Bound of z_score_clamp.",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def plugin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--plugin and --no-plugin."""
-    fn = click.option(
-        "--no-plugin",
-        "plugins_off",
-        multiple=True,
-        metavar="NAME",
-        help="Disable a plugin that is on by default (repeatable).",
-    )(fn)
-    fn = click.option(
-        "--plugin",
-        "plugins_on",
-        multiple=True,
-        metavar="NAME",
-        help="Enable an installed plugin (repeatable).",
-    )(fn)
-    return fn
-
-
-def make_data_options(opts: dict[str, Any]) -> DataOptions:
-    """DataOptions from parsed CLI options."""
-    methods = None
-    if opts.get("gen_methods") is not None:
-        methods = frozenset(m.strip() for m in opts["gen_methods"].split(",") if m.strip())
-        if not methods:
-            raise LeverError("--gen-methods: expected a comma-separated list such as beam,sample")
-    params = RewardParams(
-        hard=opts["hard_weight"],
-        soft=opts["soft_weight"],
-        rel=opts["rel_weight"],
-        alpha=opts["reward_alpha"],
-        beta=opts["reward_beta"],
-        correctness=opts["correctness_mode"],
-        use_logprob=opts["use_logprob"],
-        clamp=opts["normalize_clamp"],
-    )
-    return DataOptions(
-        max_pool=opts["max_pool"],
-        keep_fallback=opts["keep_fallback"],
-        gen_methods=methods,
-        require_positive=opts["require_positive"],
-        val_ratio=opts.get("val_ratio", 0.2),
-        reward_mode=opts["reward_mode"],
-        reward_params=params,
-        normalize=opts["normalize"],
-    )
-
-
-def load_data(opts: dict[str, Any], plugins: PluginSet) -> tuple[QueryTable, LoadReport]:
-    """Load --beam-data with the plugins' reward modes, normalisers and readers.
-
-    The prepared cache is keyed on the plugins (and their versions) that read the
-    file and supply the chosen formulas, so switching one of them rebuilds it.
-    """
-    registry = registry_from_plugins(plugins)
-    data_opts = make_data_options(opts)
-    path = Path(opts["beam_data"])
-    decision = plugins.call_single("read_rl_data", path=path) if path.is_file() else None
-    versions = plugins.versions()
-
-    def version_of(key: str) -> str:
-        plugin = registry.providers.get(key, "")
-        return f"{plugin} {versions.get(plugin, '')}".strip()
-
-    producers = json.dumps(
-        {
-            "reader": version_of("")
-            if decision is None
-            else f"{decision.plugin} {versions.get(decision.plugin, '')}",
-            "reward_mode": version_of(f"mode:{data_opts.reward_mode}"),
-            "normalize": version_of(f"normalizer:{data_opts.normalize}"),
-        },
-        sort_keys=True,
-    )
-
-    def reader(p: Path) -> Iterable[tuple[str, Any]]:
-        if decision is None:
-            return iter_object_members(p)
-        click.echo(f"reading {p} with plugin {decision.plugin}")
-        members: Iterable[tuple[str, Any]] = decision.value
-        return members
-
-    try:
-        return load_rl_data(
-            path,
-            data_opts,
-            cache=not opts.get("no_cache", False),
-            warn=warn,
-            registry=registry,
-            reader=reader,
-            producers=producers,
-        )
-    finally:
-        close = getattr(decision.value if decision is not None else None, "close", None)
-        if callable(close):
-            close()  # a reader that was not needed (cache hit) releases its file
-
-
-@main.command("train")
-@beam_data_option_optional
-@embedding_options_optional
-@click.option(
-    "--sft-ckpt",
-    "--sft_ckpt",
-    "sft_ckpt",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
-)
-@click.option(
-    "--trust-checkpoint", is_flag=True, help="Allow a full (unsafe) pickle load of --sft-ckpt."
-)
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    "output_dir",
-    required=False,
-    type=click.Path(file_okay=False),
-    help="Where checkpoints and metrics go.",
-)
-@click.option("--overwrite", is_flag=True, help="Write over checkpoints already in --output-dir.")
-@click.option(
-    "--rce-epochs",
-    "--rce_epochs",
-    "rce_epochs",
-    type=click.IntRange(min=0),
-    default=5,
-    show_default=True,
-)
-@click.option(
-    "--grpo-epochs",
-    "--grpo_epochs",
-    "grpo_epochs",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--batch-size",
-    "--batch_size",
-    "batch_size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Queries per optimiser step.",
-)
-@click.option("--rce-lr", "--rce_lr", "rce_lr", type=float, default=1e-4, show_default=True)
-@click.option("--grpo-lr", "--grpo_lr", "grpo_lr", type=float, default=1e-5, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option(
-    "--rce-temp-start",
-    "--rce_temp_start",
-    "rce_temp_start",
-    type=float,
-    default=2.0,
-    show_default=True,
-)
-@click.option(
-    "--rce-temp-end", "--rce_temp_end", "rce_temp_end", type=float, default=0.5, show_default=True
-)
-@click.option("--kl-beta", "--kl_beta", "kl_beta", type=float, default=0.1, show_default=True)
-@click.option(
-    "--clip-epsilon", "--clip_epsilon", "clip_epsilon", type=float, default=0.2, show_default=True
-)
-@click.option("--early-top-k", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--late-top-k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--early-epochs", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option(
-    "--hidden-dim",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Policy width (default 256, or the --sft-ckpt's).",
-)
-@click.option(
-    "--num-layers",
-    "--num_layers",
-    "num_layers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Cross-attention layers (default 1, or the --sft-ckpt's).",
-)
+@main.command("train", cls=GroupedCommand)
 @data_options
-@click.option(
-    "--val-ratio",
-    "--val_ratio",
-    "val_ratio",
-    type=float,
-    default=0.2,
-    show_default=True,
-    help="Share of queries (the highest ids) kept for validation.",
+@opt(
+    "--val-ratio", "--val_ratio", "val_ratio", group="Data", type=Number(float, 0, 1, max_open=True),
+    default=0.2, show_default=True, help="Share of queries (the highest ids) kept for validation.",
 )
-@click.option(
-    "--no-cache",
-    is_flag=True,
-    help="Neither read nor write the prepared cache next to --beam-data.",
+@opt("--no-cache", group="Data", is_flag=True, help="Neither read nor write the prepared cache next to --beam-data.")
+@embedding_options
+@policy_options
+@opt(
+    "--sft-ckpt", "--sft_ckpt", "sft_ckpt", group="Policy", type=click.Path(dir_okay=False),
+    default=None, help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option(
-    "--deterministic",
-    is_flag=True,
-    help="Deterministic algorithms only (also on CUDA); slower on GPU.",
+@opt("--trust-checkpoint", group="Policy", is_flag=True, help="Allow a full (unsafe) pickle load of --sft-ckpt.")
+@opt(
+    "--output-dir", "--output_dir", "output_dir", group="Run", type=click.Path(file_okay=False),
+    help="Where checkpoints and metrics go.  [required]",
 )
-@click.option(
-    "--max-bad-steps",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
+@opt("--overwrite", group="Run", is_flag=True, help="Write over checkpoints already in --output-dir.")
+@opt(
+    "--batch-size", "--batch_size", "batch_size", group="Run", type=Number(int, 1), default=32,
+    show_default=True, help="Queries per optimiser step.",
+)
+@opt(
+    "--weight-decay", "--weight_decay", "weight_decay", group="Run", type=Number(float, 0),
+    default=0.01, show_default=True, help="AdamW weight decay of every phase.",
+)
+@opt(
+    "--grad-clip", "--grad_clip", "grad_clip", group="Run", type=Number(float, 0, min_open=True),
+    default=1.0, show_default=True, help="Gradient-norm clip of every step.",
+)
+@opt("--seed", group="Run", type=Number(int, 0, 2**63 - 1), default=42, show_default=True, help="Seed of the initialisation, dropout and the query order.")
+@opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@opt("--deterministic", group="Run", is_flag=True, help="Deterministic algorithms only (also on CUDA); slower on GPU.")
+@opt(
+    "--max-bad-steps", group="Run", type=Number(int, 1), default=10, show_default=True,
     help="Stop after this many consecutive steps with a non-finite loss or gradient.",
 )
-@click.option(
-    "--keep-last",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Keep only the newest N epoch checkpoints (default: all).",
-)
-@click.option(
-    "--best-metric",
-    default=None,
-    metavar="NAME",
+@opt("--keep-last", group="Run", type=Number(int, 1), default=None, help="Keep only the newest N epoch checkpoints (default: all).")
+@opt(
+    "--best-metric", group="Run", default=None, metavar="NAME",
     help="Also keep the best epoch by this validation metric as best.safetensors.",
 )
-@click.option("--best-mode", type=click.Choice(["max", "min"]), default="max", show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@plugin_options
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="RUN_DIR",
+@opt("--best-mode", group="Run", type=click.Choice(["max", "min"]), default="max", show_default=True, help="Whether a larger or smaller --best-metric is better.")
+@opt(
+    "--resume", group="Run", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
     help="Continue the run in RUN_DIR from its newest snapshot, with its options.",
 )
-@click.option("--rce_use_raw_reward", is_flag=True, help="Same as --plugin raw-reward.")
-@click.option(
-    "--rce_use_normalized_reward", is_flag=True, help="Same as --plugin normalized-reward."
-)
-@click.option("--freeze_backbone_in_grpo", is_flag=True, help="Same as --plugin freeze-backbone.")
+@plugin_options
+@opt("--rce_use_raw_reward", group="Plugins", is_flag=True, help="Same as --plugin raw-reward.")
+@opt("--rce_use_normalized_reward", group="Plugins", is_flag=True, help="Same as --plugin normalized-reward.")
+@opt("--freeze_backbone_in_grpo", group="Plugins", is_flag=True, help="Same as --plugin freeze-backbone.")
+@click.pass_context
 @user_errors
-def train(**opts: Any) -> None:
-    """Train on RL data: reference log-probs, RCE epochs, then GRPO epochs."""
-    from .trainer import SNAPSHOT_NAME, StopRequested, Trainer
+def train(ctx: click.Context, **opts: Any) -> None:
+    """Train on RL data: every active phase in order (RCE, then GRPO, by default)."""
+    from .run import assemble
+    from .trainer import SNAPSHOT_NAME, StopRequested
 
-    options = dict(opts)
-    snapshot = None
-    if opts["resume"]:
-        opts, snapshot, original = resume_run(Path(opts["resume"]))
-    else:
-        for name, flag in (
-            ("beam_data", "--beam-data"),
-            ("img_emb", "--img-emb"),
-            ("output_dir", "--output-dir"),
-        ):
-            if not opts[name]:
-                raise click.UsageError(f"Missing option '{flag}'.")
-    enable = plugin_choices(opts["plugins_on"], {k: opts[k] for k in ALIAS_FLAGS})
-    plugins = load_plugins(enable, opts["plugins_off"], warn=warn)
-    device = resolve_device(opts["device"])
-    if opts.get("deterministic"):
-        make_deterministic()
-    output_dir = Path(opts["output_dir"])
-    check_output_dir(output_dir, opts["overwrite"])
-
-    table, report = load_data(opts, plugins)
-    for line in report.lines():
-        click.echo(line)
-    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
-    check_ids_in_range(table, emb)
-    train_table, val_table = split_train_val(table, opts["val_ratio"])
-    click.echo(
-        f"split: {len(train_table)} train / {len(val_table)} validation queries, "
-        f"S = {table.seq_len}, d = {emb.dim}"
-    )
-
-    torch.manual_seed(opts["seed"])
-    model, ckpt_lines = build_model(
-        emb.dim, opts["hidden_dim"], opts["num_layers"], opts["sft_ckpt"], opts["trust_checkpoint"]
-    )
-    for line in ckpt_lines:
-        click.echo(line)
-    config = TrainConfig(
-        rce_epochs=opts["rce_epochs"],
-        grpo_epochs=opts["grpo_epochs"],
-        batch_size=opts["batch_size"],
-        rce_lr=opts["rce_lr"],
-        grpo_lr=opts["grpo_lr"],
-        weight_decay=opts["weight_decay"],
-        grad_clip=opts["grad_clip"],
-        rce_tau_start=opts["rce_temp_start"],
-        rce_tau_end=opts["rce_temp_end"],
-        kl_beta=opts["kl_beta"],
-        clip_epsilon=opts["clip_epsilon"],
-        early_epochs=opts["early_epochs"],
-        early_top_k=opts["early_top_k"],
-        late_top_k=opts["late_top_k"],
-        seed=opts["seed"],
-        device=device,
-        max_bad_steps=opts["max_bad_steps"],
-        keep_last=opts["keep_last"],
-        best_metric=opts["best_metric"],
-        best_mode=opts["best_mode"],
-    )
-    click.echo(
-        f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters"
-    )
-    data_hash = report.source_sha256 or file_fingerprint(opts["beam_data"])
-    emb_hash = file_fingerprint(opts["img_emb"], opts["cand_emb"])
-    fingerprint = hashlib.sha256(f"{data_hash}:{emb_hash}".encode()).hexdigest()
-    run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
-    trainer = Trainer(config, model, train_table, val_table, emb, plugins, output_dir, run_metadata)
-    trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
-    if snapshot is not None:
-        if original.get("data_fingerprint") != fingerprint:
-            raise LeverError(
-                f"--resume: the data files changed since the run in {output_dir} "
-                "started (their fingerprint differs); resume needs the same data"
-            )
-    else:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LeverError(
-                f"--output-dir: cannot create {output_dir} ({exc.strerror or exc})"
-            ) from None
-        run_config = {
-            "train_config": config.to_dict(),
-            "model": model.config.to_dict(),
-            "plugins": plugins.versions(),
-            **run_metadata,
-            "options": options,
-            "lever_trainer_version": __version__,
-        }
-        atomic_write_bytes(
-            output_dir / "run_config.json",
-            (json.dumps(run_config, indent=2, sort_keys=True) + "\n").encode(),
-        )
+    run = assemble(opts, given_options(ctx, opts), click.echo, warn)
+    trainer, output_dir = run.trainer, run.output_dir
     install_stop_handlers(trainer)
     try:
-        state = trainer.fit(resume=snapshot)
+        state = trainer.fit(resume=run.resume)
     except StopRequested as stop:
         click.echo(
             f"stopped by {stop.reason} after phase {stop.phase} epoch {stop.epoch} step "
@@ -734,19 +413,7 @@ def train(**opts: Any) -> None:
         click.echo(f"done: {len(state.history)} epochs, checkpoints in {output_dir}")
 
 
-#: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
-EXIT_STOPPED = 3
-#: Exit status after a second Ctrl-C stopped the run at once.
-EXIT_INTERRUPTED = 130
 _saved_handlers: dict[int, Any] = {}
-
-
-def make_deterministic() -> None:
-    """Torch flags for run-to-run identical results on CUDA as well as CPU."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
 
 
 def install_stop_handlers(trainer: Any) -> None:
@@ -774,37 +441,10 @@ def restore_signal_handlers() -> None:
         signal.signal(sig, old)
 
 
-def resume_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Options, snapshot and run config of the run in ``run_dir``, for --resume."""
-    from .trainer import SNAPSHOT_NAME
-
-    config_path, snap_path = run_dir / "run_config.json", run_dir / SNAPSHOT_NAME
-    if not config_path.is_file():
-        raise LeverError(f"--resume: {run_dir} has no run_config.json (not a lever-train run)")
-    if not snap_path.is_file():
-        raise LeverError(
-            f"--resume: {run_dir} has no {SNAPSHOT_NAME} (the run stopped before "
-            "its first snapshot; start it again)"
-        )
-    try:
-        original = json.loads(config_path.read_text())
-        opts = dict(original["options"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise LeverError(f"{config_path}: unreadable run config ({exc})") from None
-    try:
-        snapshot = torch.load(snap_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LeverError(f"{snap_path}: unreadable snapshot ({exc})") from None
-    for key in ("plugins_on", "plugins_off"):
-        opts[key] = tuple(opts.get(key) or ())
-    opts.update(output_dir=str(run_dir), overwrite=True, resume=str(run_dir))
-    return opts, snapshot, original
-
-
 @main.command("plugins")
 def plugins_cmd() -> None:
-    """List installed plugins: name, distribution, version, hooks, default state."""
-    found = discover()
+    """List installed plugins: name, distribution, version, hooks, options, default state."""
+    found = installed_plugins()
     if not found:
         click.echo("no plugins installed")
         return
@@ -818,6 +458,14 @@ def plugins_cmd() -> None:
         if p.description:
             click.echo(f"    {p.description}")
         click.echo(f"    hooks: {', '.join(p.hooks) or 'none'}")
+        policies = getattr(p.obj, "POLICIES", ())
+        if policies:
+            click.echo(f"    policies: {', '.join(policies)}")
+        if p.options:
+            shown = ", ".join(
+                f"{o.name} ({o.default!r})" if o.type != "bool" else o.name for o in p.options
+            )
+            click.echo(f"    options: {shown}")
 
 
 @main.command("demo-data")
@@ -840,62 +488,70 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
     )
 
 
-@main.command("prepare")
-@beam_data_option
+@main.command("prepare", cls=GroupedCommand)
 @data_options
 @plugin_options
+@click.pass_context
 @user_errors
-def prepare(**opts: Any) -> None:
+def prepare(ctx: click.Context, **opts: Any) -> None:
     """Convert RL data JSON into its prepared binary form, next to the file.
 
     Training reads the prepared form instead of the JSON whenever it was made from
     the same bytes (sha256) with the same data options; otherwise it rebuilds it.
     """
-    plugins = load_plugins(opts["plugins_on"], opts["plugins_off"], warn=warn)
-    _, report = load_data(opts, plugins)
+    from .data import cache_path_for
+    from .run import activate_plugins, load_data
+
+    if not opts.get("beam_data"):
+        raise LeverError("missing option --beam-data")
+    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
+    _, report = load_data(opts, plugins, click.echo, warn)
     for line in report.lines():
         click.echo(line)
     if not report.cache:
         raise LeverError(f"{cache_path_for(opts['beam_data'])}: could not write the prepared form")
 
 
-@main.command("select")
-@click.option(
-    "--ckpt",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="A checkpoint of this project (or any --sft-ckpt format).",
+@main.command("select", cls=GroupedCommand)
+@opt(
+    "--ckpt", group="Policy", type=click.Path(dir_okay=False),
+    help="A checkpoint of this project (or any --sft-ckpt format).  [required]",
 )
-@beam_data_option
+@data_options
 @embedding_options
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="JSON file to write: {query id: [global ids]}.",
+@opt(
+    "--output", group="Run", type=click.Path(dir_okay=False),
+    help="JSON file to write: {query id: [global ids]}.  [required]",
 )
-@click.option(
-    "--shots",
-    type=click.IntRange(min=1),
-    default=None,
+@opt(
+    "--shots", group="Run", type=Number(int, 1), default=None,
     help="Demonstrations to pick per query (default: the data's S).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--trust-checkpoint", is_flag=True)
-@data_options
+@opt("--batch-size", group="Run", type=Number(int, 1), default=256, show_default=True, help="Queries per forward pass.")
+@opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@opt("--trust-checkpoint", group="Policy", is_flag=True, help="Allow a full (unsafe) pickle load of --ckpt.")
 @plugin_options
+@click.pass_context
 @user_errors
-def select_cmd(**opts: Any) -> None:
+def select_cmd(ctx: click.Context, **opts: Any) -> None:
     """Pick demonstrations for every query of --beam-data with a trained policy."""
+    from .data import check_ids_in_range, load_embeddings
+    from .fileio import atomic_write_bytes
+    from .policies import policy_from_checkpoint
+    from .run import activate_plugins, load_data, resolve_device
     from .select import select_demonstrations
 
-    device = resolve_device(opts["device"])
-    plugins = load_plugins(opts["plugins_on"], opts["plugins_off"], warn=warn)
-    table, _ = load_data(opts, plugins)
+    for name, flag in (("ckpt", "--ckpt"), ("beam_data", "--beam-data"), ("img_emb", "--img-emb"), ("output", "--output")):
+        if not opts.get(name):
+            raise LeverError(f"missing option {flag}")
+    device = resolve_device(opts["device"], warn)
+    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
+    table, _ = load_data({**opts, "val_ratio": 0.0}, plugins, click.echo, warn)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
     check_ids_in_range(table, emb)
-    model, lines = build_model(emb.dim, None, None, opts["ckpt"], opts["trust_checkpoint"])
+    model, lines = policy_from_checkpoint(
+        plugins, opts["ckpt"], emb.dim, opts["trust_checkpoint"], warn
+    )
     for line in lines:
         click.echo(line)
     shots = opts["shots"] or table.seq_len
@@ -904,7 +560,7 @@ def select_cmd(**opts: Any) -> None:
             f"--shots {shots}: some query pools hold only {int(table.pool_len.min())} ids"
         )
     picks = select_demonstrations(model.to(device), table, emb, shots, opts["batch_size"], device)
-    result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks.tolist(), strict=True)}
+    result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks, strict=True)}
     atomic_write_bytes(Path(opts["output"]), (json.dumps(result) + "\n").encode())
     click.echo(f"wrote {len(result)} selections to {opts['output']}")
 
@@ -939,11 +595,14 @@ def convert_checkpoint_cmd(
 
     SRC may be a torch.save dict with model_state_dict, a Lightning .ckpt, a bare
     state dict or one of this project's checkpoints. Only the policy's weights are
-    kept; DST's metadata records the model shape, SRC's path and sha256, and the
-    ignored and missing keys. DST works as --sft-ckpt.
+    kept; DST's metadata records the policy (name, width, options), SRC's path and
+    sha256, and the ignored and missing keys. DST works as --sft-ckpt.
     """
     from .checkpoint import convert_checkpoint
+    from .plugins import load_plugins
+    from .policies import DEFAULT_POLICY, build_policy
 
+    plugins = load_plugins(warn=warn)
     report = convert_checkpoint(
         src,
         dst,
@@ -952,6 +611,7 @@ def convert_checkpoint_cmd(
         trust=trust_checkpoint,
         overwrite=overwrite,
         warn=warn,
+        build=lambda d, options: build_policy(plugins, DEFAULT_POLICY, d, options),
     )
     for line in report.lines():
         click.echo(line)

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .data import Batch
     from .options import Option
+    from .phase import Phase
     from .policy import Policy
     from .rewards import NormalizeFn, RawRewardFn
     from .state import RewardChoice, TrainState
@@ -105,6 +107,20 @@ def add_options() -> Sequence[Option] | None:
     """
 
 
+@hookspec
+def phases() -> Sequence[Phase] | None:
+    """Contribute training phases: a list of :class:`lever_trainer.api.Phase` objects.
+
+    Called once per run when the run is assembled. A phase has a name, a place in the
+    order, its epochs and learning rate (from options this plugin declares with
+    ``add_options``), a ``loss(state, batch)`` that turns a batch into a loss and the
+    values to log, and its own state for snapshots (see :mod:`lever_trainer.phase`).
+    The trainer runs every active plugin's phases with epochs > 0, lowest ``order``
+    first. Broadcast; the answers are merged, and two plugins contributing the same
+    phase name is an error naming both.
+    """
+
+
 @hookspec(firstresult=True)
 def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> Policy | None:
     """Build the policy called ``name`` (``--policy NAME``) for embedding width ``input_dim``.
@@ -140,16 +156,58 @@ def adapt_kl_beta(state: TrainState, kl: float, beta: float) -> float | None:
 
 
 @hookspec(firstresult=True)
-def grpo_reference_logprobs(
-    state: TrainState, compute: Callable[[], torch.Tensor]
+def reference_logprobs(
+    state: TrainState, phase: str, compute: Callable[[], torch.Tensor]
 ) -> torch.Tensor | None:
-    """Choose the reference log-probs the GRPO phase measures its ratios against.
+    """Choose the reference log-probs that ``phase`` measures its ratios against.
 
-    Called once at the start of the GRPO phase, after its optimiser is built.
-    ``compute()`` returns the current policy's eval-mode sequence log-probs of every
-    training candidate, [Q, G] aligned with ``state.train``. Return a tensor of that
-    shape, or None to keep the default: the starting model's log-probs, computed
-    before the RCE phase (SPEC section 6). Single answer; optional.
+    Called once at the start of every phase whose ``needs_reference`` is set (GRPO),
+    after its optimiser is built. ``compute()`` returns the current policy's eval-mode
+    sequence log-probs of every training candidate, [Q, G] aligned with
+    ``state.train``. Return a tensor of that shape, or None to keep the default: the
+    starting model's log-probs, computed before the first phase (SPEC section 6).
+    Single answer; optional. A plugin may also replace ``state.ref_logprobs`` later
+    (after a step, say) to move the reference during the phase.
+    """
+
+
+@hookspec(firstresult=True)
+def train_rows(
+    state: TrainState, phase: str, epoch: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """Which training rows (indices into ``state.train``) an epoch visits, in order.
+
+    Called at the start of every epoch of every phase. Return a 1-D integer tensor
+    (a data curriculum: an easy subset first, then everything), or None for the
+    default: every row, shuffled with ``generator`` (seeded by ``--seed``; draw from it
+    to stay reproducible and resumable). Single answer; optional.
+    """
+
+
+@hookspec(firstresult=True)
+def select_candidates(
+    state: TrainState, phase: str, batch: Batch, rewards: torch.Tensor
+) -> torch.Tensor | None:
+    """Which logged candidates of each query a group-relative step keeps.
+
+    Called by GRPO-style phases on every batch, with the phase's rewards [B, G]. Return
+    a boolean mask [B, G] (a subset of ``batch.cand_mask``), or None to keep every
+    candidate. The built-in ``grpo-curriculum`` keeps each query's top
+    ``--early-top-k`` candidates in the first ``--early-epochs`` epochs, then the top
+    ``--late-top-k`` (SPEC section 6). Single answer; optional.
+    """
+
+
+@hookspec(firstresult=True)
+def compute_advantages(
+    state: TrainState, phase: str, rewards: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor | None:
+    """The advantage of each kept candidate in a group-relative step.
+
+    Called by GRPO-style phases on every batch with the kept candidates' rewards [B, G]
+    and their mask [B, G]. Return advantages [B, G] (0 where ``mask`` is False). The
+    built-in ``group-zscore`` gives SPEC section 6's ``clamp((r - mean) / max(std, 0.1),
+    -5, 5)``. Single answer; required for such phases.
     """
 
 
@@ -186,17 +244,27 @@ def on_phase_start(state: TrainState) -> None:
 
 @hookspec
 def on_step_end(state: TrainState) -> None:
-    """Called after every optimiser step; ``state.last_step`` holds its losses. Broadcast."""
+    """Called after every optimiser step; ``state.last_step`` holds its values. Broadcast."""
 
 
 @hookspec
 def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Called after an epoch's validation and checkpoint, with the epoch's ``metrics``.
 
-    ``metrics`` holds ``phase``-independent keys: ``train_loss``, ``val_loss``,
-    ``policy_reward@1``, ``policy_correct@1``, ``random_reward``,
-    ``oracle_reward``, ``normalized_gain``, ``spearman`` (validation keys are absent
-    when the validation split is empty) and, in GRPO, ``kl`` and ``kl_beta``.
+    Keys (each a float; see the README's metric table):
+
+    * training: ``train_loss`` and ``train_<key>`` for every other value the phase's
+      loss returns (RCE: ``train_tau``; GRPO: ``train_ppo``, ``train_kl``,
+      ``train_mean_ratio``), averaged over the epoch's queries; ``train_grad_norm``
+      (the gradient norm before clipping, averaged over steps); ``skipped_steps``
+      when some steps had a non-finite loss or gradient;
+    * the phase's ``epoch_metrics`` (GRPO: ``kl_beta``);
+    * validation (absent when the validation split is empty): ``val_loss``,
+      ``policy_reward@1``, ``policy_correct@1``, ``random_reward``, ``oracle_reward``,
+      ``normalized_gain``, ``spearman``;
+    * ``epoch_seconds``: wall time of the epoch, validation included.
+
+    ``state.history`` holds every epoch's metrics with ``phase`` and ``epoch``.
     Broadcast.
     """
 
@@ -211,11 +279,12 @@ def on_train_end(state: TrainState) -> None:
     """Called once after the last phase. Broadcast."""
 
 
-def all_hook_names() -> list[str]:
+@functools.cache
+def all_hook_names() -> tuple[str, ...]:
     """Names of every hook specification in this module."""
-    return [
+    return tuple(
         name for name, obj in globals().items() if callable(obj) and hasattr(obj, f"{PROJECT}_spec")
-    ]
+    )
 
 
 @functools.cache

@@ -15,6 +15,8 @@ from typing import Any
 
 #: Value types an option may take.
 OPTION_TYPES = ("int", "float", "str", "bool", "choice")
+#: ``commands`` of an option that decides how RL data is read and scored.
+DATA_COMMANDS = ("train", "prepare", "select", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class Option:
     ``-`` -> ``_``); ``type``: one of ``int``, ``float``, ``str``, ``bool`` (an on/off
     flag, default False) or ``choice`` (one of ``choices``); ``min``/``max`` bound
     numbers (``min_open``/``max_open`` exclude the bound); ``multiple`` makes it
-    repeatable (the value is a tuple). ``help`` is shown in ``--help``.
+    repeatable (the value is a tuple). ``help`` is shown in ``--help``. ``commands``
+    lists the ``lever-train`` commands that take it (default: ``train``).
     """
 
     flags: tuple[str, ...]
@@ -41,6 +44,9 @@ class Option:
     max_open: bool = False
     multiple: bool = False
     metavar: str | None = None
+    #: The commands that take it: ``train`` only, unless it shapes how data is read and
+    #: scored (reward settings), which ``prepare``, ``select`` and ``evaluate`` need too.
+    commands: tuple[str, ...] = ("train",)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,4 +94,4 @@ def flatten(options: Sequence[Option]) -> dict[str, Option]:
     return {o.dest: o for o in options}
 
 
-__all__ = ["OPTION_TYPES", "Option", "check_value", "flatten"]
+__all__ = ["DATA_COMMANDS", "OPTION_TYPES", "Option", "check_value", "flatten"]

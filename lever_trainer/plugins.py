@@ -9,9 +9,12 @@ attributes every answer and every exception to the plugin that produced it.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
+import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -20,6 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import LeverError, PluginError
+from .options import Option
 
 ENTRY_POINT_GROUP = "lever_trainer"
 #: Set to 1 to ignore installed plugins entirely (only ``extra`` objects register).
@@ -38,6 +42,10 @@ class PluginInfo:
     enabled_by_default: bool = False
     description: str = ""
     hooks: list[str] = field(default_factory=list)
+    options: list[Option] = field(default_factory=list)
+    #: The plugin could not be imported (a missing dependency, say), as opposed to one
+    #: that imported but whose hooks or options are wrong.
+    import_failed: bool = False
 
     @property
     def broken(self) -> bool:
@@ -45,17 +53,76 @@ class PluginInfo:
         return self.error is not None
 
 
-def _hook_names(obj: Any) -> list[str]:
-    names = set(hookspecs.all_hook_names())
+def _impl_names(obj: Any) -> list[str]:
+    """Names of the attributes of ``obj`` marked with ``@hookimpl``."""
     marker = f"{hookspecs.PROJECT}_impl"
-    return sorted(n for n in dir(obj) if n in names and hasattr(getattr(obj, n, None), marker))
+    out = []
+    for name in dir(obj):
+        try:
+            value = getattr(obj, name, None)
+        except Exception:  # a property that raises is no hook implementation
+            continue
+        if callable(value) and hasattr(value, marker):
+            out.append(name)
+    return sorted(out)
+
+
+def _spec_args(hook: str) -> list[str]:
+    return list(inspect.signature(getattr(hookspecs, hook)).parameters)
+
+
+def check_hookimpls(obj: Any) -> str | None:
+    """Why ``obj``'s hook implementations cannot work (None when they can).
+
+    An implementation whose name is no hook (a misspelling would never be called) and
+    one that asks for an argument its hook does not pass are errors, as in pluggy's
+    ``check_pending``.
+    """
+    known = hookspecs.all_hook_names()
+    for name in _impl_names(obj):
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            return f"hook implementation {name!r} matches no hook{hint}"
+        try:
+            params = inspect.signature(getattr(obj, name)).parameters
+        except (TypeError, ValueError):
+            continue
+        passed = _spec_args(name)
+        for arg, param in params.items():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if arg not in passed and param.default is param.empty:
+                return (
+                    f"hook {name} asks for argument {arg!r}, which the hook does not pass "
+                    f"(it passes: {', '.join(passed) or 'nothing'})"
+                )
+    return None
+
+
+def _declared_options(obj: Any) -> list[Option]:
+    fn = getattr(obj, "add_options", None)
+    if fn is None or not hasattr(fn, f"{hookspecs.PROJECT}_impl"):
+        return []
+    declared = fn()
+    if declared is None:
+        return []
+    options = list(declared)
+    for option in options:
+        if not isinstance(option, Option):
+            raise TypeError(f"add_options returned {type(option).__name__}, expected Option")
+    return options
 
 
 def describe_object(
     name: str, obj: Any, distribution: str | None = None, version: str | None = None
 ) -> PluginInfo:
-    """Build the :class:`PluginInfo` of an already imported plugin object."""
-    return PluginInfo(
+    """Build the :class:`PluginInfo` of an already imported plugin object.
+
+    The plugin is checked here (its hook implementations and its options), so a broken
+    plugin is reported by ``lever-train plugins`` and named when a run would use it.
+    """
+    info = PluginInfo(
         name=name,
         distribution=distribution,
         version=version,
@@ -64,8 +131,37 @@ def describe_object(
         description=str(
             getattr(obj, "DESCRIPTION", "") or (obj.__doc__ or "").strip().split("\n")[0]
         ),
-        hooks=_hook_names(obj),
+        hooks=[n for n in _impl_names(obj) if n in hookspecs.all_hook_names()],
     )
+    info.error = check_hookimpls(obj)
+    if info.error is None:
+        try:
+            info.options = _declared_options(obj)
+        except Exception as exc:
+            info.error = f"add_options failed: {type(exc).__name__}: {exc}"
+    return info
+
+
+def check_option_conflicts(plugins: Sequence[PluginInfo]) -> None:
+    """Mark a plugin broken when it declares a flag or ``dest`` another plugin declared first."""
+    owners: dict[str, str] = {}
+    for info in plugins:
+        if info.broken:
+            continue
+        for option in info.options:
+            for key in (*option.flags, f"dest:{option.dest}"):
+                other = owners.get(key)
+                if other is not None and other != info.name:
+                    what = f"option {key[5:]!r}" if key.startswith("dest:") else key
+                    info.error = f"declares {what}, which plugin {other} also declares"
+                    info.options = []
+                    break
+            if info.broken:
+                break
+        if not info.broken:
+            for option in info.options:
+                for key in (*option.flags, f"dest:{option.dest}"):
+                    owners[key] = info.name
 
 
 def discover() -> list[PluginInfo]:
@@ -90,11 +186,17 @@ def discover() -> list[PluginInfo]:
             obj = ep.load()
         except Exception as exc:
             found[ep.name] = PluginInfo(
-                ep.name, dist_name, version, error=f"{type(exc).__name__}: {exc}"
+                ep.name,
+                dist_name,
+                version,
+                error=f"{type(exc).__name__}: {exc}",
+                import_failed=True,
             )
             continue
         found[ep.name] = describe_object(ep.name, obj, dist_name, version)
-    return sorted(found.values(), key=lambda p: p.name)
+    plugins = sorted(found.values(), key=lambda p: p.name)
+    check_option_conflicts(plugins)
+    return plugins
 
 
 @dataclass(frozen=True)
@@ -119,8 +221,12 @@ class PluginSet:
         self.pm.add_hookspecs(hookspecs)
         self.active = list(active)
         self.explicit = set(explicit)
+        self.current_plugin: str | None = None
         self._by_obj: dict[int, PluginInfo] = {}
         for info in self.active:
+            problem = info.error or check_hookimpls(info.obj)
+            if problem is not None:
+                raise PluginError(f"plugin {info.name}: {problem}")
             try:
                 self.pm.register(info.obj, name=info.name)
             except pluggy.PluginValidationError as exc:
@@ -145,13 +251,30 @@ class PluginSet:
         """``{plugin name: "distribution version"}`` of the active plugins, for checkpoints."""
         return {p.name: f"{p.distribution or '-'} {p.version or '-'}" for p in self.active}
 
+    def options(self) -> dict[str, tuple[str, Option]]:
+        """``{dest: (plugin, option)}`` for every option the active plugins declare."""
+        return {o.dest: (p.name, o) for p in self.active for o in p.options}
+
+    def option_defaults(self) -> dict[str, Any]:
+        """``{dest: default}`` of every option the active plugins declare."""
+        return {dest: option.default for dest, (_, option) in self.options().items()}
+
+    @contextmanager
+    def _calling(self, plugin: str) -> Iterator[None]:
+        outer, self.current_plugin = self.current_plugin, plugin
+        try:
+            yield
+        finally:
+            self.current_plugin = outer
+
     def _answers(self, hook_name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         out = []
         # pluggy calls implementations last-registered first; keep its order.
         for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
             args = {a: kwargs[a] for a in impl.argnames}
             try:
-                result = impl.function(**args)
+                with self._calling(impl.plugin_name):
+                    result = impl.function(**args)
             except LeverError:
                 raise
             except Exception as exc:
@@ -174,7 +297,8 @@ class PluginSet:
             if impl.plugin_name != plugin:
                 continue
             try:
-                return impl.function(**{a: kwargs[a] for a in impl.argnames})
+                with self._calling(plugin):
+                    return impl.function(**{a: kwargs[a] for a in impl.argnames})
             except LeverError:
                 raise
             except Exception as exc:
@@ -231,6 +355,12 @@ def select_active(
         wanted = p.name in enable or (p.enabled_by_default and p.name not in disable)
         if not wanted:
             continue
+        if p.broken and not p.import_failed:
+            # imported, but its hooks or options are wrong: never run it quietly without
+            raise LeverError(
+                f"plugin {p.name} ({p.distribution or 'not installed'}): {p.error}; "
+                f"fix it or run without it (--no-plugin {p.name})"
+            )
         if p.broken:
             if p.name in enable:
                 raise LeverError(f"--plugin: plugin {p.name!r} is broken: {p.error}")

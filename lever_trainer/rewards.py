@@ -28,23 +28,28 @@ RAW_REWARD_CLIP = 5.0
 class RewardParams:
     """Settings every reward formula and normaliser receives.
 
-    ``hard``, ``soft``, ``rel`` are the weights ``wh``, ``ws``, ``wl``; ``alpha``,
-    ``beta``, ``correctness`` (``"01"`` or ``"pm1"``) and ``use_logprob`` belong to the
-    ``legacy`` mode; ``clamp`` is the bound of ``z_score_clamp``.
+    ``hard``, ``soft``, ``rel`` are the weights ``wh``, ``ws``, ``wl`` of SPEC 3.1, shared
+    by every formula (``--hard-weight``, ``--soft-weight``, ``--rel-weight``).
+    ``options`` holds the option values of the plugins that provide the chosen mode
+    and normaliser (``reward_alpha`` of the ``legacy`` mode, say): read them with
+    :meth:`option`.
     """
 
     hard: float = 1.0
     soft: float = 1.0
     rel: float = 0.1
-    alpha: float = 1.0
-    beta: float = 1.0
-    correctness: str = "01"
-    use_logprob: bool = False
-    clamp: float = 3.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of plugin option ``name`` (``default`` when absent or None)."""
+        value = self.options.get(name)
+        return default if value is None else value
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for cache keys and metadata."""
-        return asdict(self)
+        out = asdict(self)
+        out["options"] = {k: self.options[k] for k in sorted(self.options)}
+        return out
 
 
 #: ``fn(candidate, params) -> raw reward`` (before clipping).
@@ -116,10 +121,3 @@ def registry_from_plugins(plugins: PluginSet) -> RewardRegistry:
                 )
             registry.add(kind, plugin, entries)
     return registry
-
-
-def default_registry() -> RewardRegistry:
-    """The registry of the plugins a run uses by default (for library callers)."""
-    from .plugins import load_plugins
-
-    return registry_from_plugins(load_plugins())

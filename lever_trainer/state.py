@@ -1,42 +1,32 @@
-"""Objects handed to hooks: the training state and a phase's reward choice."""
+"""Objects handed to hooks: the run's settings, its training state, a reward choice.
+
+Nothing here names a phase or a variant: phases, their options and their state come
+from plugins (the ``phases`` and ``add_options`` hooks).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-import torch
-
 if TYPE_CHECKING:
-    from .data import Batch, QueryTable
-    from .model import PointerPolicy
+    import torch
 
-#: The two training phases, in the order they run.
-PHASES = ("rce", "grpo")
+    from .data import Batch, QueryTable
+    from .phase import Phase
+    from .plugins import Decision, PluginSet
+    from .policy import Policy
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run. Plugins read it; only the CLI builds it."""
+    """The core's settings of a run; phases and plugins keep theirs in ``state.options``."""
 
-    rce_epochs: int = 5
-    grpo_epochs: int = 0
     batch_size: int = 32
-    rce_lr: float = 1e-4
-    grpo_lr: float = 1e-5
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    rce_tau_start: float = 2.0
-    rce_tau_end: float = 0.5
-    kl_beta: float = 0.1
-    clip_epsilon: float = 0.2
-    advantage_clip: float = 5.0
-    early_epochs: int = 1
-    early_top_k: int = 3
-    late_top_k: int = 5
     seed: int = 42
     device: str = "cpu"
     max_bad_steps: int = 10
@@ -80,49 +70,109 @@ class _BatchField:
 
 
 @dataclass
+class StopRequest:
+    """A plugin's request to end the run after the current epoch."""
+
+    reason: str
+    plugin: str | None
+
+
+@dataclass
 class TrainState:
     """What a hook sees of the run; passed to every hook as ``state``.
 
     Attributes:
-        config: the run's :class:`TrainConfig` (read-only).
-        model: the :class:`~lever_trainer.model.PointerPolicy` being trained.
+        config: the core's :class:`TrainConfig` (read-only).
+        options: every option value of the run by ``dest`` (the core's and every
+            active plugin's, see the ``add_options`` hook), read-only.
+        model: the policy being trained (a :class:`lever_trainer.api.Policy`).
         train, val: the training and validation :class:`~lever_trainer.data.QueryTable`.
         output_dir: where checkpoints and logs go.
-        phase: ``"rce"``, ``"grpo"``, or None before the first phase.
+        phase: the current phase's name, or None before the first phase.
+        current_phase: the current :class:`~lever_trainer.phase.Phase` object, or None.
+        phases: the run's phases, in the order they run.
         epoch: 1-based epoch within the phase (0 before its first epoch).
+        epochs: the number of epochs of the current phase.
         step: optimiser steps taken in the current phase.
+        global_step: optimiser steps taken in the whole run.
         steps_per_epoch: optimiser steps in one epoch of the current phase.
         step_in_epoch: optimiser steps taken in the current epoch.
-        kl_beta: the current KL weight of the GRPO loss.
+        ref_logprobs: the reference log-probs [Q, G] of the training candidates the
+            current phase measures ratios against (None for phases that use none).
+        rewards: the ``select_reward`` answer of each phase that asked for one.
         metrics: the metrics of the last finished epoch (empty before).
-        last_step: losses of the last optimiser step (``loss``, and ``kl`` in GRPO).
+        last_step: values of the last optimiser step (``loss`` and whatever the phase's
+            loss returned, plus ``grad_norm``).
         history: one dict of metrics per finished epoch, in order.
         extra: free space for plugins, keyed by plugin name.
+        stop_request: set by :meth:`request_stop`.
         logger: where :meth:`log` lines go (default: stdout).
     """
 
     config: TrainConfig
-    model: PointerPolicy
+    model: Policy
     train: QueryTable
     val: QueryTable
     output_dir: Path
+    options: Mapping[str, Any] = field(default_factory=dict)
+    plugins: PluginSet | None = None
     phase: str | None = None
+    current_phase: Phase | None = None
+    phases: list[Phase] = field(default_factory=list)
     epoch: int = 0
+    epochs: int = 0
     step: int = 0
+    global_step: int = 0
     steps_per_epoch: int = 0
     step_in_epoch: int = 0
-    kl_beta: float = 0.1
+    ref_logprobs: torch.Tensor | None = None
+    rewards: dict[str, RewardChoice] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     last_step: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    logger: Callable[[str], None] = click.echo
+    stop_request: StopRequest | None = None
+    logger: Callable[[str], None] = print
+    _decided: set[str] = field(default_factory=set, repr=False)
 
     def log(self, message: str) -> None:
         """Print one line of the run's log (plugins use this rather than print)."""
         self.logger(message)
 
     def phase_epochs(self, phase: str | None = None) -> int:
-        """Number of epochs configured for ``phase`` (default: the current one)."""
-        phase = phase or self.phase
-        return self.config.rce_epochs if phase == "rce" else self.config.grpo_epochs
+        """Number of epochs of ``phase`` (default: the current one; 0 if it is not run)."""
+        name = phase or self.phase
+        for p in self.phases:
+            if p.name == name:
+                return p.epochs(self)
+        return 0
+
+    def request_stop(self, reason: str) -> None:
+        """End the run cleanly after the current epoch (its checkpoint, snapshot and
+        ``on_epoch_end`` included; then ``on_phase_end`` and ``on_train_end``).
+
+        The log names the plugin that asked (the one whose hook is running) and the
+        reason. The first request wins.
+        """
+        if self.stop_request is None:
+            plugin = self.plugins.current_plugin if self.plugins is not None else None
+            self.stop_request = StopRequest(reason, plugin)
+
+    def decide(self, hook: str, **kwargs: Any) -> Decision | None:
+        """Ask a single-answer hook (``state`` is passed for you); None when nobody answers.
+
+        Returns the :class:`~lever_trainer.plugins.Decision`: ``.value`` is the answer,
+        ``.plugin`` the plugin that gave it (name it when the answer is unusable).
+        Phases use this for the decisions inside a step (which candidates a step keeps,
+        the advantages, ...). The first answer of each hook in each phase is logged
+        with the plugin that gave it.
+        """
+        assert self.plugins is not None
+        decision = self.plugins.call_single(hook, state=self, **kwargs)
+        if decision is None:
+            return None
+        key = f"{self.phase}:{hook}"
+        if key not in self._decided:
+            self._decided.add(key)
+            self.log(f"{self.phase}: {hook} [{decision.plugin}, {decision.origin}]")
+        return decision

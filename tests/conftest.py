@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 from lever_trainer.cli import main
 from lever_trainer.demo import DemoSpec, write_demo
+from lever_trainer.plugins import load_plugins
+from lever_trainer.rewards import RewardRegistry, registry_from_plugins
 
 DATA_DIR = Path(__file__).parent / "data"
 REFERENCE = DATA_DIR / "upstream_parity.safetensors"
@@ -31,6 +33,11 @@ def reference() -> dict[str, torch.Tensor]:
 def demo_files(tmp_path: Path) -> tuple[Path, Path]:
     """A small synthetic dataset (40 queries, pool 12, d 16): (rl_data.json, embeddings)."""
     return write_demo(tmp_path / "demo", DemoSpec(queries=40, demos=120, pool=12, dim=16, seed=3))
+
+
+def builtin_registry() -> RewardRegistry:
+    """The reward modes and normalisers of the plugins that are on by default."""
+    return registry_from_plugins(load_plugins())
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import torch
 from click.testing import Result
-from conftest import assert_user_error, candidate, write_emb, write_json
+from conftest import assert_user_error, builtin_registry, candidate, write_emb, write_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lever_trainer.checkpoint import read_metadata, save_checkpoint
 from lever_trainer.data import DataOptions, load_rl_data
 from lever_trainer.errors import LeverError
-from lever_trainer.model import PointerPolicy, PolicyConfig
+from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
 Cli = Callable[..., Result]
 D = 8  # embedding width of the tiny dataset
@@ -310,7 +310,6 @@ def test_both_reward_alias_flags(cli: Cli, files: tuple[Path, Path], tmp_path: P
     out = tmp_path / "out"
     result = train(cli, *files, out, "--rce_use_raw_reward", "--rce_use_normalized_reward")
     assert_refused(result, out, "--rce_use_raw_reward", "--rce_use_normalized_reward")
-    assert "Error:" in result.output  # click's usage error
 
 
 def test_both_reward_plugins(cli: Cli, files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -481,7 +480,7 @@ def mutated_documents(draw: st.DrawFn) -> tuple[str, DataOptions]:
 
 
 def test_base_document_loads(tmp_path: Path) -> None:
-    table, _ = load_rl_data(write_json(tmp_path / "rl.json", BASE), DataOptions())
+    table, _ = load_rl_data(write_json(tmp_path / "rl.json", BASE), DataOptions(), builtin_registry())
     assert table.query_ids.tolist() == [1, 2]
     assert table.group_len.tolist() == [1, 3]
 
@@ -495,7 +494,7 @@ def test_mutated_rl_json_loads_or_raises_lever_error(
     path = tmp_path_factory.mktemp("fuzz") / "rl.json"
     path.write_text(text)
     try:
-        table, report = load_rl_data(path, opts)
+        table, report = load_rl_data(path, opts, builtin_registry())
     except LeverError as exc:
         message = str(exc)
         assert str(path) in message or message.startswith("--")

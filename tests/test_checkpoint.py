@@ -16,7 +16,7 @@ from lever_trainer.checkpoint import (
     save_checkpoint,
 )
 from lever_trainer.errors import LeverError
-from lever_trainer.model import PointerPolicy, PolicyConfig
+from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
 
 class NotATensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lever_trainer import __version__
 from lever_trainer.checkpoint import read_metadata
 
 
@@ -64,7 +65,7 @@ def test_full_run_writes_checkpoints_metrics_and_log(cli, demo_files, tmp_path) 
     entries = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(e["phase"], e["epoch"]) for e in entries] == [("rce", 1), ("rce", 2), ("grpo", 1)]
     config = json.loads((out / "run_config.json").read_text())
-    assert config["train_config"]["grpo_epochs"] == 1 and "freeze-backbone" in config["plugins"]
+    assert config["options"]["grpo_epochs"] == 1 and "freeze-backbone" in config["plugins"]
     meta = read_metadata(out / "grpo_epoch1.safetensors")
     assert (
         meta["data_fingerprint"] == config["data_fingerprint"]
@@ -135,8 +136,8 @@ def test_resume_from_own_checkpoint_as_sft(cli, demo_files, tmp_path) -> None:
 def test_plugins_command_lists_builtins(cli) -> None:
     result = cli("plugins")
     assert result.exit_code == 0
-    assert "freeze-backbone  [lever-trainer 0.1.0]  off by default" in result.output
-    assert "raw-reward  [lever-trainer 0.1.0]  on by default" in result.output
+    assert f"freeze-backbone  [lever-trainer {__version__}]  off by default" in result.output
+    assert f"raw-reward  [lever-trainer {__version__}]  on by default" in result.output
     assert "hooks: configure_trainable_params" in result.output
 
 

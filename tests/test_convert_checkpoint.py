@@ -12,7 +12,7 @@ from conftest import assert_user_error
 
 from lever_trainer import __version__
 from lever_trainer.checkpoint import read_metadata, read_state_dict, save_checkpoint
-from lever_trainer.model import PointerPolicy, PolicyConfig
+from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
 
 class NotATensor:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import candidate, write_emb, write_json
+from conftest import builtin_registry, candidate, write_emb, write_json
 from safetensors.torch import save_file
 
 from lever_trainer.data import (
@@ -29,7 +29,7 @@ from lever_trainer.errors import LeverError
 
 def load(tmp_path: Path, data: Any, opts: DataOptions | None = None) -> Any:
     """Write ``data`` as rl.json and load it."""
-    return load_rl_data(write_json(tmp_path / "rl.json", data), opts or DataOptions())
+    return load_rl_data(write_json(tmp_path / "rl.json", data), opts or DataOptions(), builtin_registry())
 
 
 def row_of(table: Any, qid: int) -> int:
@@ -425,6 +425,6 @@ def test_metadata_of_any_shape_is_not_a_query(tmp_path: Path) -> None:
     data = {"_meta": [1, 2, {"a": None}], "1": {"pointer_candidates": [candidate([1, 2])]}}
     path = tmp_path / "rl.json"
     path.write_text(json.dumps(data, indent=1))
-    table, report = load_rl_data(path, DataOptions())
+    table, report = load_rl_data(path, DataOptions(), builtin_registry())
     assert table.query_ids.tolist() == [1]
     assert report.lines()[0].startswith(f"loaded {path}: 1 queries, 1 candidates")

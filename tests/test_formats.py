@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import Result
-from conftest import assert_user_error, candidate, write_emb, write_json
+from conftest import assert_user_error, builtin_registry, candidate, write_emb, write_json
 from safetensors.torch import load_file, save_file
 
-import lever_trainer.cli as cli_module
+import lever_trainer.run as run_module
 from lever_trainer import hookimpl
 from lever_trainer.data import (
     DataOptions,
@@ -123,7 +123,7 @@ def test_legacy_format_through_the_library(tmp_path: Path) -> None:
     assert real(table, 3)["raw"] == [0.5, 5.0, -1.25]
     # without the plugin's reader the file is not RL data
     with pytest.raises(LeverError, match=r"query 3: field 'pointer_candidates' must be a list"):
-        load_rl_data(path, DataOptions())
+        load_rl_data(path, DataOptions(), builtin_registry())
 
 
 def test_rl_data_is_not_taken_for_legacy(tmp_path: Path) -> None:
@@ -300,12 +300,12 @@ def test_reader_plugin_reads_a_new_format(tmp_path: Path) -> None:
 @pytest.fixture
 def with_csv_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``csv-reader`` an installed (off by default) plugin for the in-process CLI."""
-    real_load = cli_module.load_plugins
+    real_load = run_module.load_plugins
 
     def load(enable: Any = (), disable: Any = (), warn: Any = None) -> PluginSet:
         return real_load(enable, disable, extra=[("csv-reader", CsvReader())], warn=warn)
 
-    monkeypatch.setattr(cli_module, "load_plugins", load)
+    monkeypatch.setattr(run_module, "load_plugins", load)
 
 
 @pytest.mark.usefixtures("with_csv_plugin")
@@ -389,7 +389,7 @@ def test_filters(
     queries_dropped: dict[str, int],
 ) -> None:
     path = write_json(tmp_path / "rl.json", FILTER_DATA)
-    table, report = load_rl_data(path, opts)
+    table, report = load_rl_data(path, opts, builtin_registry())
     assert {q: real(table, q)["index"] for q in table.query_ids.tolist()} == kept
     assert dict(report.dropped) == dropped
     assert dict(report.queries_dropped) == queries_dropped
@@ -430,7 +430,7 @@ def test_default_max_pool_is_64(cli: Cli, tmp_path: Path) -> None:
         }
     }
     path = write_json(tmp_path / "rl.json", data)
-    table, report = load_rl_data(path, DataOptions())
+    table, report = load_rl_data(path, DataOptions(), builtin_registry())
     assert int(table.pool_len[0]) == 64 and report.pools_cut == 1
     assert real(table, 0)["pool"] == pool[:64]
     assert "1 pools cut to --max-pool" in ok(cli("prepare", "--beam-data", path))
@@ -446,7 +446,7 @@ def test_default_max_pool_is_64(cli: Cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize("flag", ["--val-ratio", "--val_ratio"])
 def test_val_ratio_splits_half(cli: Cli, tmp_path: Path, flag: str) -> None:
     path = write_json(tmp_path / "rl.json", FILTER_DATA)
-    table, _ = load_rl_data(path, DataOptions())
+    table, _ = load_rl_data(path, DataOptions(), builtin_registry())
     train, val = split_train_val(table, 0.5)  # 4 queries: ids 1, 2 train; 3, 4 validation
     assert (train.query_ids.tolist(), val.query_ids.tolist()) == ([1, 2], [3, 4])
     emb = write_emb(tmp_path / "emb.safetensors", torch.randn(14, 4))

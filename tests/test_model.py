@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lever_trainer import losses as L
-from lever_trainer.model import CHOSEN_LOGIT, PointerPolicy, PolicyConfig
-from lever_trainer.trainer import gather_groups
+from lever_trainer.data import gather_groups
+from lever_trainer.policy import CHOSEN_LOGIT, dropout, one_token_attention
+from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
 
 TOL = 1e-5
 QUERIES = range(10)
@@ -35,8 +36,8 @@ def test_greedy_forward_matches_reference(policy, reference, i: int) -> None:
 def test_teacher_forced_logits_and_logprobs_match_reference(policy, reference, i: int) -> None:
     p = f"q{i}."
     labels = reference[p + "beam_labels"]  # [1, n, 2]
-    z, keys = policy.encode(reference[p + "query_emb"], reference[p + "cand_emb"])
-    logits, _ = policy.decode(z, keys, labels=labels)
+    enc = policy.encode(reference[p + "query_emb"], reference[p + "cand_emb"])
+    logits, _ = policy.decode(enc, labels=labels)
     assert torch.allclose(logits[0], reference[p + "tf_logits"], atol=TOL, rtol=0)
     logprobs = L.sequence_logprobs(logits, labels)
     assert torch.allclose(logprobs, reference[p + "log_probs"], atol=TOL, rtol=0)
@@ -51,8 +52,8 @@ def test_losses_from_model_match_reference(policy, reference, i: int) -> None:
     """RCE and GRPO losses computed end to end from the weights."""
     p = f"q{i}."
     labels = reference[p + "beam_labels"]
-    z, keys = policy.encode(reference[p + "query_emb"], reference[p + "cand_emb"])
-    logprobs = L.sequence_logprobs(policy.decode(z, keys, labels=labels)[0], labels)
+    enc = policy.encode(reference[p + "query_emb"], reference[p + "cand_emb"])
+    logprobs = L.sequence_logprobs(policy.decode(enc, labels=labels)[0], labels)
     mask = torch.ones_like(logprobs, dtype=torch.bool)
     for kind, key in (("raw", "beam_rewards_raw"), ("norm", "beam_rewards")):
         for tau in (1, 2):
@@ -101,9 +102,9 @@ def test_batched_queries_with_padding_equal_one_query_at_a_time(policy, referenc
         keep = (labels < k).all(-1)
         labels = labels[keep][: 3 + i]  # groups of different sizes
         cand = reference[p + "cand_emb"][0, :k]
-        z, keys = policy.encode(reference[p + "query_emb"], cand.unsqueeze(0))
+        enc = policy.encode(reference[p + "query_emb"], cand.unsqueeze(0))
         singles.append(
-            L.sequence_logprobs(policy.decode(z, keys, labels=labels[None])[0], labels[None])[0]
+            L.sequence_logprobs(policy.decode(enc, labels=labels[None])[0], labels[None])[0]
         )
         qs.append(reference[p + "query_emb"][0])
         padded = torch.randn(64, 768, generator=rng) * 10  # garbage in the padded rows
@@ -115,9 +116,9 @@ def test_batched_queries_with_padding_equal_one_query_at_a_time(policy, referenc
         labs.append(lab)
         cms.append(torch.arange(8) < len(labels))
     pool_mask = torch.stack(pms)
-    z, keys = policy.encode(torch.stack(qs), torch.stack(cs), pool_mask)
+    enc = policy.encode(torch.stack(qs), torch.stack(cs), pool_mask)
     labels = torch.stack(labs)
-    logits, _ = policy.decode(z, keys, pool_mask, labels)
+    logits, _ = policy.decode(enc, pool_mask, labels)
     batched = L.sequence_logprobs(logits, labels)
     for i, single in enumerate(singles):
         assert torch.allclose(batched[i, : len(single)], single, atol=TOL, rtol=0)
@@ -209,15 +210,13 @@ def test_attention_rewrite_equals_torch_multihead_attention(heads: int) -> None:
     torch.nn.init.normal_(attn.in_proj_bias)  # non-zero biases exercise both bias terms
     q1, c1 = torch.randn(3, 32), torch.randn(3, 7, 32)
     pool_mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
-    ours = model._attend(attn, q1, c1, ~pool_mask)
+    ours = one_token_attention(attn, q1, c1, ~pool_mask, training=False)
     theirs, _ = attn(q1.unsqueeze(1), c1, c1, key_padding_mask=~pool_mask, need_weights=False)
     assert torch.allclose(ours, theirs.squeeze(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.1, 0.25])
 def test_dropout_keeps_one_minus_p_and_rescales(p: float) -> None:
-    from lever_trainer.model import dropout
-
     torch.manual_seed(0)
     x = torch.ones(400, 1000)
     out = dropout(x, p, training=True)

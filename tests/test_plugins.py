@@ -163,6 +163,7 @@ def test_activation_defaults_plus_enabled_minus_disabled() -> None:
 def test_broken_default_plugin_is_skipped_with_warning_and_refused_when_asked() -> None:
     broken = describe_object("bad", object())
     broken.enabled_by_default, broken.error = True, "ImportError: no module named zzz"
+    broken.import_failed = True  # a plugin that failed to import (not one with bad hooks)
     warnings: list[str] = []
     assert select_active([broken], warn=warnings.append) == []
     assert "bad" in warnings[0] and "zzz" in warnings[0]

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import builtin_registry
 import torch
 
 import lever_trainer.jsonstream as jsonstream
@@ -22,10 +23,10 @@ def assert_same_table(a, b) -> None:
 
 def test_prepared_round_trip_equals_json_loading(demo_files) -> None:
     data = demo_files[0]
-    plain, plain_report = load_rl_data(data, DataOptions())
-    built, report = load_rl_data(data, DataOptions(), cache=True)
+    plain, plain_report = load_rl_data(data, DataOptions(), builtin_registry())
+    built, report = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     assert report.cache == f"wrote {cache_path_for(data)}"
-    cached, cached_report = load_rl_data(data, DataOptions(), cache=True)
+    cached, cached_report = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     assert cached_report.cache == f"read {cache_path_for(data)}"
     assert_same_table(plain, built)
     assert_same_table(plain, cached)
@@ -35,13 +36,13 @@ def test_prepared_round_trip_equals_json_loading(demo_files) -> None:
 
 def test_stale_cache_is_rebuilt(demo_files) -> None:
     data = demo_files[0]
-    load_rl_data(data, DataOptions(), cache=True)
+    load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     doc = json.loads(data.read_text())
     doc["0"]["pointer_candidates"][0]["vqa_acc_score"] = 0.123  # change one reward
     data.write_text(json.dumps(doc))
-    table, report = load_rl_data(data, DataOptions(), cache=True)
+    table, report = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     assert report.cache.startswith("wrote")
-    fresh, _ = load_rl_data(data, DataOptions())
+    fresh, _ = load_rl_data(data, DataOptions(), builtin_registry())
     assert_same_table(table, fresh)
     assert table.rewards_raw[0, 0].item() == pytest.approx(
         doc["0"]["pointer_candidates"][0]["vqa_correct"] + 0.123
@@ -50,21 +51,21 @@ def test_stale_cache_is_rebuilt(demo_files) -> None:
 
 def test_cache_is_rebuilt_when_options_change(demo_files) -> None:
     data = demo_files[0]
-    load_rl_data(data, DataOptions(), cache=True)
-    _, report = load_rl_data(data, DataOptions(keep_fallback=True), cache=True)
+    load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
+    _, report = load_rl_data(data, DataOptions(keep_fallback=True), builtin_registry(), cache=True)
     assert report.cache.startswith("wrote")
     assert "vqa_eval_mode=fallback" not in report.dropped
     # val_ratio only splits the table; it does not invalidate the cache
-    _, report = load_rl_data(data, DataOptions(keep_fallback=True, val_ratio=0.5), cache=True)
+    _, report = load_rl_data(data, DataOptions(keep_fallback=True, val_ratio=0.5), builtin_registry(), cache=True)
     assert report.cache.startswith("read")
 
 
 def test_corrupt_cache_is_rebuilt(demo_files) -> None:
     data = demo_files[0]
     cache_path_for(data).write_bytes(b"not a safetensors file")
-    table, report = load_rl_data(data, DataOptions(), cache=True)
+    table, report = load_rl_data(data, DataOptions(), builtin_registry(), cache=True)
     assert report.cache.startswith("wrote")
-    assert_same_table(table, load_rl_data(data, DataOptions())[0])
+    assert_same_table(table, load_rl_data(data, DataOptions(), builtin_registry())[0])
 
 
 def test_prepare_command(cli, demo_files) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import Result
-from conftest import assert_user_error, write_json
+from conftest import assert_user_error, builtin_registry, write_json
 from safetensors.torch import load_file
 
 from lever_trainer import hookimpl
@@ -26,7 +26,6 @@ from lever_trainer.rewards import (
     RAW_REWARD_CLIP,
     RewardParams,
     RewardRegistry,
-    default_registry,
     registry_from_plugins,
 )
 
@@ -49,12 +48,27 @@ A = {"vqa_correct": 1, "vqa_acc_score": 0.6, "vqa_gt_prob": 0.8, "vqa_rel_score"
 B = {"vqa_correct": 0, "vqa_acc_score": 0.3, "vqa_gt_prob": 0.2, "vqa_rel_score": 0.7}
 EMPTY: dict[str, Any] = {}  # every field missing: h = s = g = l = 0
 DEFAULT = RewardParams()  # wh 1, ws 1, wl 0.1
+
+#: The plugin options behind the legacy mode's and z_score_clamp's settings.
+PLUGIN_OPTION = {
+    "alpha": "reward_alpha",
+    "beta": "reward_beta",
+    "correctness": "correctness_mode",
+    "use_logprob": "use_logprob",
+    "clamp": "normalize_clamp",
+}
+
+
+def params(**kw: Any) -> RewardParams:
+    """RewardParams with the legacy/normaliser settings given by their short names."""
+    weights = {k: kw.pop(k) for k in ("hard", "soft", "rel") if k in kw}
+    return RewardParams(**weights, options={PLUGIN_OPTION[k]: v for k, v in kw.items()})
 WEIGHTED = RewardParams(hard=2.0, soft=0.5, rel=0.4)
 
 
 @pytest.fixture(scope="module")
 def registry() -> RewardRegistry:
-    return default_registry()
+    return builtin_registry()
 
 
 def raw(registry: RewardRegistry, mode: str, cand: Mapping[str, Any], p: RewardParams) -> float:
@@ -132,24 +146,24 @@ NULL_H = {"beam_score": 0.5, "vqa_correct": None, "vqa_acc_score": 0.75}  # null
         # alpha*quality + beta*correctness; quality = beam_score, correctness = h (01)
         (BEAM, DEFAULT, 3.0),  # 2 + 1
         (BEAM_WRONG, DEFAULT, 2.0),  # 2 + 0
-        (BEAM, RewardParams(alpha=0.5, beta=3.0), 4.0),  # 0.5*2 + 3*1
+        (BEAM, params(alpha=0.5, beta=3.0), 4.0),  # 0.5*2 + 3*1
         # use_logprob: quality = -logprob_score
-        (BEAM, RewardParams(use_logprob=True), 2.5),  # 1.5 + 1
-        (BEAM_WRONG, RewardParams(use_logprob=True, alpha=2.0), 1.0),  # 2*0.5 + 0
+        (BEAM, params(use_logprob=True), 2.5),  # 1.5 + 1
+        (BEAM_WRONG, params(use_logprob=True, alpha=2.0), 1.0),  # 2*0.5 + 0
         # pm1: correctness = 2h - 1
-        (BEAM, RewardParams(correctness="pm1"), 3.0),  # 2 + (2 - 1)
-        (BEAM_WRONG, RewardParams(correctness="pm1"), 1.0),  # 2 + (0 - 1)
-        (BEAM_WRONG, RewardParams(correctness="pm1", use_logprob=True, beta=2.0), -1.5),
+        (BEAM, params(correctness="pm1"), 3.0),  # 2 + (2 - 1)
+        (BEAM_WRONG, params(correctness="pm1"), 1.0),  # 2 + (0 - 1)
+        (BEAM_WRONG, params(correctness="pm1", use_logprob=True, beta=2.0), -1.5),
         # ^ 0.5 + 2*(0 - 1)
         # h missing: correctness = s (01) or 2s - 1 (pm1)
         (NO_H, DEFAULT, 1.25),  # 0.5 + 0.75
-        (NO_H, RewardParams(correctness="pm1"), 1.0),  # 0.5 + (1.5 - 1)
+        (NO_H, params(correctness="pm1"), 1.0),  # 0.5 + (1.5 - 1)
         (NULL_H, DEFAULT, 1.25),
-        (NULL_H, RewardParams(correctness="pm1", beta=4.0), 2.5),  # 0.5 + 4*0.5
+        (NULL_H, params(correctness="pm1", beta=4.0), 2.5),  # 0.5 + 4*0.5
         # nothing at all: quality 0, correctness 0 (01) or 2*0 - 1 (pm1)
         (EMPTY, DEFAULT, 0.0),
-        (EMPTY, RewardParams(correctness="pm1"), -1.0),
-        ({"vqa_correct": 1}, RewardParams(alpha=7.0), 1.0),  # no beam_score: quality 0
+        (EMPTY, params(correctness="pm1"), -1.0),
+        ({"vqa_correct": 1}, params(alpha=7.0), 1.0),  # no beam_score: quality 0
     ],
 )
 def test_legacy_mode_by_hand(
@@ -167,7 +181,7 @@ def load(
     data = {
         "0": {"pointer_candidates": [{"pointer": s, **c} for s, c in zip(seqs, cands, strict=True)]}
     }
-    table, _ = load_rl_data(write_json(tmp_path / "rl.json", data), opts)
+    table, _ = load_rl_data(write_json(tmp_path / "rl.json", data), opts, builtin_registry())
     n = int(table.group_len[0])
     return table.rewards_raw[0, :n].tolist(), table.rewards_norm[0, :n].tolist()
 
@@ -179,13 +193,13 @@ def test_raw_rewards_are_clipped_to_five(tmp_path: Path) -> None:
         {"beam_score": -0.7, "vqa_correct": 0},  # 10*(-0.7) + 0 = -7 -> -5
         {"beam_score": 0.01, "vqa_correct": 0},  # 10*0.01 = 0.1, inside the range
     ]
-    opts = DataOptions(reward_mode="legacy", reward_params=RewardParams(alpha=10.0))
+    opts = DataOptions(reward_mode="legacy", reward_params=params(alpha=10.0))
     got, _ = load(tmp_path, cands, opts)
     assert got == pytest.approx([5.0, -5.0, 0.1])
 
     # use_logprob: quality = -logprob_score = -3, alpha 10 -> -30 + 1 = -29 -> -5
     opts = DataOptions(
-        reward_mode="legacy", reward_params=RewardParams(alpha=10.0, use_logprob=True)
+        reward_mode="legacy", reward_params=params(alpha=10.0, use_logprob=True)
     )
     got, _ = load(tmp_path, [{"logprob_score": 3.0, "vqa_correct": 1}, {}], opts)
     assert got == pytest.approx([-5.0, 0.0])
@@ -212,7 +226,7 @@ def test_loader_uses_the_chosen_mode(tmp_path: Path, mode: str, expected: list[f
 
 # ----------------------------------------------------------------- normalisers
 def norm(registry: RewardRegistry, method: str, values: list[float], clamp: float = 3.0) -> Any:
-    out = registry.normalize_fn(method)(torch.tensor(values), RewardParams(clamp=clamp))
+    out = registry.normalize_fn(method)(torch.tensor(values), params(clamp=clamp))
     assert out.dtype == torch.float32
     return out.tolist()
 
@@ -277,7 +291,7 @@ def test_loader_normalises_each_group(tmp_path: Path) -> None:
     _, got = load(tmp_path, cands, DataOptions(normalize="z_score"))
     r3 = math.sqrt(3)
     assert got == pytest.approx([-2 / r3, 1 / r3, 1 / r3], abs=1e-6)
-    opts = DataOptions(normalize="z_score_clamp", reward_params=RewardParams(clamp=1.0))
+    opts = DataOptions(normalize="z_score_clamp", reward_params=params(clamp=1.0))
     _, got = load(tmp_path, cands, opts)
     assert got == pytest.approx([-1.0, 1 / r3, 1 / r3], abs=1e-6)
     # seven candidates all at 0.3: std 0, normalised = raw
@@ -340,7 +354,7 @@ def test_a_plugin_adds_a_mode_without_core_edits(tmp_path: Path) -> None:
     assert table.rewards_raw[0].tolist() == pytest.approx([0.25, 0.0])  # 2 * 0.5^3; 0
     # not enabled: the mode does not exist
     with pytest.raises(LeverError, match=r"--reward-mode.*'acc_cubed'"):
-        load_rl_data(tmp_path / "rl.json", opts)
+        load_rl_data(tmp_path / "rl.json", opts, builtin_registry())
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,14 @@ from lever_trainer.data import (
     split_train_val,
 )
 from lever_trainer.errors import LeverError
+from lever_trainer.evaluation import policy_logprobs
 from lever_trainer.losses import group_advantages, grpo_loss, rce_loss, top_k_mask
-from lever_trainer.model import PointerPolicy, PolicyConfig
 from lever_trainer.plugins import load_plugins
-from lever_trainer.trainer import Trainer, policy_logprobs
+from lever_trainer.rewards import registry_from_plugins
+from lever_trainer.trainer import Trainer
+from lever_trainer_plugins.pointer import PointerPolicy, PolicyConfig
+
+CORE_SETTINGS = {f.name for f in fields(TrainConfig)}
 
 
 def make_trainer(
@@ -34,19 +39,26 @@ def make_trainer(
     extra: tuple[tuple[str, Any], ...] = (),
     **cfg: Any,
 ) -> Trainer:
-    table, _ = load_rl_data(files[0], DataOptions())
+    plugins = load_plugins(list(enable), list(disable), extra=list(extra))
+    table, _ = load_rl_data(files[0], DataOptions(), registry_from_plugins(plugins))
     emb = load_embeddings(files[1])
     train, val = split_train_val(table, 0.2)
     torch.manual_seed(0)
     model = PointerPolicy(PolicyConfig(input_dim=emb.dim, hidden_dim=32))
     settings = {"rce_epochs": 1, "grpo_epochs": 0, "batch_size": 8, "seed": 0, **cfg}
-    plugins = load_plugins(list(enable), list(disable), extra=list(extra))
+    config = TrainConfig(**{k: v for k, v in settings.items() if k in CORE_SETTINGS})
+    options = {k: v for k, v in settings.items() if k not in CORE_SETTINGS}
     lines: list[str] = []
     trainer = Trainer(
-        TrainConfig(**settings), model, train, val, emb, plugins, out, log=lines.append
+        config, model, train, val, emb, plugins, out, options=options, log=lines.append
     )
     trainer.log_lines = lines  # type: ignore[attr-defined]
     return trainer
+
+
+def phase_named(trainer: Trainer, name: str) -> Any:
+    """The trainer's phase object called ``name``."""
+    return next(p for p in trainer.phases if p.name == name)
 
 
 @pytest.mark.parametrize("phase", ["rce", "grpo"])
@@ -81,19 +93,21 @@ def test_batch_loss_and_gradients_equal_one_query_per_step(demo_files, tmp_path,
 
 
 def test_reference_logprobs_come_from_starting_model(demo_files, tmp_path) -> None:
-    trainer = make_trainer(demo_files, tmp_path / "run")
+    trainer = make_trainer(demo_files, tmp_path / "run", grpo_epochs=1)
     expected = trainer.compute_logprobs(trainer.state.train)
     trainer.fit()
-    assert trainer.ref_logprobs is not None
+    assert trainer.start_logprobs is not None and trainer.state.ref_logprobs is not None
+    assert torch.equal(trainer.state.ref_logprobs, trainer.start_logprobs)
     assert torch.equal(
-        trainer.ref_logprobs, expected
+        trainer.start_logprobs, expected
     )  # computed before the RCE phase moved the model
     assert not torch.equal(trainer.compute_logprobs(trainer.state.train), expected)
 
 
 def test_rce_reward_choice_changes_the_loss(demo_files, tmp_path) -> None:
-    raw = make_trainer(demo_files, tmp_path / "a")
-    norm = make_trainer(demo_files, tmp_path / "b", enable=("normalized-reward",))
+    fixed = {"rce_temp_start": 0.7, "rce_temp_end": 0.7}
+    raw = make_trainer(demo_files, tmp_path / "a", **fixed)
+    norm = make_trainer(demo_files, tmp_path / "b", enable=("normalized-reward",), **fixed)
     assert raw.resolve_rewards()["rce"].value.source == "beam_rewards_raw"
     assert norm.resolve_rewards()["rce"].value.source == "beam_rewards"
     assert norm.log_lines == ["RCE reward: normalized (beam_rewards) [plugin normalized-reward]"]
@@ -104,7 +118,8 @@ def test_rce_reward_choice_changes_the_loss(demo_files, tmp_path) -> None:
     for trainer, rewards in ((raw, batch.rewards_raw), (norm, batch.rewards_norm)):
         trainer.model.load_state_dict(raw.model.state_dict())
         trainer.model.eval()
-        out = trainer.rce_step(batch, trainer.rewards["rce"].value, 0.7)
+        trainer.state.epochs, trainer.state.steps_per_epoch = 1, 4
+        out = phase_named(trainer, "rce").loss(trainer.state, batch)
         assert out["loss"].item() == pytest.approx(
             rce_loss(lp, rewards, batch.cand_mask, 0.7).item(), abs=1e-6
         )
@@ -169,7 +184,7 @@ def test_grpo_phase_adapts_beta_and_runs_curriculum(demo_files, tmp_path) -> Non
         @hookimpl
         def on_step_end(self, state) -> None:
             if state.phase == "grpo":
-                tops.append(trainer.grpo_top_k())
+                tops.append(state.last_step["kept"])
 
     trainer = make_trainer(
         demo_files,
@@ -181,7 +196,8 @@ def test_grpo_phase_adapts_beta_and_runs_curriculum(demo_files, tmp_path) -> Non
     )
     trainer.fit()
     steps = math.ceil(len(trainer.state.train) / 8)
-    assert tops == [3] * steps + [5] * steps
+    # every demo group holds at least 5 candidates: the curriculum keeps 3, then 5, per query
+    assert tops == [3.0] * steps + [5.0] * steps
     assert len(calls) == 2 * steps
     # the betas seen follow the SPEC rule from the previous step's KL (the spy answers None,
     # so the built-in adaptive-kl decides)
@@ -189,7 +205,7 @@ def test_grpo_phase_adapts_beta_and_runs_curriculum(demo_files, tmp_path) -> Non
     for _, kl, seen_beta in calls:
         assert seen_beta == pytest.approx(beta)
         beta = min(max(beta * 1.5 if kl > 0.1 else beta / 1.5 if kl < 0.01 else beta, 0.001), 10.0)
-    assert trainer.state.kl_beta == pytest.approx(beta)
+    assert phase_named(trainer, "grpo").kl_beta == pytest.approx(beta)
 
 
 def test_fixed_beta_without_adaptive_kl(demo_files, tmp_path) -> None:
@@ -202,7 +218,7 @@ def test_fixed_beta_without_adaptive_kl(demo_files, tmp_path) -> None:
         kl_beta=0.3,
     )
     trainer.fit()
-    assert trainer.state.kl_beta == 0.3
+    assert phase_named(trainer, "grpo").kl_beta == 0.3
     assert read_metadata(tmp_path / "run" / "grpo_epoch1.safetensors")["kl_beta"] == 0.3
 
 
@@ -266,7 +282,7 @@ def test_grpo_reference_default_is_start_and_refresh_plugin_uses_post_rce(
         @hookimpl
         def on_phase_start(self, state) -> None:
             if state.phase == "grpo":
-                seen["ref"] = trainer.ref_logprobs.clone()
+                seen["ref"] = state.ref_logprobs.clone()
                 seen["now"] = trainer.compute_logprobs(state.train)
 
     trainer = make_trainer(
@@ -291,7 +307,7 @@ def test_grpo_reference_default_is_start_and_refresh_plugin_uses_post_rce(
 def test_grpo_reference_of_wrong_shape_names_the_plugin(demo_files, tmp_path) -> None:
     class Bad:
         @hookimpl
-        def grpo_reference_logprobs(self, state, compute):
+        def reference_logprobs(self, state, phase, compute):
             return torch.zeros(3)
 
     trainer = make_trainer(
@@ -304,6 +320,6 @@ def test_grpo_reference_of_wrong_shape_names_the_plugin(demo_files, tmp_path) ->
     )
     with pytest.raises(
         LeverError,
-        match=r"plugin bad: hook grpo_reference_logprobs returned \(3,\), expected a tensor of shape",
+        match=r"plugin bad: hook reference_logprobs returned \(3,\), expected a tensor of shape",
     ):
         trainer.fit()

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from lever_trainer import TrainState, hookimpl
-from lever_trainer.losses import adapt_kl_beta as adapt
+from lever_trainer.api import TrainState, hookimpl
+from lever_trainer.api import adapt_kl_beta as adapt
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "KL weight x1.5 when kl > 0.1, /1.5 when kl < 0.01, kept in [0.001, 10]"

@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from lever_trainer import TrainState, hookimpl
-from lever_trainer.trainer import format_metrics
+from lever_trainer.api import TrainState, format_metrics, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "print one line per epoch, and a progress bar on a terminal"
@@ -41,7 +40,8 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Print ``phase epoch n/N: metrics`` after each epoch."""
     if _show_bar():
         click.echo("\r\033[K", nl=False, err=True)
+    extra = state.current_phase.log_metrics if state.current_phase is not None else ()
     state.log(
-        f"{state.phase} epoch {state.epoch}/{state.phase_epochs()}: "
-        f"{format_metrics(metrics)}  ({metrics.get('epoch_seconds', 0.0):.1f}s)"
+        f"{state.phase} epoch {state.epoch}/{state.epochs}: "
+        f"{format_metrics(metrics, extra)}  ({metrics.get('epoch_seconds', 0.0):.1f}s)"
     )

@@ -1,13 +1,17 @@
-"""Freeze the backbone (input_proj, query_proj, cand_proj) during GRPO only."""
+"""Freeze the policy's backbone during GRPO only (the policy names its backbone).
+
+For the built-in policies the backbone is ``input_proj``, ``query_proj`` and
+``cand_proj`` (SPEC section 4); any policy says which of its modules form it through
+``backbone_modules`` / ``backbone_parameters()``.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from lever_trainer import TrainState, hookimpl
-from lever_trainer.model import BACKBONE_MODULES, PointerPolicy
+from lever_trainer.api import Policy, TrainState, hookimpl
 
-DESCRIPTION = "freeze input_proj, query_proj, cand_proj at the start of GRPO"
+DESCRIPTION = "freeze the policy's backbone (input_proj, query_proj, cand_proj) at the start of GRPO"
 
 
 @hookimpl
@@ -15,11 +19,12 @@ def configure_trainable_params(state: TrainState, model: nn.Module) -> None:
     """At the GRPO phase start, stop gradients to the backbone and report the split."""
     if state.phase != "grpo":
         return
-    if not isinstance(model, PointerPolicy):
-        raise TypeError(f"freeze-backbone expects a PointerPolicy, got {type(model).__name__}")
-    for _, param in model.backbone_parameters():
+    if not isinstance(model, Policy):
+        raise TypeError(f"freeze-backbone expects a lever_trainer Policy, got {type(model).__name__}")
+    frozen = model.backbone_parameters()
+    for _, param in frozen:
         param.requires_grad_(False)
-    present = [m for m in BACKBONE_MODULES if any(True for _ in getattr(model, m).parameters())]
+    present = [m for m in model.backbone_modules if any(n.split(".")[0] == m for n, _ in frozen)]
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state.log(f"freeze-backbone: frozen modules: {', '.join(present)}")

@@ -6,7 +6,7 @@ On by default; a plugin answering ``select_reward`` for ``"grpo"`` and named wit
 
 from __future__ import annotations
 
-from lever_trainer import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import RewardChoice, TrainState, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "GRPO advantages come from group-normalised rewards (beam_rewards)"

@@ -12,12 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-from lever_trainer import TrainState, hookimpl
+from lever_trainer.api import TrainState, hookimpl
 
 DESCRIPTION = "GRPO reference log-probs = the policy at the end of RCE (default: the start)"
 
 
 @hookimpl
-def grpo_reference_logprobs(state: TrainState, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The current (post-RCE) policy's eval-mode log-probs."""
+def reference_logprobs(
+    state: TrainState, phase: str, compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """The policy's eval-mode log-probs as the phase starts (after RCE, for GRPO)."""
     return compute()

@@ -14,8 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lever_trainer import LeverError, hookimpl
-from lever_trainer.jsonstream import iter_object_members
+from lever_trainer.api import LeverError, hookimpl, iter_object_members
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "read legacy beam files ({qid: {id_list, score_list}}) as RL data"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lever_trainer import TrainState, hookimpl
-from lever_trainer.checkpoint import atomic_write_bytes
+from lever_trainer.api import TrainState, atomic_write_bytes, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "write each epoch's metrics to OUTPUT_DIR/metrics.jsonl"

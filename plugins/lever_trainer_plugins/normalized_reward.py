@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lever_trainer import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import RewardChoice, TrainState, hookimpl
 
 DESCRIPTION = "RCE weighs group-normalised rewards (beam_rewards)"
 

@@ -7,13 +7,18 @@ in float64: in float32, seven equal rewards of 0.3 have a std of 3e-8, not 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from lever_trainer import hookimpl
-from lever_trainer.losses import ZSCORE_STD_EPS
-from lever_trainer.rewards import NormalizeFn, RewardParams
+from lever_trainer.api import (
+    DATA_COMMANDS,
+    ZSCORE_STD_EPS,
+    NormalizeFn,
+    Option,
+    RewardParams,
+    hookimpl,
+)
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "group normalisers of SPEC 3.2: z_score_clamp (default), z_score, rank"
@@ -36,7 +41,8 @@ def z_score_clamp(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
     """:func:`z_score` clamped to ``[-c, c]``, ``c = --normalize-clamp-value`` (3)."""
     if _flat(rewards):
         return rewards.clone()
-    return z_score(rewards, params).clamp(-params.clamp, params.clamp)
+    bound = float(params.option("normalize_clamp", 3.0))
+    return z_score(rewards, params).clamp(-bound, bound)
 
 
 def rank(rewards: torch.Tensor, params: RewardParams) -> torch.Tensor:
@@ -61,3 +67,20 @@ NORMALIZERS: dict[str, NormalizeFn] = {
 def normalizers() -> Mapping[str, NormalizeFn]:
     """The three normalisers."""
     return NORMALIZERS
+
+
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """The bound of ``z_score_clamp``."""
+    return [
+        Option(
+            ("--normalize-clamp-value", "--normalize_clamp_value"),
+            "float",
+            3.0,
+            "Bound of z_score_clamp.",
+            dest="normalize_clamp",
+            min=0,
+            min_open=True,
+            commands=DATA_COMMANDS,
+        )
+    ]

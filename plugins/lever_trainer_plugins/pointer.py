@@ -17,6 +17,7 @@ from torch import nn
 from lever_trainer.api import PointerTrunk, TrunkConfig, decode_steps, hookimpl
 
 ENABLED_BY_DEFAULT = True
+POLICIES = ("pointer",)
 DESCRIPTION = "policy `pointer` (default): SPEC 4's cross-attention trunk + gated state update"
 
 #: The trunk's hyper-parameters are the whole of this policy's options.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lever_trainer import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import RewardChoice, TrainState, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "RCE weighs raw rewards (beam_rewards_raw)"

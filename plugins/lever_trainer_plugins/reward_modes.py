@@ -7,11 +7,10 @@ Fields a candidate lacks count as 0: ``h = vqa_correct``, ``s = vqa_acc_score``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lever_trainer import hookimpl
-from lever_trainer.rewards import RawRewardFn, RewardParams
+from lever_trainer.api import DATA_COMMANDS, Option, RawRewardFn, RewardParams, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "raw-reward modes of SPEC 3.1: hard_plus_soft (default), ..., legacy"
@@ -74,13 +73,13 @@ def legacy(c: Candidate, p: RewardParams) -> float:
     ``beam_score``, else 0. correctness: ``h`` (``s`` when ``h`` is missing) in
     ``01`` mode, ``2h - 1`` (``2s - 1``) in ``pm1`` mode.
     """
-    if p.use_logprob and c.get("logprob_score") is not None:
+    if p.option("use_logprob", False) and c.get("logprob_score") is not None:
         quality = -_f(c, "logprob_score")
     else:
         quality = _f(c, "beam_score")
     base = _f(c, "vqa_correct") if c.get("vqa_correct") is not None else _f(c, "vqa_acc_score")
-    correctness = base if p.correctness == "01" else 2 * base - 1
-    return p.alpha * quality + p.beta * correctness
+    correctness = base if p.option("correctness_mode", "01") == "01" else 2 * base - 1
+    return p.option("reward_alpha", 1.0) * quality + p.option("reward_beta", 1.0) * correctness
 
 
 MODES: dict[str, RawRewardFn] = {
@@ -100,3 +99,28 @@ MODES: dict[str, RawRewardFn] = {
 def reward_modes() -> Mapping[str, RawRewardFn]:
     """All nine modes."""
     return MODES
+
+
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """The settings of the ``legacy`` mode."""
+    return [
+        Option(
+            ("--reward-alpha", "--reward_alpha"), "float", 1.0,
+            "legacy mode: weight of the beam quality.", commands=DATA_COMMANDS,
+        ),
+        Option(
+            ("--reward-beta", "--reward_beta"), "float", 1.0,
+            "legacy mode: weight of the correctness.", commands=DATA_COMMANDS,
+        ),
+        Option(
+            ("--correctness-mode", "--correctness_mode"), "choice", "01",
+            "legacy mode: correctness as 0/1 or -1/+1.", choices=("01", "pm1"),
+            commands=DATA_COMMANDS,
+        ),
+        Option(
+            ("--use-logprob", "--use_logprob"), "bool", False,
+            "legacy mode: quality = -logprob_score instead of beam_score.",
+            commands=DATA_COMMANDS,
+        ),
+    ]

@@ -1,0 +1,41 @@
+"""The data layer: input files -> validated, padded per-query tensors -> batches.
+
+Split along its seams: :mod:`.tables` (tables and batches), :mod:`.embeddings`,
+:mod:`.rljson` (RL data parsing), :mod:`.cache` (the prepared form) and :mod:`.load`.
+It never discovers plugins: the reward registry is handed in by the caller.
+"""
+
+from __future__ import annotations
+
+from .cache import CACHE_FORMAT, CACHE_SUFFIX, TABLE_FIELDS, cache_path_for, options_key
+from .embeddings import Embeddings, check_ids_in_range, load_embedding_table, load_embeddings
+from .embeddings import read_tensor_file
+from .load import file_fingerprint, load_rl_data
+from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
+from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CACHE_SUFFIX",
+    "POINTER_FIELDS",
+    "TABLE_FIELDS",
+    "Batch",
+    "DataOptions",
+    "Embeddings",
+    "LoadReport",
+    "QueryTable",
+    "build_table",
+    "cache_path_for",
+    "check_ids_in_range",
+    "file_fingerprint",
+    "gather_groups",
+    "iter_batches",
+    "load_embedding_table",
+    "load_embeddings",
+    "load_rl_data",
+    "make_batch",
+    "options_key",
+    "parse_rl_members",
+    "read_tensor_file",
+    "split_train_val",
+]

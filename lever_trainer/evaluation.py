@@ -1,0 +1,98 @@
+"""Gradient-free passes of a policy: sequence log-probs, validation, greedy selection."""
+
+from __future__ import annotations
+
+import torch
+
+from .data import Batch, Embeddings, QueryTable, iter_batches
+from .losses import rce_loss, sequence_logprobs
+from .metrics import selection_metrics
+from .policy import Policy
+
+#: RCE temperature of the validation loss (SPEC section 7).
+VAL_TAU = 1.0
+#: Smallest batch for gradient-free passes (reference log-probs, validation): without
+#: activations to keep, larger batches use the matmul units better.
+MIN_EVAL_BATCH = 128
+
+
+def policy_logprobs(model: Policy, batch: Batch) -> torch.Tensor:
+    """Teacher-forced sequence log-probs [B, G] of every candidate in ``batch``.
+
+    The query and pool are encoded once; all G sequences decode against that encoding.
+    """
+    encoding = model.encode(batch.query_emb, batch.cand_emb, batch.pool_mask)
+    logits, _ = model.decode(encoding, batch.pool_mask, batch.sequences)
+    return sequence_logprobs(logits, batch.sequences)
+
+
+class Evaluator:
+    """Eval-mode passes of ``model`` over tables, in batches of at least 128 queries."""
+
+    def __init__(
+        self, model: Policy, emb: Embeddings, device: torch.device, batch_size: int
+    ) -> None:
+        self.model = model
+        self.emb = emb
+        self.device = device
+        self.batch_size = max(batch_size, MIN_EVAL_BATCH)
+
+    @torch.no_grad()
+    def logprobs(self, table: QueryTable) -> torch.Tensor:
+        """Eval-mode sequence log-probs [Q, G] of every candidate of ``table`` (pads 0)."""
+        was_training = self.model.training
+        self.model.eval()
+        out = torch.zeros(table.rewards_raw.shape)
+        for batch in iter_batches(table, self.emb, self.batch_size):
+            lp = policy_logprobs(self.model, batch.to(self.device)).cpu()
+            out[batch.rows, : lp.shape[1]] = lp.masked_fill(~batch.cand_mask, 0.0)
+        self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def validate(self, table: QueryTable) -> dict[str, float]:
+        """Validation RCE loss (raw rewards, tau = 1, eval mode) and selection metrics."""
+        if len(table) == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for batch in iter_batches(table, self.emb, self.batch_size):
+            b = batch.to(self.device)
+            lp = policy_logprobs(self.model, b)
+            loss_sum += float(rce_loss(lp, b.rewards_raw, b.cand_mask, VAL_TAU)) * len(b)
+            for name, (values, defined) in selection_metrics(
+                lp, b.rewards_raw, b.correct, b.cand_mask
+            ).items():
+                sums[name] = sums.get(name, 0.0) + float(values[defined].sum())
+                counts[name] = counts.get(name, 0) + int(defined.sum())
+        self.model.train(was_training)
+        metrics = {"val_loss": loss_sum / len(table)}
+        for name, total in sums.items():
+            if counts[name]:
+                metrics[name] = total / counts[name]
+        return metrics
+
+
+#: The order of the epoch line's metrics; a phase's ``log_metrics`` follow.
+METRIC_ORDER = (
+    "train_loss",
+    "val_loss",
+    "policy_reward@1",
+    "random_reward",
+    "oracle_reward",
+    "normalized_gain",
+    "policy_correct@1",
+    "spearman",
+)
+
+
+def format_metrics(metrics: dict[str, float], extra: tuple[str, ...] = ()) -> str:
+    """One-line rendering of an epoch's metrics, in a stable order."""
+    keys = [*METRIC_ORDER, *(k for k in extra if k not in METRIC_ORDER)]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+__all__ = ["Evaluator", "format_metrics", "policy_logprobs"]

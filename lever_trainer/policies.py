@@ -1,0 +1,171 @@
+"""Building policies through the ``build_policy`` hook, fresh or from a checkpoint.
+
+A policy is named (``--policy NAME``, default ``pointer``) and built by the one active
+plugin that answers ``build_policy`` for that name. Checkpoints record the name, the
+embedding width and the policy's own options (``policy_options()``), so ``--sft-ckpt``,
+``--resume``, ``select`` and ``convert-checkpoint`` rebuild the same module. Foreign
+checkpoints carry no such record: their trunk shape (hidden width, layers) is read
+from the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    infer_policy_shape,
+    is_pickle_checkpoint,
+    load_into_model,
+    read_metadata,
+    read_state_dict,
+)
+from .errors import LeverError, PluginError
+from .plugins import PluginSet
+from .policy import Policy
+
+#: The policy a run uses when ``--policy`` is not given, and a foreign checkpoint's.
+DEFAULT_POLICY = "pointer"
+
+
+def known_policies(plugins: PluginSet) -> list[str]:
+    """Policy names the active plugins declare (module attribute ``POLICIES``)."""
+    names: list[str] = []
+    for info in plugins.active:
+        names += [str(n) for n in getattr(info.obj, "POLICIES", ())]
+    return sorted(set(names))
+
+
+def build_policy(
+    plugins: PluginSet, name: str, input_dim: int, options: Mapping[str, Any]
+) -> Policy:
+    """The policy ``name`` for width ``input_dim``, built by the plugin that answers."""
+    decision = plugins.call_single(
+        "build_policy", name=name, input_dim=input_dim, options=dict(options)
+    )
+    if decision is None:
+        known = ", ".join(known_policies(plugins)) or "none"
+        raise LeverError(
+            f"--policy: no active plugin builds policy {name!r} (available: {known}; "
+            "see `lever-train plugins`)"
+        )
+    policy = decision.value
+    if not isinstance(policy, Policy):
+        raise PluginError(
+            f"plugin {decision.plugin}: hook build_policy returned {type(policy).__name__}, "
+            "expected a lever_trainer.api.Policy"
+        )
+    return policy
+
+
+def recorded_policy(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(name, options)`` recorded in one of this project's checkpoints, if any."""
+    spec = metadata.get("policy")
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        options = spec.get("options")
+        return spec["name"], dict(options) if isinstance(options, Mapping) else {}
+    model = metadata.get("model")  # checkpoints written before policies were plugins
+    if isinstance(model, Mapping):
+        return DEFAULT_POLICY, {k: v for k, v in model.items() if k != "input_dim"}
+    return None
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], trust: bool, warn: Callable[[str], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights (our names) and metadata (empty for foreign formats) of a checkpoint."""
+    if trust and warn is not None and Path(path).is_file() and is_pickle_checkpoint(path):
+        warn(
+            f"warning: --trust-checkpoint: loading {path} with a full (unsafe) pickle "
+            "load; only do this for files from a source you trust"
+        )
+    state_dict = read_state_dict(path, trust)
+    metadata: dict[str, Any] = {}
+    if not is_pickle_checkpoint(path):
+        try:
+            metadata = read_metadata(path)
+        except Exception:  # weights readable, header not ours: a foreign safetensors file
+            metadata = {}
+    return state_dict, metadata
+
+
+def start_policy(
+    plugins: PluginSet,
+    name: str,
+    input_dim: int,
+    options: Mapping[str, Any],
+    given: Mapping[str, str],
+    sft_ckpt: str | None = None,
+    trust: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Policy, list[str]]:
+    """The policy a run starts from: built fresh, or loaded from ``sft_ckpt``.
+
+    ``options`` are the run's option values; ``given`` maps the policy options the user
+    set explicitly to their flag (``{"hidden_dim": "--hidden-dim"}``). A starting
+    checkpoint's recorded options (or, for a foreign file, the trunk shape of its
+    weights) fill the options the user did not set; an explicit value that disagrees
+    is an error. The checkpoint may come from another policy (a ``pointer``
+    checkpoint into ``pointer-gru``, as upstream starts its variants): the shared
+    weights load, and the log lists the parameters left at their initial values.
+    """
+    merged = dict(options)
+    state_dict: dict[str, torch.Tensor] | None = None
+    if sft_ckpt:
+        state_dict, metadata = read_checkpoint(sft_ckpt, trust, warn)
+        recorded = recorded_policy(metadata)
+        from_ckpt: dict[str, Any] = dict(infer_policy_shape(state_dict))
+        if recorded is not None:
+            from_ckpt.update(recorded[1])
+        for key, value in from_ckpt.items():
+            flag = given.get(key)
+            if flag is not None and merged.get(key) != value:
+                raise LeverError(
+                    f"{flag} {merged.get(key)} disagrees with --sft-ckpt {sft_ckpt}, "
+                    f"which has {key.replace('_', ' ')} {value}"
+                )
+            if flag is None:
+                merged[key] = value
+    policy = build_policy(plugins, name, input_dim, merged)
+    lines: list[str] = []
+    if state_dict is not None:
+        assert sft_ckpt is not None
+        report = load_into_model(
+            policy, state_dict, sft_ckpt, f" (embedding width d={input_dim} from --img-emb)"
+        )
+        lines = report.lines()
+    return policy, lines
+
+
+def policy_from_checkpoint(
+    plugins: PluginSet,
+    path: str | os.PathLike[str],
+    input_dim: int,
+    trust: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Policy, list[str]]:
+    """Rebuild the exact policy a checkpoint was trained as, with its weights (select,
+    evaluate). Foreign checkpoints rebuild the default policy at their trunk shape."""
+    state_dict, metadata = read_checkpoint(path, trust, warn)
+    recorded = recorded_policy(metadata)
+    if recorded is None:
+        name, options = DEFAULT_POLICY, dict(infer_policy_shape(state_dict))
+    else:
+        name, options = recorded
+    policy = build_policy(plugins, name, input_dim, options)
+    report = load_into_model(policy, state_dict, str(path), f" (embedding width d={input_dim})")
+    return policy, report.lines()
+
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "build_policy",
+    "known_policies",
+    "policy_from_checkpoint",
+    "recorded_policy",
+    "start_policy",
+]

@@ -1,0 +1,48 @@
+"""The GRPO curriculum of SPEC section 6: which logged candidates a step keeps. On by default.
+
+In GRPO epochs ``< --early-epochs`` each query keeps its top ``--early-top-k``
+candidates by the phase's reward, later its top ``--late-top-k``; ties go to the lower
+candidate index. ``--no-plugin grpo-curriculum`` keeps every candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lever_trainer.api import Batch, Option, TrainState, hookimpl, top_k_mask
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "GRPO keeps each query's top 3 candidates in its first epoch, then the top 5"
+
+
+@hookimpl
+def select_candidates(
+    state: TrainState, phase: str, batch: Batch, rewards: torch.Tensor
+) -> torch.Tensor | None:
+    """The top-k mask of the current GRPO epoch."""
+    if phase != "grpo":
+        return None
+    early = state.epoch - 1 < state.options["early_epochs"]
+    k = state.options["early_top_k"] if early else state.options["late_top_k"]
+    return top_k_mask(rewards, batch.cand_mask, int(k))
+
+
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """The curriculum's two group sizes and the switch epoch."""
+    return [
+        Option(
+            ("--early-top-k", "--early_top_k"), "int", 3,
+            "Candidates kept per query in the early GRPO epochs.", min=1,
+        ),
+        Option(
+            ("--late-top-k", "--late_top_k"), "int", 5,
+            "Candidates kept per query in the later GRPO epochs.", min=1,
+        ),
+        Option(
+            ("--early-epochs", "--early_epochs"), "int", 1,
+            "How many GRPO epochs count as early.", min=0,
+        ),
+    ]

@@ -1,0 +1,77 @@
+"""Phase ``rce`` (SPEC section 5): reward-weighted cross-entropy over each query's logged
+sequences, with the temperature annealed linearly over the phase's steps. On by default.
+
+For one query, ``w = softmax(r / tau)`` over its candidates' rewards (which reward is
+the ``select_reward`` answer for ``rce``: raw by default) and the loss is
+``sum_j w_j * CE_j`` with ``CE_j`` the teacher-forced cross-entropy of sequence j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lever_trainer.api import (
+    Batch,
+    Option,
+    Phase,
+    TrainState,
+    hookimpl,
+    policy_logprobs,
+    rce_loss,
+    rce_temperature,
+)
+
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = "phase `rce` (SPEC 5): reward-weighted cross-entropy warm-up"
+
+
+class RCEPhase(Phase):
+    """Reward-weighted cross-entropy at an annealed temperature."""
+
+    name = "rce"
+    order = 20
+    epochs_option = "rce_epochs"
+    lr_option = "rce_lr"
+
+    def temperature(self, state: TrainState) -> float:
+        """``tau_i`` of the current step ``i`` over the phase's ``epochs * steps`` steps."""
+        total = state.epochs * state.steps_per_epoch
+        return rce_temperature(
+            state.step, total, state.options["rce_temp_start"], state.options["rce_temp_end"]
+        )
+
+    def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        """``loss`` and the step's temperature ``tau``."""
+        tau = self.temperature(state)
+        logprobs = policy_logprobs(state.model, batch)
+        rewards = state.rewards[self.name].compute(batch)
+        return {"loss": rce_loss(logprobs, rewards, batch.cand_mask, tau), "tau": torch.tensor(tau)}
+
+
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """Epochs, learning rate and the temperature schedule of RCE."""
+    return [
+        Option(("--rce-epochs", "--rce_epochs"), "int", 5, "Epochs of the RCE phase.", min=0),
+        Option(
+            ("--rce-lr", "--rce_lr"), "float", 1e-4, "RCE learning rate (AdamW).", min=0,
+            min_open=True,
+        ),
+        Option(
+            ("--rce-temp-start", "--rce_temp_start"), "float", 2.0,
+            "RCE reward temperature at the first step.", min=0, min_open=True,
+        ),
+        Option(
+            ("--rce-temp-end", "--rce_temp_end"), "float", 0.5,
+            "RCE reward temperature at the last step (linear in between).", min=0,
+            min_open=True,
+        ),
+    ]
+
+
+@hookimpl
+def phases() -> Sequence[Phase]:
+    """The RCE phase."""
+    return [RCEPhase()]
