@@ -7,7 +7,7 @@ Generates an RL data file (SPEC 2.1: ``pointer_global`` encoding, pools of 64
 ``candidate_pool_ids``, exactly 12 logged sequences of length 2 per query, with the
 fields a real file carries), then measures each of these in a fresh process:
 
-* ``load_rl_data``      - ``load_rl_data(path, DataOptions(), builtin_registry())``, no prepared cache;
+* ``load_rl_data``      - ``load_rl_data(path, DataOptions(), registry)``, no prepared cache;
 * ``json.load``         - the straightforward ``json.load`` of the whole file;
 * ``prepare``           - the first ``cache=True`` call: parse and write the cache;
 * ``cache read``        - the second ``cache=True`` call: read the prepared form.

@@ -34,8 +34,8 @@ from .options import DATA_COMMANDS, Option
 from .phase import Phase
 from .policy import (
     CHOSEN_LOGIT,
-    Policy,
     PointerTrunk,
+    Policy,
     TrunkConfig,
     decode_steps,
     dropout,
@@ -79,8 +79,8 @@ __all__ = [
     "Option",
     "Phase",
     "PluginError",
-    "Policy",
     "PointerTrunk",
+    "Policy",
     "QueryTable",
     "RawRewardFn",
     "RewardChoice",

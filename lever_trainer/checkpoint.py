@@ -416,7 +416,8 @@ def convert_checkpoint(
             )
     own = model.state_dict()
     kept = {k: v.detach().clone() for k, v in state_dict.items() if k in own}
-    options = model.policy_options() if hasattr(model, "policy_options") else config.options()
+    policy_options = getattr(model, "policy_options", None)
+    options = policy_options() if callable(policy_options) else config.options()
     metadata: dict[str, Any] = {
         "policy": {
             "name": getattr(model, "policy_name", ""),

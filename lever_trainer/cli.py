@@ -52,7 +52,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ------------------------------------------------------------------ option types
-class Number(click.ParamType):
+class Number(click.ParamType):  # type: ignore[type-arg]
     """An int or float within bounds; NaN and infinities are refused."""
 
     def __init__(
@@ -68,8 +68,11 @@ class Number(click.ParamType):
         self.name = kind.__name__
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            number = value
+        number: float
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if self.kind is int and not float(value).is_integer():
+                self.fail(f"{value!r} is not a valid int", param, ctx)
+            number = self.kind(value)
         else:
             try:
                 number = self.kind(str(value).strip())
@@ -77,9 +80,7 @@ class Number(click.ParamType):
                 self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
         if isinstance(number, float) and not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        low = self.min is not None and (
-            number < self.min or (self.min_open and number == self.min)
-        )
+        low = self.min is not None and (number < self.min or (self.min_open and number == self.min))
         high = self.max is not None and (
             number > self.max or (self.max_open and number == self.max)
         )
@@ -110,9 +111,7 @@ def click_option(option: Option, group: str) -> click.Option:
         if option.type == "int":
             kwargs["type"] = Number(int, option.min, option.max, option.min_open, option.max_open)
         elif option.type == "float":
-            kwargs["type"] = Number(
-                float, option.min, option.max, option.min_open, option.max_open
-            )
+            kwargs["type"] = Number(float, option.min, option.max, option.min_open, option.max_open)
         elif option.type == "choice":
             kwargs["type"] = click.Choice(list(option.choices))
     param = click.Option([*option.flags, option.dest], **kwargs)
@@ -148,13 +147,26 @@ class GroupedCommand(click.Command):
 # ------------------------------------------------------------------ shared options
 def embedding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--img-emb, --cand-emb and --emb-key (shared by train, select and evaluate)."""
-    fn = opt("--emb-key", group="Data", default=None, help="Tensor name inside a multi-tensor embedding file.")(fn)
     fn = opt(
-        "--cand-emb", "cand_emb", group="Data", type=click.Path(dir_okay=False), default=None,
+        "--emb-key",
+        group="Data",
+        default=None,
+        help="Tensor name inside a multi-tensor embedding file.",
+    )(fn)
+    fn = opt(
+        "--cand-emb",
+        "cand_emb",
+        group="Data",
+        type=click.Path(dir_okay=False),
+        default=None,
         help="Separate candidate embedding table (default: --img-emb).",
     )(fn)
     fn = opt(
-        "--img-emb", "--img_emb", "img_emb", group="Data", type=click.Path(dir_okay=False),
+        "--img-emb",
+        "--img_emb",
+        "img_emb",
+        group="Data",
+        type=click.Path(dir_okay=False),
         help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.  [required]",
     )(fn)
     return fn
@@ -164,48 +176,95 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The core options that decide how RL data becomes a table (train, prepare, select)."""
     decorators = [
         opt(
-            "--beam-data", "--beam_data", "beam_data", group="Data",
-            type=click.Path(dir_okay=False), help="RL data JSON (SPEC 2.1).  [required]",
+            "--beam-data",
+            "--beam_data",
+            "beam_data",
+            group="Data",
+            type=click.Path(dir_okay=False),
+            help="RL data JSON (SPEC 2.1).  [required]",
         ),
         opt(
-            "--max-pool", "--max_pool", "max_pool", group="Data", type=Number(int, 1),
-            default=64, show_default=True, help="Cut each query's pool to its first N ids.",
+            "--max-pool",
+            "--max_pool",
+            "max_pool",
+            group="Data",
+            type=Number(int, 1),
+            default=64,
+            show_default=True,
+            help="Cut each query's pool to its first N ids.",
         ),
         opt(
-            "--keep-fallback", "--no_skip_fallback_reward", "keep_fallback", group="Data",
-            is_flag=True, help="Keep candidates whose evaluation fell back.",
+            "--keep-fallback",
+            "--no_skip_fallback_reward",
+            "keep_fallback",
+            group="Data",
+            is_flag=True,
+            help="Keep candidates whose evaluation fell back.",
         ),
         opt(
-            "--require-positive-query", "--require_positive_query", "require_positive",
-            group="Data", is_flag=True,
+            "--require-positive-query",
+            "--require_positive_query",
+            "require_positive",
+            group="Data",
+            is_flag=True,
             help="Keep only queries with at least one vqa_correct == 1 candidate.",
         ),
         opt(
-            "--gen-methods", "--gen_methods", "gen_methods", group="Data", default=None,
+            "--gen-methods",
+            "--gen_methods",
+            "gen_methods",
+            group="Data",
+            default=None,
             metavar="LIST",
             help="Keep only candidates of these gen_method values, comma-separated "
             "(e.g. beam,sample).",
         ),
         opt(
-            "--reward-mode", "--reward_mode", "reward_mode", group="Rewards",
-            default="hard_plus_soft", show_default=True,
+            "--reward-mode",
+            "--reward_mode",
+            "reward_mode",
+            group="Rewards",
+            default="hard_plus_soft",
+            show_default=True,
             help="Raw-reward formula (SPEC 3.1), from a plugin.",
         ),
         opt(
-            "--hard-weight", "--hard_weight", "hard_weight", group="Rewards", type=Number(float),
-            default=1.0, show_default=True, help="wh: weight of vqa_correct.",
+            "--hard-weight",
+            "--hard_weight",
+            "hard_weight",
+            group="Rewards",
+            type=Number(float),
+            default=1.0,
+            show_default=True,
+            help="wh: weight of vqa_correct.",
         ),
         opt(
-            "--soft-weight", "--soft_weight", "soft_weight", group="Rewards", type=Number(float),
-            default=1.0, show_default=True, help="ws: weight of vqa_acc_score / vqa_gt_prob.",
+            "--soft-weight",
+            "--soft_weight",
+            "soft_weight",
+            group="Rewards",
+            type=Number(float),
+            default=1.0,
+            show_default=True,
+            help="ws: weight of vqa_acc_score / vqa_gt_prob.",
         ),
         opt(
-            "--rel-weight", "--rel_weight", "rel_weight", group="Rewards", type=Number(float),
-            default=0.1, show_default=True, help="wl: weight of vqa_rel_score.",
+            "--rel-weight",
+            "--rel_weight",
+            "rel_weight",
+            group="Rewards",
+            type=Number(float),
+            default=0.1,
+            show_default=True,
+            help="wl: weight of vqa_rel_score.",
         ),
         opt(
-            "--normalize", "--normalize_method", "normalize", group="Rewards",
-            default="z_score_clamp", show_default=True,
+            "--normalize",
+            "--normalize_method",
+            "normalize",
+            group="Rewards",
+            default="z_score_clamp",
+            show_default=True,
             help="Group normaliser (SPEC 3.2), from a plugin.",
         ),
     ]
@@ -217,11 +276,19 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def plugin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--plugin and --no-plugin."""
     fn = opt(
-        "--no-plugin", "plugins_off", group="Plugins", multiple=True, metavar="NAME",
+        "--no-plugin",
+        "plugins_off",
+        group="Plugins",
+        multiple=True,
+        metavar="NAME",
         help="Disable a plugin that is on by default (repeatable).",
     )(fn)
     fn = opt(
-        "--plugin", "plugins_on", group="Plugins", multiple=True, metavar="NAME",
+        "--plugin",
+        "plugins_on",
+        group="Plugins",
+        multiple=True,
+        metavar="NAME",
         help="Enable an installed plugin (repeatable).",
     )(fn)
     return fn
@@ -231,33 +298,62 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--policy and the trunk's options, which every policy may read."""
     decorators = [
         opt(
-            "--policy", group="Policy", default="pointer", show_default=True, metavar="NAME",
+            "--policy",
+            group="Policy",
+            default="pointer",
+            show_default=True,
+            metavar="NAME",
             help="The policy to train, built by a plugin (see `lever-train plugins`).",
         ),
         opt(
-            "--hidden-dim", "--hidden_dim", "hidden_dim", group="Policy", type=Number(int, 1),
-            default=None, help="Policy width (default 256, or the --sft-ckpt's).",
+            "--hidden-dim",
+            "--hidden_dim",
+            "hidden_dim",
+            group="Policy",
+            type=Number(int, 1),
+            default=None,
+            help="Policy width (default 256, or the --sft-ckpt's).",
         ),
         opt(
-            "--num-layers", "--num_layers", "num_layers", group="Policy", type=Number(int, 1, 64),
-            default=None, help="Cross-attention layers (default 1, or the --sft-ckpt's).",
+            "--num-layers",
+            "--num_layers",
+            "num_layers",
+            group="Policy",
+            type=Number(int, 1, 64),
+            default=None,
+            help="Cross-attention layers (default 1, or the --sft-ckpt's).",
         ),
         opt(
-            "--num-heads", "--num_heads", "num_heads", group="Policy", type=Number(int, 1),
-            default=None, help="Attention heads (default 1); must divide the width.",
+            "--num-heads",
+            "--num_heads",
+            "num_heads",
+            group="Policy",
+            type=Number(int, 1),
+            default=None,
+            help="Attention heads (default 1); must divide the width.",
         ),
         opt(
-            "--dropout", group="Policy", type=Number(float, 0, 1, max_open=True), default=None,
+            "--dropout",
+            group="Policy",
+            type=Number(float, 0, 1, max_open=True),
+            default=None,
             help="Dropout on the query state and item keys in training (default 0.5).",
         ),
         opt(
-            "--attn-dropout", "--attn_dropout", "attn_dropout", group="Policy",
-            type=Number(float, 0, 1, max_open=True), default=None,
+            "--attn-dropout",
+            "--attn_dropout",
+            "attn_dropout",
+            group="Policy",
+            type=Number(float, 0, 1, max_open=True),
+            default=None,
             help="Dropout on the attention weights in training (default 0.1).",
         ),
         opt(
-            "--policy-temperature", "temperature", group="Policy",
-            type=Number(float, 0, min_open=True), default=None,
+            "--policy-temperature",
+            "temperature",
+            group="Policy",
+            type=Number(float, 0, min_open=True),
+            default=None,
             help="Logit temperature tau_p of the pointer scores (default 0.1).",
         ),
     ]
@@ -272,7 +368,8 @@ def given_options(ctx: click.Context, opts: dict[str, Any]) -> dict[str, str]:
     return {
         dest: flags.get(dest, dest)
         for dest in opts
-        if ctx.get_parameter_source(dest) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if ctx.get_parameter_source(dest)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
 
 
@@ -324,55 +421,146 @@ def main() -> None:
 @main.command("train", cls=GroupedCommand)
 @data_options
 @opt(
-    "--val-ratio", "--val_ratio", "val_ratio", group="Data", type=Number(float, 0, 1, max_open=True),
-    default=0.2, show_default=True, help="Share of queries (the highest ids) kept for validation.",
+    "--val-ratio",
+    "--val_ratio",
+    "val_ratio",
+    group="Data",
+    type=Number(float, 0, 1, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of queries (the highest ids) kept for validation.",
 )
-@opt("--no-cache", group="Data", is_flag=True, help="Neither read nor write the prepared cache next to --beam-data.")
+@opt(
+    "--no-cache",
+    group="Data",
+    is_flag=True,
+    help="Neither read nor write the prepared cache next to --beam-data.",
+)
 @embedding_options
 @policy_options
 @opt(
-    "--sft-ckpt", "--sft_ckpt", "sft_ckpt", group="Policy", type=click.Path(dir_okay=False),
-    default=None, help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
+    "--sft-ckpt",
+    "--sft_ckpt",
+    "sft_ckpt",
+    group="Policy",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
 )
-@opt("--trust-checkpoint", group="Policy", is_flag=True, help="Allow a full (unsafe) pickle load of --sft-ckpt.")
 @opt(
-    "--output-dir", "--output_dir", "output_dir", group="Run", type=click.Path(file_okay=False),
+    "--trust-checkpoint",
+    group="Policy",
+    is_flag=True,
+    help="Allow a full (unsafe) pickle load of --sft-ckpt.",
+)
+@opt(
+    "--output-dir",
+    "--output_dir",
+    "output_dir",
+    group="Run",
+    type=click.Path(file_okay=False),
     help="Where checkpoints and metrics go.  [required]",
 )
-@opt("--overwrite", group="Run", is_flag=True, help="Write over checkpoints already in --output-dir.")
 @opt(
-    "--batch-size", "--batch_size", "batch_size", group="Run", type=Number(int, 1), default=32,
-    show_default=True, help="Queries per optimiser step.",
+    "--overwrite", group="Run", is_flag=True, help="Write over checkpoints already in --output-dir."
 )
 @opt(
-    "--weight-decay", "--weight_decay", "weight_decay", group="Run", type=Number(float, 0),
-    default=0.01, show_default=True, help="AdamW weight decay of every phase.",
+    "--batch-size",
+    "--batch_size",
+    "batch_size",
+    group="Run",
+    type=Number(int, 1),
+    default=32,
+    show_default=True,
+    help="Queries per optimiser step.",
 )
 @opt(
-    "--grad-clip", "--grad_clip", "grad_clip", group="Run", type=Number(float, 0, min_open=True),
-    default=1.0, show_default=True, help="Gradient-norm clip of every step.",
+    "--weight-decay",
+    "--weight_decay",
+    "weight_decay",
+    group="Run",
+    type=Number(float, 0),
+    default=0.01,
+    show_default=True,
+    help="AdamW weight decay of every phase.",
 )
-@opt("--seed", group="Run", type=Number(int, 0, 2**63 - 1), default=42, show_default=True, help="Seed of the initialisation, dropout and the query order.")
+@opt(
+    "--grad-clip",
+    "--grad_clip",
+    "grad_clip",
+    group="Run",
+    type=Number(float, 0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Gradient-norm clip of every step.",
+)
+@opt(
+    "--seed",
+    group="Run",
+    type=Number(int, 0, 2**63 - 1),
+    default=42,
+    show_default=True,
+    help="Seed of the initialisation, dropout and the query order.",
+)
 @opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@opt("--deterministic", group="Run", is_flag=True, help="Deterministic algorithms only (also on CUDA); slower on GPU.")
 @opt(
-    "--max-bad-steps", group="Run", type=Number(int, 1), default=10, show_default=True,
+    "--deterministic",
+    group="Run",
+    is_flag=True,
+    help="Deterministic algorithms only (also on CUDA); slower on GPU.",
+)
+@opt(
+    "--max-bad-steps",
+    group="Run",
+    type=Number(int, 1),
+    default=10,
+    show_default=True,
     help="Stop after this many consecutive steps with a non-finite loss or gradient.",
 )
-@opt("--keep-last", group="Run", type=Number(int, 1), default=None, help="Keep only the newest N epoch checkpoints (default: all).")
 @opt(
-    "--best-metric", group="Run", default=None, metavar="NAME",
+    "--keep-last",
+    group="Run",
+    type=Number(int, 1),
+    default=None,
+    help="Keep only the newest N epoch checkpoints (default: all).",
+)
+@opt(
+    "--best-metric",
+    group="Run",
+    default=None,
+    metavar="NAME",
     help="Also keep the best epoch by this validation metric as best.safetensors.",
 )
-@opt("--best-mode", group="Run", type=click.Choice(["max", "min"]), default="max", show_default=True, help="Whether a larger or smaller --best-metric is better.")
 @opt(
-    "--resume", group="Run", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+    "--best-mode",
+    group="Run",
+    type=click.Choice(["max", "min"]),
+    default="max",
+    show_default=True,
+    help="Whether a larger or smaller --best-metric is better.",
+)
+@opt(
+    "--resume",
+    group="Run",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="RUN_DIR",
     help="Continue the run in RUN_DIR from its newest snapshot, with its options.",
 )
 @plugin_options
 @opt("--rce_use_raw_reward", group="Plugins", is_flag=True, help="Same as --plugin raw-reward.")
-@opt("--rce_use_normalized_reward", group="Plugins", is_flag=True, help="Same as --plugin normalized-reward.")
-@opt("--freeze_backbone_in_grpo", group="Plugins", is_flag=True, help="Same as --plugin freeze-backbone.")
+@opt(
+    "--rce_use_normalized_reward",
+    group="Plugins",
+    is_flag=True,
+    help="Same as --plugin normalized-reward.",
+)
+@opt(
+    "--freeze_backbone_in_grpo",
+    group="Plugins",
+    is_flag=True,
+    help="Same as --plugin freeze-backbone.",
+)
 @click.pass_context
 @user_errors
 def train(ctx: click.Context, **opts: Any) -> None:
@@ -514,22 +702,41 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
 
 @main.command("select", cls=GroupedCommand)
 @opt(
-    "--ckpt", group="Policy", type=click.Path(dir_okay=False),
+    "--ckpt",
+    group="Policy",
+    type=click.Path(dir_okay=False),
     help="A checkpoint of this project (or any --sft-ckpt format).  [required]",
 )
 @data_options
 @embedding_options
 @opt(
-    "--output", group="Run", type=click.Path(dir_okay=False),
+    "--output",
+    group="Run",
+    type=click.Path(dir_okay=False),
     help="JSON file to write: {query id: [global ids]}.  [required]",
 )
 @opt(
-    "--shots", group="Run", type=Number(int, 1), default=None,
+    "--shots",
+    group="Run",
+    type=Number(int, 1),
+    default=None,
     help="Demonstrations to pick per query (default: the data's S).",
 )
-@opt("--batch-size", group="Run", type=Number(int, 1), default=256, show_default=True, help="Queries per forward pass.")
+@opt(
+    "--batch-size",
+    group="Run",
+    type=Number(int, 1),
+    default=256,
+    show_default=True,
+    help="Queries per forward pass.",
+)
 @opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@opt("--trust-checkpoint", group="Policy", is_flag=True, help="Allow a full (unsafe) pickle load of --ckpt.")
+@opt(
+    "--trust-checkpoint",
+    group="Policy",
+    is_flag=True,
+    help="Allow a full (unsafe) pickle load of --ckpt.",
+)
 @plugin_options
 @click.pass_context
 @user_errors
@@ -541,7 +748,12 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     from .run import activate_plugins, load_data, resolve_device
     from .select import select_demonstrations
 
-    for name, flag in (("ckpt", "--ckpt"), ("beam_data", "--beam-data"), ("img_emb", "--img-emb"), ("output", "--output")):
+    for name, flag in (
+        ("ckpt", "--ckpt"),
+        ("beam_data", "--beam-data"),
+        ("img_emb", "--img-emb"),
+        ("output", "--output"),
+    ):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
     device = resolve_device(opts["device"], warn)

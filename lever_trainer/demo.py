@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -300,9 +300,7 @@ class PointerTrunk(Policy):
         return logits
 
 
-def decode_steps(
-    labels: torch.Tensor | None, num_steps: int | None
-) -> tuple[int, int]:
+def decode_steps(labels: torch.Tensor | None, num_steps: int | None) -> tuple[int, int]:
     """``(G, S)`` of a decode call: from ``labels`` [B, G, S], else ``(1, num_steps)``."""
     if labels is None:
         if num_steps is None:
@@ -313,8 +311,8 @@ def decode_steps(
 
 __all__ = [
     "CHOSEN_LOGIT",
-    "Policy",
     "PointerTrunk",
+    "Policy",
     "TrunkConfig",
     "decode_steps",
     "dropout",

@@ -154,7 +154,9 @@ def make_data_options(opts: Mapping[str, Any], plugins: PluginSet) -> DataOption
         if plugin in providers
     }
     params = RewardParams(
-        hard=opts["hard_weight"], soft=opts["soft_weight"], rel=opts["rel_weight"],
+        hard=opts["hard_weight"],
+        soft=opts["soft_weight"],
+        rel=opts["rel_weight"],
         options=plugin_opts,
     )
     return DataOptions(
@@ -272,9 +274,7 @@ class Run:
     resume: dict[str, Any] | None = None
 
 
-def assemble(
-    opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: Echo
-) -> Run:
+def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: Echo) -> Run:
     """Build a run from parsed options (``given``: the options set explicitly, by dest).
 
     With ``opts["resume"]`` the run's own options come from its ``run_config.json``.
@@ -348,8 +348,16 @@ def assemble(
     }
     options = {**opts, **plugin_values}
     trainer = Trainer(
-        config, policy, train_table, val_table, emb, plugins, output_dir,
-        options=options, run_metadata=run_metadata, log=echo,
+        config,
+        policy,
+        train_table,
+        val_table,
+        emb,
+        plugins,
+        output_dir,
+        options=options,
+        run_metadata=run_metadata,
+        log=echo,
     )
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
     if resume is not None:
@@ -363,7 +371,9 @@ def assemble(
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LeverError(f"--output-dir: cannot create {output_dir} ({exc.strerror or exc})") from None
+        raise LeverError(
+            f"--output-dir: cannot create {output_dir} ({exc.strerror or exc})"
+        ) from None
     run_config = {
         "train_config": config.to_dict(),
         "policy": {

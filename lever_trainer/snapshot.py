@@ -94,7 +94,9 @@ def write(path: Path, snap: dict[str, Any]) -> None:
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
-        raise LeverError(f"{path}: cannot write the resume snapshot ({exc.strerror or exc})") from None
+        raise LeverError(
+            f"{path}: cannot write the resume snapshot ({exc.strerror or exc})"
+        ) from None
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -174,9 +174,7 @@ class Trainer:
         for phase in self.phases_to_run(None):
             if not phase.needs_reward:
                 continue
-            decision = self.plugins.call_single(
-                "select_reward", state=self.state, phase=phase.name
-            )
+            decision = self.plugins.call_single("select_reward", state=self.state, phase=phase.name)
             if decision is None or not isinstance(decision.value, RewardChoice):
                 raise LeverError(
                     f"no active plugin answers hook select_reward for phase {phase.name!r}; "
@@ -184,8 +182,7 @@ class Trainer:
                 )
             choice: RewardChoice = decision.value
             self.state.log(
-                f"{phase.name.upper()} reward: {choice.name} ({choice.source}) "
-                f"[{decision.label}]"
+                f"{phase.name.upper()} reward: {choice.name} ({choice.source}) [{decision.label}]"
             )
             decisions[phase.name] = decision
             self.state.rewards[phase.name] = choice

@@ -480,7 +480,9 @@ def mutated_documents(draw: st.DrawFn) -> tuple[str, DataOptions]:
 
 
 def test_base_document_loads(tmp_path: Path) -> None:
-    table, _ = load_rl_data(write_json(tmp_path / "rl.json", BASE), DataOptions(), builtin_registry())
+    table, _ = load_rl_data(
+        write_json(tmp_path / "rl.json", BASE), DataOptions(), builtin_registry()
+    )
     assert table.query_ids.tolist() == [1, 2]
     assert table.group_len.tolist() == [1, 3]
 

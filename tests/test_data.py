@@ -29,7 +29,9 @@ from lever_trainer.errors import LeverError
 
 def load(tmp_path: Path, data: Any, opts: DataOptions | None = None) -> Any:
     """Write ``data`` as rl.json and load it."""
-    return load_rl_data(write_json(tmp_path / "rl.json", data), opts or DataOptions(), builtin_registry())
+    return load_rl_data(
+        write_json(tmp_path / "rl.json", data), opts or DataOptions(), builtin_registry()
+    )
 
 
 def row_of(table: Any, qid: int) -> int:

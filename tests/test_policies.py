@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lever_trainer.api import Policy
 from lever_trainer_plugins import (
     policy_additive,
     policy_coverage,
@@ -30,10 +34,6 @@ from lever_trainer_plugins import (
     policy_stop,
     policy_two_stage,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-from lever_trainer.api import Policy
 
 BUNDLE = Path(__file__).parent / "data" / "variants.safetensors"
 D = 768

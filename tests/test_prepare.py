@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import builtin_registry
 import torch
+from conftest import builtin_registry
 
 import lever_trainer.jsonstream as jsonstream
 from lever_trainer.data import TABLE_FIELDS, DataOptions, cache_path_for, load_rl_data
@@ -56,7 +56,9 @@ def test_cache_is_rebuilt_when_options_change(demo_files) -> None:
     assert report.cache.startswith("wrote")
     assert "vqa_eval_mode=fallback" not in report.dropped
     # val_ratio only splits the table; it does not invalidate the cache
-    _, report = load_rl_data(data, DataOptions(keep_fallback=True, val_ratio=0.5), builtin_registry(), cache=True)
+    _, report = load_rl_data(
+        data, DataOptions(keep_fallback=True, val_ratio=0.5), builtin_registry(), cache=True
+    )
     assert report.cache.startswith("read")
 
 

@@ -63,6 +63,8 @@ def params(**kw: Any) -> RewardParams:
     """RewardParams with the legacy/normaliser settings given by their short names."""
     weights = {k: kw.pop(k) for k in ("hard", "soft", "rel") if k in kw}
     return RewardParams(**weights, options={PLUGIN_OPTION[k]: v for k, v in kw.items()})
+
+
 WEIGHTED = RewardParams(hard=2.0, soft=0.5, rel=0.4)
 
 
@@ -198,9 +200,7 @@ def test_raw_rewards_are_clipped_to_five(tmp_path: Path) -> None:
     assert got == pytest.approx([5.0, -5.0, 0.1])
 
     # use_logprob: quality = -logprob_score = -3, alpha 10 -> -30 + 1 = -29 -> -5
-    opts = DataOptions(
-        reward_mode="legacy", reward_params=params(alpha=10.0, use_logprob=True)
-    )
+    opts = DataOptions(reward_mode="legacy", reward_params=params(alpha=10.0, use_logprob=True))
     got, _ = load(tmp_path, [{"logprob_score": 3.0, "vqa_correct": 1}, {}], opts)
     assert got == pytest.approx([-5.0, 0.0])
 

@@ -8,8 +8,13 @@ It never discovers plugins: the reward registry is handed in by the caller.
 from __future__ import annotations
 
 from .cache import CACHE_FORMAT, CACHE_SUFFIX, TABLE_FIELDS, cache_path_for, options_key
-from .embeddings import Embeddings, check_ids_in_range, load_embedding_table, load_embeddings
-from .embeddings import read_tensor_file
+from .embeddings import (
+    Embeddings,
+    check_ids_in_range,
+    load_embedding_table,
+    load_embeddings,
+    read_tensor_file,
+)
 from .load import file_fingerprint, load_rl_data
 from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
 from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val

@@ -15,6 +15,7 @@ from ..errors import LeverError
 if TYPE_CHECKING:
     from .tables import QueryTable
 
+
 @dataclass
 class Embeddings:
     """Query and candidate embedding tables, each [N, d] float32, indexed by global id."""

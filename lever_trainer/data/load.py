@@ -15,6 +15,7 @@ from .cache import cache_path_for, load_prepared, save_prepared
 from .rljson import DataOptions, LoadReport, parse_rl_members
 from .tables import QueryTable
 
+
 def load_rl_data(
     path: str | os.PathLike[str],
     opts: DataOptions,
@@ -57,7 +58,6 @@ def load_rl_data(
             if warn is not None:
                 warn(f"warning: cannot write the prepared cache {target} ({exc.strerror or exc})")
     return table, report
-
 
 
 def file_fingerprint(*paths: str | os.PathLike[str] | None) -> str:

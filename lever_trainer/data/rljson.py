@@ -74,7 +74,6 @@ class LoadReport:
         return out
 
 
-
 _MAX_ID = 2**63 - 1
 
 
@@ -346,17 +345,6 @@ class _GroupBuffer:
             norm[i, :n] = normalize(table.rewards_raw[i, :n], params)
         table.rewards_norm = norm
         return table
-
-
-def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Rows of ``flat`` (concatenated segments of ``lengths``) as a zero-padded [Q, max] tensor."""
-    width = int(lengths.max()) if len(lengths) else 0
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(len(rows)) - starts[rows]
-    out = torch.zeros((len(lengths), width, *flat.shape[1:]), dtype=flat.dtype)
-    out[rows, cols] = flat
-    return out
 
 
 def build_table(

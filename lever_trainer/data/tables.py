@@ -20,6 +20,7 @@ from ..errors import LeverError
 if TYPE_CHECKING:
     from .embeddings import Embeddings
 
+
 @dataclass
 class QueryTable:
     """Per-query tensors, padded to the largest pool and group of the table.
@@ -114,7 +115,6 @@ class Batch:
         return int(self.rows.shape[0])
 
 
-
 def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Rows of ``flat`` (concatenated segments of ``lengths``) as a zero-padded [Q, max] tensor."""
     width = int(lengths.max()) if len(lengths) else 0
@@ -124,7 +124,6 @@ def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     out = torch.zeros((len(lengths), width, *flat.shape[1:]), dtype=flat.dtype)
     out[rows, cols] = flat
     return out
-
 
 
 def split_train_val(table: QueryTable, val_ratio: float) -> tuple[QueryTable, QueryTable]:
@@ -175,7 +174,6 @@ def iter_batches(
     rows = torch.arange(len(table)) if order is None else order
     for start in range(0, len(rows), batch_size):
         yield make_batch(table, rows[start : start + batch_size], emb, ref_logprobs)
-
 
 
 def gather_groups(

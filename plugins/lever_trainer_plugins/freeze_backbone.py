@@ -11,7 +11,9 @@ from torch import nn
 
 from lever_trainer.api import Policy, TrainState, hookimpl
 
-DESCRIPTION = "freeze the policy's backbone (input_proj, query_proj, cand_proj) at the start of GRPO"
+DESCRIPTION = (
+    "freeze the policy's backbone (input_proj, query_proj, cand_proj) at the start of GRPO"
+)
 
 
 @hookimpl
@@ -20,7 +22,9 @@ def configure_trainable_params(state: TrainState, model: nn.Module) -> None:
     if state.phase != "grpo":
         return
     if not isinstance(model, Policy):
-        raise TypeError(f"freeze-backbone expects a lever_trainer Policy, got {type(model).__name__}")
+        raise TypeError(
+            f"freeze-backbone expects a lever_trainer Policy, got {type(model).__name__}"
+        )
     frozen = model.backbone_parameters()
     for _, param in frozen:
         param.requires_grad_(False)

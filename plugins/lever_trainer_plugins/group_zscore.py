@@ -29,7 +29,11 @@ def add_options() -> Sequence[Option]:
     """The advantage clip."""
     return [
         Option(
-            ("--advantage-clip", "--advantage_clip"), "float", 5.0,
-            "Advantages are clipped to [-c, c].", min=0, min_open=True,
+            ("--advantage-clip", "--advantage_clip"),
+            "float",
+            5.0,
+            "Advantages are clipped to [-c, c].",
+            min=0,
+            min_open=True,
         )
     ]

@@ -50,7 +50,9 @@ class GRPOPhase(Phase):
         """The KL weight starts at ``--kl-beta``."""
         self.kl_beta = float(state.options["kl_beta"])
 
-    def kept_candidates(self, state: TrainState, batch: Batch, rewards: torch.Tensor) -> torch.Tensor:
+    def kept_candidates(
+        self, state: TrainState, batch: Batch, rewards: torch.Tensor
+    ) -> torch.Tensor:
         """The ``select_candidates`` answer (every candidate when nobody answers)."""
         decision = state.decide("select_candidates", phase=self.name, batch=batch, rewards=rewards)
         if decision is None:
@@ -60,7 +62,9 @@ class GRPOPhase(Phase):
         )
         return keep & batch.cand_mask
 
-    def advantages(self, state: TrainState, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def advantages(
+        self, state: TrainState, rewards: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """The ``compute_advantages`` answer; required."""
         decision = state.decide("compute_advantages", phase=self.name, rewards=rewards, mask=mask)
         if decision is None:
@@ -115,16 +119,27 @@ def add_options() -> Sequence[Option]:
     return [
         Option(("--grpo-epochs", "--grpo_epochs"), "int", 0, "Epochs of the GRPO phase.", min=0),
         Option(
-            ("--grpo-lr", "--grpo_lr"), "float", 1e-5, "GRPO learning rate (AdamW).", min=0,
+            ("--grpo-lr", "--grpo_lr"),
+            "float",
+            1e-5,
+            "GRPO learning rate (AdamW).",
+            min=0,
             min_open=True,
         ),
         Option(
-            ("--kl-beta", "--kl_beta"), "float", 0.1, "Starting weight of the KL penalty.",
+            ("--kl-beta", "--kl_beta"),
+            "float",
+            0.1,
+            "Starting weight of the KL penalty.",
             min=0,
         ),
         Option(
-            ("--clip-epsilon", "--clip_epsilon"), "float", 0.2,
-            "PPO clip: ratios are clipped to [1 - eps, 1 + eps].", min=0, min_open=True,
+            ("--clip-epsilon", "--clip_epsilon"),
+            "float",
+            0.2,
+            "PPO clip: ratios are clipped to [1 - eps, 1 + eps].",
+            min=0,
+            min_open=True,
         ),
     ]
 

@@ -34,15 +34,24 @@ def add_options() -> Sequence[Option]:
     """The curriculum's two group sizes and the switch epoch."""
     return [
         Option(
-            ("--early-top-k", "--early_top_k"), "int", 3,
-            "Candidates kept per query in the early GRPO epochs.", min=1,
+            ("--early-top-k", "--early_top_k"),
+            "int",
+            3,
+            "Candidates kept per query in the early GRPO epochs.",
+            min=1,
         ),
         Option(
-            ("--late-top-k", "--late_top_k"), "int", 5,
-            "Candidates kept per query in the later GRPO epochs.", min=1,
+            ("--late-top-k", "--late_top_k"),
+            "int",
+            5,
+            "Candidates kept per query in the later GRPO epochs.",
+            min=1,
         ),
         Option(
-            ("--early-epochs", "--early_epochs"), "int", 1,
-            "How many GRPO epochs count as early.", min=0,
+            ("--early-epochs", "--early_epochs"),
+            "int",
+            1,
+            "How many GRPO epochs count as early.",
+            min=0,
         ),
     ]

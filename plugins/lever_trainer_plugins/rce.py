@@ -56,16 +56,27 @@ def add_options() -> Sequence[Option]:
     return [
         Option(("--rce-epochs", "--rce_epochs"), "int", 5, "Epochs of the RCE phase.", min=0),
         Option(
-            ("--rce-lr", "--rce_lr"), "float", 1e-4, "RCE learning rate (AdamW).", min=0,
+            ("--rce-lr", "--rce_lr"),
+            "float",
+            1e-4,
+            "RCE learning rate (AdamW).",
+            min=0,
             min_open=True,
         ),
         Option(
-            ("--rce-temp-start", "--rce_temp_start"), "float", 2.0,
-            "RCE reward temperature at the first step.", min=0, min_open=True,
+            ("--rce-temp-start", "--rce_temp_start"),
+            "float",
+            2.0,
+            "RCE reward temperature at the first step.",
+            min=0,
+            min_open=True,
         ),
         Option(
-            ("--rce-temp-end", "--rce_temp_end"), "float", 0.5,
-            "RCE reward temperature at the last step (linear in between).", min=0,
+            ("--rce-temp-end", "--rce_temp_end"),
+            "float",
+            0.5,
+            "RCE reward temperature at the last step (linear in between).",
+            min=0,
             min_open=True,
         ),
     ]

@@ -79,7 +79,8 @@ def legacy(c: Candidate, p: RewardParams) -> float:
         quality = _f(c, "beam_score")
     base = _f(c, "vqa_correct") if c.get("vqa_correct") is not None else _f(c, "vqa_acc_score")
     correctness = base if p.option("correctness_mode", "01") == "01" else 2 * base - 1
-    return p.option("reward_alpha", 1.0) * quality + p.option("reward_beta", 1.0) * correctness
+    alpha, beta = float(p.option("reward_alpha", 1.0)), float(p.option("reward_beta", 1.0))
+    return alpha * quality + beta * correctness
 
 
 MODES: dict[str, RawRewardFn] = {
@@ -106,20 +107,31 @@ def add_options() -> Sequence[Option]:
     """The settings of the ``legacy`` mode."""
     return [
         Option(
-            ("--reward-alpha", "--reward_alpha"), "float", 1.0,
-            "legacy mode: weight of the beam quality.", commands=DATA_COMMANDS,
-        ),
-        Option(
-            ("--reward-beta", "--reward_beta"), "float", 1.0,
-            "legacy mode: weight of the correctness.", commands=DATA_COMMANDS,
-        ),
-        Option(
-            ("--correctness-mode", "--correctness_mode"), "choice", "01",
-            "legacy mode: correctness as 0/1 or -1/+1.", choices=("01", "pm1"),
+            ("--reward-alpha", "--reward_alpha"),
+            "float",
+            1.0,
+            "legacy mode: weight of the beam quality.",
             commands=DATA_COMMANDS,
         ),
         Option(
-            ("--use-logprob", "--use_logprob"), "bool", False,
+            ("--reward-beta", "--reward_beta"),
+            "float",
+            1.0,
+            "legacy mode: weight of the correctness.",
+            commands=DATA_COMMANDS,
+        ),
+        Option(
+            ("--correctness-mode", "--correctness_mode"),
+            "choice",
+            "01",
+            "legacy mode: correctness as 0/1 or -1/+1.",
+            choices=("01", "pm1"),
+            commands=DATA_COMMANDS,
+        ),
+        Option(
+            ("--use-logprob", "--use_logprob"),
+            "bool",
+            False,
             "legacy mode: quality = -logprob_score instead of beam_score.",
             commands=DATA_COMMANDS,
         ),
