@@ -255,7 +255,8 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
 
     * training: ``train_loss`` and ``train_<key>`` for every other value the phase's
       loss returns (RCE: ``train_tau``; GRPO: ``train_ppo``, ``train_kl``,
-      ``train_mean_ratio``), averaged over the epoch's queries; ``train_grad_norm``
+      ``train_mean_ratio``, ``train_kept``: candidates kept per query), averaged over
+      the epoch's queries; ``train_grad_norm``
       (the gradient norm before clipping, averaged over steps); ``skipped_steps``
       when some steps had a non-finite loss or gradient;
     * the phase's ``epoch_metrics`` (GRPO: ``kl_beta``);

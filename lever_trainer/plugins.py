@@ -357,9 +357,10 @@ def select_active(
             continue
         if p.broken and not p.import_failed:
             # imported, but its hooks or options are wrong: never run it quietly without
-            raise LeverError(
-                f"plugin {p.name} ({p.distribution or 'not installed'}): {p.error}; "
-                f"fix it or run without it (--no-plugin {p.name})"
+            dist = f" (from {p.distribution} {p.version})" if p.distribution else ""
+            raise PluginError(
+                f"plugin {p.name}{dist}: {p.error}; fix it or run without it "
+                f"(--no-plugin {p.name})"
             )
         if p.broken:
             if p.name in enable:
@@ -380,5 +381,6 @@ def load_plugins(
     """Discover installed plugins, add ``extra`` (name, object) pairs, activate and register."""
     installed = discover()
     installed += [describe_object(n, obj) for n, obj in extra]
+    check_option_conflicts(installed)
     active = select_active(installed, enable, disable, warn)
     return PluginSet(active, explicit=enable)

@@ -19,9 +19,7 @@ from typing import Any
 
 import torch
 
-from lever_trainer import RewardChoice, TrainState, hookimpl
-from lever_trainer.data import Batch
-from lever_trainer.rewards import RawRewardFn, RewardParams
+from lever_trainer.api import Batch, RawRewardFn, RewardChoice, RewardParams, TrainState, hookimpl
 
 DESCRIPTION = (
     "RCE and GRPO weigh candidates by the rank of their raw reward (1 best, -1 worst); "
