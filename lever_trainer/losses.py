@@ -14,6 +14,9 @@ import torch
 ADVANTAGE_STD_FLOOR = 0.1
 #: Below this standard deviation a z-score leaves the rewards unchanged (SPEC 3.2).
 ZSCORE_STD_EPS = 1e-12
+#: Bound of a GRPO log-ratio: ``exp`` of anything larger overflows float32 (e^88.7), which
+#: would turn a whole step into NaN; inside the bound nothing changes.
+LOG_RATIO_BOUND = 80.0
 
 
 def sequence_logprobs(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,8 @@ def grpo_terms(
     Returns ``ppo`` [B], ``kl`` [B] and ``mean_ratio`` [B], each a mean over the
     query's kept (masked) candidates.
     """
-    log_ratio = (new_logprobs - old_logprobs).masked_fill(~mask, 0.0)
+    log_ratio = (new_logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    log_ratio = log_ratio.masked_fill(~mask, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_epsilon, 1.0 + clip_epsilon) * advantages

@@ -160,3 +160,15 @@ def test_masked_std_is_unbiased() -> None:
     m[0, 8] = False
     assert L.masked_std(v, m).item() == pytest.approx(math.sqrt(32 / 7))
     assert L.masked_mean(v, m).item() == pytest.approx(5.0)
+
+
+def test_grpo_log_ratio_is_bounded_where_exp_would_overflow() -> None:
+    """A log-ratio of 100 (a label leaving a two-stage policy's top-M) stays finite:
+    it counts as 80 (e^80 ~ 5.5e34), where float32 exp(100) would be inf."""
+    new, old = T([[100.0, 0.0]]), T([[0.0, 0.0]])
+    out = L.grpo_loss(new, old, T([[-1.0, 1.0]]), ALL2, clip_epsilon=0.2, kl_beta=0.1)
+    r = math.exp(80.0)
+    # ppo: -mean(min(r*-1, 1.2*-1), min(1*1, 1*1)) = -(-r + 1) / 2; kl: mean(r - 1 - 80, 0)
+    assert out["ppo"].item() == pytest.approx((r - 1) / 2, rel=1e-5)
+    assert out["kl"].item() == pytest.approx((r - 81) / 2, rel=1e-5)
+    assert math.isfinite(out["loss"].item())
