@@ -54,7 +54,9 @@ def base_checkout(rev: str, workdir: Path) -> tuple[Path, Path]:
     return tree, python
 
 
-def worker(python: Path, tree: Path, data: Path, emb: Path, threads: int) -> dict[str, Any]:
+def worker(
+    python: Path, tree: Path, data: Path, emb: Path, threads: int, kind: str = "ours"
+) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
     out = run(
         [
@@ -63,10 +65,7 @@ def worker(python: Path, tree: Path, data: Path, emb: Path, threads: int) -> dic
             "--threads",
             str(threads),
             "--worker",
-            "ours",
-            str(data),
-            str(emb),
-            "32",
+            *([kind, str(data), str(emb), "32"] if kind == "ours" else [kind, str(data)]),
         ],
         env=env,
         cwd=tempfile.gettempdir(),
@@ -107,7 +106,7 @@ def main() -> None:
             files[name] = (side / data.name, side / emb.name)
         samples: dict[str, list[dict[str, Any]]] = {"base": [], "current": []}
         for name, (python, tree) in sides.items():
-            worker(python, tree, *files[name], args.threads)  # warm-up: writes the prepared form
+            worker(python, tree, *files[name], args.threads, kind="prepare")  # the prepared form
         for _ in range(args.repeats):
             for name, (python, tree) in sides.items():
                 samples[name].append(worker(python, tree, *files[name], args.threads))
