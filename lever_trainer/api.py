@@ -11,12 +11,22 @@ from typing import Any
 import torch
 
 from . import losses, metrics
-from .data import Batch, Embeddings, QueryTable, gather_groups, iter_batches, make_batch
+from .data import (
+    Batch,
+    Embeddings,
+    PoolTable,
+    QueryTable,
+    gather_groups,
+    iter_batches,
+    make_batch,
+    pool_batches,
+)
 from .errors import LeverError, PluginError
 from .evaluation import format_metrics, policy_logprobs
 from .fileio import atomic_write_bytes
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
+from .judge import VERDICT_FIELDS, Environment
 from .losses import (
     ZSCORE_STD_EPS,
     adapt_kl_beta,
@@ -31,7 +41,7 @@ from .losses import (
     top_k_mask,
 )
 from .options import DATA_COMMANDS, Option
-from .phase import Phase
+from .phase import EpochData, Phase
 from .policy import (
     CHOSEN_LOGIT,
     PointerTrunk,
@@ -40,6 +50,7 @@ from .policy import (
     decode_steps,
     dropout,
     one_token_attention,
+    sample_sequences,
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
 from .state import RewardChoice, StopRequest, TrainConfig, TrainState
@@ -71,9 +82,12 @@ def expect_tensor(
 __all__ = [
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
+    "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
     "Batch",
     "Embeddings",
+    "Environment",
+    "EpochData",
     "LeverError",
     "NormalizeFn",
     "Option",
@@ -81,6 +95,7 @@ __all__ = [
     "PluginError",
     "PointerTrunk",
     "Policy",
+    "PoolTable",
     "QueryTable",
     "RawRewardFn",
     "RewardChoice",
@@ -109,8 +124,10 @@ __all__ = [
     "metrics",
     "one_token_attention",
     "policy_logprobs",
+    "pool_batches",
     "rce_loss",
     "rce_temperature",
+    "sample_sequences",
     "sequence_logprobs",
     "top_k_mask",
 ]

@@ -32,10 +32,11 @@ from .data import (
 from .errors import LeverError
 from .fileio import atomic_write_bytes
 from .jsonstream import iter_object_members
+from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .plugins import PluginSet, load_plugins
 from .policies import DEFAULT_POLICY, build_policy, start_policy
 from .policy import TrunkConfig
-from .rewards import RewardParams, registry_from_plugins
+from .rewards import RewardParams, clip_reward, registry_from_plugins
 from .state import TrainConfig
 from .trainer import Trainer
 
@@ -223,6 +224,31 @@ def load_data(
             close()  # a reader that was not needed (cache hit) releases its file
 
 
+def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge | None:
+    """The judge named by ``--judge`` (None without), behind the verdict store ``--store``
+    (``--no-store``: verdicts kept in memory only). Its rewards use the run's reward mode."""
+    name = opts.get("judge")
+    if not name:
+        return None
+    envs = environments_from_plugins(plugins)
+    if name not in envs:
+        known = ", ".join(sorted(envs)) or "none; install an environment plugin"
+        raise LeverError(
+            f"--judge: no active plugin provides environment {name!r} (available: {known})"
+        )
+    plugin, env = envs[name]
+    data_opts = make_data_options(opts, plugins)
+    raw_fn = registry_from_plugins(plugins).raw_fn(data_opts.reward_mode)
+
+    def reward(verdict: Mapping[str, float]) -> float:
+        return clip_reward(float(raw_fn(verdict, data_opts.reward_params)))
+
+    store = None
+    if not opts.get("no_store"):
+        store = VerdictStore(opts.get("store") or default_store_path())
+    return Judge(env, plugin, store, reward, warn)
+
+
 def make_deterministic() -> None:
     """Torch flags for run-to-run identical results on CUDA as well as CPU."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -347,6 +373,13 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         dest: opts.get(dest, option.default) for dest, (_, option) in plugins.options().items()
     }
     options = {**opts, **plugin_values}
+    judge = make_judge(opts, plugins, warn)
+    if judge is not None:
+        where = judge.store.path if judge.store is not None else "memory only (--no-store)"
+        echo(
+            f"judge: environment {judge.name} {judge.version} (plugin {judge.plugin}); "
+            f"verdicts: {where}"
+        )
     trainer = Trainer(
         config,
         policy,
@@ -358,6 +391,7 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         options=options,
         run_metadata=run_metadata,
         log=echo,
+        judge=judge,
     )
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
     if resume is not None:

@@ -16,7 +16,6 @@ from lever_trainer import hookimpl
 from lever_trainer.checkpoint import read_metadata
 from lever_trainer.data import make_batch
 from lever_trainer.errors import LeverError, PluginError
-from lever_trainer.evaluation import policy_logprobs
 from lever_trainer.plugins import load_plugins
 from lever_trainer.trainer import SNAPSHOT_NAME, StopRequested
 
