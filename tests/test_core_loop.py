@@ -217,7 +217,7 @@ def test_two_plugins_contributing_one_phase_name_both(demo_files, tmp_path) -> N
             return [best_sequence_phase.BestSequencePhase()]
 
     with pytest.raises(
-        PluginError, match="plugins (warmup|b) and (warmup|b) both contribute phase 'warmup'"
+        PluginError, match=r"plugins (warmup|b) and (warmup|b) both contribute phase 'warmup'"
     ):
         make_trainer(
             demo_files,
