@@ -300,7 +300,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         opt(
             "--policy",
             group="Policy",
-            default="pointer",
+            default="cosine-bilinear",
             show_default=True,
             metavar="NAME",
             help="The policy to train, built by a plugin (see `lever-train plugins`).",
@@ -1114,7 +1114,7 @@ def convert_checkpoint_cmd(
     """
     from .checkpoint import convert_checkpoint
     from .plugins import load_plugins
-    from .policies import DEFAULT_POLICY, build_policy
+    from .policies import FOREIGN_POLICY, build_policy
 
     plugins = load_plugins(warn=warn)
     report = convert_checkpoint(
@@ -1125,7 +1125,7 @@ def convert_checkpoint_cmd(
         trust=trust_checkpoint,
         overwrite=overwrite,
         warn=warn,
-        build=lambda d, options: build_policy(plugins, DEFAULT_POLICY, d, options),
+        build=lambda d, options: build_policy(plugins, FOREIGN_POLICY, d, options),
     )
     for line in report.lines():
         click.echo(line)

@@ -291,6 +291,14 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return original, snapshot.read(snap_path)
 
 
+def sft_policy_name(path: str, trust: bool) -> str:
+    """The policy a starting checkpoint was trained as (foreign files: ``pointer``)."""
+    from .policies import FOREIGN_POLICY, read_checkpoint, recorded_policy
+
+    recorded = recorded_policy(read_checkpoint(path, trust)[1]) if Path(path).is_file() else None
+    return recorded[0] if recorded is not None else FOREIGN_POLICY
+
+
 @dataclass
 class Run:
     """An assembled run: the trainer, and the snapshot it resumes from (if any)."""
@@ -341,6 +349,9 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
 
     torch.manual_seed(opts["seed"])
     name = opts.get("policy") or DEFAULT_POLICY
+    if opts.get("sft_ckpt") and "policy" not in given and recorded is None:
+        # continuing from a checkpoint: its own policy unless --policy says otherwise
+        name = sft_policy_name(opts["sft_ckpt"], bool(opts.get("trust_checkpoint")))
     policy_opts = {**opts, "shots": table.seq_len}
     if recorded is not None and isinstance(recorded.get("policy"), dict):
         # resume: the policy exactly as the run built it (its weights are in the snapshot)
@@ -360,6 +371,13 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         )
     for line in lines:
         echo(line)
+    unread = [
+        flag
+        for dest, flag in given.items()
+        if dest in POLICY_OPTIONS and dest not in policy.policy_options()
+    ]
+    for flag in unread:
+        warn(f"warning: {flag} is not an option of policy {policy.policy_name}; it has no effect")
     config = train_config(opts, device)
     echo(
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; policy "

@@ -24,7 +24,7 @@ LAYERS = [
     {"policies", "select", "selectors"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
-    {"run", "api"},
+    {"run", "api", "assess"},
     {"cli", "__init__"},
     {"__main__"},
 ]

@@ -276,6 +276,8 @@ def train_args(files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
         str(files[1]),
         "--output-dir",
         str(out),
+        "--policy",
+        "pointer",
         "--hidden-dim",
         "16",
         "--rce-epochs",
