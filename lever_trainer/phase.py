@@ -33,6 +33,10 @@ class Phase:
         needs_reference: the phase measures ratios against reference log-probs; its
             batches carry ``ref_logprobs`` (see the ``reference_logprobs`` hook).
         log_metrics: metric keys the phase adds that the epoch line should show.
+        metric_names: every metric key the phase adds to an epoch's metrics:
+            ``train_<key>`` for each value ``loss`` returns besides ``loss``, and the keys
+            of ``epoch_metrics``. With it, ``--best-metric`` is checked before training;
+            None (not declared) lets any ``train_*`` name through that check.
     """
 
     name: ClassVar[str] = ""
@@ -42,6 +46,7 @@ class Phase:
     needs_reward: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = False
     log_metrics: ClassVar[tuple[str, ...]] = ()
+    metric_names: ClassVar[tuple[str, ...] | None] = None
 
     def init(self, state: TrainState) -> None:
         """Called once when the run is assembled, with the run's options in ``state``

@@ -15,13 +15,14 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "losses", "metrics", "options"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
     {"data", "checkpoint", "demo"},
     {"policies", "evaluation", "snapshot", "retention", "select"},
     {"trainer"},
+    {"resuming"},
     {"run", "api"},
     {"cli", "__init__"},
     {"__main__"},

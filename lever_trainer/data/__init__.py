@@ -11,11 +11,12 @@ from .cache import CACHE_FORMAT, CACHE_SUFFIX, TABLE_FIELDS, cache_path_for, opt
 from .embeddings import (
     Embeddings,
     check_ids_in_range,
+    embedding_warnings,
     load_embedding_table,
     load_embeddings,
     read_tensor_file,
 )
-from .load import file_fingerprint, load_rl_data
+from .load import file_fingerprint, load_rl_data, load_verified, plugin_members
 from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
 from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val
 
@@ -32,15 +33,18 @@ __all__ = [
     "build_table",
     "cache_path_for",
     "check_ids_in_range",
+    "embedding_warnings",
     "file_fingerprint",
     "gather_groups",
     "iter_batches",
     "load_embedding_table",
     "load_embeddings",
     "load_rl_data",
+    "load_verified",
     "make_batch",
     "options_key",
     "parse_rl_members",
+    "plugin_members",
     "read_tensor_file",
     "split_train_val",
 ]
