@@ -833,7 +833,12 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
         raise LeverError(
             f"--shots {shots}: some query pools hold only {int(table.pool_len.min())} ids"
         )
-    picks = select_demonstrations(model.to(device), table, emb, shots, opts["batch_size"], device)
+    try:
+        picks = select_demonstrations(
+            model.to(device), table, emb, shots, opts["batch_size"], device
+        )
+    except LeverError as exc:
+        raise LeverError(f"{opts['ckpt']}: {exc}") from None
     result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks, strict=True)}
     try:
         atomic_write_bytes(output, (json.dumps(result) + "\n").encode())

@@ -167,6 +167,11 @@ def plan_resume(
     options = dict(recorded)
     plan = ResumePlan(options)
     names = [p.name for p in phases]
+    if snap["phase"] not in names:
+        raise LeverError(
+            f"--resume: the snapshot stopped in phase {snap['phase']!r}, which this run does "
+            f"not have (its phases: {', '.join(names) or 'none'})"
+        )
     at = names.index(snap["phase"]) if snap["phase"] in names else len(names)
     started = set(names[: at + 1])
     epoch_options = {p.epochs_option: p for p in phases if p.epochs_option}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data import Embeddings, QueryTable, iter_batches
+from .errors import LeverError
 from .policy import Policy
 
 
@@ -20,7 +21,9 @@ def select_demonstrations(
     """Global ids the policy picks greedily from each query's pool (eval mode), in row order.
 
     A prediction past the pool (a STOP item, ``model.extra_items``) ends a query's list
-    early, so a policy with STOP may return fewer than ``steps`` ids.
+    early, so a policy with STOP may return fewer than ``steps`` ids. A policy whose
+    scores are NaN or +inf (weights that are absurd though finite) is a
+    :class:`LeverError`: its picks would be arbitrary.
     """
     was_training = model.training
     model.eval()
@@ -28,7 +31,14 @@ def select_demonstrations(
     for batch in iter_batches(table, emb, batch_size):
         b = batch.to(device)
         encoding = model.encode(b.query_emb, b.cand_emb, b.pool_mask)
-        _, preds = model.decode(encoding, b.pool_mask, None, steps)
+        logits, preds = model.decode(encoding, b.pool_mask, None, steps)
+        broken = torch.isnan(logits) | (logits == float("inf"))
+        if bool(broken.any()):
+            row = int(broken.flatten(1).any(1).nonzero()[0, 0])
+            raise LeverError(
+                f"the policy's scores for query {int(batch.query_ids[row])} are not finite "
+                "(NaN or inf): it is not a usable model"
+            )
         positions = preds[:, 0].cpu()  # [B, steps]
         pool_ids = table.pool_ids[batch.rows]
         pool_len = table.pool_len[batch.rows]

@@ -490,17 +490,33 @@ class Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         flags = finite.tolist()
         bad = [names.get(id(p), "?") for p, ok in zip(self.params, flags, strict=True) if not ok]
-        lr = ""
-        if phase.lr_option:
-            flag = self.plugins.options().get(phase.lr_option)
-            flag_name = flag[1].name if flag is not None else phase.lr_option
-            lr = f"; is the learning rate too high ({flag_name} {phase.learning_rate(state):g})?"
         raise LeverError(
             f"phase {state.phase} epoch {state.epoch} step {state.step_in_epoch + 1}: the "
-            f"optimiser step made {len(bad)} weights non-finite ({', '.join(bad[:3])}){lr} "
-            "stopped without writing this epoch's checkpoint; the newest checkpoint and "
-            f"snapshot in {self.output_dir} are from before it"
+            f"optimiser step made {len(bad)} weights non-finite ({', '.join(bad[:3])})"
+            f"{self.lr_hint(phase)}; stopped without writing this epoch's checkpoint"
+            f"{self.kept()}"
         )
+
+    def kept(self) -> str:
+        """``; the newest checkpoint (...) and snapshot are ...`` after a stop."""
+        if not self.keeper.saved:
+            return " (no epoch had completed)"
+        return (
+            f"; the newest checkpoint ({self.keeper.saved[-1].name}) and the snapshot in "
+            f"{self.output_dir} are from before it"
+        )
+
+    def lr_hint(self, phase: Phase) -> str:
+        """``; is the learning rate too high (--rce-lr 1e+30)?`` for a phase with one."""
+        if not phase.lr_option:
+            return ""
+        declared = self.plugins.options().get(phase.lr_option)
+        flag = declared[1].name if declared is not None else phase.lr_option
+        try:
+            rate = f" {phase.learning_rate(self.state):g}"
+        except (KeyError, TypeError, ValueError):
+            rate = ""
+        return f"; is the learning rate too high ({flag}{rate})?"
 
     def end_epoch(self, phase: Phase, started: float) -> None:
         """Epoch metrics, validation, checkpoint, ``on_epoch_end``, snapshot."""
@@ -517,6 +533,14 @@ class Trainer:
             )
         metrics.update(phase.epoch_metrics(state))
         metrics.update(self.evaluator.validate(state.val))
+        val_loss = metrics.get("val_loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            # finite weights can still be absurd (1e30): the policy's outputs tell
+            raise LeverError(
+                f"phase {phase.name} epoch {state.epoch}: the policy's validation loss is "
+                f"{val_loss}: its outputs are not finite{self.lr_hint(phase)}; stopped "
+                f"without writing this epoch's checkpoint{self.kept()}"
+            )
         metrics["epoch_seconds"] = time.perf_counter() - started
         state.metrics = metrics
         state.history.append({"phase": phase.name, "epoch": state.epoch, **metrics})
