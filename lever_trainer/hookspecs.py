@@ -213,13 +213,20 @@ def compute_advantages(
 
 @hookspec
 def plugin_state_dict(state: TrainState) -> dict[str, Any] | None:
-    """Return this plugin's state (tensors, numbers, strings, lists, dicts) to keep.
+    """Return this plugin's state to keep in resume snapshots.
 
     Called whenever a resume snapshot is written (after every epoch, on a stop). The
     answer is stored under the plugin's name and handed back to
     :func:`load_plugin_state` of the same plugin when the run resumes, so a plugin
     with state (a curriculum position, a running statistic) continues exactly.
-    Broadcast; None means no state.
+
+    Snapshots are read back with ``torch.load(weights_only=True)``, so the state may
+    hold only tensors, None, bools, ints, floats, strings, bytes, and lists, tuples and
+    dicts of those (dict keys: None, bools, numbers, strings). A numpy scalar is stored
+    as the Python number of the same value (``np.float32(0.25)`` comes back as
+    ``0.25``); anything else (a numpy array, a function, an object) stops the run when
+    the snapshot is taken, with an error naming the plugin and the offending value, so
+    a snapshot that was written always loads. Broadcast; None means no state.
     """
 
 

@@ -53,7 +53,10 @@ class Phase:
         (before a snapshot's :meth:`load_state_dict` on ``--resume``)."""
 
     def epochs(self, state: TrainState) -> int:
-        """How many epochs this phase runs (0: skipped)."""
+        """How many epochs this phase runs (0: skipped).
+
+        Read it from ``state.options`` (and ``state.config``): it is also asked before the
+        data is loaded, when ``--resume`` checks whether a run has anything left to do."""
         return int(state.options.get(self.epochs_option) or 0) if self.epochs_option else 0
 
     def learning_rate(self, state: TrainState) -> float:
@@ -87,7 +90,9 @@ class Phase:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """The phase's own state, kept in resume snapshots (numbers, strings, tensors)."""
+        """The phase's own state, kept in resume snapshots (tensors, numbers, strings, and
+        lists and dicts of them: what ``plugin_state_dict`` may hold) and merged into each
+        checkpoint's metadata. Restored only when the phase had started."""
         return {}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
