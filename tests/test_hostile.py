@@ -219,6 +219,8 @@ def test_the_cache_records_the_bytes_it_parsed(tmp_path: Path, monkeypatch) -> N
 
     path = write_json(tmp_path / "rl.json", tiny_data(correct=1))
     original = path.read_bytes()
+    # a prepared form (of other options) exists, so the next load hashes to look it up
+    load_rl_data(path, DataOptions(max_pool=63), builtin_registry(), cache=True)
     real = load_module.file_fingerprint
     raced: list[bool] = []
 
@@ -230,8 +232,14 @@ def test_the_cache_records_the_bytes_it_parsed(tmp_path: Path, monkeypatch) -> N
         return digest
 
     monkeypatch.setattr(load_module, "file_fingerprint", fingerprint_then_rewrite)
-    _, first = load_rl_data(path, DataOptions(), builtin_registry(), cache=True)
+    warnings: list[str] = []
+    _, first = load_rl_data(
+        path, DataOptions(), builtin_registry(), cache=True, warn=warnings.append
+    )
+    assert raced
     assert first.source_sha256 == sha256(path)  # the rewritten bytes, which were parsed
+    assert warnings == [f"warning: {path} changed while it was being read; this run uses "
+                        "the content it parsed (its sha256 is the one recorded)"]  # fmt: skip
     monkeypatch.undo()
     path.write_bytes(original)  # the correct file again
     table, report = load_rl_data(path, DataOptions(), builtin_registry(), cache=True)

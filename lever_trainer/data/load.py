@@ -3,7 +3,9 @@
 The sha256 recorded for a table (in the prepared cache, and in the run's data
 fingerprint) is always that of the bytes the table was parsed from: the built-in JSON
 reader hashes the bytes as it reads them, and a plugin's reader, which opens the file
-itself, is checked by hashing the file before and after it runs.
+itself, is checked like the embedding files (:func:`load_verified`): hashed before, and
+found unchanged after (its inode change time, size and modification time did not move,
+or it hashes the same again).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def load_rl_data(
     # Resolve the names first: an unknown mode is an error even when a cache exists.
     registry.raw_fn(opts.reward_mode)
     registry.normalize_fn(opts.normalize)
-    before = file_fingerprint(p) if cache or reader is not None else ""
+    # The hash before parsing finds the prepared form; skip it when there is none to find.
+    lookup = cache and (cache_dir is not None or cache_path_for(p).is_file())
+    signature = file_signature(p)
+    before = file_fingerprint(p) if lookup or reader is not None else ""
     target = cache_path_for(p, cache_dir, before)
     if cache and target.is_file():
         hit = load_prepared(target, before, opts, producers)
@@ -66,7 +71,7 @@ def load_rl_data(
         hasher = hashlib.sha256()
         table, report = parse_rl_members(iter_object_members(p, hasher), p, opts, registry)
         digest = hasher.hexdigest()
-        if cache and digest != before:
+        if before and digest != before:
             if warn is not None:
                 warn(
                     f"warning: {p} changed while it was being read; this run uses the "
@@ -75,7 +80,7 @@ def load_rl_data(
             target = cache_path_for(p, cache_dir, digest)
     else:
         table, report = parse_rl_members(reader(p), p, opts, registry)
-        digest = file_fingerprint(p)
+        digest = before if file_signature(p) == signature else file_fingerprint(p)
         if digest != before:
             raise LeverError(
                 f"{p}: the file changed while it was being read (its sha256 differs before "
@@ -147,16 +152,36 @@ def file_fingerprint(*paths: str | os.PathLike[str] | None) -> str:
     return h.hexdigest()
 
 
+def file_signature(*paths: str | os.PathLike[str] | None) -> list[tuple[int, ...]]:
+    """What changes whenever a file is written: inode, size, modification and inode change
+    times (the change time is set by the kernel on every write; users cannot set it)."""
+    out: list[tuple[int, ...]] = []
+    for path in paths:
+        if path is None:
+            continue
+        st = os.stat(path)
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return out
+
+
 def load_verified(load: Callable[[], T], *paths: str | os.PathLike[str] | None) -> tuple[T, str]:
     """``load()``, and the sha256 of ``paths`` (:func:`file_fingerprint`), which must be
-    the same before and after the load: the fingerprint is that of the bytes loaded."""
+    the same before and after the load: the fingerprint is that of the bytes loaded.
+
+    The files are hashed once, before; after the load they are hashed again only when
+    their :func:`file_signature` moved (a write, or a ``touch``)."""
     try:
+        signature = file_signature(*paths)
         before = file_fingerprint(*paths)
     except OSError as exc:
         load()  # the loader names a missing or unreadable file in its own words
         raise LeverError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from None
     value = load()
-    after = file_fingerprint(*paths)
+    try:
+        unchanged = file_signature(*paths) == signature
+    except OSError:
+        unchanged = False
+    after = before if unchanged else file_fingerprint(*paths)
     if after != before:
         names = ", ".join(str(p) for p in paths if p is not None)
         raise LeverError(
