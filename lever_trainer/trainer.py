@@ -482,7 +482,14 @@ class Trainer:
         """After an optimiser step: every updated weight is finite, else the run stops
         (nothing of this epoch is written; the newest checkpoint and snapshot stay).
 
-        One reduction per parameter and a single synchronisation per step."""
+        Cheap on the common path: the sum of every updated weight (a NaN or infinity
+        propagates into it) and a single synchronisation per step; only when that sum is
+        not finite are the weights checked one by one (a sum can overflow on weights that
+        are merely huge, which go on: validation catches their outputs)."""
+        with torch.no_grad():
+            total = torch.stack([p.sum() for p in self.params]).sum()
+        if bool(torch.isfinite(total)):
+            return
         finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params])
         if bool(finite.all()):
             return

@@ -368,6 +368,48 @@ def test_an_exploding_learning_rate_writes_no_broken_checkpoint(
     assert "rce epoch 1/2:" not in result.output  # no epoch reported as if it were fine
 
 
+def test_a_step_that_makes_a_weight_non_finite_stops_the_run(
+    demo_files: Files, tmp_path: Path
+) -> None:
+    from lever_trainer_plugins.rce import RCEPhase
+
+    class PoisonedRCE(RCEPhase):
+        """RCE whose optimiser writes a NaN into ``query_proj.weight`` at its third step."""
+
+        def make_optimizer(self, state, params):
+            optimizer = super().make_optimizer(state, params)
+            step, calls = optimizer.step, []
+
+            def poisoned_step(*args: Any, **kwargs: Any) -> Any:
+                out = step(*args, **kwargs)
+                calls.append(1)
+                if len(calls) == 3:
+                    with torch.no_grad():
+                        state.model.query_proj.weight[0, 0] = float("nan")
+                return out
+
+            optimizer.step = poisoned_step  # type: ignore[method-assign]
+            return optimizer
+
+    class Poison:
+        @hookimpl
+        def phases(self):
+            return [PoisonedRCE()]
+
+    out = tmp_path / "run"
+    trainer = make_trainer(
+        demo_files, out, disable=("rce",), extra=(("poison", Poison()),), enable=("poison",),
+        rce_epochs=2, rce_lr=1e-3, rce_temp_start=2.0, rce_temp_end=0.5,
+    )  # fmt: skip
+    with pytest.raises(LeverError) as err:
+        trainer.fit()
+    assert str(err.value).startswith(
+        "phase rce epoch 1 step 3: the optimiser step made 1 weights non-finite "
+        "(query_proj.weight); is the learning rate too high (rce_lr 0.001)?"
+    )
+    assert not list(out.glob("*.safetensors")) and not (out / SNAPSHOT_NAME).exists()
+
+
 def test_checkpoints_with_non_finite_weights_are_never_written(tmp_path: Path) -> None:
     sd = pointer_state()
     sd["query_proj.weight"][0, 0] = float("nan")
