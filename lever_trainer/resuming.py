@@ -112,7 +112,8 @@ class ResumePlan:
 def same_value(dest: str, old: Any, new: Any) -> bool:
     """Whether a given value equals the recorded one (paths: the same file)."""
     if isinstance(old, list | tuple) and isinstance(new, list | tuple):
-        return list(old) == list(new)
+        # repeatable options (``--plugin``): the same set, whatever the order
+        return sorted(map(str, old)) == sorted(map(str, new))
     if dest in _PATHS and isinstance(old, str) and isinstance(new, str):
         return os.path.realpath(old) == os.path.realpath(new)
     if isinstance(old, bool) or isinstance(new, bool):

@@ -437,7 +437,7 @@ def assemble(
     trainer.check_settings(trainer.phases_to_run(resume))
 
     # every input is checked: take the directory, then write
-    lock = RunLock(output_dir).acquire()
+    lock = RunLock(output_dir, warn).acquire()
     try:
         if resume is not None:
             assert recorded is not None and plan is not None

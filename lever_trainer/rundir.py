@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -106,8 +107,6 @@ def check_output_file(path: Path, flag: str) -> None:
         raise LeverError(f"{flag}: cannot create {path}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise LeverError(f"{flag}: cannot write {path}: {ancestor} is not writable")
-    if path.exists() and not os.access(path, os.W_OK) and not os.access(path.parent, os.W_OK):
-        raise LeverError(f"{flag}: cannot write {path} (permission denied)")
 
 
 def occupied_error(path: Path, existing: list[Path]) -> LeverError:
@@ -204,9 +203,10 @@ class RunLock:
     no-op.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, warn: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.fd: int | None = None
+        self.warn = warn
 
     @property
     def lock_path(self) -> Path:
@@ -230,7 +230,17 @@ class RunLock:
                 raise LeverError(
                     f"--output-dir: cannot create {self.lock_path} ({exc.strerror or exc})"
                 ) from None
-            if not self._try_lock(fd):
+            try:
+                locked = self._try_lock(fd)
+            except OSError as exc:  # a file system without flock (some network mounts)
+                os.close(fd)
+                if self.warn is not None:
+                    self.warn(
+                        f"warning: cannot lock {self.lock_path} ({exc.strerror or exc}); "
+                        "nothing keeps another run from writing into the same directory"
+                    )
+                return self
+            if not locked:
                 with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
                     info = _holder_info(fh.read())
                 raise busy_error(self.path, info)
