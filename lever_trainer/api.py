@@ -23,7 +23,7 @@ from .data import (
 )
 from .errors import LeverError, PluginError
 from .evaluation import format_metrics, policy_logprobs
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, json_line, json_safe
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .judge import VERDICT_FIELDS, Environment
@@ -117,6 +117,8 @@ __all__ = [
     "hookimpl",
     "iter_batches",
     "iter_object_members",
+    "json_line",
+    "json_safe",
     "losses",
     "make_batch",
     "masked_mean",

@@ -30,6 +30,11 @@ from .errors import LeverError
 from .fileio import atomic_write_bytes
 
 FORMAT_VERSION = "1"
+#: Most cross-attention layers a policy may have (``--num-layers`` has the same bound): a
+#: checkpoint key naming a higher layer is junk, never a reason to build that many.
+MAX_LAYERS = 64
+#: The trunk's layer lists; their indices give a foreign checkpoint's depth.
+_LAYER_KEY = re.compile(r"^(cross_attn_layers|attn_norms)\.(\d+)\.(.+)$")
 _PREFIXES = ("lever_lm.", "pointer_selector.", "module.")
 _RENAMES = (
     (re.compile(r"^cross_attn\."), "cross_attn_layers.0."),
@@ -63,6 +68,12 @@ def save_checkpoint(
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise LeverError(
+                f"{path}: not written: parameter {key!r} holds non-finite values "
+                f"({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+            )
     header = {"format_version": FORMAT_VERSION}  # JSON text "1": read back as the integer 1
     header.update({k: _encode_metadata_value(v) for k, v in metadata.items()})
     try:
@@ -88,12 +99,21 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 @dataclass
 class ImportReport:
-    """What loading a starting checkpoint did."""
+    """What loading a starting checkpoint did.
+
+    ``ignored``: keys the policy does not have (an encoder's, say); ``unexpected``: the
+    ignored keys that sit inside one of the policy's own modules (``cross_attn_layers.39.x``
+    in a one-layer policy, ``query_proj.bias``), a sign that the file is not this model;
+    ``missing``: the policy's keys the file lacks; ``initialised``: how the missing ones
+    were set (shown in the log).
+    """
 
     path: str
     loaded: int = 0
     ignored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    initialised: str = "left at their initial values"
 
     def lines(self) -> list[str]:
         """Summary lines for the run's log."""
@@ -105,8 +125,8 @@ class ImportReport:
             )
         if self.missing:
             out.append(
-                f"  warning: {len(self.missing)} policy keys missing, left at their "
-                f"initial values: {', '.join(self.missing)}"
+                f"  warning: {len(self.missing)} policy keys missing, {self.initialised}: "
+                f"{', '.join(self.missing)}"
             )
         return out
 
@@ -172,9 +192,19 @@ def read_state_dict_with_format(
     if not isinstance(raw, Mapping):
         raise LeverError(f"{p}: expected a state dict of tensors, found {type(raw).__name__}")
     out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for k, v in raw.items():
         if isinstance(v, torch.Tensor):
-            out[normalize_key(str(k))] = v
+            key = normalize_key(str(k))
+            if key in out and not (
+                out[key].shape == v.shape and out[key].dtype == v.dtype and torch.equal(out[key], v)
+            ):
+                raise LeverError(
+                    f"{p}: keys {origin[key]!r} and {str(k)!r} both name parameter {key!r} "
+                    "and hold different values; which one is the policy's is ambiguous"
+                )
+            out[key] = v
+            origin.setdefault(key, str(k))
     if not out:
         raise LeverError(f"{p}: holds no tensors")
     return out, source_format
@@ -185,16 +215,61 @@ def read_state_dict(path: str | os.PathLike[str], trust: bool = False) -> dict[s
     return read_state_dict_with_format(path, trust)[0]
 
 
-def infer_policy_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Hidden width and number of cross-attention layers implied by a state dict."""
+def infer_policy_shape(
+    state_dict: Mapping[str, torch.Tensor], path: str = "checkpoint"
+) -> dict[str, int]:
+    """Hidden width and number of cross-attention layers implied by a state dict.
+
+    The layer count comes from consistent keys only: the indices of
+    ``cross_attn_layers.{i}.*`` and ``attn_norms.{i}.*`` must be 0..L-1 with no gap,
+    the same L for both lists, every layer with the same parameter names, and
+    L <= :data:`MAX_LAYERS`. Anything else is a :class:`LeverError` naming the key.
+    """
     shape: dict[str, int] = {}
     if "query_proj.weight" in state_dict:
-        shape["hidden_dim"] = int(state_dict["query_proj.weight"].shape[0])
-    layers = [
-        int(m.group(1)) for k in state_dict if (m := re.match(r"cross_attn_layers\.(\d+)\.", k))
-    ]
-    if layers:
-        shape["num_layers"] = max(layers) + 1
+        weight = state_dict["query_proj.weight"]
+        if weight.dim() != 2:
+            raise LeverError(
+                f"{path}: parameter 'query_proj.weight' has shape {list(weight.shape)}, "
+                "expected [hidden, hidden]"
+            )
+        shape["hidden_dim"] = int(weight.shape[0])
+    families: dict[str, dict[int, set[str]]] = {}
+    for key in state_dict:
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            continue
+        family, digits, rest = m.groups()
+        if len(digits) > 3 or int(digits) >= MAX_LAYERS:
+            raise LeverError(
+                f"{path}: key {key!r} names layer {digits[:12]}{'...' if len(digits) > 12 else ''}"
+                f", beyond the {MAX_LAYERS} layers a policy may have"
+            )
+        families.setdefault(family, {}).setdefault(int(digits), set()).add(rest)
+    counts = {}
+    for family, layers in families.items():
+        count = max(layers) + 1
+        gaps = sorted(set(range(count)) - set(layers))
+        if gaps:
+            raise LeverError(
+                f"{path}: {family} has layers {sorted(layers)[:8]} but no layer {gaps[0]}; "
+                "layer keys must be numbered 0..L-1"
+            )
+        names = layers[0]
+        for index, rest in sorted(layers.items()):
+            if rest != names:
+                odd = sorted(rest ^ names)[0]
+                raise LeverError(
+                    f"{path}: {family}.{index} has parameters {sorted(rest)} but "
+                    f"{family}.0 has {sorted(names)} (e.g. {family}.{index}.{odd} or "
+                    f"{family}.0.{odd}); the layers are not consistent"
+                )
+        counts[family] = count
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{f}: {n}" for f, n in sorted(counts.items()))
+        raise LeverError(f"{path}: the layer lists disagree on the number of layers ({shown})")
+    if counts:
+        shape["num_layers"] = next(iter(counts.values()))
     return shape
 
 
@@ -231,15 +306,38 @@ def _check_input_dim(
         )
 
 
+def own_namespace(model: torch.nn.Module) -> set[str]:
+    """The first components of ``model``'s parameter and buffer names (its top modules)."""
+    names = set(model.state_dict())
+    names |= {n for n, _ in model.named_children()}
+    return {n.split(".")[0] for n in names}
+
+
 def load_into_model(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str, dim_hint: str = ""
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str,
+    dim_hint: str = "",
+    allow_unexpected: bool = False,
 ) -> ImportReport:
-    """Copy matching tensors into ``model``; shape mismatches are errors naming the key."""
+    """Copy matching tensors into ``model``; shape mismatches are errors naming the key.
+
+    A key the model lacks is ignored (and counted) when it belongs to something else (an
+    encoder's weights in a Lightning checkpoint); one inside the model's own modules
+    (``report.unexpected``) is an error unless ``allow_unexpected``: the file does not
+    hold this model. ``input_proj.weight`` of a model whose input projection is the
+    identity is left to the caller (see :func:`_check_input_dim`). Non-finite weights
+    are an error. Missing keys are listed in ``report.missing``; callers decide whether
+    that is acceptable.
+    """
     own = model.state_dict()
     report = ImportReport(path)
+    namespace = own_namespace(model)
     for key, value in state_dict.items():
         if key not in own:
             report.ignored.append(key)
+            if key.split(".")[0] in namespace and key != "input_proj.weight":
+                report.unexpected.append(key)
             continue
         if tuple(value.shape) != tuple(own[key].shape):
             raise LeverError(
@@ -248,6 +346,19 @@ def load_into_model(
             )
         if not value.is_floating_point():
             raise LeverError(f"{path}: parameter {key!r} has dtype {value.dtype}, expected float")
+        if not bool(torch.isfinite(value).all()):
+            raise LeverError(
+                f"{path}: parameter {key!r} holds non-finite values "
+                f"({int((~torch.isfinite(value)).sum())} of {value.numel()}); the checkpoint "
+                "is not a usable model"
+            )
+    if report.unexpected and not allow_unexpected:
+        shown = ", ".join(report.unexpected[:4]) + (" ..." if len(report.unexpected) > 4 else "")
+        raise LeverError(
+            f"{path}: {len(report.unexpected)} keys inside the policy's own modules are not "
+            f"parameters of this policy ({shown}); the checkpoint holds another model "
+            "(another depth or architecture)"
+        )
     _check_input_dim(model, state_dict, path, dim_hint)
     filtered = {k: v.to(own[k].dtype) for k, v in state_dict.items() if k in own}
     report.missing = sorted(set(own) - set(filtered))
@@ -368,7 +479,7 @@ def convert_checkpoint(
         )
     state_dict, source_format = read_state_dict_with_format(src_p, trust)
 
-    shape = infer_policy_shape(state_dict)
+    shape = infer_policy_shape(state_dict, str(src_p))
     if "hidden_dim" not in shape:
         raise LeverError(
             f"{src_p}: none of its {len(state_dict)} tensors is 'query_proj.weight' "

@@ -210,6 +210,16 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Keep only queries with at least one vqa_correct == 1 candidate.",
         ),
         opt(
+            "--cache-dir",
+            "cache_dir",
+            group="Data",
+            type=click.Path(file_okay=False),
+            default=None,
+            metavar="DIR",
+            help="Keep the prepared cache of --beam-data in DIR instead of beside the file "
+            "(for read-only or shared datasets).",
+        ),
+        opt(
             "--gen-methods",
             "--gen_methods",
             "gen_methods",
@@ -388,6 +398,36 @@ def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def option_checker(ctx: click.Context) -> Callable[[str, Any], str | None]:
+    """``check(dest, value)``: why ``value`` (read back from a file, not typed on the
+    command line) is not acceptable for the command's option ``dest``; None when it is.
+    Options the command does not know (a plugin's) are left to their own checks."""
+    params = {p.name: p for p in ctx.command.params if p.name}
+
+    def check(dest: str, value: Any) -> str | None:
+        param = params.get(dest)
+        if param is None or value is None:
+            return None
+        values = value if param.multiple else [value]
+        if param.multiple and not isinstance(value, list | tuple):
+            return "expected a list"
+        for item in values:
+            if isinstance(param, click.Option) and param.is_flag:
+                if not isinstance(item, bool):
+                    return "expected true or false"
+                continue
+            if isinstance(param.type, Number | click.Choice):
+                try:
+                    param.type.convert(item, param, ctx)
+                except click.BadParameter as exc:
+                    return exc.message
+            elif not isinstance(item, str):
+                return f"expected a string, found {type(item).__name__}"
+        return None
+
+    return check
+
+
 def given_options(ctx: click.Context, opts: dict[str, Any]) -> dict[str, str]:
     """``{dest: flag}`` of the options set on the command line (not defaults)."""
     flags = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
@@ -480,6 +520,14 @@ def main() -> None:
     help="Allow a full (unsafe) pickle load of --sft-ckpt.",
 )
 @opt(
+    "--partial-load",
+    group="Policy",
+    is_flag=True,
+    help="Start from an --sft-ckpt that lacks some of the policy's weights: those start "
+    "from the --seed initialisation (listed in the log). Not needed for a checkpoint of "
+    "another policy (its missing modules are expected).",
+)
+@opt(
     "--output-dir",
     "--output_dir",
     "output_dir",
@@ -488,7 +536,11 @@ def main() -> None:
     help="Where checkpoints and metrics go.  [required]",
 )
 @opt(
-    "--overwrite", group="Run", is_flag=True, help="Write over checkpoints already in --output-dir."
+    "--overwrite",
+    group="Run",
+    is_flag=True,
+    help="Remove the files of a previous run in --output-dir (checkpoints, metrics, "
+    "snapshot, run_config.json; nothing else) before this run writes.",
 )
 @opt(
     "--batch-size",
@@ -571,7 +623,9 @@ def main() -> None:
     type=click.Path(file_okay=False),
     default=None,
     metavar="RUN_DIR",
-    help="Continue the run in RUN_DIR from its newest snapshot, with its options.",
+    help="Continue the run in RUN_DIR from its newest snapshot, with its options; more "
+    "epochs (e.g. --rce-epochs 8) extend it, and other options are applied where sound "
+    "or refused.",
 )
 @judge_options
 @plugin_options
@@ -595,8 +649,12 @@ def train(ctx: click.Context, **opts: Any) -> None:
     from .run import assemble
     from .trainer import SNAPSHOT_NAME, StopRequested
 
-    run = assemble(opts, given_options(ctx, opts), click.echo, warn)
+    run = assemble(opts, given_options(ctx, opts), click.echo, warn, check=option_checker(ctx))
+    if run.complete is not None:
+        click.echo(run.complete)
+        return
     trainer, output_dir = run.trainer, run.output_dir
+    assert trainer is not None
     install_stop_handlers(trainer)
     try:
         state = trainer.fit(resume=run.resume)
@@ -624,6 +682,7 @@ def train(ctx: click.Context, **opts: Any) -> None:
         raise
     finally:
         restore_signal_handlers()
+        run.release()
     if state.history:
         click.echo(f"done: {len(state.history)} epochs, checkpoints in {output_dir}")
 
@@ -709,12 +768,12 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
 @click.pass_context
 @user_errors
 def prepare(ctx: click.Context, **opts: Any) -> None:
-    """Convert RL data JSON into its prepared binary form, next to the file.
+    """Convert RL data JSON into its prepared binary form, next to the file (or in
+    --cache-dir).
 
     Training reads the prepared form instead of the JSON whenever it was made from
     the same bytes (sha256) with the same data options; otherwise it rebuilds it.
     """
-    from .data import cache_path_for
     from .run import activate_plugins, load_data
 
     if not opts.get("beam_data"):
@@ -724,7 +783,7 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
     for line in report.lines():
         click.echo(line)
     if not report.cache:
-        raise LeverError(f"{cache_path_for(opts['beam_data'])}: could not write the prepared form")
+        raise LeverError(f"{report.cache_path}: could not write the prepared form")
 
 
 def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -824,6 +883,7 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     from .data import check_pool_ids, load_embeddings, load_pools
     from .policies import policy_from_checkpoint, read_checkpoint, recorded_policy
     from .run import activate_plugins, resolve_device
+    from .rundir import check_output_file
     from .select import select_greedy
 
     for name, flag in (
@@ -835,8 +895,7 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
     output = Path(opts["output"])
-    if output.is_dir():
-        raise LeverError(f"--output: {output} is a directory")
+    check_output_file(output, "--output")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
     pools = load_pools(opts["queries"], opts["max_pool"])
@@ -858,7 +917,10 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
             f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
             f"{int(pools.pool_len[row])} ids"
         )
-    selection = select_greedy(model.to(device), pools, emb, shots, opts["batch_size"], device)
+    try:
+        selection = select_greedy(model.to(device), pools, emb, shots, opts["batch_size"], device)
+    except LeverError as exc:
+        raise LeverError(f"{opts['ckpt']}: {exc}") from None
     write_selection(output, selection, opts["scores"])
     click.echo(f"wrote {len(selection.picks)} selections to {output}")
 

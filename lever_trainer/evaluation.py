@@ -7,7 +7,7 @@ import torch
 from .data import Batch, Embeddings, PoolTable, QueryTable, iter_batches
 from .judge import Judge
 from .losses import rce_loss, sequence_logprobs
-from .metrics import selection_metrics
+from .metrics import SELECTION_METRICS, selection_metrics
 from .policy import Policy
 from .select import select_greedy
 from .selectors import judge_selection
@@ -17,6 +17,8 @@ VAL_TAU = 1.0
 #: Smallest batch for gradient-free passes (reference log-probs, validation): without
 #: activations to keep, larger batches use the matmul units better.
 MIN_EVAL_BATCH = 128
+#: The metrics :meth:`Evaluator.validate` returns (when the validation split is not empty).
+VALIDATION_METRICS = ("val_loss", *SELECTION_METRICS)
 
 
 def policy_logprobs(model: Policy, batch: Batch) -> torch.Tensor:
@@ -119,4 +121,4 @@ def format_metrics(metrics: dict[str, float], extra: tuple[str, ...] = ()) -> st
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-__all__ = ["Evaluator", "format_metrics", "policy_logprobs"]
+__all__ = ["VALIDATION_METRICS", "Evaluator", "format_metrics", "policy_logprobs"]

@@ -57,8 +57,9 @@ def select_reward(state: TrainState, phase: str) -> RewardChoice | None:
     Called once for each phase that will run (``"rce"``, ``"grpo"``), before
     training starts, so the choice is printed up front. Return a
     :class:`~lever_trainer.state.RewardChoice`, or None to leave the decision to
-    another plugin. Single answer; required: a phase with epochs and no answer
-    stops the run.
+    another plugin; its ``compute(batch)`` must return a float tensor [B, G] (anything
+    else, or an exception, stops the run naming this plugin). Single answer; required:
+    a phase with epochs and no answer stops the run.
     """
 
 
@@ -79,8 +80,9 @@ def normalizers() -> Mapping[str, NormalizeFn] | None:
     """Contribute group normalisers, by name (``--normalize NAME``).
 
     Called once when the data is loaded. Return ``{name: fn}`` where
-    ``fn(rewards, params)`` maps one query's raw rewards [n] to normalised rewards [n].
-    Broadcast and merged like :func:`reward_modes`.
+    ``fn(rewards, params)`` maps one query's raw rewards [n] to normalised rewards [n]
+    (a finite float tensor of that shape: one value is never broadcast). Broadcast and
+    merged like :func:`reward_modes`.
     """
 
 
@@ -91,7 +93,9 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
     Called once per run with the ``--beam-data`` path. A plugin that recognises the
     file returns an iterable of ``(query id, query)`` pairs in the RL data format of
     SPEC section 2.1 (a candidate may carry ``raw_reward`` to bypass the reward
-    formula); otherwise None, and the file is read as RL data JSON. Single answer.
+    formula); otherwise None, and the file is read as RL data JSON. A member that is not
+    a ``(str, query)`` pair, or an exception while iterating, stops the run naming this
+    plugin; so does a file that changes while it is read. Single answer.
     """
 
 
@@ -228,13 +232,20 @@ def compute_advantages(
 
 @hookspec
 def plugin_state_dict(state: TrainState) -> dict[str, Any] | None:
-    """Return this plugin's state (tensors, numbers, strings, lists, dicts) to keep.
+    """Return this plugin's state to keep in resume snapshots.
 
     Called whenever a resume snapshot is written (after every epoch, on a stop). The
     answer is stored under the plugin's name and handed back to
     :func:`load_plugin_state` of the same plugin when the run resumes, so a plugin
     with state (a curriculum position, a running statistic) continues exactly.
-    Broadcast; None means no state.
+
+    Snapshots are read back with ``torch.load(weights_only=True)``, so the state may
+    hold only tensors, None, bools, ints, floats, strings, bytes, and lists, tuples and
+    dicts of those (dict keys: None, bools, numbers, strings). A numpy scalar is stored
+    as the Python number of the same value (``np.float32(0.25)`` comes back as
+    ``0.25``); anything else (a numpy array, a function, an object) stops the run when
+    the snapshot is taken, with an error naming the plugin and the offending value, so
+    a snapshot that was written always loads. Broadcast; None means no state.
     """
 
 

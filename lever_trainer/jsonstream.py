@@ -13,7 +13,7 @@ import codecs
 import json
 import os
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import LeverError
 
@@ -22,12 +22,19 @@ _WS = " \t\n\r"
 _NUMBER_CHARS = "0123456789.eE+-"
 
 
+class Hasher(Protocol):
+    """What :func:`iter_object_members` feeds the bytes it reads to (``hashlib`` objects)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 class _Reader:
     """A text buffer over a file that grows on demand and tracks line numbers."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], hasher: Hasher | None = None) -> None:
         self.path = str(path)
         self.fh = open(path, "rb")  # closed by close()
+        self.hasher = hasher
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.buf = ""
         self.pos = 0
@@ -52,6 +59,8 @@ class _Reader:
         self.buf = self.buf[self.pos :]
         self.pos = 0
         raw = self.fh.read(_CHUNK)
+        if self.hasher is not None:
+            self.hasher.update(raw)
         try:
             text = self.decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as exc:
@@ -115,14 +124,16 @@ class _Reader:
 
 
 def iter_object_members(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], hasher: Hasher | None = None
 ) -> Generator[tuple[str, Any], None, None]:
     """Yield the ``(key, value)`` members of the JSON object in ``path``, in file order.
 
     Raises :class:`LeverError` for a file that is empty, not JSON, truncated, or whose
-    top level is not an object.
+    top level is not an object. ``hasher`` (a ``hashlib`` object) receives every byte
+    read: once the generator is exhausted it has hashed exactly the bytes that were
+    parsed, the whole file (the reader checks that nothing follows the object).
     """
-    reader = _Reader(path)
+    reader = _Reader(path, hasher)
     decoder = json.JSONDecoder()
     try:
         first = reader.skip_ws()

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import torch
 
+#: The names :func:`selection_metrics` returns.
+SELECTION_METRICS = (
+    "policy_reward@1",
+    "policy_correct@1",
+    "random_reward",
+    "oracle_reward",
+    "normalized_gain",
+    "spearman",
+)
+
 
 def average_ranks(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Ranks (0-based, ties share their average rank) of the masked entries per row.

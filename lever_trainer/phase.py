@@ -49,6 +49,10 @@ class Phase:
         needs_reference: the phase measures ratios against reference log-probs; its
             batches carry ``ref_logprobs`` (see the ``reference_logprobs`` hook).
         log_metrics: metric keys the phase adds that the epoch line should show.
+        metric_names: every metric key the phase adds to an epoch's metrics:
+            ``train_<key>`` for each value ``loss`` returns besides ``loss``, and the keys
+            of ``epoch_metrics``. With it, ``--best-metric`` is checked before training;
+            None (not declared) lets any ``train_*`` name through that check.
     """
 
     name: ClassVar[str] = ""
@@ -58,13 +62,17 @@ class Phase:
     needs_reward: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = False
     log_metrics: ClassVar[tuple[str, ...]] = ()
+    metric_names: ClassVar[tuple[str, ...] | None] = None
 
     def init(self, state: TrainState) -> None:
         """Called once when the run is assembled, with the run's options in ``state``
         (before a snapshot's :meth:`load_state_dict` on ``--resume``)."""
 
     def epochs(self, state: TrainState) -> int:
-        """How many epochs this phase runs (0: skipped)."""
+        """How many epochs this phase runs (0: skipped).
+
+        Read it from ``state.options`` (and ``state.config``): it is also asked before the
+        data is loaded, when ``--resume`` checks whether a run has anything left to do."""
         return int(state.options.get(self.epochs_option) or 0) if self.epochs_option else 0
 
     def learning_rate(self, state: TrainState) -> float:
@@ -104,7 +112,9 @@ class Phase:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """The phase's own state, kept in resume snapshots (numbers, strings, tensors)."""
+        """The phase's own state, kept in resume snapshots (tensors, numbers, strings, and
+        lists and dicts of them: what ``plugin_state_dict`` may hold) and merged into each
+        checkpoint's metadata. Restored only when the phase had started."""
         return {}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ class PluginInfo:
     #: The plugin could not be imported (a missing dependency, say), as opposed to one
     #: that imported but whose hooks or options are wrong.
     import_failed: bool = False
+    #: Two installed distributions register a plugin under this name: neither is used.
+    clash: bool = False
 
     @property
     def broken(self) -> bool:
@@ -177,10 +179,19 @@ def discover() -> list[PluginInfo]:
             # The same distribution seen twice on sys.path is harmless; two
             # distributions claiming one name is not.
             if found[ep.name].distribution != dist_name:
-                found[ep.name].error = (
-                    f"plugin name {ep.name!r} is claimed by both "
-                    f"{found[ep.name].distribution} and {dist_name}"
-                )
+                first = found[ep.name]
+                first.error = (
+                    f"plugin name {ep.name!r} is claimed by two installed distributions, "
+                    f"{first.distribution} {first.version or ''} and {dist_name} "
+                    f"{version or ''}; lever-train uses neither: uninstall one of them "
+                    "(pip uninstall NAME)"
+                ).replace("  ", " ")
+                first.clash, first.import_failed = True, False
+                try:  # a run that would use either of them must hear of the clash
+                    other_default = bool(getattr(ep.load(), "ENABLED_BY_DEFAULT", False))
+                except Exception:
+                    other_default = False
+                first.enabled_by_default = first.enabled_by_default or other_default
             continue
         try:
             obj = ep.load()
@@ -355,6 +366,8 @@ def select_active(
         wanted = p.name in enable or (p.enabled_by_default and p.name not in disable)
         if not wanted:
             continue
+        if p.clash:
+            raise PluginError(f"plugin {p.name}: {p.error}")
         if p.broken and not p.import_failed:
             # imported, but its hooks or options are wrong: never run it quietly without
             dist = f" (from {p.distribution} {p.version})" if p.distribution else ""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoint import (
+    ImportReport,
     infer_policy_shape,
     is_pickle_checkpoint,
     load_into_model,
@@ -97,6 +98,50 @@ def read_checkpoint(
     return state_dict, metadata
 
 
+def _check_identity_projection(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str
+) -> None:
+    """A square ``input_proj.weight`` for a model whose input projection is the identity
+    (d equals the width) is accepted only when it is the identity matrix: any other
+    matrix would be dropped, and the model would compute something else."""
+    weight = state_dict.get("input_proj.weight")
+    if weight is None or "input_proj.weight" in model.state_dict():
+        return
+    if weight.dim() == 2 and weight.shape[0] == weight.shape[1]:
+        if torch.equal(weight.float(), torch.eye(weight.shape[0])):
+            return
+        raise LeverError(
+            f"{path}: holds an input projection 'input_proj.weight' {list(weight.shape)} that "
+            "is not the identity, but with the embedding width equal to the hidden width "
+            "this project's policy has none; the checkpoint would compute something else"
+        )
+
+
+def _source_keys(
+    plugins: PluginSet, name: str, input_dim: int, options: Mapping[str, Any]
+) -> set[str] | None:
+    """The parameter names of policy ``name`` built at ``options`` (None if no active
+    plugin builds it); the caller's random state is left untouched."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return set(build_policy(plugins, name, input_dim, options).state_dict())
+    except (LeverError, ValueError, TypeError):
+        return None
+
+
+def missing_error(path: str, report: ImportReport, total: int, flag: str | None) -> LeverError:
+    """The error for a checkpoint that lacks some of the policy's weights."""
+    shown = ", ".join(report.missing[:6]) + (" ..." if len(report.missing) > 6 else "")
+    hint = (
+        f"; pass {flag} to start those from the seeded initialisation"
+        if flag
+        else "; it is not a complete model"
+    )
+    return LeverError(
+        f"{path}: {len(report.missing)} of the policy's {total} weights are missing ({shown}){hint}"
+    )
+
+
 def start_policy(
     plugins: PluginSet,
     name: str,
@@ -106,6 +151,8 @@ def start_policy(
     sft_ckpt: str | None = None,
     trust: bool = False,
     warn: Callable[[str], None] | None = None,
+    partial: bool = False,
+    seed: int | None = None,
 ) -> tuple[Policy, list[str]]:
     """The policy a run starts from: built fresh, or loaded from ``sft_ckpt``.
 
@@ -113,16 +160,28 @@ def start_policy(
     set explicitly to their flag (``{"hidden_dim": "--hidden-dim"}``). A starting
     checkpoint's recorded options (or, for a foreign file, the trunk shape of its
     weights) fill the options the user did not set; an explicit value that disagrees
-    is an error. The checkpoint may come from another policy (a ``pointer``
-    checkpoint into ``pointer-gru``, as upstream starts its variants): the shared
-    weights load, and the log lists the parameters left at their initial values.
+    is an error.
+
+    The checkpoint must hold every weight of the policy it records (a foreign file: the
+    default policy), else it is an error unless ``partial`` (``--partial-load``). It may
+    come from another policy (a ``pointer`` checkpoint into ``pointer-gru``, as upstream
+    starts its variants): the shared weights load, and the modules the source policy
+    does not have start from the initialisation, which the caller seeds (``seed`` is
+    named in the log). Keys inside the policy's own modules that it does not have are an
+    error unless ``partial``.
     """
     merged = dict(options)
     state_dict: dict[str, torch.Tensor] | None = None
+    source: tuple[str, dict[str, Any]] | None = None
     if sft_ckpt:
         state_dict, metadata = read_checkpoint(sft_ckpt, trust, warn)
         recorded = recorded_policy(metadata)
-        from_ckpt: dict[str, Any] = dict(infer_policy_shape(state_dict))
+        from_ckpt: dict[str, Any] = dict(infer_policy_shape(state_dict, sft_ckpt))
+        source = (
+            (recorded[0], {**from_ckpt, **recorded[1]})
+            if recorded is not None
+            else (FOREIGN_POLICY, dict(from_ckpt))
+        )
         if recorded is not None:
             from_ckpt.update(recorded[1])
         for key, value in from_ckpt.items():
@@ -137,11 +196,37 @@ def start_policy(
     policy = build_policy(plugins, name, input_dim, merged)
     lines: list[str] = []
     if state_dict is not None:
-        assert sft_ckpt is not None
+        assert sft_ckpt is not None and source is not None
+        _check_identity_projection(policy, state_dict, sft_ckpt)
         report = load_into_model(
-            policy, state_dict, sft_ckpt, f" (embedding width d={input_dim} from --img-emb)"
+            policy,
+            state_dict,
+            sft_ckpt,
+            f" (embedding width d={input_dim} from --img-emb)",
+            allow_unexpected=partial,
+        )
+        total = len(policy.state_dict())
+        if source[0] == name:
+            unexplained = list(report.missing)
+        else:
+            # another policy's checkpoint: what that policy has must all be there
+            source_keys = _source_keys(plugins, source[0], input_dim, source[1])
+            unexplained = [k for k in report.missing if source_keys is None or k in source_keys]
+        if unexplained and not partial:
+            report.missing = unexplained
+            raise missing_error(sft_ckpt, report, total, "--partial-load")
+        seeded = f"initialised from --seed {seed}" if seed is not None else "initialised"
+        report.initialised = (
+            f"{seeded} (policy {name}; the checkpoint holds policy {source[0]})"
+            if source[0] != name
+            else f"{seeded} (--partial-load)"
         )
         lines = report.lines()
+        if report.unexpected:
+            lines.append(
+                f"  warning: --partial-load: ignored {len(report.unexpected)} keys inside the "
+                f"policy's modules that it does not have: {', '.join(report.unexpected)}"
+            )
     return policy, lines
 
 
@@ -156,12 +241,17 @@ def policy_from_checkpoint(
     evaluate). Foreign checkpoints rebuild the default policy at their trunk shape."""
     state_dict, metadata = read_checkpoint(path, trust, warn)
     recorded = recorded_policy(metadata)
+    shape = infer_policy_shape(state_dict, str(path))
     if recorded is None:
-        name, options = FOREIGN_POLICY, dict(infer_policy_shape(state_dict))
+        name, options = FOREIGN_POLICY, dict(shape)
     else:
         name, options = recorded
-    policy = build_policy(plugins, name, input_dim, options)
+    with torch.random.fork_rng(devices=[]):  # a complete checkpoint overwrites every init
+        policy = build_policy(plugins, name, input_dim, options)
+    _check_identity_projection(policy, state_dict, str(path))
     report = load_into_model(policy, state_dict, str(path), f" (embedding width d={input_dim})")
+    if report.missing:
+        raise missing_error(str(path), report, len(policy.state_dict()), None)
     return policy, report.lines()
 
 
@@ -170,6 +260,7 @@ __all__ = [
     "FOREIGN_POLICY",
     "build_policy",
     "known_policies",
+    "missing_error",
     "policy_from_checkpoint",
     "recorded_policy",
     "start_policy",

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from .checkpoint import save_checkpoint
-from .errors import LeverError
 
 #: File name of the best checkpoint in the output directory.
 BEST_NAME = "best.safetensors"
@@ -73,11 +72,9 @@ class CheckpointKeeper:
         if name is None:
             return
         value = metrics.get(name)
-        if value is None:
-            if has_validation:
-                raise LeverError(
-                    f"--best-metric: no metric named {name!r} (known: {', '.join(sorted(metrics))})"
-                )
+        if value is None or value != value:
+            # not measured in this epoch (a metric of another phase; the name itself was
+            # checked before training), or NaN: this epoch does not compete
             return
         better = self.best_value is None or (
             value > self.best_value if self.best_mode == "max" else value < self.best_value

@@ -24,21 +24,25 @@ from .data import (
     LoadReport,
     QueryTable,
     check_ids_in_range,
-    file_fingerprint,
+    embedding_warnings,
     load_embeddings,
     load_rl_data,
+    load_verified,
+    plugin_members,
     split_train_val,
 )
 from .errors import LeverError
-from .fileio import atomic_write_bytes
-from .jsonstream import iter_object_members
+from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
+from .options import check_value
 from .plugins import PluginSet, load_plugins
 from .policies import DEFAULT_POLICY, build_policy, start_policy
 from .policy import TrunkConfig
+from .resuming import ResumePlan, plan_resume
 from .rewards import RewardParams, clip_reward, registry_from_plugins
+from .rundir import RunLock, check_output_dir, clear_previous_run, occupied_error, run_files
 from .state import TrainConfig
-from .trainer import Trainer
+from .trainer import Trainer, collect_phases
 
 #: Seed-script flags that stand for a plugin choice.
 ALIAS_FLAGS = {
@@ -52,6 +56,8 @@ POLICY_OPTIONS = tuple(n for n in TrunkConfig.field_names() if n != "input_dim")
 RUN_CONFIG = "run_config.json"
 
 Echo = Callable[[str], None]
+#: ``check(dest, value)``: why a recorded option value is not acceptable (None when it is).
+OptionCheck = Callable[[str, Any], "str | None"]
 
 
 def plugin_choices(enable: Iterable[str], aliases: Mapping[str, Any]) -> list[str]:
@@ -113,27 +119,6 @@ def resolve_device(name: str, warn: Echo) -> str:
             f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
         )
     return str(device)
-
-
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds checkpoints unless --overwrite, or that
-    cannot be created or written; checked before anything is written."""
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LeverError(f"--output-dir: cannot create {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LeverError(f"--output-dir: cannot write into {ancestor} (permission denied)")
-    if path.exists() and not path.is_dir():
-        raise LeverError(f"--output-dir: {path} exists and is not a directory")
-    existing = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
-    if existing and not overwrite:
-        shown = ", ".join(existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise LeverError(
-            f"--output-dir: {path} already holds checkpoints ({shown}); pass "
-            "--overwrite to write over them, or choose another directory"
-        )
 
 
 def make_data_options(opts: Mapping[str, Any], plugins: PluginSet) -> DataOptions:
@@ -201,12 +186,10 @@ def load_data(
         sort_keys=True,
     )
 
-    def reader(p: Path) -> Iterable[tuple[str, Any]]:
-        if decision is None:
-            return iter_object_members(p)
+    def plugin_reader(p: Path) -> Iterable[tuple[str, Any]]:
+        assert decision is not None
         echo(f"reading {p} with plugin {decision.plugin}")
-        members: Iterable[tuple[str, Any]] = decision.value
-        return members
+        return plugin_members(decision.value, decision.plugin, p)
 
     try:
         return load_rl_data(
@@ -215,8 +198,9 @@ def load_data(
             registry,
             cache=not opts.get("no_cache", False),
             warn=warn,
-            reader=reader,
+            reader=None if decision is None else plugin_reader,
             producers=producers,
+            cache_dir=opts.get("cache_dir"),
         )
     finally:
         close = getattr(decision.value if decision is not None else None, "close", None)
@@ -272,8 +256,11 @@ def train_config(opts: Mapping[str, Any], device: str) -> TrainConfig:
     )
 
 
-def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run config and snapshot of the run in ``run_dir``, for --resume."""
+def read_run(
+    run_dir: Path, check: OptionCheck | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run config and snapshot of the run in ``run_dir``, for --resume, both checked:
+    a tampered file is a :class:`LeverError` naming the file and the entry."""
     config_path, snap_path = run_dir / RUN_CONFIG, run_dir / snapshot.SNAPSHOT_NAME
     if not config_path.is_file():
         raise LeverError(f"--resume: {run_dir} has no {RUN_CONFIG} (not a lever-train run)")
@@ -284,10 +271,9 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     try:
         original = json.loads(config_path.read_text())
-        if not isinstance(original, dict) or not isinstance(original.get("options"), dict):
-            raise KeyError("options")
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise LeverError(f"{config_path}: unreadable run config ({exc})") from None
+    check_run_config(original, config_path, check)
     return original, snapshot.read(snap_path)
 
 
@@ -299,29 +285,102 @@ def sft_policy_name(path: str, trust: bool) -> str:
     return recorded[0] if recorded is not None else FOREIGN_POLICY
 
 
+def check_run_config(config: Any, path: Path, check: OptionCheck | None = None) -> None:
+    """The entries a resumed run reads from ``run_config.json``, with values of the right
+    type; ``check(dest, value)`` (from the command line's option types) checks each
+    option value."""
+    if not isinstance(config, dict):
+        raise LeverError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    options = config.get("options")
+    if not isinstance(options, dict):
+        raise LeverError(f"{path}: entry 'options' is missing or not an object")
+    for key in ("beam_data", "img_emb"):
+        if not isinstance(options.get(key), str) or not options[key]:
+            raise LeverError(f"{path}: entry 'options.{key}' is missing or not a path")
+    given = config.get("given", {})
+    if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
+        raise LeverError(f"{path}: entry 'given' should map option names to flags")
+    policy = config.get("policy")
+    if policy is not None and (
+        not isinstance(policy, dict)
+        or not isinstance(policy.get("name"), str)
+        or not isinstance(policy.get("options"), dict)
+    ):
+        raise LeverError(f"{path}: entry 'policy' should be {{'name': ..., 'options': {{...}}}}")
+    if not isinstance(config.get("data_fingerprint"), str):
+        raise LeverError(f"{path}: entry 'data_fingerprint' is missing or not a string")
+    if check is not None:
+        for dest, value in options.items():
+            problem = check(dest, value)
+            if problem is not None:
+                raise LeverError(f"{path}: entry 'options.{dest}' is {value!r:.60}: {problem}")
+
+
 @dataclass
 class Run:
-    """An assembled run: the trainer, and the snapshot it resumes from (if any)."""
+    """An assembled run: the trainer, the snapshot it resumes from (if any), and the lock
+    it holds on its output directory (release it when the run ends). A resumed run with
+    nothing left to do has no trainer, only ``complete`` (the line to print)."""
 
-    trainer: Trainer
+    trainer: Trainer | None
     output_dir: Path
     resume: dict[str, Any] | None = None
+    lock: RunLock | None = None
+    complete: str | None = None
+
+    def release(self) -> None:
+        """Drop the output directory's lock."""
+        if self.lock is not None:
+            self.lock.release()
 
 
-def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: Echo) -> Run:
+def check_plugin_values(opts: Mapping[str, Any], plugins: PluginSet, where: str) -> None:
+    """Every active plugin option's value within its declared type and range (values
+    that did not come through the command line: a recorded run, the API)."""
+    for dest, (plugin, option) in plugins.options().items():
+        if dest not in opts:
+            continue
+        problem = check_value(option, opts[dest])
+        if problem is not None:
+            raise LeverError(f"{where}{option.name} {opts[dest]!r}: {problem} (plugin {plugin})")
+
+
+def assemble(
+    opts: dict[str, Any],
+    given: Mapping[str, str],
+    echo: Echo,
+    warn: Echo,
+    check: OptionCheck | None = None,
+) -> Run:
     """Build a run from parsed options (``given``: the options set explicitly, by dest).
 
-    With ``opts["resume"]`` the run's own options come from its ``run_config.json``.
-    Nothing is written before every input has been read and checked.
+    With ``opts["resume"]`` the run's own options come from its ``run_config.json``;
+    options given with it are applied or refused (:mod:`lever_trainer.resuming`).
+    Nothing is written before every input has been read and checked; then the output
+    directory is locked for the run's lifetime (``Run.lock``), a previous run's files
+    are removed (``--overwrite``) and ``run_config.json`` is written.
     """
     recorded: dict[str, Any] | None = None
     resume = None
+    plan: ResumePlan | None = None
     if opts.get("resume"):
         run_dir = Path(opts["resume"])
-        recorded, resume = read_run(run_dir)
-        opts = dict(recorded["options"])
-        opts.update(output_dir=str(run_dir), overwrite=True, resume=str(run_dir))
-        given = {k: str(v) for k, v in (recorded.get("given") or {}).items()}
+        recorded, resume = read_run(run_dir, check)
+        recorded_given = {k: str(v) for k, v in (recorded.get("given") or {}).items()}
+        plugins = activate_plugins(recorded["options"], recorded_given, warn)
+        check_plugin_values(recorded["options"], plugins, f"{run_dir / RUN_CONFIG}: ")
+        plan = plan_resume(
+            recorded["options"], opts, given, plugins, collect_phases(plugins), resume, run_dir
+        )
+        if plan.complete is not None:
+            return Run(None, run_dir, resume, complete=plan.complete)
+        for line in plan.lines:
+            echo(line)
+        if plan.extended:
+            resume["stop_request"] = None
+        opts = dict(plan.options)
+        opts.update(output_dir=str(run_dir), overwrite=False, resume=str(run_dir))
+        given = recorded_given
     for name, flag in (
         ("beam_data", "--beam-data"),
         ("img_emb", "--img-emb"),
@@ -329,18 +388,25 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
     ):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
-    plugins = activate_plugins(opts, given, warn)
+    if recorded is None:
+        plugins = activate_plugins(opts, given, warn)
     device = resolve_device(opts["device"], warn)
     if opts.get("deterministic"):
         make_deterministic()
     output_dir = Path(opts["output_dir"])
-    check_output_dir(output_dir, bool(opts.get("overwrite")))
+    check_output_dir(output_dir, bool(opts.get("overwrite")), resume=recorded is not None)
 
     table, report = load_data(opts, plugins, echo, warn)
     for line in report.lines():
         echo(line)
-    emb = load_embeddings(opts["img_emb"], opts.get("cand_emb"), opts.get("emb_key"))
+    emb, emb_hash = load_verified(
+        lambda: load_embeddings(opts["img_emb"], opts.get("cand_emb"), opts.get("emb_key")),
+        opts["img_emb"],
+        opts.get("cand_emb"),
+    )
     check_ids_in_range(table, emb)
+    for line in embedding_warnings(table, emb):
+        warn(line)
     train_table, val_table = split_train_val(table, opts["val_ratio"])
     echo(
         f"split: {len(train_table)} train / {len(val_table)} validation queries, "
@@ -368,6 +434,8 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
             opts.get("sft_ckpt"),
             bool(opts.get("trust_checkpoint")),
             warn,
+            partial=bool(opts.get("partial_load")),
+            seed=opts["seed"],
         )
     for line in lines:
         echo(line)
@@ -383,9 +451,7 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; policy "
         f"{policy.policy_name}, {sum(p.numel() for p in policy.parameters()):,} parameters"
     )
-    data_hash = report.source_sha256 or file_fingerprint(opts["beam_data"])
-    emb_hash = file_fingerprint(opts["img_emb"], opts.get("cand_emb"))
-    fingerprint = hashlib.sha256(f"{data_hash}:{emb_hash}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"{report.source_sha256}:{emb_hash}".encode()).hexdigest()
     run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
     plugin_values = {
         dest: opts.get(dest, option.default) for dest, (_, option) in plugins.options().items()
@@ -413,42 +479,94 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
     )
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
     if resume is not None:
-        assert recorded is not None
+        assert recorded is not None and plan is not None
         if recorded.get("data_fingerprint") != fingerprint:
             raise LeverError(
                 f"--resume: the data files changed since the run in {output_dir} "
                 "started (their fingerprint differs); resume needs the same data"
             )
-        return Run(trainer, output_dir, resume)
+        snapshot.check_fits(trainer, resume, output_dir / snapshot.SNAPSHOT_NAME)
+    trainer.check_settings(trainer.phases_to_run(resume))
+
+    # every input is checked: take the directory, then write
+    lock = RunLock(output_dir, warn).acquire()
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LeverError(
-            f"--output-dir: cannot create {output_dir} ({exc.strerror or exc})"
-        ) from None
-    run_config = {
-        "train_config": config.to_dict(),
-        "policy": {
-            "name": policy.policy_name,
-            "input_dim": policy.input_dim,
-            "options": policy.policy_options(),
-        },
-        "plugins": plugins.versions(),
-        "plugin_options": {
-            plugin: {o.dest: options.get(o.dest) for o in info.options}
-            for plugin, info in ((p.name, p) for p in plugins.active)
-            if info.options
-        },
-        **run_metadata,
-        "options": options,
-        "given": dict(given),
-        "lever_trainer_version": __version__,
-    }
+        if resume is not None:
+            assert recorded is not None and plan is not None
+            if plan.changed:
+                record_resume(output_dir / RUN_CONFIG, recorded, plan, config, resume)
+            return Run(trainer, output_dir, resume, lock)
+        existing = run_files(output_dir)
+        if existing and not opts.get("overwrite"):
+            raise occupied_error(output_dir, existing)  # a run that finished meanwhile
+        if opts.get("overwrite"):
+            removed = clear_previous_run(output_dir)
+            if removed:
+                echo(f"--overwrite: removed {len(removed)} files of the previous run")
+        write_run_config(
+            output_dir / RUN_CONFIG,
+            {
+                "train_config": config.to_dict(),
+                "policy": {
+                    "name": policy.policy_name,
+                    "input_dim": policy.input_dim,
+                    "options": policy.policy_options(),
+                },
+                "plugins": plugins.versions(),
+                "plugin_options": {
+                    plugin: {o.dest: options.get(o.dest) for o in info.options}
+                    for plugin, info in ((p.name, p) for p in plugins.active)
+                    if info.options
+                },
+                **run_metadata,
+                "options": options,
+                "given": dict(given),
+                "lever_trainer_version": __version__,
+            },
+        )
+    except BaseException:
+        lock.release()
+        raise
+    return Run(trainer, output_dir, None, lock)
+
+
+def write_run_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Write ``run_config.json`` atomically (strict JSON)."""
     atomic_write_bytes(
-        output_dir / RUN_CONFIG,
-        (json.dumps(run_config, indent=2, sort_keys=True, default=str) + "\n").encode(),
+        path,
+        (
+            json.dumps(json_safe(dict(config)), indent=2, sort_keys=True, default=str) + "\n"
+        ).encode(),
     )
-    return Run(trainer, output_dir, None)
+
+
+def record_resume(
+    path: Path,
+    recorded: dict[str, Any],
+    plan: ResumePlan,
+    config: TrainConfig,
+    snap: Mapping[str, Any],
+) -> None:
+    """Update ``run_config.json`` with the options a resume changed, and keep a record of
+    the change (``resumes``), so a later ``--resume`` continues with them."""
+    updated = dict(recorded)
+    updated["options"] = {**recorded["options"], **plan.options}
+    updated["train_config"] = config.to_dict()
+    for plugin_options in (updated.get("plugin_options") or {}).values():
+        if isinstance(plugin_options, dict):
+            for dest in plugin_options:
+                if dest in plan.changed:
+                    plugin_options[dest] = plan.changed[dest][1]
+    history = list(updated.get("resumes") or [])
+    history.append(
+        {
+            "at": f"phase {snap['phase']} epoch {snap['epoch']} step {snap['step_in_epoch']}",
+            "changed": {dest: [old, new] for dest, (old, new) in plan.changed.items()},
+            "lever_trainer_version": __version__,
+        }
+    )
+    updated["resumes"] = history
+    write_run_config(path, updated)
 
 
 __all__ = [
@@ -457,6 +575,7 @@ __all__ = [
     "Run",
     "assemble",
     "check_output_dir",
+    "check_run_config",
     "checkpoint_name",
     "load_data",
     "make_data_options",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Embeddings, PoolTable, QueryTable, pool_batches
+from .errors import LeverError
 from .policy import Policy
 
 
@@ -32,7 +33,9 @@ def select_greedy(
     """The policy's greedy decode over each query's whole pool, in eval mode.
 
     A prediction past the pool (a STOP item, ``model.extra_items``) ends a query's list,
-    so a policy with STOP may return fewer than ``steps`` ids.
+    so a policy with STOP may return fewer than ``steps`` ids. A policy whose scores are
+    NaN or +inf (weights that are absurd though finite) is a :class:`LeverError`: its
+    picks would be arbitrary.
     """
     was_training = model.training
     model.eval()
@@ -43,6 +46,13 @@ def select_greedy(
         b = batch.to(device)
         encoding = model.encode(b.query_emb, b.cand_emb, b.pool_mask)
         logits, preds = model.decode(encoding, b.pool_mask, None, steps)
+        broken = torch.isnan(logits) | (logits == float("inf"))
+        if bool(broken.any()):
+            row = int(broken.flatten(1).any(1).nonzero()[0, 0])
+            raise LeverError(
+                f"the policy's scores for query {int(batch.query_ids[row])} are not finite "
+                "(NaN or inf): it is not a usable model"
+            )
         positions = preds[:, 0]  # [B, S]
         probs = torch.softmax(logits[:, 0].float(), dim=-1).gather(-1, positions.unsqueeze(-1))
         pool_len = b.pool_mask.sum(-1, keepdim=True)

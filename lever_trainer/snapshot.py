@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import LeverError
+from .errors import LeverError, PluginError
 from .fileio import atomic_write_bytes
 from .state import StopRequest
 
@@ -51,12 +52,98 @@ def restore_rng(snap: dict[str, Any], generator: torch.Generator | None = None) 
         torch.cuda.set_rng_state_all(snap["rng_cuda"])
 
 
+#: Leaf values a snapshot holds and ``torch.load(weights_only=True)`` reloads.
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_MAX_DEPTH = 64
+
+
+def safe_value(value: Any, where: str = "", depth: int = 0) -> Any:
+    """``value`` as a snapshot may hold it, or ValueError naming the offending part.
+
+    Allowed: tensors, None, bools, numbers, strings, bytes, dtypes, devices, and lists,
+    tuples and dicts of those (dict keys: None, bools, numbers, strings). A numpy scalar
+    becomes the Python number of the same value (``np.float32(0.5)`` -> ``0.5``); every
+    other object (a numpy array, a function, a class instance) is refused, since the
+    safe loader would refuse the snapshot.
+    """
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where or 'the value'} is nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, torch.Tensor) or type(value) in _SAFE_LEAVES:
+        return value
+    if type(value) is torch.Size:
+        return value
+    numpy = _numpy_scalar(value)
+    if numpy is not None:
+        return numpy
+    if type(value) in (list, tuple):
+        items = [safe_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return items if type(value) is list else tuple(items)
+    if type(value) in (dict, OrderedDict):
+        out = {}
+        for k, v in value.items():
+            key = _numpy_scalar(k) if _numpy_scalar(k) is not None else k
+            if type(key) not in (type(None), bool, int, float, str):
+                raise ValueError(f"{where} has a key {k!r:.60} of type {type(k).__name__}")
+            out[key] = safe_value(v, f"{where}[{k!r}]", depth + 1)
+        return out
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise ValueError(f"{where or 'the value'} is a {kind} ({value!r:.60})")
+
+
+def _numpy_scalar(value: Any) -> Any:
+    """The Python value of a numpy scalar (None for anything else)."""
+    if type(value).__module__ != "numpy":
+        return None
+    import numpy as np
+
+    if isinstance(value, np.bool_ | np.integer | np.floating | np.complexfloating):
+        return value.item()
+    return None
+
+
+def _checked_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The phases' and plugins' states, each checked with :func:`safe_value`."""
+    phases = {}
+    for phase in trainer.phases:
+        try:
+            phases[phase.name] = safe_value(phase.state_dict(), "state_dict()")
+        except ValueError as exc:
+            raise PluginError(
+                f"phase {phase.name}: {exc}, which a resume snapshot cannot hold (allowed: "
+                "tensors, numbers, strings, None, and lists, tuples and dicts of them)"
+            ) from None
+    plugins = {}
+    for name, value in trainer.plugins.call_all("plugin_state_dict", state=trainer.state):
+        if value is None:
+            continue
+        try:
+            plugins[name] = safe_value(value, "the answer")
+        except ValueError as exc:
+            raise PluginError(
+                f"plugin {name}: hook plugin_state_dict: {exc}, which a resume snapshot "
+                "cannot hold (allowed: tensors, numbers, strings, None, and lists, tuples "
+                "and dicts of them)"
+            ) from None
+    return phases, plugins
+
+
 def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
     """Everything needed to continue after the last completed step.
 
-    ``epoch_closed``: the epoch's validation, checkpoint and hooks are done.
+    ``epoch_closed``: the epoch's validation, checkpoint and hooks are done. When they
+    are not, the epoch's entry in the history (added before its hooks ran, if a hook
+    failed) is left out: the resumed run closes the epoch and records it once.
     """
     state = trainer.state
+    phase_states, plugin_states = _checked_states(trainer)
+    history = list(state.history)
+    if (
+        not epoch_closed
+        and history
+        and history[-1].get("phase") == state.phase
+        and history[-1].get("epoch") == state.epoch
+    ):
+        history.pop()
     return {
         "format": SNAPSHOT_FORMAT,
         "epoch_closed": epoch_closed,
@@ -66,22 +153,21 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         "global_step": state.global_step,
         "step_in_epoch": state.step_in_epoch,
         "bad_steps": trainer.bad_steps,
-        "history": state.history,
+        "history": history,
         "metrics": state.metrics,
         "stop_request": None
         if state.stop_request is None
         else [state.stop_request.reason, state.stop_request.plugin],
         "keeper": trainer.keeper.state_dict(),
         "start_logprobs": trainer.start_logprobs,
+        # the starting weights, while no reference log-probs were computed from them: a
+        # later extension into a phase that needs them (GRPO after RCE) computes them
+        "start_model": trainer.start_weights if trainer.start_logprobs is None else None,
         "ref_logprobs": state.ref_logprobs,
         "model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
         "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else {},
-        "phases": {p.name: p.state_dict() for p in trainer.phases},
-        "plugins": {
-            name: value
-            for name, value in trainer.plugins.call_all("plugin_state_dict", state=state)
-            if value is not None
-        },
+        "phases": phase_states,
+        "plugins": plugin_states,
         **trainer.epoch_progress,
         **trainer.step_rng,
     }
@@ -100,38 +186,220 @@ def write(path: Path, snap: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
-    """Load a snapshot written by :func:`write` (``weights_only``), checking its format."""
+    """Load a snapshot written by :func:`write` (``weights_only``), checking its format
+    number and the type of every entry (:func:`check`)."""
     try:
         snap = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise LeverError(f"{path}: unreadable snapshot ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LeverError(f"{path}: unreadable snapshot ({first})") from None
     if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
         found = snap.get("format") if isinstance(snap, dict) else type(snap).__name__
         raise LeverError(
             f"{path}: snapshot format {found!r}, this lever-train reads format {SNAPSHOT_FORMAT}"
         )
+    check(snap, path)
     return snap
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_rng(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _is_python_rng(value: Any) -> bool:
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        return False
+    version, internal, gauss = value
+    return (
+        isinstance(version, int)
+        and isinstance(internal, list | tuple)
+        and len(internal) == 625
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in internal)
+        and (gauss is None or isinstance(gauss, float))
+    )
+
+
+def _is_tensor_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, torch.Tensor)
+
+
+#: What every snapshot holds, and the check of each entry's value.
+_ENTRIES: dict[str, tuple[str, Any]] = {
+    "epoch_closed": ("a bool", lambda v: isinstance(v, bool)),
+    "phase": ("a phase name", lambda v: isinstance(v, str)),
+    "epoch": ("an epoch number", _is_int),
+    "step": ("a step count", _is_int),
+    "global_step": ("a step count", _is_int),
+    "step_in_epoch": ("a step count", _is_int),
+    "bad_steps": ("a step count", _is_int),
+    "history": (
+        "a list of epoch records",
+        lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+    ),
+    "metrics": ("a dict of metrics", lambda v: isinstance(v, dict)),
+    "stop_request": (
+        "None or [reason, plugin]",
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, list | tuple)
+                and len(v) == 2
+                and isinstance(v[0], str)
+                and (v[1] is None or isinstance(v[1], str))
+            )
+        ),
+    ),
+    "keeper": (
+        "the checkpoint keeper's state",
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("saved"), list)
+            and all(isinstance(p, str) for p in v["saved"])
+            and (v.get("best_value") is None or isinstance(v.get("best_value"), int | float))
+        ),
+    ),
+    "start_logprobs": ("a tensor or None", _is_tensor_or_none),
+    "ref_logprobs": ("a tensor or None", _is_tensor_or_none),
+    "model": (
+        "a dict of tensors",
+        lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    ),
+    "optimizer": ("an optimiser state dict", lambda v: isinstance(v, dict)),
+    "phases": (
+        "a dict of phase states",
+        lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+    ),
+    "plugins": ("a dict of plugin states", lambda v: isinstance(v, dict)),
+    "rng_torch": ("a random generator state", _is_rng),
+    "rng_shuffle": ("a random generator state", _is_rng),
+    "rng_python": ("Python's random state", _is_python_rng),
+}
+#: What a snapshot taken inside an epoch also holds.
+_EPOCH_ENTRIES: dict[str, tuple[str, Any]] = {
+    "epoch_order": (
+        "a 1-D integer tensor",
+        lambda v: (
+            isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype in (torch.int64, torch.int32)
+        ),
+    ),
+    "epoch_sums": (
+        "a dict of sums",
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v.values())
+        ),
+    ),
+    "epoch_counted": ("a count", _is_int),
+    "epoch_skipped": ("a count", _is_int),
+}
+
+
+def check(snap: dict[str, Any], path: Path) -> None:
+    """Every entry a snapshot needs, with a value of the right type; a tampered or
+    truncated snapshot is a :class:`LeverError` naming the entry."""
+    entries = dict(_ENTRIES)
+    if snap.get("epoch_closed") is False:
+        entries.update(_EPOCH_ENTRIES)
+    for key, (what, ok) in entries.items():
+        if key not in snap:
+            raise LeverError(f"{path}: not a complete snapshot: entry {key!r} is missing")
+        if not ok(snap[key]):
+            value = snap[key]
+            raise LeverError(
+                f"{path}: entry {key!r} should be {what}, found {type(value).__name__} "
+                f"{value!r:.60}"
+            )
+    if snap.get("start_model") is not None and not _ENTRIES["model"][1](snap["start_model"]):
+        raise LeverError(f"{path}: entry 'start_model' should be a dict of tensors")
+
+
+def check_fits(trainer: Trainer, snap: dict[str, Any], path: Path) -> None:
+    """The snapshot belongs to this run: its weights fit the policy, its log-probs and
+    epoch order fit the training data. Checked before anything is written."""
+    own = trainer.model.state_dict()
+    saved = snap["model"]
+    if set(saved) != set(own):
+        odd = sorted(set(saved) ^ set(own))
+        raise LeverError(
+            f"{path}: its weights do not fit the run's policy {trainer.model.policy_name} "
+            f"(e.g. {odd[0]!r} is in one and not the other)"
+        )
+    for key, value in saved.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise LeverError(
+                f"{path}: weight {key!r} has shape {list(value.shape)}, the run's policy "
+                f"expects {list(own[key].shape)}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise LeverError(f"{path}: weight {key!r} holds non-finite values")
+    groups = tuple(trainer.state.train.rewards_raw.shape)
+    for key in ("start_logprobs", "ref_logprobs"):
+        value = snap[key]
+        if value is not None and tuple(value.shape) != groups:
+            raise LeverError(
+                f"{path}: entry {key!r} has shape {list(value.shape)}, the run's training "
+                f"data needs {list(groups)}"
+            )
+    if not snap["epoch_closed"]:
+        order = snap["epoch_order"]
+        n = len(trainer.state.train)
+        if len(order) and (int(order.min()) < 0 or int(order.max()) >= n):
+            raise LeverError(
+                f"{path}: entry 'epoch_order' holds rows outside the {n} training queries"
+            )
+        if snap["step_in_epoch"] * trainer.config.batch_size > len(order) + (
+            trainer.config.batch_size - 1
+        ):
+            raise LeverError(
+                f"{path}: entry 'step_in_epoch' ({snap['step_in_epoch']}) is past the end "
+                f"of the epoch ({len(order)} rows)"
+            )
 
 
 def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
     """Put the run-wide state of ``snap`` back into ``trainer`` (the phase's optimiser and
-    epoch position are restored when that phase starts, see ``Trainer.run_phase``)."""
+    epoch position are restored when that phase starts, see ``Trainer.run_phase``).
+
+    Only the phases that had started (the snapshot's phase and those before it) get
+    their saved state back; a later phase starts from its options, which a resumed run
+    may have changed (``--resume DIR --grpo-epochs 2 --kl-beta 0.05``).
+    """
     state = trainer.state
-    trainer.model.load_state_dict(snap["model"])
+    where = trainer.output_dir / SNAPSHOT_NAME
+    try:
+        trainer.model.load_state_dict(snap["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LeverError(f"{where}: its weights do not fit the run's policy ({first})") from None
     state.history = list(snap["history"])
     state.metrics = dict(snap["metrics"])
     state.global_step = snap["global_step"]
     trainer.bad_steps = snap["bad_steps"]
     trainer.keeper.load_state_dict(snap["keeper"])
     trainer.start_logprobs = snap["start_logprobs"]
+    trainer.start_weights = snap.get("start_model")
     state.ref_logprobs = snap["ref_logprobs"]
     if snap.get("stop_request") is not None:
         reason, plugin = snap["stop_request"]
         state.stop_request = StopRequest(reason, plugin)
     saved_phases = snap.get("phases", {})
+    names = [p.name for p in trainer.phases]
+    started = names[: names.index(snap["phase"]) + 1] if snap["phase"] in names else names
     for phase in trainer.phases:
-        if phase.name in saved_phases:
-            phase.load_state_dict(saved_phases[phase.name])
+        if phase.name in saved_phases and phase.name in started:
+            try:
+                phase.load_state_dict(saved_phases[phase.name])
+            except LeverError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"phase {phase.name}: cannot restore its state from {where} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
     for name, saved in snap.get("plugins", {}).items():
         if name not in trainer.plugins.names:
             state.log(
@@ -140,16 +408,22 @@ def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
             )
             continue
         trainer.plugins.call_plugin(name, "load_plugin_state", state=state, saved=saved)
-    restore_rng(snap, trainer.generator)
+    try:
+        restore_rng(snap, trainer.generator)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise LeverError(f"{where}: unusable random state ({exc})") from None
 
 
 __all__ = [
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_NAME",
     "capture_rng",
+    "check",
+    "check_fits",
     "read",
     "restore",
     "restore_rng",
+    "safe_value",
     "take",
     "write",
 ]

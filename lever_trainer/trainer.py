@@ -22,7 +22,7 @@ from . import __version__, snapshot
 from .checkpoint import checkpoint_name
 from .data import Batch, Embeddings, QueryTable, iter_batches
 from .errors import LeverError, PluginError
-from .evaluation import Evaluator, format_metrics
+from .evaluation import VALIDATION_METRICS, Evaluator, format_metrics
 from .judge import Judge
 from .phase import Phase
 from .plugins import Decision, PluginSet
@@ -59,6 +59,65 @@ def collect_phases(plugins: PluginSet) -> list[Phase]:
                 )
             phases[phase.name] = (plugin, phase)
     return sorted((p for _, p in phases.values()), key=lambda p: (p.order, p.name))
+
+
+def remaining_phases(
+    phases: list[Phase], state: TrainState, resume: dict[str, Any] | None
+) -> list[Phase]:
+    """The phases a run still has to run: those with epochs, from the snapshot's phase on
+    when resuming, without a phase whose last epoch the snapshot closed.
+
+    ``state`` needs only ``options`` and ``config`` (phases read their epochs from
+    options), so this is also asked before the data is loaded.
+    """
+    with_epochs = [p for p in phases if p.epochs(state) > 0]
+    if resume is None or resume["phase"] is None:
+        return with_epochs
+    names = [p.name for p in phases]
+    if resume["phase"] not in names:
+        have = ", ".join(p.name for p in with_epochs) or "none"
+        raise LeverError(
+            f"--resume: the snapshot stopped in phase {resume['phase']!r}, which this "
+            f"run does not have (phases with epochs: {have})"
+        )
+    at = names.index(resume["phase"])
+    current = phases[at]
+    finished = resume["epoch_closed"] and resume["epoch"] >= current.epochs(state)
+    later = [p for p in phases[at + 1 :] if p.epochs(state) > 0]
+    return later if finished else [current, *later]
+
+
+class CheckedReward:
+    """A ``RewardChoice.compute`` wrapped so that what it returns is checked: a float tensor
+    shaped like the batch's candidates [B, G]; failures name the plugin that chose it."""
+
+    def __init__(self, compute: Callable[[Batch], torch.Tensor], plugin: str) -> None:
+        self.compute = compute
+        self.plugin = plugin
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        try:
+            rewards = self.compute(batch)
+        except LeverError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {self.plugin}: the reward chosen by its select_reward failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        expected = tuple(batch.cand_mask.shape)
+        if not isinstance(rewards, torch.Tensor):
+            raise PluginError(
+                f"plugin {self.plugin}: the reward chosen by its select_reward returned "
+                f"{type(rewards).__name__}, expected a float tensor of shape {list(expected)}"
+            )
+        if tuple(rewards.shape) != expected or not rewards.is_floating_point():
+            raise PluginError(
+                f"plugin {self.plugin}: the reward chosen by its select_reward returned a "
+                f"tensor of shape {list(rewards.shape)} {rewards.dtype}, expected a float "
+                f"tensor of shape {list(expected)} (one reward per candidate)"
+            )
+        return rewards
 
 
 class Trainer:
@@ -109,6 +168,14 @@ class Trainer:
         self.rewards: dict[str, Decision] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.start_logprobs: torch.Tensor | None = None
+        #: The starting weights, kept while no phase has needed ``start_logprobs``: a run
+        #: extended into such a phase later (``--resume DIR --grpo-epochs N``) computes
+        #: them from these (see ``choose_reference``).
+        self.start_weights: dict[str, torch.Tensor] | None = None
+        #: Set while a step's optimiser update is applied but its bookkeeping is not done:
+        #: a snapshot taken then would not be the state after any completed step.
+        self.step_torn = False
+        self.notes: set[str] = set()
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[torch.nn.Parameter] = []
         self.bad_steps = 0
@@ -126,6 +193,7 @@ class Trainer:
         """
         state = self.state
         to_run = self.phases_to_run(resume)
+        self.check_settings(to_run)
         if not self.rewards:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
@@ -133,6 +201,10 @@ class Trainer:
             # the starting model's log-probs: the default reference (SPEC section 6)
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
+            else:
+                self.start_weights = {
+                    k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                }
             if len(state.val):
                 if state.judge is None:
                     state.log(
@@ -153,10 +225,15 @@ class Trainer:
             try:
                 self.run_phase(phase, resume if same_phase else None)
             except PluginError as exc:
-                # A plugin failed inside the phase: keep the last completed step.
-                if self.epoch_progress:
-                    self.save_snapshot(epoch_closed=False)
-                    exc.snapshot = True  # type: ignore[attr-defined]
+                # A plugin failed inside the phase: keep the last completed step (unless
+                # the failure came between a step's update and its bookkeeping, or from
+                # the snapshot itself: then the newest snapshot on disk stays).
+                if self.epoch_progress and not self.step_torn:
+                    try:
+                        self.save_snapshot(epoch_closed=False)
+                        exc.snapshot = True  # type: ignore[attr-defined]
+                    except LeverError:
+                        pass
                 raise
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
@@ -165,17 +242,37 @@ class Trainer:
         return state
 
     def phases_to_run(self, resume: dict[str, Any] | None) -> list[Phase]:
-        """The phases with epochs, from the snapshot's phase on when resuming."""
-        phases = [p for p in self.phases if p.epochs(self.state) > 0]
-        if resume is None or resume["phase"] is None:
-            return phases
-        names = [p.name for p in phases]
-        if resume["phase"] not in names:
-            raise LeverError(
-                f"--resume: the snapshot stopped in phase {resume['phase']!r}, which this "
-                f"run does not have (phases with epochs: {', '.join(names) or 'none'})"
-            )
-        return phases[names.index(resume["phase"]) :]
+        """The phases with epochs, from the snapshot's phase on when resuming (see
+        :func:`remaining_phases`)."""
+        return remaining_phases(self.phases, self.state, resume)
+
+    def check_settings(self, to_run: list[Phase]) -> None:
+        """Settings that can only be checked against the phases and the data, checked
+        before anything is written: ``--best-metric`` must name a metric the run has."""
+        name = self.config.best_metric
+        if name is None:
+            return
+        validation = set(VALIDATION_METRICS)
+        if self.state.judge is not None:
+            validation |= {"judge_correct@greedy", "judge_reward@greedy"}
+        known = {"train_loss", "train_grad_norm", "epoch_seconds", "skipped_steps"}
+        undeclared = False
+        for phase in to_run or self.phases:
+            if phase.metric_names is None:
+                undeclared = True
+            else:
+                known |= set(phase.metric_names)
+        if name in validation:
+            if not len(self.state.val):
+                raise LeverError(
+                    f"--best-metric {name}: a validation metric, but this run has no "
+                    "validation queries (raise --val-ratio, or name a training metric)"
+                )
+            return
+        if name in known or (undeclared and name.startswith("train_")):
+            return
+        shown = ", ".join(sorted(known | (validation if len(self.state.val) else set())))
+        raise LeverError(f"--best-metric: no metric named {name!r} (known: {shown})")
 
     def resolve_rewards(self) -> dict[str, Decision]:
         """Ask ``select_reward`` for every phase that will run and needs one; log the answers."""
@@ -184,12 +281,21 @@ class Trainer:
             if not phase.needs_reward:
                 continue
             decision = self.plugins.call_single("select_reward", state=self.state, phase=phase.name)
-            if decision is None or not isinstance(decision.value, RewardChoice):
+            if decision is None:
                 raise LeverError(
                     f"no active plugin answers hook select_reward for phase {phase.name!r}; "
                     "enable one (e.g. --plugin raw-reward), see `lever-train plugins`"
                 )
-            choice: RewardChoice = decision.value
+            answer = decision.value
+            if not isinstance(answer, RewardChoice) or not callable(answer.compute):
+                raise PluginError(
+                    f"plugin {decision.plugin}: hook select_reward returned "
+                    f"{type(answer).__name__} {answer!r:.60} for phase {phase.name!r}, "
+                    "expected a lever_trainer.api.RewardChoice"
+                )
+            choice = RewardChoice(
+                answer.name, answer.source, CheckedReward(answer.compute, decision.plugin)
+            )
             self.state.log(
                 f"{phase.name.upper()} reward: {choice.name} ({choice.source}) [{decision.label}]"
             )
@@ -210,7 +316,13 @@ class Trainer:
         self.optimizer = phase.make_optimizer(state, self.params)
         first_epoch, progress = 1, None
         if resume is not None:
-            self.optimizer.load_state_dict(resume["optimizer"])
+            try:
+                self.optimizer.load_state_dict(resume["optimizer"])
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+                raise LeverError(
+                    f"{self.output_dir / SNAPSHOT_NAME}: its optimiser state does not fit "
+                    f"phase {phase.name} ({type(exc).__name__}: {exc})"
+                ) from None
             state.step = resume["step"]
             first_epoch = resume["epoch"] + int(resume["epoch_closed"])
             progress = None if resume["epoch_closed"] else resume
@@ -248,6 +360,8 @@ class Trainer:
             compute=lambda: self.compute_logprobs(state.train),
         )
         if decision is None:
+            if self.start_logprobs is None:
+                self.start_logprobs = self.starting_logprobs()
             state.ref_logprobs = self.start_logprobs
             return
         ref = decision.value
@@ -338,11 +452,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = self.backward(out["loss"], batch)
         if grad_norm is not None:
+            self.step_torn = True
             self.optimizer.step()
+            self.check_weights(phase)
             values = {k: float(v.detach()) for k, v in out.items()}
             values["grad_norm"] = grad_norm
             state.last_step = values
             phase.after_step(state, values)
+            self.step_torn = False
             sums = progress["epoch_sums"]
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch)
@@ -385,6 +502,53 @@ class Trainer:
             )
         return norm
 
+    def check_weights(self, phase: Phase) -> None:
+        """After an optimiser step: every updated weight is finite, else the run stops
+        (nothing of this epoch is written; the newest checkpoint and snapshot stay).
+
+        Cheap on the common path: the sum of every updated weight (a NaN or infinity
+        propagates into it) and a single synchronisation per step; only when that sum is
+        not finite are the weights checked one by one (a sum can overflow on weights that
+        are merely huge, which go on: validation catches their outputs)."""
+        with torch.no_grad():
+            total = torch.stack([p.sum() for p in self.params]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params])
+        if bool(finite.all()):
+            return
+        state = self.state
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        flags = finite.tolist()
+        bad = [names.get(id(p), "?") for p, ok in zip(self.params, flags, strict=True) if not ok]
+        raise LeverError(
+            f"phase {state.phase} epoch {state.epoch} step {state.step_in_epoch + 1}: the "
+            f"optimiser step made {len(bad)} weights non-finite ({', '.join(bad[:3])})"
+            f"{self.lr_hint(phase)}; stopped without writing this epoch's checkpoint"
+            f"{self.kept()}"
+        )
+
+    def kept(self) -> str:
+        """``; the newest checkpoint (...) and snapshot are ...`` after a stop."""
+        if not self.keeper.saved:
+            return " (no epoch had completed)"
+        return (
+            f"; the newest checkpoint ({self.keeper.saved[-1].name}) and the snapshot in "
+            f"{self.output_dir} are from before it"
+        )
+
+    def lr_hint(self, phase: Phase) -> str:
+        """``; is the learning rate too high (--rce-lr 1e+30)?`` for a phase with one."""
+        if not phase.lr_option:
+            return ""
+        declared = self.plugins.options().get(phase.lr_option)
+        flag = declared[1].name if declared is not None else phase.lr_option
+        try:
+            rate = f" {phase.learning_rate(self.state):g}"
+        except (KeyError, TypeError, ValueError):
+            rate = ""
+        return f"; is the learning rate too high ({flag}{rate})?"
+
     def end_epoch(self, phase: Phase, started: float) -> None:
         """Epoch metrics, validation, checkpoint, ``on_epoch_end``, snapshot."""
         state, progress = self.state, self.epoch_progress
@@ -400,6 +564,14 @@ class Trainer:
             )
         metrics.update(phase.epoch_metrics(state))
         metrics.update(self.evaluator.validate(state.val))
+        val_loss = metrics.get("val_loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            # finite weights can still be absurd (1e30): the policy's outputs tell
+            raise LeverError(
+                f"phase {phase.name} epoch {state.epoch}: the policy's validation loss is "
+                f"{val_loss}: its outputs are not finite{self.lr_hint(phase)}; stopped "
+                f"without writing this epoch's checkpoint{self.kept()}"
+            )
         metrics["epoch_seconds"] = time.perf_counter() - started
         state.metrics = metrics
         state.history.append({"phase": phase.name, "epoch": state.epoch, **metrics})
@@ -435,6 +607,12 @@ class Trainer:
             "plugins": self.plugins.versions(),
             **self.run_metadata,
         }
+        best = self.config.best_metric
+        if best is not None and best not in state.metrics:
+            note = f"--best-metric {best} is not measured in phase {state.phase}"
+            if note not in self.notes:
+                self.notes.add(note)
+                state.log(f"note: {note}; its epochs do not compete for best.safetensors")
         return self.keeper.save(
             checkpoint_name(state.phase, state.epoch),
             self.model.state_dict(),
@@ -452,6 +630,24 @@ class Trainer:
     def compute_logprobs(self, table: QueryTable) -> torch.Tensor:
         """Eval-mode sequence log-probs [Q, G] of every candidate of ``table`` (pads 0)."""
         return self.evaluator.logprobs(table)
+
+    def starting_logprobs(self) -> torch.Tensor:
+        """The starting model's log-probs of the training candidates, computed late: from
+        the starting weights a run kept because no phase needed them at its start."""
+        if self.start_weights is None:
+            raise LeverError(
+                "the starting model's log-probs (the default GRPO reference) are not in "
+                "this run's snapshot, which was written by an older lever-train; extend it "
+                "with --plugin grpo-reference-refresh or start a new run from its checkpoint"
+            )
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.start_weights)
+        try:
+            logprobs = self.compute_logprobs(self.state.train)
+        finally:
+            self.model.load_state_dict(current)
+        self.state.log("reference log-probs: computed from the run's starting weights")
+        return logprobs
 
     def validate(self) -> dict[str, float]:
         """The validation metrics of the current policy."""

@@ -16,7 +16,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "losses", "metrics", "options"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
@@ -24,6 +24,7 @@ LAYERS = [
     {"policies", "select", "selectors"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
+    {"resuming"},
     {"run", "api", "assess"},
     {"cli", "__init__"},
     {"__main__"},

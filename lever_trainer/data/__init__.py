@@ -11,11 +11,12 @@ from .cache import CACHE_FORMAT, CACHE_SUFFIX, TABLE_FIELDS, cache_path_for, opt
 from .embeddings import (
     Embeddings,
     check_ids_in_range,
+    embedding_warnings,
     load_embedding_table,
     load_embeddings,
     read_tensor_file,
 )
-from .load import file_fingerprint, load_rl_data
+from .load import file_fingerprint, load_rl_data, load_verified, plugin_members
 from .pools import PoolBatch, PoolTable, check_pool_ids, load_pools, pool_batches
 from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
 from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val
@@ -36,6 +37,7 @@ __all__ = [
     "cache_path_for",
     "check_ids_in_range",
     "check_pool_ids",
+    "embedding_warnings",
     "file_fingerprint",
     "gather_groups",
     "iter_batches",
@@ -43,9 +45,11 @@ __all__ = [
     "load_embeddings",
     "load_pools",
     "load_rl_data",
+    "load_verified",
     "make_batch",
     "options_key",
     "parse_rl_members",
+    "plugin_members",
     "pool_batches",
     "read_tensor_file",
     "split_train_val",

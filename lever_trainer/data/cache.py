@@ -27,9 +27,22 @@ TABLE_FIELDS = (
 )
 
 
-def cache_path_for(path: str | os.PathLike[str]) -> Path:
-    """Path of the prepared form of an RL data file: beside it, ``*.lever-cache.safetensors``."""
-    return Path(str(path) + CACHE_SUFFIX)
+def cache_path_for(
+    path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    source_sha256: str = "",
+) -> Path:
+    """Path of the prepared form of an RL data file.
+
+    Beside the file (``rl.json.lever-cache.safetensors``) by default. In ``cache_dir``
+    (``--cache-dir``, for read-only or shared datasets) the name also carries the first
+    16 hex digits of the file's sha256 (``rl.json.0123abcd....lever-cache.safetensors``):
+    the prepared form of each content has its own file, so files of the same name in
+    different directories, or on different machines, share a cache directory safely.
+    """
+    if cache_dir is None:
+        return Path(str(path) + CACHE_SUFFIX)
+    return Path(cache_dir) / f"{Path(path).name}.{source_sha256[:16]}{CACHE_SUFFIX}"
 
 
 def options_key(opts: DataOptions) -> str:

@@ -104,9 +104,18 @@ def read_tensor_file(path: str | os.PathLike[str], key: str | None = None) -> to
 def load_embedding_table(path: str | os.PathLike[str], key: str | None = None) -> torch.Tensor:
     """Read and validate an embedding table: 2-D, floating point, finite; returns float32."""
     t = read_tensor_file(path, key)
+    if t.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc):
+        t = t.to_dense()  # a sparse table is still a table; the policy needs dense rows
+    elif t.layout != torch.strided:
+        raise LeverError(f"{path}: embeddings must be a dense tensor, got layout {t.layout}")
     if t.dim() != 2:
         raise LeverError(
             f"{path}: embeddings must be a 2-D [N, d] tensor, got shape {list(t.shape)}"
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise LeverError(
+            f"{path}: embeddings have shape {list(t.shape)}; expected at least one row "
+            "and a width d >= 1"
         )
     if not t.is_floating_point():
         raise LeverError(f"{path}: embeddings must be floating point, got {t.dtype}")
@@ -152,3 +161,43 @@ def check_ids_in_range(table: QueryTable, emb: Embeddings) -> None:
             f"{emb.cand_path}: has {n_c} rows but query {int(table.query_ids[row])} "
             f"uses candidate id {max_c} (too few rows for the RL data)"
         )
+
+
+def embedding_warnings(table: QueryTable, emb: Embeddings) -> list[str]:
+    """Warnings about embeddings a policy cannot learn from: the rows the data uses are
+    all zero, or all the same vector, or some of them are zero.
+
+    Candidates that all look alike leave nothing to choose between (the policy can only
+    learn a uniform choice); queries that all look alike get the same choice."""
+    out = []
+    mask = table.pool_mask()
+    consequence = {
+        "candidate": "the policy cannot tell the candidates apart and can only learn a "
+        "uniform choice",
+        "query": "the policy cannot tell the queries apart and will choose the same way "
+        "for all of them",
+    }
+    for kind, ids, rows, path in (
+        ("candidate", table.pool_ids[mask], emb.cand, emb.cand_path),
+        ("query", table.query_ids, emb.query, emb.query_path),
+    ):
+        if ids.numel() == 0:
+            continue
+        used = rows[torch.unique(ids)]
+        zero = ~used.any(dim=1)
+        if bool(zero.all()):
+            out.append(
+                f"warning: {path}: every {kind} embedding the data uses is zero; "
+                f"{consequence[kind]}"
+            )
+        elif len(used) > 1 and bool((used == used[0]).all()):
+            out.append(
+                f"warning: {path}: every {kind} embedding the data uses is the same vector; "
+                f"{consequence[kind]}"
+            )
+        elif bool(zero.any()):
+            out.append(
+                f"warning: {path}: {int(zero.sum())} of the {len(used)} {kind} embeddings "
+                "the data uses are zero vectors"
+            )
+    return out

@@ -52,6 +52,8 @@ class LoadReport:
     pools_cut: int = 0
     source_sha256: str = ""
     cache: str = ""
+    #: Where the prepared form was looked for (and written, when ``cache`` says so).
+    cache_path: str = ""
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -120,7 +122,13 @@ class _Group:
 
 
 def _parse_query(
-    qid: int, value: Any, path: Path, opts: DataOptions, report: LoadReport, raw_fn: RawRewardFn
+    qid: int,
+    value: Any,
+    path: Path,
+    opts: DataOptions,
+    report: LoadReport,
+    raw_fn: RawRewardFn,
+    mode_label: str = "",
 ) -> _Group | None:
     where_q = f"{path}: query {qid}"
     if not isinstance(value, Mapping):
@@ -230,28 +238,44 @@ def _parse_query(
             raise LeverError(
                 f"{where}: field 'vqa_correct' is {cand.get('vqa_correct')!r}, expected 0 or 1"
             )
-        rewards.append(clip_reward(_raw_reward(cand, raw_fn, opts, where)))
+        rewards.append(clip_reward(_raw_reward(cand, raw_fn, opts, where, mode_label)))
         correct.append(hard)
     return _Group(qid, pool, sequences, rewards, correct, [j for j, _ in kept])
 
 
 def _raw_reward(
-    cand: Mapping[str, Any], raw_fn: RawRewardFn, opts: DataOptions, where: str
+    cand: Mapping[str, Any], raw_fn: RawRewardFn, opts: DataOptions, where: str, label: str = ""
 ) -> float:
     """A candidate's raw reward: its own ``raw_reward`` field when a reader set one
-    (the legacy beam format carries its rewards), else the chosen mode's formula."""
+    (the legacy beam format carries its rewards), else the chosen mode's formula.
+
+    ``label`` names the mode and its plugin in messages."""
     if "raw_reward" in cand:
         return _num(cand, "raw_reward", where)
+    label = label or f"reward mode {opts.reward_mode!r}"
     try:
-        value = float(raw_fn(cand, opts.reward_params))
+        answer = raw_fn(cand, opts.reward_params)
     except LeverError:
         raise
     except Exception as exc:
-        raise PluginError(
-            f"{where}: reward mode {opts.reward_mode!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise PluginError(f"{where}: {label} failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(answer, bool) or not isinstance(answer, int | float):
+        # a 0-d tensor or numpy scalar is a number too; anything else is a plugin bug
+        item = getattr(answer, "item", None)
+        shape = getattr(answer, "shape", None)
+        if not callable(item) or shape not in ((), None) or getattr(answer, "ndim", 0) != 0:
+            raise PluginError(
+                f"{where}: {label} returned {type(answer).__name__} {answer!r:.60}, "
+                "expected a number"
+            )
+        answer = item()
+        if isinstance(answer, bool) or not isinstance(answer, int | float):
+            raise PluginError(
+                f"{where}: {label} returned {type(answer).__name__}, expected a number"
+            )
+    value = float(answer)
     if not math.isfinite(value):
-        raise LeverError(f"{where}: reward mode {opts.reward_mode!r} gave {value}")
+        raise LeverError(f"{where}: {label} gave {value}")
     return value
 
 
@@ -321,8 +345,13 @@ class _GroupBuffer:
         self.correct.extend(g.correct)
         self.cand_index.extend(g.cand_index)
 
-    def to_table(self, normalize: NormalizeFn, params: RewardParams) -> QueryTable:
-        """Pad into a :class:`QueryTable` in query-id order, normalising each group."""
+    def to_table(
+        self, normalize: NormalizeFn, params: RewardParams, label: str = "the normaliser"
+    ) -> QueryTable:
+        """Pad into a :class:`QueryTable` in query-id order, normalising each group.
+
+        ``label`` names the normaliser and its plugin in messages: each group's answer
+        must be a finite float tensor with one value per candidate (never broadcast)."""
         s = self.seq_len or 0
         pool_len = torch.tensor(self.pool_len, dtype=torch.long)
         group_len = torch.tensor(self.group_len, dtype=torch.long)
@@ -342,9 +371,37 @@ class _GroupBuffer:
         table = table.select(torch.argsort(table.query_ids))
         norm = torch.zeros_like(table.rewards_raw)
         for i, n in enumerate(table.group_len.tolist()):
-            norm[i, :n] = normalize(table.rewards_raw[i, :n], params)
+            qid = int(table.query_ids[i])
+            raw = table.rewards_raw[i, :n].clone()
+            norm[i, :n] = _normalized(normalize, raw, params, label, qid)
         table.rewards_norm = norm
         return table
+
+
+def _normalized(
+    normalize: NormalizeFn, rewards: torch.Tensor, params: RewardParams, label: str, qid: int
+) -> torch.Tensor:
+    """One group's normalised rewards, checked: a tensor of the group's shape, finite."""
+    n = rewards.numel()
+    try:
+        out = normalize(rewards, params)
+    except LeverError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{label} failed on query {qid}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise PluginError(
+            f"{label} returned {type(out).__name__} for query {qid}, expected a tensor of "
+            f"shape [{n}]"
+        )
+    if tuple(out.shape) != (n,) or not (out.is_floating_point() or out.dtype == torch.long):
+        raise PluginError(
+            f"{label} returned a tensor of shape {list(out.shape)} {out.dtype} for query {qid}'s "
+            f"{n} rewards, expected one float per candidate (shape [{n}])"
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise PluginError(f"{label} returned non-finite values for query {qid}: {out.tolist()}")
+    return out.to(torch.float32)
 
 
 def build_table(
@@ -370,6 +427,14 @@ def parse_rl_members(
     p = Path(path)
     raw_fn = registry.raw_fn(opts.reward_mode)
     normalize = registry.normalize_fn(opts.normalize)
+    mode_plugin = registry.providers.get(f"mode:{opts.reward_mode}")
+    norm_plugin = registry.providers.get(f"normalizer:{opts.normalize}")
+    mode_label = f"reward mode {opts.reward_mode!r}" + (
+        f" (plugin {mode_plugin})" if mode_plugin else ""
+    )
+    norm_label = f"normaliser {opts.normalize!r}" + (
+        f" (plugin {norm_plugin})" if norm_plugin else ""
+    )
     report = LoadReport(str(p))
     buf = _GroupBuffer()
     seen: dict[int, str] = {}
@@ -385,14 +450,14 @@ def parse_rl_members(
         if qid in seen:  # "7" and " 7" both parse as 7
             raise LeverError(f"{p}: query id {qid} appears twice (keys {seen[qid]!r}, {key!r})")
         seen[qid] = key
-        group = _parse_query(qid, value, p, opts, report, raw_fn)
+        group = _parse_query(qid, value, p, opts, report, raw_fn, mode_label)
         if group is not None:
             buf.add(group, str(p))
     if not seen:
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
     if not len(buf):
         raise LeverError(f"{p}: no query has a candidate left after filtering")
-    table = buf.to_table(normalize, opts.reward_params)
+    table = buf.to_table(normalize, opts.reward_params, norm_label)
     report.queries_total = len(table)
     report.candidates_total = table.num_candidates
     mask = table.cand_mask()

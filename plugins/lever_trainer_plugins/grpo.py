@@ -11,6 +11,7 @@ Each step asks the plugins which candidates to keep (``select_candidates``: the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from lever_trainer.api import (
     LeverError,
     Option,
     Phase,
+    PluginError,
     TrainState,
     expect_tensor,
     gather_groups,
@@ -42,6 +44,7 @@ class GRPOPhase(Phase):
     lr_option = "grpo_lr"
     needs_reference = True
     log_metrics = ("train_kl", "kl_beta")
+    metric_names = ("train_ppo", "train_kl", "train_mean_ratio", "train_kept", "kl_beta")
 
     def __init__(self) -> None:
         self.kl_beta = 0.0
@@ -97,8 +100,20 @@ class GRPOPhase(Phase):
     def after_step(self, state: TrainState, values: dict[str, float]) -> None:
         """Let ``adapt_kl_beta`` move the KL weight; no answer keeps it."""
         decision = state.decide("adapt_kl_beta", kl=values["kl"], beta=self.kl_beta)
-        if decision is not None:
-            self.kl_beta = float(decision.value)
+        if decision is None:
+            return
+        beta = decision.value
+        if (
+            isinstance(beta, bool)
+            or not isinstance(beta, int | float)
+            or not math.isfinite(beta)
+            or beta < 0
+        ):
+            raise PluginError(
+                f"plugin {decision.plugin}: hook adapt_kl_beta returned "
+                f"{type(beta).__name__} {beta!r:.40}, expected a finite number >= 0"
+            )
+        self.kl_beta = float(beta)
 
     def epoch_metrics(self, state: TrainState) -> dict[str, float]:
         """The KL weight at the end of the epoch."""

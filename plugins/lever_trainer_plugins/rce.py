@@ -9,6 +9,7 @@ the ``select_reward`` answer for ``rce``: raw by default) and the loss is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -34,13 +35,35 @@ class RCEPhase(Phase):
     order = 20
     epochs_option = "rce_epochs"
     lr_option = "rce_lr"
+    metric_names = ("train_tau",)
+
+    def __init__(self) -> None:
+        #: The epochs the phase had when it started: the schedule's length. A run resumed
+        #: with more epochs (``--resume DIR --rce-epochs 8``) keeps it, so the extra
+        #: epochs continue at ``--rce-temp-end`` instead of re-annealing.
+        self.planned_epochs: int | None = None
+
+    def start(self, state: TrainState, resumed: bool) -> None:
+        """Fix the schedule's length when the phase starts (a resumed phase keeps its own)."""
+        if not resumed or self.planned_epochs is None:
+            self.planned_epochs = state.epochs
 
     def temperature(self, state: TrainState) -> float:
-        """``tau_i`` of the current step ``i`` over the phase's ``epochs * steps`` steps."""
-        total = state.epochs * state.steps_per_epoch
+        """``tau_i`` of the current step ``i`` over the phase's ``epochs * steps`` steps
+        (the epochs it started with); past them, ``tau_end``."""
+        epochs = self.planned_epochs if self.planned_epochs is not None else state.epochs
+        total = epochs * state.steps_per_epoch
         return rce_temperature(
             state.step, total, state.options["rce_temp_start"], state.options["rce_temp_end"]
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's length (``rce_planned_epochs``; None before the phase starts)."""
+        return {"rce_planned_epochs": self.planned_epochs}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore the schedule's length (absent in snapshots of older runs)."""
+        self.planned_epochs = saved.get("rce_planned_epochs")
 
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """``loss`` and the step's temperature ``tau``."""
