@@ -18,8 +18,12 @@ from .fileio import atomic_write_bytes
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .losses import (
+    LOG_RATIO_BOUND,
     ZSCORE_STD_EPS,
     adapt_kl_beta,
+    bounded_log_ratio,
+    effective_sample_size,
+    equal_reward_groups,
     group_advantages,
     grpo_loss,
     grpo_terms,
@@ -28,7 +32,10 @@ from .losses import (
     rce_loss,
     rce_temperature,
     sequence_logprobs,
+    softmax_weights,
+    step_entropy,
     top_k_mask,
+    weighted_sequence_loss,
 )
 from .options import DATA_COMMANDS, Option
 from .phase import Phase
@@ -42,7 +49,7 @@ from .policy import (
     one_token_attention,
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
-from .state import RewardChoice, StopRequest, TrainConfig, TrainState
+from .state import PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
 
 
 def expect_tensor(
@@ -71,6 +78,7 @@ def expect_tensor(
 __all__ = [
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
+    "LOG_RATIO_BOUND",
     "ZSCORE_STD_EPS",
     "Batch",
     "Embeddings",
@@ -81,6 +89,7 @@ __all__ = [
     "PluginError",
     "PointerTrunk",
     "Policy",
+    "PolicyObjective",
     "QueryTable",
     "RawRewardFn",
     "RewardChoice",
@@ -91,8 +100,11 @@ __all__ = [
     "TrunkConfig",
     "adapt_kl_beta",
     "atomic_write_bytes",
+    "bounded_log_ratio",
     "decode_steps",
     "dropout",
+    "effective_sample_size",
+    "equal_reward_groups",
     "expect_tensor",
     "format_metrics",
     "gather_groups",
@@ -112,5 +124,8 @@ __all__ = [
     "rce_loss",
     "rce_temperature",
     "sequence_logprobs",
+    "softmax_weights",
+    "step_entropy",
     "top_k_mask",
+    "weighted_sequence_loss",
 ]
