@@ -17,8 +17,10 @@ Two kinds of hook:
   which plugin decided.
 
 A plugin module may also define ``ENABLED_BY_DEFAULT = True`` (it takes part in
-every run unless ``--no-plugin NAME``) and ``DESCRIPTION`` (one line, shown by
-``lever-train plugins``).
+every run unless ``--no-plugin NAME``), ``DESCRIPTION`` (one line, shown by
+``lever-train plugins``) and ``ENABLE_FLAGS`` / ``DISABLE_FLAGS`` (tuples of flags such
+as ``"--use_top1_only"`` that ``lever-train train`` accepts as ``--plugin NAME`` /
+``--no-plugin NAME``: the spellings of the script a plugin replaces).
 
 The ``state`` argument is a :class:`lever_trainer.state.TrainState`.
 """
