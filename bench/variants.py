@@ -77,7 +77,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 def rows() -> dict[str, tuple[str, ...]]:
     """Every row: its flags on top of the budget."""
     out: dict[str, tuple[str, ...]] = {p: ("--policy", p) for p in POLICIES}
-    out.update(VARIANTS)
+    out.update({name: ("--policy", "pointer", *flags) for name, flags in VARIANTS.items()})
     return out
 
 
@@ -100,10 +100,9 @@ def prepare_data(work: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def quality_accuracy(ckpt: Path, emb_path: Path) -> float:
-    """Greedy free selection over each test pool, scored by the task's judge."""
-    import torch
-
-    from lever_trainer.data import QueryTable, load_embeddings
+    """Greedy free selection over each test pool (``lever-train select``'s pool-only path),
+    scored by the task's judge."""
+    from lever_trainer.data import load_embeddings, load_pools
     from lever_trainer.plugins import load_plugins
     from lever_trainer.policies import policy_from_checkpoint
     from lever_trainer.select import select_demonstrations
@@ -111,26 +110,12 @@ def quality_accuracy(ckpt: Path, emb_path: Path) -> float:
     sys.path.insert(0, str(QUALITY))
     import digits_oracle  # type: ignore[import-not-found]
 
-    test = json.loads((QUALITY / "digits_test.json").read_text())
-    qids = sorted(int(k) for k in test if k.lstrip("-").isdigit())
-    pools = torch.tensor([test[str(q)]["candidate_pool_ids"] for q in qids])
-    n, k = pools.shape
-    zeros = torch.zeros(n, 1)
-    table = QueryTable(
-        query_ids=torch.tensor(qids),
-        pool_ids=pools,
-        pool_len=torch.full((n,), k),
-        sequences=torch.zeros(n, 1, 2, dtype=torch.long),
-        group_len=torch.ones(n, dtype=torch.long),
-        rewards_raw=zeros,
-        rewards_norm=zeros,
-        correct=zeros,
-        cand_index=torch.zeros(n, 1, dtype=torch.long),
-    )
+    pools = load_pools(QUALITY / "digits_test.json")
     emb = load_embeddings(emb_path)
     model, _ = policy_from_checkpoint(load_plugins(), ckpt, emb.dim, False, lambda _: None)
-    picks = select_demonstrations(model, table, emb, 2)
-    accuracy, _ = digits_oracle.score_selections(dict(zip(map(str, qids), picks, strict=True)))
+    picks = select_demonstrations(model, pools, emb, 2)
+    qids = [str(q) for q in pools.query_ids.tolist()]
+    accuracy, _ = digits_oracle.score_selections(dict(zip(qids, picks, strict=True)))
     return float(accuracy)
 
 
@@ -241,10 +226,10 @@ def summarise(results: list[dict[str, Any]], base: str) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {spread:.4f} (n={len(values)})"
 
+    out.append(f"budget (every row): {' '.join(BUDGET)}; seeds over training only (data fixed)")
     out.append(
-        f"budget (every row): {' '.join(BUDGET)}; seeds over training only (data fixed)"
+        f"{'row':<36} {'demo policy_reward@1':<28} {'quality accuracy (297 test)':<28} s/run"
     )
-    out.append(f"{'row':<36} {'demo policy_reward@1':<28} {'quality accuracy (297 test)':<28} s/run")
     for name in rows():
         got = by_row.get(name, {})
         secs = seconds.get(name, [])
@@ -282,9 +267,7 @@ def main() -> int:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     out_path = args.out or work / "results.json"
-    results: list[dict[str, Any]] = (
-        json.loads(out_path.read_text()) if out_path.is_file() else []
-    )
+    results: list[dict[str, Any]] = json.loads(out_path.read_text()) if out_path.is_file() else []
     done = {(r["row"], r["dataset"], r["seed"]) for r in results if "value" in r}
     results = [r for r in results if "value" in r]
     data = prepare_data(work)
@@ -306,11 +289,8 @@ def main() -> int:
     ]
     # build the prepared caches once, before the workers read them
     for dataset in args.datasets:
-        subprocess.run(
-            [sys.executable, "-m", "lever_trainer", "prepare", "--beam-data", str(data[dataset][0])],
-            check=True,
-            capture_output=True,
-        )
+        prepare = [sys.executable, "-m", "lever_trainer", "prepare"]
+        subprocess.run([*prepare, "--beam-data", str(data[dataset][0])], check=True)
     print(f"{len(jobs)} runs to do ({len(done)} cached in {out_path})", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(train_once, job) for job in jobs]

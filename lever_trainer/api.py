@@ -11,12 +11,22 @@ from typing import Any
 import torch
 
 from . import losses, metrics
-from .data import Batch, Embeddings, QueryTable, gather_groups, iter_batches, make_batch
+from .data import (
+    Batch,
+    Embeddings,
+    PoolTable,
+    QueryTable,
+    gather_groups,
+    iter_batches,
+    make_batch,
+    pool_batches,
+)
 from .errors import LeverError, PluginError
 from .evaluation import format_metrics, policy_logprobs
 from .fileio import atomic_write_bytes
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
+from .judge import VERDICT_FIELDS, Environment
 from .losses import (
     LOG_RATIO_BOUND,
     ZSCORE_STD_EPS,
@@ -38,7 +48,7 @@ from .losses import (
     weighted_sequence_loss,
 )
 from .options import DATA_COMMANDS, Option
-from .phase import Phase
+from .phase import EpochData, Phase
 from .policy import (
     CHOSEN_LOGIT,
     PointerTrunk,
@@ -47,6 +57,7 @@ from .policy import (
     decode_steps,
     dropout,
     one_token_attention,
+    sample_sequences,
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
 from .state import PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
@@ -79,9 +90,12 @@ __all__ = [
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
     "LOG_RATIO_BOUND",
+    "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
     "Batch",
     "Embeddings",
+    "Environment",
+    "EpochData",
     "LeverError",
     "NormalizeFn",
     "Option",
@@ -90,6 +104,7 @@ __all__ = [
     "PointerTrunk",
     "Policy",
     "PolicyObjective",
+    "PoolTable",
     "QueryTable",
     "RawRewardFn",
     "RewardChoice",
@@ -121,8 +136,10 @@ __all__ = [
     "metrics",
     "one_token_attention",
     "policy_logprobs",
+    "pool_batches",
     "rce_loss",
     "rce_temperature",
+    "sample_sequences",
     "sequence_logprobs",
     "softmax_weights",
     "step_entropy",

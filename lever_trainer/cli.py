@@ -300,7 +300,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         opt(
             "--policy",
             group="Policy",
-            default="pointer",
+            default="cosine-bilinear",
             show_default=True,
             metavar="NAME",
             help="The policy to train, built by a plugin (see `lever-train plugins`).",
@@ -356,6 +356,32 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Logit temperature tau_p of the pointer scores (default 0.1).",
         ),
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--judge, --store and --no-store."""
+    decorators = [
+        opt(
+            "--judge",
+            group="Judge",
+            default=None,
+            metavar="NAME",
+            help="Downstream judge (an environment plugin): validation then also judges "
+            "the policy's free greedy selection; online phases use it.",
+        ),
+        opt(
+            "--store",
+            group="Judge",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="SQLite verdict store shared by runs (default: "
+            "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
+        ),
+        opt("--no-store", group="Judge", is_flag=True, help="Keep verdicts in memory only."),
     ]
     for decorator in reversed(decorators):
         fn = decorator(fn)
@@ -559,6 +585,7 @@ def main() -> None:
     metavar="RUN_DIR",
     help="Continue the run in RUN_DIR from its newest snapshot, with its options.",
 )
+@judge_options
 @plugin_options
 @opt("--rce_use_raw_reward", group="Plugins", is_flag=True, help="Same as --plugin raw-reward.")
 @opt(
@@ -715,6 +742,53 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
         raise LeverError(f"{cache_path_for(opts['beam_data'])}: could not write the prepared form")
 
 
+def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--queries (alias --beam-data) and --max-pool: queries with pools, with or without
+    logged sequences."""
+    fn = opt(
+        "--max-pool",
+        "--max_pool",
+        "max_pool",
+        group="Data",
+        type=Number(int, 1),
+        default=64,
+        show_default=True,
+        help="Cut each query's pool to its first N ids.",
+    )(fn)
+    fn = opt(
+        "--queries",
+        "--beam-data",
+        "--beam_data",
+        "queries",
+        group="Data",
+        type=click.Path(dir_okay=False),
+        help="Queries with candidate pools: RL data JSON (with or without logged sequences), "
+        "a {query id: [pool ids]} JSON object, or JSON Lines.  [required]",
+    )(fn)
+    return fn
+
+
+def write_selection(path: Path, selection: Any, scores: bool) -> None:
+    """Write picks as JSON ``{qid: [ids]}`` (or ``{qid: {"ids", "scores"}}``), or JSON
+    Lines when ``path`` ends in ``.jsonl``."""
+    from .fileio import atomic_write_bytes
+
+    rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        lines = [
+            json.dumps({"query_id": q, "ids": p, **({"scores": s} if scores else {})})
+            for q, p, s in rows
+        ]
+        data = ("\n".join(lines) + "\n").encode()
+    else:
+        doc = {str(q): ({"ids": p, "scores": s} if scores else p) for q, p, s in rows}
+        data = (json.dumps(doc) + "\n").encode()
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise LeverError(f"--output: cannot write {path} ({exc.strerror or exc})") from None
+
+
 @main.command("select", cls=GroupedCommand)
 @opt(
     "--ckpt",
@@ -722,26 +796,27 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
     type=click.Path(dir_okay=False),
     help="A checkpoint of this project (or any --sft-ckpt format).  [required]",
 )
-@data_options
+@query_file_option
 @embedding_options
 @opt(
     "--output",
     group="Run",
     type=click.Path(dir_okay=False),
-    help="JSON file to write: {query id: [global ids]}.  [required]",
+    help="Where the picks go: {query id: [global ids]} JSON, or JSON Lines (*.jsonl).  [required]",
 )
 @opt(
     "--shots",
     group="Run",
     type=Number(int, 1),
     default=None,
-    help="Demonstrations to pick per query (default: the data's S).",
+    help="Demonstrations to pick per query (default: the checkpoint's S, else 2).",
 )
+@opt("--scores", group="Run", is_flag=True, help="Also write each pick's probability at its step.")
 @opt(
     "--batch-size",
     group="Run",
     type=Number(int, 1),
-    default=256,
+    default=512,
     show_default=True,
     help="Queries per forward pass.",
 )
@@ -756,40 +831,267 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
 @click.pass_context
 @user_errors
 def select_cmd(ctx: click.Context, **opts: Any) -> None:
-    """Pick demonstrations for every query of --beam-data with a trained policy."""
-    from .data import check_ids_in_range, load_embeddings
-    from .fileio import atomic_write_bytes
-    from .policies import policy_from_checkpoint
-    from .run import activate_plugins, load_data, resolve_device
-    from .select import select_demonstrations
+    """Pick demonstrations for every query of a query file with a trained policy.
+
+    The policy's free greedy selection over each query's whole pool (no logged
+    sequences needed); a policy with a STOP item may pick fewer than --shots.
+    """
+    from .data import check_pool_ids, load_embeddings, load_pools
+    from .policies import policy_from_checkpoint, read_checkpoint, recorded_policy
+    from .run import activate_plugins, resolve_device
+    from .select import select_greedy
 
     for name, flag in (
         ("ckpt", "--ckpt"),
-        ("beam_data", "--beam-data"),
+        ("queries", "--queries"),
         ("img_emb", "--img-emb"),
         ("output", "--output"),
     ):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
+    output = Path(opts["output"])
+    if output.is_dir():
+        raise LeverError(f"--output: {output} is a directory")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    table, _ = load_data({**opts, "val_ratio": 0.0}, plugins, click.echo, warn)
+    pools = load_pools(opts["queries"], opts["max_pool"])
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
-    check_ids_in_range(table, emb)
+    check_pool_ids(pools, emb, opts["queries"])
     model, lines = policy_from_checkpoint(
         plugins, opts["ckpt"], emb.dim, opts["trust_checkpoint"], warn
     )
     for line in lines:
         click.echo(line)
-    shots = opts["shots"] or table.seq_len
-    if shots > int(table.pool_len.min()):
+    shots = opts["shots"]
+    if shots is None:
+        recorded = recorded_policy(read_checkpoint(opts["ckpt"], opts["trust_checkpoint"])[1])
+        shots = int((recorded[1] if recorded else {}).get("shots") or 2)
+    short = pools.pool_len < shots
+    if bool(short.any()):
+        row = int(short.nonzero()[0, 0])
         raise LeverError(
-            f"--shots {shots}: some query pools hold only {int(table.pool_len.min())} ids"
+            f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
+            f"{int(pools.pool_len[row])} ids"
         )
-    picks = select_demonstrations(model.to(device), table, emb, shots, opts["batch_size"], device)
-    result = {str(q): p for q, p in zip(table.query_ids.tolist(), picks, strict=True)}
-    atomic_write_bytes(Path(opts["output"]), (json.dumps(result) + "\n").encode())
-    click.echo(f"wrote {len(result)} selections to {opts['output']}")
+    selection = select_greedy(model.to(device), pools, emb, shots, opts["batch_size"], device)
+    write_selection(output, selection, opts["scores"])
+    click.echo(f"wrote {len(selection.picks)} selections to {output}")
+
+
+@main.command("evaluate", cls=GroupedCommand)
+@click.argument("checkpoints", nargs=-1, type=click.Path(dir_okay=False))
+@query_file_option
+@embedding_options
+@judge_options
+@opt(
+    "--baselines",
+    group="Run",
+    default=",".join(("random", "cosine", "cosine-reversed", "start", "best")),
+    show_default=True,
+    metavar="LIST",
+    help="Comma-separated: random, cosine, cosine-reversed, start (the first checkpoint's "
+    "starting policy), best; '' for none.",
+)
+@opt(
+    "--shots",
+    group="Run",
+    type=Number(int, 1),
+    default=None,
+    help="Demonstrations per query (default: the data's S, else the checkpoint's).",
+)
+@opt(
+    "--output",
+    group="Run",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results as JSON here.",
+)
+@opt(
+    "--batch-size",
+    group="Run",
+    type=Number(int, 1),
+    default=512,
+    show_default=True,
+    help="Queries per forward pass.",
+)
+@opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@opt(
+    "--trust-checkpoint",
+    group="Policy",
+    is_flag=True,
+    help="Allow a full (unsafe) pickle load of the checkpoints.",
+)
+@opt(
+    "--reward-mode",
+    "--reward_mode",
+    "reward_mode",
+    group="Rewards",
+    default="hard_plus_soft",
+    show_default=True,
+    help="Raw-reward formula of judge_reward and the offline metrics.",
+)
+@opt(
+    "--hard-weight",
+    "hard_weight",
+    group="Rewards",
+    type=Number(float),
+    default=1.0,
+    show_default=True,
+    help="wh: weight of vqa_correct.",
+)
+@opt(
+    "--soft-weight",
+    "soft_weight",
+    group="Rewards",
+    type=Number(float),
+    default=1.0,
+    show_default=True,
+    help="ws: weight of vqa_acc_score / vqa_gt_prob.",
+)
+@opt(
+    "--rel-weight",
+    "rel_weight",
+    group="Rewards",
+    type=Number(float),
+    default=0.1,
+    show_default=True,
+    help="wl: weight of vqa_rel_score.",
+)
+@plugin_options
+@click.pass_context
+@user_errors
+def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) -> None:
+    """Compare checkpoints and baselines on a query file, side by side.
+
+    With --judge, the downstream verdicts of each selector's free greedy selection
+    (judge_correct, judge_reward); where the file has logged sequences, the offline
+    metrics of the policies too. A table on screen; --output writes it as JSON.
+    """
+    from .assess import BASELINES, evaluate, has_logged_sequences
+    from .data import load_embeddings
+    from .fileio import atomic_write_bytes
+    from .run import activate_plugins, load_data, make_judge, resolve_device
+
+    for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
+        if not opts.get(name):
+            raise LeverError(f"missing option {flag}")
+    baselines = [b.strip() for b in opts["baselines"].split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise LeverError(
+            f"--baselines: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})"
+        )
+    if not checkpoints and not opts.get("judge"):
+        raise LeverError("nothing to measure: give checkpoints, or --judge NAME for the baselines")
+    device = resolve_device(opts["device"], warn)
+    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
+    settings = {
+        **plugins.option_defaults(),
+        **opts,
+        "beam_data": opts["queries"],
+        "keep_fallback": False,
+        "gen_methods": None,
+        "require_positive": False,
+        "normalize": "z_score_clamp",
+        "no_cache": True,
+        "val_ratio": 0.0,
+    }
+    judge = make_judge(settings, plugins, warn)
+    queries = Path(opts["queries"])
+    if not queries.is_file():
+        raise LeverError(f"{queries}: file not found")
+    table = None
+    if has_logged_sequences(queries):
+        table, _ = load_data(settings, plugins, click.echo, warn)
+    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
+    report = evaluate(
+        plugins,
+        list(checkpoints),
+        queries,
+        emb,
+        judge,
+        baselines,
+        table,
+        opts["shots"],
+        opts["max_pool"],
+        opts["batch_size"],
+        device,
+        opts["trust_checkpoint"],
+        click.echo,
+    )
+    click.echo(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
+    for line in report.table():
+        click.echo(line)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if judge is not None:
+        calls = sum(judge.calls.values())
+        click.echo(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
+    if opts["output"]:
+        try:
+            atomic_write_bytes(Path(opts["output"]), (report.to_json() + "\n").encode())
+        except OSError as exc:
+            raise LeverError(
+                f"--output: cannot write {opts['output']} ({exc.strerror or exc})"
+            ) from None
+        click.echo(f"wrote {opts['output']}")
+
+
+@main.command("export-verdicts")
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The verdict store (default: the shared one).",
+)
+@click.option(
+    "--judge",
+    "judge_name",
+    required=True,
+    metavar="NAME",
+    help="Environment whose verdicts to export.",
+)
+@click.option(
+    "--version", "env_version", default=None, help="Its version (default: the only one stored)."
+)
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False), help="RL data JSON to write."
+)
+@user_errors
+def export_verdicts(
+    store: str | None, judge_name: str, env_version: str | None, output: str
+) -> None:
+    """Write the stored verdicts of one environment as RL data JSON: every judged sequence
+    a logged candidate (gen_method "judge"), ready for offline training."""
+    from .fileio import atomic_write_bytes
+    from .judge import VerdictStore, default_store_path, export_rl_data
+
+    path = Path(store) if store else default_store_path()
+    if not path.is_file():
+        raise LeverError(f"--store: {path} does not exist")
+    verdicts = VerdictStore(path)
+    versions = verdicts.versions(judge_name)
+    if not versions:
+        raise LeverError(f"--judge: {path} holds no verdicts of environment {judge_name!r}")
+    if env_version is None:
+        if len(versions) > 1:
+            raise LeverError(
+                f"--version: {path} holds {judge_name} versions {', '.join(sorted(versions))}; "
+                "name one"
+            )
+        env_version = next(iter(versions))
+    elif env_version not in versions:
+        raise LeverError(f"--version: {path} holds no verdicts of {judge_name} {env_version}")
+    doc = export_rl_data(verdicts, judge_name, env_version)
+    queries = sum(1 for k in doc if k.isdigit())
+    try:
+        atomic_write_bytes(Path(output), (json.dumps(doc) + "\n").encode())
+    except OSError as exc:
+        raise LeverError(f"--output: cannot write {output} ({exc.strerror or exc})") from None
+    click.echo(
+        f"wrote {versions[env_version]} verdicts of {queries} queries "
+        f"({judge_name} {env_version}) to {output}"
+    )
 
 
 @main.command("convert-checkpoint")
@@ -827,7 +1129,7 @@ def convert_checkpoint_cmd(
     """
     from .checkpoint import convert_checkpoint
     from .plugins import load_plugins
-    from .policies import DEFAULT_POLICY, build_policy
+    from .policies import FOREIGN_POLICY, build_policy
 
     plugins = load_plugins(warn=warn)
     report = convert_checkpoint(
@@ -838,7 +1140,7 @@ def convert_checkpoint_cmd(
         trust=trust_checkpoint,
         overwrite=overwrite,
         warn=warn,
-        build=lambda d, options: build_policy(plugins, DEFAULT_POLICY, d, options),
+        build=lambda d, options: build_policy(plugins, FOREIGN_POLICY, d, options),
     )
     for line in report.lines():
         click.echo(line)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .data import Batch, Embeddings, QueryTable, iter_batches
+from .data import Batch, Embeddings, PoolTable, QueryTable, iter_batches
+from .judge import Judge
 from .losses import rce_loss, sequence_logprobs
 from .metrics import selection_metrics
 from .policy import Policy
+from .select import select_greedy
+from .selectors import judge_selection
 
 #: RCE temperature of the validation loss (SPEC section 7).
 VAL_TAU = 1.0
@@ -30,12 +33,18 @@ class Evaluator:
     """Eval-mode passes of ``model`` over tables, in batches of at least 128 queries."""
 
     def __init__(
-        self, model: Policy, emb: Embeddings, device: torch.device, batch_size: int
+        self,
+        model: Policy,
+        emb: Embeddings,
+        device: torch.device,
+        batch_size: int,
+        judge: Judge | None = None,
     ) -> None:
         self.model = model
         self.emb = emb
         self.device = device
         self.batch_size = max(batch_size, MIN_EVAL_BATCH)
+        self.judge = judge
 
     @torch.no_grad()
     def logprobs(self, table: QueryTable) -> torch.Tensor:
@@ -73,7 +82,20 @@ class Evaluator:
         for name, total in sums.items():
             if counts[name]:
                 metrics[name] = total / counts[name]
+        if self.judge is not None:
+            metrics.update(self.judged(table, table.seq_len))
         return metrics
+
+    def judged(self, table: QueryTable | PoolTable, steps: int) -> dict[str, float]:
+        """Downstream verdicts of the policy's free greedy selection over each whole pool:
+        ``judge_correct@greedy`` and ``judge_reward@greedy`` (SPEC section 9)."""
+        assert self.judge is not None
+        pools = table if isinstance(table, PoolTable) else PoolTable.from_table(table)
+        picks = select_greedy(
+            self.model, pools, self.emb, steps, self.batch_size, self.device
+        ).picks
+        scores = judge_selection(self.judge, pools, picks)
+        return {f"{k}@greedy": v for k, v in scores.items()}
 
 
 #: The order of the epoch line's metrics; a phase's ``log_metrics`` follow.
@@ -86,6 +108,8 @@ METRIC_ORDER = (
     "normalized_gain",
     "policy_correct@1",
     "spearman",
+    "judge_correct@greedy",
+    "judge_reward@greedy",
 )
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .data import Batch
+    from .judge import Environment
     from .options import Option
     from .phase import Phase
     from .policy import Policy
@@ -120,6 +121,20 @@ def phases() -> Sequence[Phase] | None:
     The trainer runs every active plugin's phases with epochs > 0, lowest ``order``
     first. Broadcast; the answers are merged, and two plugins contributing the same
     phase name is an error naming both.
+    """
+
+
+@hookspec
+def environments() -> Mapping[str, Environment] | None:
+    """Contribute downstream judges, by name (``--judge NAME``).
+
+    Return ``{name: environment}`` where each is a :class:`lever_trainer.api.Environment`:
+    ``judge(query_ids, sequences)`` returns, for each (query, ordered sequence of global
+    ids) pair, the verdict fields of SPEC 2.1 (``vqa_correct`` 0 or 1, ``vqa_acc_score``,
+    ``vqa_gt_prob``, ``vqa_rel_score`` in [0, 1]), in one batched call. Its ``version``
+    keys the verdict store. Called once per run when ``--judge`` is given (and by
+    ``evaluate`` and ``export-verdicts``). Broadcast; the answers are merged, and two
+    plugins providing the same name is an error naming both.
     """
 
 

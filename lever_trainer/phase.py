@@ -10,13 +10,29 @@ makes RCE RCE and GRPO GRPO lives in their plugins; the trainer names no phase.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
 
-    from .data import Batch
+    from .data import Batch, QueryTable
     from .state import TrainState
+
+
+@dataclass
+class EpochData:
+    """Batches a phase makes for one epoch instead of the logged training table.
+
+    ``table`` holds one row per query with the sequences to learn from (an online phase's
+    sampled and judged sequences, say); ``ref_logprobs`` [Q, G] are what the batches
+    carry as ``batch.ref_logprobs`` (None for none); the epoch visits every row
+    ``passes`` times, each pass in a new shuffled order.
+    """
+
+    table: QueryTable
+    ref_logprobs: torch.Tensor | None = None
+    passes: int = 1
 
 
 class Phase:
@@ -69,6 +85,12 @@ class Phase:
         """Called when the phase begins (after its optimiser and reference log-probs are
         ready, before ``on_phase_start``); ``resumed`` when it continues from a snapshot."""
 
+    def epoch_data(self, state: TrainState, epoch: int, resumed: bool) -> EpochData | None:
+        """Data of its own for ``epoch`` (None: the logged training table, rows chosen by
+        the ``train_rows`` hook). ``resumed``: the epoch continues from a snapshot, so
+        return what was made for it before (keep it in :meth:`state_dict`)."""
+        return None
+
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """The step's values for ``batch``: ``loss`` (a scalar to minimise) and any other
         scalars to log (each averaged over the epoch as ``train_<key>``)."""
@@ -89,4 +111,4 @@ class Phase:
         """Restore what :meth:`state_dict` returned."""
 
 
-__all__ = ["Phase"]
+__all__ = ["EpochData", "Phase"]

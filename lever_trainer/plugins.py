@@ -408,6 +408,11 @@ def load_plugins(
 ) -> PluginSet:
     """Discover installed plugins, add ``extra`` (name, object) pairs, activate and register."""
     installed = discover()
+    taken = {p.name for p in installed}
+    for name, _ in extra:
+        if name in taken:
+            raise PluginError(f"plugin name {name!r} is already taken by an installed plugin")
+        taken.add(name)
     installed += [describe_object(n, obj) for n, obj in extra]
     check_option_conflicts(installed)
     active = select_active(installed, enable, disable, warn)

@@ -28,8 +28,12 @@ from .errors import LeverError, PluginError
 from .plugins import PluginSet
 from .policy import Policy
 
-#: The policy a run uses when ``--policy`` is not given, and a foreign checkpoint's.
-DEFAULT_POLICY = "pointer"
+#: The policy a run uses when ``--policy`` is not given (the quality task's best offline
+#: recipe; see the README).
+DEFAULT_POLICY = "cosine-bilinear"
+#: The policy of a checkpoint that records none (foreign formats, older metadata): the
+#: reference implementation's.
+FOREIGN_POLICY = "pointer"
 
 
 def known_policies(plugins: PluginSet) -> list[str]:
@@ -70,7 +74,7 @@ def recorded_policy(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any]] |
         return spec["name"], dict(options) if isinstance(options, Mapping) else {}
     model = metadata.get("model")  # checkpoints written before policies were plugins
     if isinstance(model, Mapping):
-        return DEFAULT_POLICY, {k: v for k, v in model.items() if k != "input_dim"}
+        return FOREIGN_POLICY, {k: v for k, v in model.items() if k != "input_dim"}
     return None
 
 
@@ -153,7 +157,7 @@ def policy_from_checkpoint(
     state_dict, metadata = read_checkpoint(path, trust, warn)
     recorded = recorded_policy(metadata)
     if recorded is None:
-        name, options = DEFAULT_POLICY, dict(infer_policy_shape(state_dict))
+        name, options = FOREIGN_POLICY, dict(infer_policy_shape(state_dict))
     else:
         name, options = recorded
     policy = build_policy(plugins, name, input_dim, options)
@@ -163,6 +167,7 @@ def policy_from_checkpoint(
 
 __all__ = [
     "DEFAULT_POLICY",
+    "FOREIGN_POLICY",
     "build_policy",
     "known_policies",
     "policy_from_checkpoint",

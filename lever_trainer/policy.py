@@ -144,6 +144,12 @@ class Policy(nn.Module):
         """Logits [B, G, S, K + extra_items] and predictions [B, G, S] (see module docstring)."""
         raise NotImplementedError
 
+    def decode_order(self, steps: int) -> list[int]:
+        """The order in which the policy decides the ``steps`` positions (default: first
+        to last). A policy that decides the last position first returns it reversed;
+        :func:`sample_sequences` fills positions in this order."""
+        return list(range(steps))
+
     def forward(
         self,
         query_emb: torch.Tensor,
@@ -300,6 +306,41 @@ class PointerTrunk(Policy):
         return logits
 
 
+def sample_sequences(
+    policy: Policy,
+    encoding: Any,
+    pool_mask: torch.Tensor | None,
+    num_samples: int,
+    steps: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw ``num_samples`` sequences [B, N, S] per query from the policy's step
+    distributions (positions filled in ``policy.decode_order``; an item is never drawn
+    twice in one sequence, since chosen items carry the -100 logit).
+
+    Each position is drawn from ``softmax(logits_t / temperature)`` teacher-forced on the
+    positions already drawn; positions not yet drawn hold a placeholder that the
+    policy's causal order never reads. Extra items (a STOP column) are not drawn.
+    """
+    batch = pool_mask.shape[0] if pool_mask is not None else None
+    labels: torch.Tensor | None = None
+    for t in policy.decode_order(steps):
+        if labels is None:
+            if batch is None:
+                raise ValueError("sample_sequences needs the pool mask")
+            device = pool_mask.device if pool_mask is not None else None
+            labels = torch.zeros(batch, num_samples, steps, dtype=torch.long, device=device)
+        logits, _ = policy.decode(encoding, pool_mask, labels)
+        pool = logits.shape[-1] - policy.extra_items
+        step = logits[:, :, t, :pool].float() / temperature
+        probs = torch.softmax(step, dim=-1).reshape(-1, pool)
+        pick = torch.multinomial(probs.cpu(), 1, generator=generator)
+        labels[:, :, t] = pick.view(labels.shape[0], num_samples).to(labels.device)
+    assert labels is not None
+    return labels
+
+
 def decode_steps(labels: torch.Tensor | None, num_steps: int | None) -> tuple[int, int]:
     """``(G, S)`` of a decode call: from ``labels`` [B, G, S], else ``(1, num_steps)``."""
     if labels is None:
@@ -317,4 +358,5 @@ __all__ = [
     "decode_steps",
     "dropout",
     "one_token_attention",
+    "sample_sequences",
 ]

@@ -32,10 +32,11 @@ from .data import (
 from .errors import LeverError
 from .fileio import atomic_write_bytes
 from .jsonstream import iter_object_members
+from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .plugins import PluginSet, load_plugins
 from .policies import DEFAULT_POLICY, build_policy, start_policy
 from .policy import TrunkConfig
-from .rewards import RewardParams, registry_from_plugins
+from .rewards import RewardParams, clip_reward, registry_from_plugins
 from .state import TrainConfig
 from .trainer import Trainer
 
@@ -227,6 +228,31 @@ def load_data(
             close()  # a reader that was not needed (cache hit) releases its file
 
 
+def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge | None:
+    """The judge named by ``--judge`` (None without), behind the verdict store ``--store``
+    (``--no-store``: verdicts kept in memory only). Its rewards use the run's reward mode."""
+    name = opts.get("judge")
+    if not name:
+        return None
+    envs = environments_from_plugins(plugins)
+    if name not in envs:
+        known = ", ".join(sorted(envs)) or "none; install an environment plugin"
+        raise LeverError(
+            f"--judge: no active plugin provides environment {name!r} (available: {known})"
+        )
+    plugin, env = envs[name]
+    data_opts = make_data_options(opts, plugins)
+    raw_fn = registry_from_plugins(plugins).raw_fn(data_opts.reward_mode)
+
+    def reward(verdict: Mapping[str, float]) -> float:
+        return clip_reward(float(raw_fn(verdict, data_opts.reward_params)))
+
+    store = None
+    if not opts.get("no_store"):
+        store = VerdictStore(opts.get("store") or default_store_path())
+    return Judge(env, plugin, store, reward, warn)
+
+
 def make_deterministic() -> None:
     """Torch flags for run-to-run identical results on CUDA as well as CPU."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -267,6 +293,14 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise LeverError(f"{config_path}: unreadable run config ({exc})") from None
     return original, snapshot.read(snap_path)
+
+
+def sft_policy_name(path: str, trust: bool) -> str:
+    """The policy a starting checkpoint was trained as (foreign files: ``pointer``)."""
+    from .policies import FOREIGN_POLICY, read_checkpoint, recorded_policy
+
+    recorded = recorded_policy(read_checkpoint(path, trust)[1]) if Path(path).is_file() else None
+    return recorded[0] if recorded is not None else FOREIGN_POLICY
 
 
 @dataclass
@@ -319,6 +353,9 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
 
     torch.manual_seed(opts["seed"])
     name = opts.get("policy") or DEFAULT_POLICY
+    if opts.get("sft_ckpt") and "policy" not in given and recorded is None:
+        # continuing from a checkpoint: its own policy unless --policy says otherwise
+        name = sft_policy_name(opts["sft_ckpt"], bool(opts.get("trust_checkpoint")))
     policy_opts = {**opts, "shots": table.seq_len}
     if recorded is not None and isinstance(recorded.get("policy"), dict):
         # resume: the policy exactly as the run built it (its weights are in the snapshot)
@@ -338,6 +375,13 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         )
     for line in lines:
         echo(line)
+    unread = [
+        flag
+        for dest, flag in given.items()
+        if dest in POLICY_OPTIONS and dest not in policy.policy_options()
+    ]
+    for flag in unread:
+        warn(f"warning: {flag} is not an option of policy {policy.policy_name}; it has no effect")
     config = train_config(opts, device)
     echo(
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; policy "
@@ -351,6 +395,13 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         dest: opts.get(dest, option.default) for dest, (_, option) in plugins.options().items()
     }
     options = {**opts, **plugin_values}
+    judge = make_judge(opts, plugins, warn)
+    if judge is not None:
+        where = judge.store.path if judge.store is not None else "memory only (--no-store)"
+        echo(
+            f"judge: environment {judge.name} {judge.version} (plugin {judge.plugin}); "
+            f"verdicts: {where}"
+        )
     trainer = Trainer(
         config,
         policy,
@@ -362,6 +413,7 @@ def assemble(opts: dict[str, Any], given: Mapping[str, str], echo: Echo, warn: E
         options=options,
         run_metadata=run_metadata,
         log=echo,
+        judge=judge,
     )
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
     if resume is not None:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .data import Batch, QueryTable
+    from .data import Batch, Embeddings, QueryTable
+    from .judge import Judge
     from .phase import Phase
     from .plugins import Decision, PluginSet
     from .policy import Policy
@@ -121,6 +122,9 @@ class TrainState:
         history: one dict of metrics per finished epoch, in order.
         extra: free space for plugins, keyed by plugin name.
         stop_request: set by :meth:`request_stop`.
+        emb: the query and candidate embedding tables.
+        judge: the run's downstream judge (``--judge``; a :class:`~lever_trainer.judge.Judge`
+            with its verdict store), or None.
         logger: where :meth:`log` lines go (default: stdout).
         logprobs_fn: set by the trainer; see :meth:`eval_logprobs`.
     """
@@ -148,6 +152,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     stop_request: StopRequest | None = None
+    judge: Judge | None = None
+    emb: Embeddings | None = None
     logger: Callable[[str], None] = print
     logprobs_fn: Callable[[QueryTable], torch.Tensor] | None = field(default=None, repr=False)
     _decided: set[str] = field(default_factory=set, repr=False)

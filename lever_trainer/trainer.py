@@ -23,6 +23,7 @@ from .checkpoint import checkpoint_name
 from .data import Batch, Embeddings, QueryTable, iter_batches
 from .errors import LeverError, PluginError
 from .evaluation import Evaluator, format_metrics
+from .judge import Judge
 from .phase import Phase
 from .plugins import Decision, PluginSet
 from .policy import Policy
@@ -75,6 +76,7 @@ class Trainer:
         options: dict[str, Any] | None = None,
         run_metadata: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
+        judge: Judge | None = None,
     ) -> None:
         self.config = config
         self.device = torch.device(config.device)
@@ -93,13 +95,15 @@ class Trainer:
             options={**plugins.option_defaults(), **(options or {})},
             plugins=plugins,
             phases=self.phases,
+            judge=judge,
+            emb=emb,
         )
         if log is not None:
             self.state.logger = log
         self.state.logprobs_fn = self.compute_logprobs
         for phase in self.phases:
             phase.init(self.state)
-        self.evaluator = Evaluator(self.model, emb, self.device, config.batch_size)
+        self.evaluator = Evaluator(self.model, emb, self.device, config.batch_size, judge)
         self.keeper = CheckpointKeeper(
             output_dir, config.keep_last, config.best_metric, config.best_mode
         )
@@ -131,6 +135,11 @@ class Trainer:
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
             if len(state.val):
+                if state.judge is None:
+                    state.log(
+                        "validation ranks the logged candidates only (policy_*@1); give "
+                        "--judge NAME to judge the policy's own free selection"
+                    )
                 state.log("start: " + format_metrics(self.evaluator.validate(state.val)))
         else:
             snapshot.restore(self, resume)
@@ -260,6 +269,8 @@ class Trainer:
         state.epoch, state.step_in_epoch = epoch, 0
         started = time.perf_counter()
         self.model.train(self.train_mode(phase))
+        data = phase.epoch_data(state, epoch, resumed=progress is not None)
+        table = state.train if data is None else data.table
         if progress is not None:  # resuming inside this epoch
             self.epoch_progress = {
                 "epoch_order": progress["epoch_order"],
@@ -270,8 +281,16 @@ class Trainer:
             state.step_in_epoch = progress["step_in_epoch"]
             snapshot.restore_rng(progress)
         else:
+            if data is None:
+                order = self.epoch_rows(phase, epoch)
+            else:
+                passes = [
+                    torch.randperm(len(table), generator=self.generator)
+                    for _ in range(max(data.passes, 1))
+                ]
+                order = torch.cat(passes)
             self.epoch_progress = {
-                "epoch_order": self.epoch_rows(phase, epoch),
+                "epoch_order": order,
                 "epoch_sums": {},
                 "epoch_counted": 0,
                 "epoch_skipped": 0,
@@ -279,8 +298,9 @@ class Trainer:
         order = self.epoch_progress["epoch_order"]
         state.steps_per_epoch = math.ceil(len(order) / bs)
         rows = order[state.step_in_epoch * bs :]
-        for batch in iter_batches(state.train, self.emb, bs, rows):
-            if phase.needs_reference and state.ref_logprobs is not None:
+        ref = None if data is None else data.ref_logprobs
+        for batch in iter_batches(table, self.emb, bs, rows, ref):
+            if data is None and phase.needs_reference and state.ref_logprobs is not None:
                 # read per step: a plugin may move the reference during the phase
                 batch.ref_logprobs = state.ref_logprobs[batch.rows, : batch.sequences.shape[1]]
             self.step(phase, batch)
@@ -421,8 +441,10 @@ class Trainer:
         state = self.state
         assert state.phase is not None
         phase_states: dict[str, Any] = {}
-        for p in self.phases:
-            phase_states.update(p.state_dict())
+        for p in self.phases:  # the phases' scalar states (GRPO's kl_beta, SPEC section 8)
+            phase_states.update(
+                {k: v for k, v in p.state_dict().items() if isinstance(v, int | float | str)}
+            )
         metadata = {
             "lever_trainer_version": __version__,
             "phase": state.phase,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from lever_trainer.plugins import load_plugins
 from lever_trainer.rewards import RewardRegistry, registry_from_plugins
 
 DATA_DIR = Path(__file__).parent / "data"
+#: The example environment package (installed by tox; importable from the checkout too).
+DIGITS_ENV = Path(__file__).resolve().parents[1] / "examples" / "digits_env"
+if str(DIGITS_ENV) not in sys.path:
+    sys.path.append(str(DIGITS_ENV))
 REFERENCE = DATA_DIR / "upstream_parity.safetensors"
 
 

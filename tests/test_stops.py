@@ -25,6 +25,8 @@ TRAIN = [
     "3",
     "--batch-size",
     "4",
+    "--policy",
+    "pointer",
     "--hidden-dim",
     "32",
     "--seed",

@@ -37,6 +37,8 @@ def make_trainer(
     enable: tuple[str, ...] = (),
     disable: tuple[str, ...] = (),
     extra: tuple[tuple[str, Any], ...] = (),
+    judge: Any = None,
+    policy: Any = None,
     **cfg: Any,
 ) -> Trainer:
     plugins = load_plugins(list(enable), list(disable), extra=list(extra))
@@ -44,13 +46,22 @@ def make_trainer(
     emb = load_embeddings(files[1])
     train, val = split_train_val(table, 0.2)
     torch.manual_seed(0)
-    model = PointerPolicy(PolicyConfig(input_dim=emb.dim, hidden_dim=32))
+    model = policy or PointerPolicy(PolicyConfig(input_dim=emb.dim, hidden_dim=32))
     settings = {"rce_epochs": 1, "grpo_epochs": 0, "batch_size": 8, "seed": 0, **cfg}
     config = TrainConfig(**{k: v for k, v in settings.items() if k in CORE_SETTINGS})
     options = {k: v for k, v in settings.items() if k not in CORE_SETTINGS}
     lines: list[str] = []
     trainer = Trainer(
-        config, model, train, val, emb, plugins, out, options=options, log=lines.append
+        config,
+        model,
+        train,
+        val,
+        emb,
+        plugins,
+        out,
+        options=options,
+        log=lines.append,
+        judge=judge,
     )
     trainer.log_lines = lines  # type: ignore[attr-defined]
     return trainer

@@ -16,6 +16,7 @@ from .embeddings import (
     read_tensor_file,
 )
 from .load import file_fingerprint, load_rl_data
+from .pools import PoolBatch, PoolTable, check_pool_ids, load_pools, pool_batches
 from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
 from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val
 
@@ -28,19 +29,24 @@ __all__ = [
     "DataOptions",
     "Embeddings",
     "LoadReport",
+    "PoolBatch",
+    "PoolTable",
     "QueryTable",
     "build_table",
     "cache_path_for",
     "check_ids_in_range",
+    "check_pool_ids",
     "file_fingerprint",
     "gather_groups",
     "iter_batches",
     "load_embedding_table",
     "load_embeddings",
+    "load_pools",
     "load_rl_data",
     "make_batch",
     "options_key",
     "parse_rl_members",
+    "pool_batches",
     "read_tensor_file",
     "split_train_val",
 ]

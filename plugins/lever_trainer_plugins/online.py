@@ -1,0 +1,278 @@
+"""Phase ``online``: the policy proposes sequences from each query's whole pool, the judge
+scores them, and a group-relative update learns from the verdicts. Off by default; needs
+``--judge``.
+
+Each epoch is one round. For every training query the current policy (eval mode)
+proposes its greedy sequence and ``--online-samples`` sequences drawn at
+``--online-temperature`` (positions filled in the policy's decision order, no item twice).
+The judge scores them; a query is never judged on more than ``--online-budget`` distinct
+sequences over the whole phase (sequences already judged, in this run or in the verdict
+store, are free; new ones past the budget are left out of the group). The group's raw
+rewards (the run's reward mode) give advantages through ``compute_advantages``
+(``group-zscore`` by default), and ``--online-passes`` passes over the round's groups
+minimise the PPO-clipped surrogate against the log-probs at collection time, plus
+``--online-kl-beta`` times the KL to them (0 by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lever_trainer.api import (
+    EpochData,
+    LeverError,
+    Option,
+    Phase,
+    QueryTable,
+    TrainState,
+    expect_tensor,
+    grpo_loss,
+    hookimpl,
+    policy_logprobs,
+    pool_batches,
+    sample_sequences,
+)
+
+DESCRIPTION = "phase `online`: the policy proposes, the judge scores, group-relative PPO (--judge)"
+
+#: The fields of the round's table kept in snapshots.
+TABLE_FIELDS = (
+    "query_ids",
+    "pool_ids",
+    "pool_len",
+    "sequences",
+    "group_len",
+    "rewards_raw",
+    "rewards_norm",
+    "correct",
+    "cand_index",
+)
+
+
+class OnlinePhase(Phase):
+    """Rounds of propose -> judge -> PPO-clip update (see the module docstring)."""
+
+    name = "online"
+    order = 40
+    epochs_option = "online_epochs"
+    lr_option = "online_lr"
+    needs_reward = False
+    log_metrics = ("judge_calls_per_query", "online_reward", "online_correct")
+
+    def __init__(self) -> None:
+        self.judged: dict[int, set[str]] = {}
+        self.round: EpochData | None = None
+        self.round_stats: dict[str, float] = {}
+
+    def start(self, state: TrainState, resumed: bool) -> None:
+        """The phase needs a judge."""
+        if state.judge is None:
+            raise LeverError("phase online needs a downstream judge: give --judge NAME")
+
+    # -- one round of proposals ------------------------------------------------------
+    @torch.no_grad()
+    def propose(self, state: TrainState, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences [Q, 1 + N, S] (greedy first) and their log-probs at collection."""
+        model, table = state.model, state.train
+        steps, samples = table.seq_len, int(state.options["online_samples"])
+        temperature = float(state.options["online_temperature"])
+        generator = torch.Generator().manual_seed(state.config.seed * 1009 + epoch)
+        was_training = model.training
+        model.eval()
+        seqs, logps = [], []
+        emb = state.emb
+        assert emb is not None
+        device = next(model.parameters()).device
+        for batch in pool_batches(table, emb, 256):
+            b = batch.to(device)
+            encoding = model.encode(b.query_emb, b.cand_emb, b.pool_mask)
+            _, greedy = model.decode(encoding, b.pool_mask, None, steps)
+            drawn = sample_sequences(
+                model, encoding, b.pool_mask, samples, steps, temperature, generator
+            )
+            labels = torch.cat([greedy[:, :1].clamp_max(b.pool_mask.shape[1] - 1), drawn], 1)
+            logits, _ = model.decode(encoding, b.pool_mask, labels)
+            logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            seqs.append(labels.cpu())
+            logps.append(logp.sum(-1).cpu())
+        model.train(was_training)
+        return torch.cat(seqs), torch.cat(logps)
+
+    def judge_round(
+        self, state: TrainState, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rewards, correctness and a mask [Q, G] of the proposals within the budget."""
+        assert state.judge is not None
+        table, budget = state.train, int(state.options["online_budget"])
+        ids = table.pool_ids.gather(1, positions.flatten(1)).view(positions.shape)
+        keep = torch.zeros(positions.shape[:2], dtype=torch.bool)
+        asked: list[tuple[int, int, list[int]]] = []
+        for row, (qid, group) in enumerate(
+            zip(table.query_ids.tolist(), ids.tolist(), strict=True)
+        ):
+            seen = self.judged.setdefault(qid, set())
+            for j, seq in enumerate(group):
+                key = ",".join(map(str, seq))
+                if key not in seen and len(seen) >= budget:
+                    continue
+                seen.add(key)
+                keep[row, j] = True
+                asked.append((row, j, seq))
+        pools = {
+            q: p[:n]
+            for q, p, n in zip(
+                table.query_ids.tolist(),
+                table.pool_ids.tolist(),
+                table.pool_len.tolist(),
+                strict=True,
+            )
+        }
+        rewards, correct = state.judge.rewards(
+            [int(table.query_ids[r]) for r, _, _ in asked], [s for _, _, s in asked], pools
+        )
+        reward_t = torch.zeros(positions.shape[:2])
+        correct_t = torch.zeros(positions.shape[:2])
+        for (row, j, _), r, c in zip(asked, rewards, correct, strict=True):
+            reward_t[row, j], correct_t[row, j] = r, c
+        return reward_t, correct_t, keep
+
+    def epoch_data(self, state: TrainState, epoch: int, resumed: bool) -> EpochData:
+        """One round: propose, judge, and the groups to learn from."""
+        if resumed and self.round is not None:
+            return self.round
+        positions, logps = self.propose(state, epoch)
+        rewards, correct, keep = self.judge_round(state, positions)
+        # kept proposals first in each group, their order kept
+        idx = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices
+        width = max(int(keep.sum(1).max()), 1)
+        idx = idx[:, :width]
+        mask = keep.gather(1, idx)
+        steps = positions.shape[-1]
+        train = state.train
+        table = QueryTable(
+            query_ids=train.query_ids,
+            pool_ids=train.pool_ids,
+            pool_len=train.pool_len,
+            sequences=positions.gather(1, idx.unsqueeze(-1).expand(-1, -1, steps)),
+            group_len=mask.sum(1),
+            rewards_raw=rewards.gather(1, idx),
+            rewards_norm=rewards.gather(1, idx),
+            correct=correct.gather(1, idx),
+            cand_index=idx,
+        )
+        self.round = EpochData(table, logps.gather(1, idx), int(state.options["online_passes"]))
+        greedy_kept = keep[:, 0]
+        self.round_stats = {
+            "online_reward": float(rewards[:, 0][greedy_kept].mean()) if greedy_kept.any() else 0.0,
+            "online_correct": float(correct[:, 0][greedy_kept].mean())
+            if greedy_kept.any()
+            else 0.0,
+            "judge_calls_per_query": sum(len(s) for s in self.judged.values()) / max(len(train), 1),
+        }
+        return self.round
+
+    # -- the update ----------------------------------------------------------------
+    def loss(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+        """PPO-clip surrogate (+ KL to the collection policy) with group advantages."""
+        decision = state.decide(
+            "compute_advantages", phase=self.name, rewards=batch.rewards_raw, mask=batch.cand_mask
+        )
+        if decision is None:
+            raise LeverError(
+                "no active plugin answers hook compute_advantages for phase 'online'; "
+                "enable one (e.g. --plugin group-zscore)"
+            )
+        advantages = expect_tensor(
+            decision.value, decision.plugin, "compute_advantages", tuple(batch.rewards_raw.shape)
+        )
+        assert batch.ref_logprobs is not None
+        return grpo_loss(
+            policy_logprobs(state.model, batch),
+            batch.ref_logprobs,
+            advantages,
+            batch.cand_mask,
+            float(state.options["online_clip_epsilon"]),
+            float(state.options["online_kl_beta"]),
+        )
+
+    def epoch_metrics(self, state: TrainState) -> dict[str, float]:
+        """The round's greedy reward and correctness on the training queries, and the
+        distinct sequences judged per training query so far."""
+        return dict(self.round_stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sequences judged per query, and the current round's groups."""
+        out: dict[str, Any] = {
+            "judged": {str(q): sorted(s) for q, s in self.judged.items()},
+            "round_stats": dict(self.round_stats),
+        }
+        if self.round is not None:
+            out["round"] = {f: getattr(self.round.table, f) for f in TABLE_FIELDS}
+            out["round_ref"] = self.round.ref_logprobs
+            out["round_passes"] = self.round.passes
+        return out
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.judged = {int(q): set(s) for q, s in saved.get("judged", {}).items()}
+        self.round_stats = dict(saved.get("round_stats", {}))
+        if "round" in saved:
+            table = QueryTable(**saved["round"])
+            self.round = EpochData(table, saved["round_ref"], int(saved["round_passes"]))
+
+
+@hookimpl
+def phases() -> Sequence[Phase]:
+    """The online phase."""
+    return [OnlinePhase()]
+
+
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """Rounds, learning rate, proposals, budget and the update's settings."""
+    return [
+        Option(("--online-epochs",), "int", 8, "Rounds of the online phase.", min=0),
+        Option(
+            ("--online-lr",), "float", 1e-4, "Online learning rate (AdamW).", min=0, min_open=True
+        ),
+        Option(
+            ("--online-samples",),
+            "int",
+            8,
+            "Sequences drawn per query per round (plus the greedy one).",
+            min=1,
+        ),
+        Option(
+            ("--online-temperature",),
+            "float",
+            1.0,
+            "Sampling temperature of the proposals.",
+            min=0,
+            min_open=True,
+        ),
+        Option(
+            ("--online-budget",),
+            "int",
+            64,
+            "Most distinct sequences judged per training query over the phase.",
+            min=1,
+        ),
+        Option(("--online-passes",), "int", 2, "Passes over each round's groups.", min=1),
+        Option(
+            ("--online-clip-epsilon",),
+            "float",
+            0.2,
+            "PPO clip of the online update.",
+            min=0,
+            min_open=True,
+        ),
+        Option(
+            ("--online-kl-beta",), "float", 0.0, "Weight of the KL to the collection policy.", min=0
+        ),
+    ]
+
+
+__all__ = ["OnlinePhase"]
