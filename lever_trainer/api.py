@@ -28,8 +28,12 @@ from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .judge import VERDICT_FIELDS, Environment
 from .losses import (
+    LOG_RATIO_BOUND,
     ZSCORE_STD_EPS,
     adapt_kl_beta,
+    bounded_log_ratio,
+    effective_sample_size,
+    equal_reward_groups,
     group_advantages,
     grpo_loss,
     grpo_terms,
@@ -38,7 +42,10 @@ from .losses import (
     rce_loss,
     rce_temperature,
     sequence_logprobs,
+    softmax_weights,
+    step_entropy,
     top_k_mask,
+    weighted_sequence_loss,
 )
 from .options import DATA_COMMANDS, Option
 from .phase import EpochData, Phase
@@ -53,7 +60,7 @@ from .policy import (
     sample_sequences,
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
-from .state import RewardChoice, StopRequest, TrainConfig, TrainState
+from .state import PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
 
 
 def expect_tensor(
@@ -82,6 +89,7 @@ def expect_tensor(
 __all__ = [
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
+    "LOG_RATIO_BOUND",
     "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
     "Batch",
@@ -95,6 +103,7 @@ __all__ = [
     "PluginError",
     "PointerTrunk",
     "Policy",
+    "PolicyObjective",
     "PoolTable",
     "QueryTable",
     "RawRewardFn",
@@ -106,8 +115,11 @@ __all__ = [
     "TrunkConfig",
     "adapt_kl_beta",
     "atomic_write_bytes",
+    "bounded_log_ratio",
     "decode_steps",
     "dropout",
+    "effective_sample_size",
+    "equal_reward_groups",
     "expect_tensor",
     "format_metrics",
     "gather_groups",
@@ -131,5 +143,8 @@ __all__ = [
     "rce_temperature",
     "sample_sequences",
     "sequence_logprobs",
+    "softmax_weights",
+    "step_entropy",
     "top_k_mask",
+    "weighted_sequence_loss",
 ]

@@ -449,11 +449,23 @@ def installed_plugins() -> tuple[Any, ...]:
 
 
 def add_plugin_options(command: click.Command, name: str) -> click.Command:
-    """Add every installed plugin's options that ``name`` takes, grouped by plugin."""
+    """Add every installed plugin's options that ``name`` takes, grouped by plugin, and
+    (to ``train``) the plugins' alias flags."""
+    from .plugins import alias_dest
+
     for info in installed_plugins():
         for option in info.options:
             if name in option.commands:
                 command.params.append(click_option(option, f"Plugin {info.name}"))
+        if name != "train" or info.broken:
+            continue
+        for flags, what in ((info.enable_flags, "--plugin"), (info.disable_flags, "--no-plugin")):
+            for flag in flags:
+                param = click.Option(
+                    [flag, alias_dest(flag)], is_flag=True, help=f"Same as {what} {info.name}."
+                )
+                param.lever_group = "Plugins"  # type: ignore[attr-defined]
+                command.params.append(param)
     return command
 
 
@@ -735,6 +747,9 @@ def plugins_cmd() -> None:
         policies = getattr(p.obj, "POLICIES", ())
         if policies:
             click.echo(f"    policies: {', '.join(policies)}")
+        aliases = [*p.enable_flags, *(f"{f} (= --no-plugin)" for f in p.disable_flags)]
+        if aliases:
+            click.echo(f"    aliases: {', '.join(aliases)}")
         if p.options:
             shown = ", ".join(
                 f"{o.name} ({o.default!r})" if o.type != "bool" else o.name for o in p.options

@@ -17,8 +17,10 @@ Two kinds of hook:
   which plugin decided.
 
 A plugin module may also define ``ENABLED_BY_DEFAULT = True`` (it takes part in
-every run unless ``--no-plugin NAME``) and ``DESCRIPTION`` (one line, shown by
-``lever-train plugins``).
+every run unless ``--no-plugin NAME``), ``DESCRIPTION`` (one line, shown by
+``lever-train plugins``) and ``ENABLE_FLAGS`` / ``DISABLE_FLAGS`` (tuples of flags such
+as ``"--use_top1_only"`` that ``lever-train train`` accepts as ``--plugin NAME`` /
+``--no-plugin NAME``: the spellings of the script a plugin replaces).
 
 The ``state`` argument is a :class:`lever_trainer.state.TrainState`.
 """
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from .phase import Phase
     from .policy import Policy
     from .rewards import NormalizeFn, RawRewardFn
-    from .state import RewardChoice, TrainState
+    from .state import PolicyObjective, RewardChoice, TrainState
 
 PROJECT = "lever_trainer"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -230,6 +232,107 @@ def compute_advantages(
     """
 
 
+@hookspec(firstresult=True)
+def rce_weights(
+    state: TrainState, phase: str, batch: Batch, rewards: torch.Tensor, temperature: float
+) -> torch.Tensor | None:
+    """The weight of each logged sequence in a reward-weighted cross-entropy step.
+
+    Called by RCE-style phases on every batch with the phase's rewards [B, G] (the
+    ``select_reward`` answer) and the step's temperature. Return weights [B, G] (0 where
+    ``batch.cand_mask`` is False); the query's loss is ``sum_j w_j * CE_j`` with ``CE_j``
+    the teacher-forced cross-entropy of sequence j summed over its steps. Weights need
+    not sum to one: ``top1-only`` gives ``1/S`` to the first sequence (cross-entropy
+    averaged over its S steps). The built-in ``rce-softmax`` gives SPEC section 5's
+    ``softmax(r / tau)``. Single answer; required by such phases.
+    """
+
+
+@hookspec(firstresult=True)
+def policy_objective(
+    state: TrainState,
+    phase: str,
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> PolicyObjective | None:
+    """The per-candidate surrogate objective a GRPO-style step maximises.
+
+    Called on every batch with the ratios ``exp(new - ref)`` [B, G] (1 where ``mask`` is
+    False; the log-ratio is bounded at +-80 first), the advantages [B, G] and the kept
+    candidates' mask [B, G]. Return a :class:`~lever_trainer.state.PolicyObjective`:
+    ``objective`` [B, G] (the phase's ``ppo`` term is minus its mean over each query's kept
+    candidates) and, for the clip diagnostics, the boolean masks of the candidates whose
+    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives SPEC
+    section 6's ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
+    required by such phases.
+    """
+
+
+@hookspec(firstresult=True)
+def kl_estimate(
+    state: TrainState, phase: str, log_ratio: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor | None:
+    """The per-candidate KL estimate of a GRPO-style step.
+
+    Called on every batch with ``log_ratio = new - ref`` [B, G] (bounded at +-80, 0 where
+    ``mask`` is False). Return [B, G] values; the phase's ``kl`` is their mean over each
+    query's kept candidates, averaged over the batch, and the loss adds ``beta * kl``.
+    The built-in ``kl-k3`` gives SPEC section 6's ``ratio - 1 - log ratio``. Single
+    answer; required by such phases.
+    """
+
+
+@hookspec(firstresult=True)
+def kl_penalty(state: TrainState, phase: str) -> bool | None:
+    """Whether a GRPO-style phase adds ``beta * kl`` to its loss.
+
+    Called once when the phase starts (also when it resumes). Return False for the
+    clipped surrogate alone (``ppo-clip-only``): the KL is still measured and reported,
+    the KL weight is reported as 0 and not adapted. Single answer; optional (default:
+    True, SPEC section 6).
+    """
+
+
+@hookspec
+def filter_groups(
+    state: TrainState, phase: str, batch: Batch, rewards: torch.Tensor
+) -> torch.Tensor | None:
+    """Which queries' groups enter a GRPO-style step's loss.
+
+    Called on every batch after ``select_candidates``, with the batch compacted to the
+    kept candidates (``batch.cand_mask`` marks them) and their rewards [B, G]. Return a
+    boolean tensor [B]: False leaves the query out of the step's loss (its PPO and KL
+    terms; the batch mean runs over the queries left). Broadcast; the answers are
+    combined with *and*, so several filters compose. The phase reports the fraction
+    left out as ``skipped_groups``. None keeps every group.
+    """
+
+
+@hookspec(firstresult=True)
+def learning_rate(state: TrainState, phase: str, base_lr: float) -> float | None:
+    """The learning rate of the optimiser step about to be taken.
+
+    Called before every optimiser step of every phase, with the phase's base learning
+    rate (``--rce-lr``, ``--grpo-lr``, ...); ``state.epoch``, ``state.epochs``,
+    ``state.step_in_epoch`` and ``state.steps_per_epoch`` say where the step is. Return
+    the rate to use (each parameter group is scaled by ``answer / base_lr``), or None to
+    keep the optimiser's rate. The step's rate is reported as ``lr``. Single answer;
+    optional (default: constant).
+    """
+
+
+@hookspec(firstresult=True)
+def train_mode(state: TrainState, phase: str) -> bool | None:
+    """Whether the policy runs in training mode during a phase's steps.
+
+    Called at the start of every epoch. Training mode draws the policy's dropout masks
+    (the only difference the policy protocol allows between the modes); return False to
+    train with dropout off, as ``disable-dropout`` does for GRPO, whose reference
+    log-probs are computed in eval mode. Single answer; optional (default: True).
+    """
+
+
 @hookspec
 def plugin_state_dict(state: TrainState) -> dict[str, Any] | None:
     """Return this plugin's state to keep in resume snapshots.
@@ -279,12 +382,22 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
 
     Keys (each a float; see the README's metric table):
 
-    * training: ``train_loss`` and ``train_<key>`` for every other value the phase's
-      loss returns (RCE: ``train_tau``; GRPO: ``train_ppo``, ``train_kl``,
-      ``train_mean_ratio``, ``train_kept``: candidates kept per query), averaged over
-      the epoch's queries; ``train_grad_norm``
-      (the gradient norm before clipping, averaged over steps); ``skipped_steps``
-      when some steps had a non-finite loss or gradient;
+    * training, averaged over the epoch's steps (each weighted by its queries):
+      ``train_loss`` and ``train_<key>`` for every other value the phase's loss returns,
+      ``train_grad_norm`` (the gradient norm before clipping) and ``train_lr`` (the
+      learning rate of the step, see :func:`learning_rate`); ``skipped_steps`` when
+      some steps had a non-finite loss or gradient;
+    * RCE's steps: ``train_tau`` (the reward temperature) and ``train_ess`` (the
+      effective sample size ``(sum w)^2 / sum w^2`` of each query's weights, averaged);
+    * GRPO's steps: ``train_ppo`` (minus the surrogate), ``train_kl`` (the KL estimate),
+      ``train_kl_beta`` (the weight the loss gave it), ``train_mean_ratio`` and
+      ``train_max_ratio`` (the step's mean and largest ratio), ``train_clip_low`` and
+      ``train_clip_high`` (shares of kept candidates whose gradient the lower / upper
+      clip removed), ``train_adv_mean`` and ``train_adv_std`` (over the kept
+      candidates), ``train_entropy`` (mean entropy of the policy's step distributions,
+      in nats), ``train_zero_var_groups`` (share of groups whose kept candidates' raw
+      rewards are all equal), ``train_skipped_groups`` (share left out by
+      :func:`filter_groups`), ``train_kept`` (candidates kept per query);
     * the phase's ``epoch_metrics`` (GRPO: ``kl_beta``);
     * validation (absent when the validation split is empty): ``val_loss``,
       ``policy_reward@1``, ``policy_correct@1``, ``random_reward``, ``oracle_reward``,

@@ -63,10 +63,60 @@ def rce_loss(
     ``rewards`` [B, G] the rewards the phase weighs, ``mask`` [B, G] the real candidates.
     ``w = softmax(r / tau)`` over each query's candidates; ``loss_q = sum_j w_j CE_j``.
     """
+    return weighted_sequence_loss(logprobs, softmax_weights(rewards, mask, temperature), mask)
+
+
+def softmax_weights(rewards: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """RCE weights ``softmax(r / tau)`` over each query's real candidates ([B, G]; pads 0)."""
     scaled = (rewards / temperature).masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scaled, dim=-1)
+    return torch.softmax(scaled, dim=-1)
+
+
+def weighted_sequence_loss(
+    logprobs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``mean over queries of -sum_j w_j * logprob_j`` (``CE_j = -logprob_j``); pads ignored."""
     per_query = -(weights * logprobs.masked_fill(~mask, 0.0)).sum(-1)
     return per_query.mean()
+
+
+def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of each query's weights ([B]).
+
+    ``1 / sum w^2`` for weights that sum to one: 1 when one sequence takes all the
+    weight, n for uniform weights over n sequences; 0 for a query whose weights are all 0.
+    """
+    w = weights.masked_fill(~mask, 0.0)
+    sq = (w * w).sum(-1)
+    return torch.where(sq > 0, w.sum(-1) ** 2 / sq.clamp_min(1e-30), torch.zeros_like(sq))
+
+
+def step_entropy(logits: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the step distributions ``softmax(logits)`` [..., S, K] over
+    the entries where ``step_mask`` [...] is True (a scalar; 0 when none is).
+
+    Padded pool entries (``-inf``) carry no probability and no entropy.
+    """
+    p = torch.softmax(logits, dim=-1)
+    per_step: torch.Tensor = torch.special.entr(p).sum(-1).mean(-1)  # [...]
+    m = step_mask.to(per_step.dtype)
+    return (per_step * m).sum() / m.sum().clamp_min(1.0)
+
+
+def equal_reward_groups(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] True where a query's real candidates all have the same reward (a group of one
+    included): such a group has no advantage signal."""
+    hi = rewards.masked_fill(~mask, float("-inf")).amax(-1)
+    lo = rewards.masked_fill(~mask, float("inf")).amin(-1)
+    return (hi - lo).abs() <= 1e-9 * hi.abs().clamp_min(1.0)
+
+
+def bounded_log_ratio(
+    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``new - old`` bounded at +-:data:`LOG_RATIO_BOUND`, 0 where ``mask`` is False."""
+    log_ratio = (new_logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return log_ratio.masked_fill(~mask, 0.0)
 
 
 def group_advantages(rewards: torch.Tensor, mask: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
@@ -92,8 +142,7 @@ def grpo_terms(
     Returns ``ppo`` [B], ``kl`` [B] and ``mean_ratio`` [B], each a mean over the
     query's kept (masked) candidates.
     """
-    log_ratio = (new_logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-    log_ratio = log_ratio.masked_fill(~mask, 0.0)
+    log_ratio = bounded_log_ratio(new_logprobs, old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_epsilon, 1.0 + clip_epsilon) * advantages

@@ -48,6 +48,10 @@ class PluginInfo:
     import_failed: bool = False
     #: Two installed distributions register a plugin under this name: neither is used.
     clash: bool = False
+    #: Flags (``ENABLE_FLAGS`` / ``DISABLE_FLAGS``) that mean ``--plugin NAME`` /
+    #: ``--no-plugin NAME``: the spellings of the script a plugin replaces.
+    enable_flags: tuple[str, ...] = ()
+    disable_flags: tuple[str, ...] = ()
 
     @property
     def broken(self) -> bool:
@@ -136,6 +140,14 @@ def describe_object(
         hooks=[n for n in _impl_names(obj) if n in hookspecs.all_hook_names()],
     )
     info.error = check_hookimpls(obj)
+    for attr in ("enable_flags", "disable_flags"):
+        flags = getattr(obj, attr.upper(), ())
+        if isinstance(flags, str) or not all(
+            isinstance(f, str) and f.startswith("--") for f in flags
+        ):
+            info.error = info.error or f"{attr.upper()} must be a tuple of '--flags'"
+        else:
+            setattr(info, attr, tuple(flags))
     if info.error is None:
         try:
             info.options = _declared_options(obj)
@@ -208,6 +220,23 @@ def discover() -> list[PluginInfo]:
     plugins = sorted(found.values(), key=lambda p: p.name)
     check_option_conflicts(plugins)
     return plugins
+
+
+def alias_dest(flag: str) -> str:
+    """The option name under which a plugin's alias flag is parsed and recorded."""
+    return "plugin_flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def alias_choices(plugins: Sequence[PluginInfo], opts: Any) -> tuple[list[str], list[str]]:
+    """``(enable, disable)``: the plugins whose alias flags are set in ``opts``."""
+    enable: list[str] = []
+    disable: list[str] = []
+    for info in plugins:
+        if any(opts.get(alias_dest(f)) for f in info.enable_flags):
+            enable.append(info.name)
+        if any(opts.get(alias_dest(f)) for f in info.disable_flags):
+            disable.append(info.name)
+    return enable, disable
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,16 @@ def plugin_choices(enable: Iterable[str], aliases: Mapping[str, Any]) -> list[st
 
 def activate_plugins(opts: Mapping[str, Any], given: Mapping[str, str], warn: Echo) -> PluginSet:
     """The run's plugins; an explicitly given option of an inactive plugin is an error."""
-    enable = plugin_choices(opts.get("plugins_on") or (), opts)
-    plugins = load_plugins(enable, opts.get("plugins_off") or (), warn=warn)
-    active = plugins.options()
-    from .plugins import discover  # the declaring plugin, to say which one to enable
+    from .plugins import alias_choices, discover
 
-    owners = {o.dest: p.name for p in discover() for o in p.options}
+    installed = discover()
+    alias_on, alias_off = alias_choices(installed, opts)
+    enable = plugin_choices([*(opts.get("plugins_on") or ()), *alias_on], opts)
+    disable = [*(opts.get("plugins_off") or ()), *alias_off]
+    plugins = load_plugins(list(dict.fromkeys(enable)), list(dict.fromkeys(disable)), warn=warn)
+    active = plugins.options()
+    # the declaring plugin, to say which one to enable
+    owners = {o.dest: p.name for p in installed for o in p.options}
     for dest, flag in given.items():
         if dest in owners and dest not in active:
             raise LeverError(

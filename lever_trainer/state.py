@@ -70,6 +70,21 @@ class _BatchField:
         return value
 
 
+@dataclass(frozen=True)
+class PolicyObjective:
+    """A ``policy_objective`` answer: the surrogate a GRPO-style step maximises.
+
+    ``objective`` [B, G] is each kept candidate's surrogate value (the phase minimises
+    minus its per-query mean). ``clipped_low`` / ``clipped_high`` [B, G] (bool, optional)
+    mark the candidates whose gradient the lower / upper clip removed; the phase reports
+    their fractions as ``clip_low`` and ``clip_high``.
+    """
+
+    objective: torch.Tensor
+    clipped_low: torch.Tensor | None = None
+    clipped_high: torch.Tensor | None = None
+
+
 @dataclass
 class StopRequest:
     """A plugin's request to end the run after the current epoch."""
@@ -111,6 +126,7 @@ class TrainState:
         judge: the run's downstream judge (``--judge``; a :class:`~lever_trainer.judge.Judge`
             with its verdict store), or None.
         logger: where :meth:`log` lines go (default: stdout).
+        logprobs_fn: set by the trainer; see :meth:`eval_logprobs`.
     """
 
     config: TrainConfig
@@ -139,11 +155,23 @@ class TrainState:
     judge: Judge | None = None
     emb: Embeddings | None = None
     logger: Callable[[str], None] = print
+    logprobs_fn: Callable[[QueryTable], torch.Tensor] | None = field(default=None, repr=False)
     _decided: set[str] = field(default_factory=set, repr=False)
 
     def log(self, message: str) -> None:
         """Print one line of the run's log (plugins use this rather than print)."""
         self.logger(message)
+
+    def eval_logprobs(self, table: QueryTable | None = None) -> torch.Tensor:
+        """The current policy's eval-mode sequence log-probs [Q, G] of every candidate of
+        ``table`` (default: ``train``; padded entries 0), without gradients.
+
+        One pass over the table, in the trainer's evaluation batches: what a plugin that
+        moves the reference during a phase needs (``reference-sync``).
+        """
+        if self.logprobs_fn is None:
+            raise RuntimeError("eval_logprobs needs a trainer (state.logprobs_fn is unset)")
+        return self.logprobs_fn(self.train if table is None else table)
 
     def phase_epochs(self, phase: str | None = None) -> int:
         """Number of epochs of ``phase`` (default: the current one; 0 if it is not run)."""

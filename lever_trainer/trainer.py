@@ -159,6 +159,7 @@ class Trainer:
         )
         if log is not None:
             self.state.logger = log
+        self.state.logprobs_fn = self.compute_logprobs
         for phase in self.phases:
             phase.init(self.state)
         self.evaluator = Evaluator(self.model, emb, self.device, config.batch_size, judge)
@@ -381,7 +382,7 @@ class Trainer:
         state, bs = self.state, self.config.batch_size
         state.epoch, state.step_in_epoch = epoch, 0
         started = time.perf_counter()
-        self.model.train()
+        self.model.train(self.train_mode(phase))
         data = phase.epoch_data(state, epoch, resumed=progress is not None)
         table = state.train if data is None else data.table
         if progress is not None:  # resuming inside this epoch
@@ -411,13 +412,18 @@ class Trainer:
         order = self.epoch_progress["epoch_order"]
         state.steps_per_epoch = math.ceil(len(order) / bs)
         rows = order[state.step_in_epoch * bs :]
-        if data is not None:
-            ref = data.ref_logprobs
-        else:
-            ref = state.ref_logprobs if phase.needs_reference else None
+        ref = None if data is None else data.ref_logprobs
         for batch in iter_batches(table, self.emb, bs, rows, ref):
+            if data is None and phase.needs_reference and state.ref_logprobs is not None:
+                # read per step: a plugin may move the reference during the phase
+                batch.ref_logprobs = state.ref_logprobs[batch.rows, : batch.sequences.shape[1]]
             self.step(phase, batch)
         self.end_epoch(phase, started)
+
+    def train_mode(self, phase: Phase) -> bool:
+        """The ``train_mode`` answer for the phase's epochs (default: training mode)."""
+        decision = self.state.decide("train_mode", phase=phase.name)
+        return True if decision is None else bool(decision.value)
 
     def epoch_rows(self, phase: Phase, epoch: int) -> torch.Tensor:
         """The rows the epoch visits: the ``train_rows`` hook's answer, else all, shuffled."""
@@ -452,11 +458,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = self.backward(out["loss"], batch)
         if grad_norm is not None:
+            lr = self.set_learning_rate(phase)
             self.step_torn = True
             self.optimizer.step()
             self.check_weights(phase)
             values = {k: float(v.detach()) for k, v in out.items()}
             values["grad_norm"] = grad_norm
+            values["lr"] = lr
             state.last_step = values
             phase.after_step(state, values)
             self.step_torn = False
@@ -475,6 +483,25 @@ class Trainer:
         if self.stop_requested is not None:
             self.save_snapshot(epoch_closed=False)
             raise StopRequested(self.stop_requested, state)
+
+    def set_learning_rate(self, phase: Phase) -> float:
+        """Apply the ``learning_rate`` answer for the step about to be taken; returns the
+        rate of the first parameter group."""
+        assert self.optimizer is not None
+        groups = self.optimizer.param_groups
+        base = phase.learning_rate(self.state)
+        decision = self.state.decide("learning_rate", phase=phase.name, base_lr=base)
+        if decision is not None:
+            lr = float(decision.value)
+            if not math.isfinite(lr) or lr < 0:
+                raise PluginError(
+                    f"plugin {decision.plugin}: hook learning_rate returned {lr!r}, "
+                    "expected a finite number >= 0"
+                )
+            for group in groups:
+                initial = group.setdefault("initial_lr", group["lr"])
+                group["lr"] = initial * lr / base if base > 0 else lr
+        return float(groups[0]["lr"])
 
     def backward(self, loss: torch.Tensor, batch: Batch) -> float | None:
         """Backpropagate and clip; the gradient norm, or None (step to be skipped) on a

@@ -138,3 +138,19 @@ def test_every_builtin_plugin_and_hook_is_in_the_readme() -> None:
         assert any(line.startswith(f"| `{hook}` |") for line in table), (
             f"README hook table lacks {hook}"
         )
+
+
+def test_every_builtin_plugin_is_listed_by_lever_train_plugins() -> None:
+    from click.testing import CliRunner
+
+    from lever_trainer.cli import main
+
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+        "lever_trainer"
+    ]
+    result = CliRunner().invoke(main, ["plugins"])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.output.splitlines() if line and line[0] != " "}
+    for name in entry_points:
+        assert name in listed, f"lever-train plugins does not list {name}"
+    assert "BROKEN" not in result.output

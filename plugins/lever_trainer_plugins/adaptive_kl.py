@@ -1,6 +1,7 @@
 """Adapt the GRPO KL weight after every step (SPEC 6). On by default.
 
-``--no-plugin adaptive-kl`` keeps the weight fixed at ``--kl-beta``.
+``--no-plugin adaptive-kl`` (upstream ``--disable_adaptive_kl``) keeps the weight fixed
+at ``--kl-beta``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from lever_trainer.api import adapt_kl_beta as adapt
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "KL weight x1.5 when kl > 0.1, /1.5 when kl < 0.01, kept in [0.001, 10]"
+DISABLE_FLAGS = ("--disable_adaptive_kl",)
 
 
 @hookimpl

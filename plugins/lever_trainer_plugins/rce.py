@@ -1,9 +1,12 @@
 """Phase ``rce`` (SPEC section 5): reward-weighted cross-entropy over each query's logged
 sequences, with the temperature annealed linearly over the phase's steps. On by default.
 
-For one query, ``w = softmax(r / tau)`` over its candidates' rewards (which reward is
-the ``select_reward`` answer for ``rce``: raw by default) and the loss is
-``sum_j w_j * CE_j`` with ``CE_j`` the teacher-forced cross-entropy of sequence j.
+For one query the loss is ``sum_j w_j * CE_j`` with ``CE_j`` the teacher-forced
+cross-entropy of sequence j; the weights are the ``rce_weights`` answer (``rce-softmax``
+by default: ``w = softmax(r / tau)`` over the candidates' rewards, which reward being the
+``select_reward`` answer for ``rce``: raw by default). Each step reports its temperature
+``tau`` and the effective sample size ``ess`` of its weights (``(sum w)^2 / sum w^2``
+per query, averaged): near 1 when one sequence dominates, the group size when uniform.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import torch
 
 from lever_trainer.api import (
     Batch,
+    LeverError,
     Option,
     Phase,
     TrainState,
+    effective_sample_size,
+    expect_tensor,
     hookimpl,
     policy_logprobs,
-    rce_loss,
     rce_temperature,
+    weighted_sequence_loss,
 )
 
 ENABLED_BY_DEFAULT = True
@@ -65,12 +71,33 @@ class RCEPhase(Phase):
         """Restore the schedule's length (absent in snapshots of older runs)."""
         self.planned_epochs = saved.get("rce_planned_epochs")
 
+    def weights(
+        self, state: TrainState, batch: Batch, rewards: torch.Tensor, tau: float
+    ) -> torch.Tensor:
+        """The ``rce_weights`` answer [B, G] (pads 0); required."""
+        decision = state.decide(
+            "rce_weights", phase=self.name, batch=batch, rewards=rewards, temperature=tau
+        )
+        if decision is None:
+            raise LeverError(
+                f"no active plugin answers hook rce_weights for phase {self.name!r}; "
+                "enable one (e.g. --plugin rce-softmax)"
+            )
+        weights = expect_tensor(
+            decision.value, decision.plugin, "rce_weights", tuple(rewards.shape)
+        )
+        return weights.masked_fill(~batch.cand_mask, 0.0)
+
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
-        """``loss`` and the step's temperature ``tau``."""
+        """``loss``, the step's temperature ``tau`` and the weights' ``ess``."""
         tau = self.temperature(state)
         logprobs = policy_logprobs(state.model, batch)
         rewards = state.rewards[self.name].compute(batch)
-        return {"loss": rce_loss(logprobs, rewards, batch.cand_mask, tau), "tau": torch.tensor(tau)}
+        weights = self.weights(state, batch, rewards, tau)
+        loss = weighted_sequence_loss(logprobs, weights, batch.cand_mask)
+        with torch.no_grad():
+            ess = effective_sample_size(weights, batch.cand_mask).mean()
+        return {"loss": loss, "tau": torch.tensor(tau), "ess": ess}
 
 
 @hookimpl
