@@ -14,7 +14,7 @@ from . import losses, metrics
 from .data import Batch, Embeddings, QueryTable, gather_groups, iter_batches, make_batch
 from .errors import LeverError, PluginError
 from .evaluation import format_metrics, policy_logprobs
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, json_line
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .losses import (
@@ -102,6 +102,7 @@ __all__ = [
     "hookimpl",
     "iter_batches",
     "iter_object_members",
+    "json_line",
     "losses",
     "make_batch",
     "masked_mean",

@@ -67,6 +67,7 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         "step_in_epoch": state.step_in_epoch,
         "bad_steps": trainer.bad_steps,
         "history": state.history,
+        "start_metrics": state.start_metrics,
         "metrics": state.metrics,
         "stop_request": None
         if state.stop_request is None
@@ -119,6 +120,7 @@ def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
     state = trainer.state
     trainer.model.load_state_dict(snap["model"])
     state.history = list(snap["history"])
+    state.start_metrics = dict(snap.get("start_metrics") or {})
     state.metrics = dict(snap["metrics"])
     state.global_step = snap["global_step"]
     trainer.bad_steps = snap["bad_steps"]

@@ -130,7 +130,11 @@ class Trainer:
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
             if len(state.val):
-                state.log("start: " + format_metrics(self.evaluator.validate(state.val)))
+                state.start_metrics = self.evaluator.validate(state.val)
+                state.log("start: " + format_metrics(state.start_metrics))
+                self.plugins.call_all(
+                    "on_start_validation", state=state, metrics=state.start_metrics
+                )
         else:
             snapshot.restore(self, resume)
             state.log(
@@ -328,6 +332,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             progress["epoch_skipped"] += 1
+            state.last_step = {}  # no optimiser step: no values
         state.step += 1
         state.global_step += 1
         state.step_in_epoch += 1
