@@ -123,9 +123,9 @@ def test_every_builtin_plugin_and_hook_is_in_the_readme() -> None:
     from lever_trainer import hookspecs
 
     readme = (ROOT / "README.md").read_text()
-    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
-        "lever_trainer"
-    ]
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "entry-points"
+    ]["lever_trainer"]
     table = [line for line in readme.splitlines() if line.startswith("| `")]
     for name in entry_points:
         assert any(line.startswith(f"| `{name}` |") for line in table), (
