@@ -785,6 +785,36 @@ def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> Non
     )
 
 
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Picture to write: .png, .svg or .pdf (default: RUN_DIR/curves.png for one run).",
+)
+@click.option("--title", default=None, help="A title above the panels.")
+@user_errors
+def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -> None:
+    """Draw the curves of one or more runs (overlaid) from their metrics.jsonl and
+    steps.jsonl: training and validation loss, KL and its weight, policy_reward@1
+    against random and oracle, normalized_gain, and downstream judge_* metrics.
+
+    Needs matplotlib: pip install 'lever-trainer[plot]'.
+    """
+    from .plot import draw, read_run, run_names
+
+    paths = [Path(d) for d in run_dirs]
+    if output is None:
+        if len(paths) > 1:
+            raise LeverError("--output: name the picture to write when plotting several runs")
+        output = str(paths[0] / "curves.png")
+    runs = [read_run(p, n) for p, n in zip(paths, run_names(paths), strict=True)]
+    draw(runs, Path(output), title)
+    click.echo(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+
+
 @main.command("prepare", cls=GroupedCommand)
 @data_options
 @plugin_options

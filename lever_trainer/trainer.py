@@ -417,7 +417,7 @@ class Trainer:
             **self.run_metadata,
         }
         return self.keeper.save(
-            checkpoint_name(state.phase, state.epoch),
+            checkpoint_name(state.phase, state.epoch, state.epochs),
             self.model.state_dict(),
             metadata,
             state.metrics,

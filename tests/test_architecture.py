@@ -15,14 +15,14 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "losses", "metrics", "options"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "config"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
     {"data", "checkpoint", "demo"},
     {"policies", "evaluation", "snapshot", "retention", "select"},
     {"trainer"},
-    {"run", "api"},
+    {"run", "api", "settings", "completion", "plot"},
     {"cli", "__init__"},
     {"__main__"},
 ]

@@ -235,8 +235,8 @@ def test_converted_checkpoint_starts_training_like_the_original(
     start_foreign = train_start(cli, demo_files, tmp_path / "a", src)
     start_converted = train_start(cli, demo_files, tmp_path / "b", dst)
     assert start_converted == start_foreign
-    wa = read_state_dict(tmp_path / "a" / "rce_epoch1.safetensors")
-    wb = read_state_dict(tmp_path / "b" / "rce_epoch1.safetensors")
+    wa = read_state_dict(tmp_path / "a" / "rce_epoch01.safetensors")
+    wb = read_state_dict(tmp_path / "b" / "rce_epoch01.safetensors")
     assert_same_tensors(wb, wa)
 
 

@@ -92,7 +92,7 @@ def wait_for_line(proc: subprocess.Popen[str], prefix: str) -> None:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "grpo_epoch3.safetensors"))
+    return load_file(str(out / "grpo_epoch03.safetensors"))
 
 
 @pytest.fixture(scope="module")
