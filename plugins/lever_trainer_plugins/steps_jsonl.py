@@ -20,17 +20,13 @@ from typing import Any
 
 from lever_trainer.api import TrainState, hookimpl, json_line
 
+from ._trackers import should_log
+
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "append the step values to OUTPUT_DIR/steps.jsonl every --log-every steps"
 
 FILE_NAME = "steps.jsonl"
 _KEY = "steps-jsonl"
-
-
-def should_log(state: TrainState) -> bool:
-    """Every ``--log-every`` global steps, and the last step of each epoch."""
-    every = int(state.options.get("log_every") or 10)
-    return state.global_step % every == 0 or state.step_in_epoch >= state.steps_per_epoch
 
 
 def step_record(state: TrainState) -> dict[str, Any]:
