@@ -41,7 +41,11 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
 
 def entry() -> list[str]:
     """The ``lever-train`` console script run with this interpreter, as installed."""
-    return [sys.executable, "-c", "from lever_trainer.cli import main; main()"]
+    return [
+        sys.executable,
+        "-c",
+        'from lever_trainer.cli import main; main(prog_name="lever-train")',
+    ]
 
 
 def timed(args: list[str], env: dict[str, str]) -> float:

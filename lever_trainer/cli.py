@@ -657,8 +657,6 @@ def train(ctx: click.Context, **opts: Any) -> None:
     if opts.pop("print_config", False):
         print_config(ctx, opts)
         return
-    for name in settings.CONTROL_OPTIONS:
-        opts.pop(name, None)
     from .run import assemble
     from .trainer import SNAPSHOT_NAME, StopRequested
 
@@ -767,22 +765,34 @@ def plugins_cmd() -> None:
 
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--queries", type=click.IntRange(min=5), default=400, show_default=True)
-@click.option("--pool", type=click.IntRange(min=4), default=32, show_default=True)
-@click.option("--dim", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=5),
+    default=400,
+    show_default=True,
+    help="Number of queries.",
+)
+@click.option(
+    "--pool",
+    type=click.IntRange(min=4),
+    default=32,
+    show_default=True,
+    help="Candidate demonstrations per query.",
+)
+@click.option(
+    "--dim", type=click.IntRange(min=2), default=64, show_default=True, help="Embedding width."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dataset.")
 @user_errors
 def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> None:
     """Write a synthetic RL dataset with a learnable signal into OUT_DIR."""
-    from .demo import DemoSpec, write_demo
+    from .demo import DemoSpec, demo_train_command, write_demo
 
     spec = DemoSpec(queries=queries, demos=max(3 * queries, pool), pool=pool, dim=dim, seed=seed)
     data_path, emb_path = write_demo(Path(out_dir), spec)
     click.echo(f"wrote {data_path} and {emb_path}")
-    click.echo(
-        f"train with: lever-train --beam-data {data_path} --img-emb {emb_path} "
-        f"--output-dir runs/demo"
-    )
+    click.echo(f"train with: {demo_train_command(data_path, emb_path)}")
+    click.echo("then draw the curves: lever-train plot runs/demo")
 
 
 @main.command("plot")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -205,7 +206,7 @@ def layer_from_data(
         for dest in names.paths & set(layer.values):
             value = layer.values[dest]
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                layer.values[dest] = str(base_dir / value)
+                layer.values[dest] = os.path.normpath(base_dir / value)
             elif isinstance(value, str):
                 layer.values[dest] = str(Path(value).expanduser())
     return layer

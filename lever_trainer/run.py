@@ -282,7 +282,7 @@ def absolute_paths(options: Mapping[str, Any], plugins: PluginSet) -> dict[str, 
         dest for dest, (_, option) in plugins.options().items() if option.type == "path"
     }
     return {
-        k: str(Path(v).expanduser().absolute()) if k in keys and isinstance(v, str) and v else v
+        k: os.path.abspath(os.path.expanduser(v)) if k in keys and isinstance(v, str) and v else v
         for k, v in options.items()
     }
 

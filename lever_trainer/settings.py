@@ -81,8 +81,17 @@ def layer_callback(ctx: click.Context, param: click.Parameter, value: Any) -> An
         layers = _read_layers(ctx, state)
     except LeverError as exc:
         raise ConfigError(str(exc)) from None
+    params = {p.name: p for p in ctx.command.params if p.name}
     defaults: dict[str, Any] = {}
     for layer in layers:
+        for dest, setting in layer.values.items():
+            try:  # a bad value names the file and key, not just the flag
+                params[dest].type_cast_value(ctx, setting)
+            except click.BadParameter as exc:
+                where = layer.path or layer.source
+                raise ConfigError(
+                    f"{where}: {layer.keys.get(dest, dest)}: {exc.format_message()}"
+                ) from None
         defaults.update(layer.values)
     ctx.default_map = defaults
     state["layers"] = layers
