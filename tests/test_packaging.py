@@ -42,3 +42,15 @@ def test_optional_features_are_extras_and_presets_are_package_data() -> None:
     )
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "presets/*.toml" in data["package-data"]["lever_trainer"]
+
+
+def test_every_core_subpackage_is_packaged() -> None:
+    """A wheel holds only the listed packages: a subpackage left out breaks the install."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "lever_trainer").rglob("__init__.py")
+    }
+    assert found <= listed, found - listed
