@@ -170,7 +170,8 @@ def layer_from_data(
     run_config = is_run_config(data)
     if run_config:
         options = {k: v for k, v in data["options"].items() if k not in RUN_ONLY_KEYS}
-        recorded_given = data.get("given") if isinstance(data.get("given"), dict) else {}
+        given = data.get("given")
+        recorded_given: dict[str, Any] = given if isinstance(given, dict) else {}
         for key, value in options.items():
             dest = names.resolve(key)
             if dest is None:

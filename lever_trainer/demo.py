@@ -19,7 +19,6 @@ import torch
 
 from .fileio import atomic_write_bytes
 
-
 #: The demo's training settings: what `demo-data` prints and the README runs.
 DEMO_TRAIN_FLAGS = (
     "--rce-epochs 20 --rce-lr 1e-3 --batch-size 16 --grpo-epochs 3 --grpo-lr 1e-4 "

@@ -359,8 +359,7 @@ def select_active(
             # imported, but its hooks or options are wrong: never run it quietly without
             dist = f" (from {p.distribution} {p.version})" if p.distribution else ""
             raise PluginError(
-                f"plugin {p.name}{dist}: {p.error}; fix it or run without it "
-                f"(--no-plugin {p.name})"
+                f"plugin {p.name}{dist}: {p.error}; fix it or run without it (--no-plugin {p.name})"
             )
         if p.broken:
             if p.name in enable:

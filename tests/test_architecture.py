@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "lever_trainer"
@@ -123,9 +124,9 @@ def test_every_builtin_plugin_and_hook_is_in_the_readme() -> None:
     from lever_trainer import hookspecs
 
     readme = (ROOT / "README.md").read_text()
-    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "entry-points"
-    ]["lever_trainer"]
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+        "lever_trainer"
+    ]
     table = [line for line in readme.splitlines() if line.startswith("| `")]
     for name in entry_points:
         assert any(line.startswith(f"| `{name}` |") for line in table), (

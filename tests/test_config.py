@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import assert_user_error
 
 from lever_trainer.config import merge_lists, preset_names

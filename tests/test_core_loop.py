@@ -16,7 +16,6 @@ from lever_trainer import hookimpl
 from lever_trainer.checkpoint import read_metadata
 from lever_trainer.data import make_batch
 from lever_trainer.errors import LeverError, PluginError
-from lever_trainer.evaluation import policy_logprobs
 from lever_trainer.plugins import load_plugins
 from lever_trainer.trainer import SNAPSHOT_NAME, StopRequested
 
@@ -218,7 +217,7 @@ def test_two_plugins_contributing_one_phase_name_both(demo_files, tmp_path) -> N
             return [best_sequence_phase.BestSequencePhase()]
 
     with pytest.raises(
-        PluginError, match="plugins (warmup|b) and (warmup|b) both contribute phase 'warmup'"
+        PluginError, match=r"plugins (warmup|b) and (warmup|b) both contribute phase 'warmup'"
     ):
         make_trainer(
             demo_files,

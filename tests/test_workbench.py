@@ -265,7 +265,7 @@ def test_plot_reads_runs_for_its_curves(cli, demo_files, tmp_path) -> None:
     assert cli(*run_args(demo_files, out, "--log-every", "1")).exit_code == 0
     run = read_run(out)
     assert run.offsets == {"rce": 0, "grpo": 2}
-    xs, ys = run.series("val_loss")
+    xs, _ = run.series("val_loss")
     assert xs == [0.0, 1.0, 2.0, 3.0]  # start, rce 1, rce 2, grpo 1
     xs, _ = run.step_series("loss", "grpo")
     assert xs == [2.25, 2.5, 2.75, 3.0]  # GRPO's four steps inside epoch 3
