@@ -342,9 +342,13 @@ def draw(runs: Sequence[RunCurves], output: Path, title: str | None = None) -> l
         Line2D([], [], color=colour, linewidth=2.5, label=run.name)
         for run, colour in zip(runs, colours, strict=True)
     ]
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 6))
-    if title:
-        fig.suptitle(title)
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=min(len(runs), 6),
+        title=title,  # above the run names (a suptitle would overlap them)
+        frameon=False,
+    )
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format=output.suffix.lower()[1:], dpi=110)

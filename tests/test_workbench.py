@@ -250,12 +250,29 @@ def test_plot_one_run_and_two_overlaid(cli, demo_files, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     picture = (tmp_path / "a" / "curves.png").read_bytes()
     assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 20_000
+    # run b has downstream metrics (a judge's), as validation will add them
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    entries = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    for i, e in enumerate(entries):
+        e.update({"judge_correct@greedy": 0.1 * i, "judge_reward@greedy": 0.2 * i})
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in entries))
     both = tmp_path / "both.svg"
     result = cli("plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(both))
     assert result.exit_code == 0, result.output
     svg = both.read_text()
-    for text in ("training loss", "validation loss", "KL and its weight", "policy_reward@1"):
+    for text in (
+        "training loss",
+        "validation loss",
+        "KL and its weight",
+        "policy_reward@1",
+        "downstream metrics",
+        "judge_correct@greedy",
+        "judge_reward@greedy",
+    ):
         assert text in svg, text
+    alone = tmp_path / "a.svg"
+    assert cli("plot", str(tmp_path / "a"), "-o", str(alone)).exit_code == 0
+    assert "no downstream metrics" in alone.read_text()
 
 
 def test_plot_reads_runs_for_its_curves(cli, demo_files, tmp_path) -> None:
