@@ -165,6 +165,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(
         "metrics.jsonl",
         "rce_epoch01.safetensors",
         "resume.pt",
+        "steps.jsonl",
     ]
     assert read_metadata(out / "rce_epoch01.safetensors")["epoch"] == 1
     load_file(str(out / "rce_epoch01.safetensors"))

@@ -244,7 +244,7 @@ def test_checkpoint_metadata(demo_files, tmp_path) -> None:
     weights = load_file(str(tmp_path / "run" / "rce_epoch02.safetensors"))
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     history = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(history) == 2
+    assert len(history) == 3  # the start validation, then the two epochs
 
 
 def test_same_seed_same_weights(demo_files, tmp_path) -> None:
