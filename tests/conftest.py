@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,10 @@ from lever_trainer.plugins import load_plugins
 from lever_trainer.rewards import RewardRegistry, registry_from_plugins
 
 DATA_DIR = Path(__file__).parent / "data"
+
+# Commands write the shell-completion cache of plugin options under $XDG_CACHE_HOME:
+# keep the suite's out of the user's home.
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="lever-tests-cache-"))
 REFERENCE = DATA_DIR / "upstream_parity.safetensors"
 
 
