@@ -23,7 +23,7 @@ DATA_DIR = Path(__file__).parent / "data"
 
 # Commands write the shell-completion cache of plugin options under $XDG_CACHE_HOME:
 # keep the suite's out of the user's home.
-os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="lever-tests-cache-"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lever-tests-cache-")
 REFERENCE = DATA_DIR / "upstream_parity.safetensors"
 
 
