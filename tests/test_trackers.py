@@ -200,8 +200,11 @@ def test_wandb_offline_run_needs_no_account(cli, demo_files, tmp_path, monkeypat
                     for i in record.history.item
                 }
             )
-        elif kind == "run":
-            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind in ("run", "config"):  # the config comes with the run or after it
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            )
     assert config["rce_epochs"] == 2 and config["wandb_mode"] == "offline"
     assert "wandb" in config["plugins"]
     for tag, points in series.items():

@@ -30,7 +30,13 @@ class WandbSession(Session):
         self.run.log({**values, "global_step": step})
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() may return before W&B's service has written the run out (seen with
+        # offline runs); shutting the service down waits for it, so that the run is
+        # complete on disk when lever-train exits (ready for `wandb sync`).
+        wandb.teardown()
 
 
 class WandbPlugin(TrackerPlugin):
