@@ -161,7 +161,7 @@ def train_once(job: dict[str, Any]) -> dict[str, Any]:
     if job["dataset"] == "demo":
         result["value"] = last["policy_reward@1"]
     else:
-        ckpt = out / f"{last['phase']}_epoch{last['epoch']}.safetensors"
+        ckpt = out / f"{last['phase']}_epoch{last['epoch']:02d}.safetensors"
         result["value"] = quality_accuracy(ckpt, Path(job["emb"]))
     shutil.rmtree(out, ignore_errors=True)
     return result

@@ -42,9 +42,13 @@ _RENAMES = (
 )
 
 
-def checkpoint_name(phase: str, epoch: int) -> str:
-    """File name of a phase's epoch checkpoint, e.g. ``rce_epoch1.safetensors``."""
-    return f"{phase}_epoch{epoch}.safetensors"
+def checkpoint_name(phase: str, epoch: int, epochs: int = 0) -> str:
+    """File name of a phase's epoch checkpoint, e.g. ``rce_epoch01.safetensors``.
+
+    The epoch is zero-padded to two digits, or to the width of ``epochs`` (the phase's
+    epoch count) when that is wider, so that names sort in epoch order."""
+    width = max(2, len(str(epochs)))
+    return f"{phase}_epoch{epoch:0{width}d}.safetensors"
 
 
 def _encode_metadata_value(value: Any) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, settings
+from .config import preset_names
 from .errors import LeverError
 from .options import Option
 
@@ -114,6 +114,8 @@ def click_option(option: Option, group: str) -> click.Option:
             kwargs["type"] = Number(float, option.min, option.max, option.min_open, option.max_open)
         elif option.type == "choice":
             kwargs["type"] = click.Choice(list(option.choices))
+        elif option.type == "path":
+            kwargs["type"] = click.Path()
     param = click.Option([*option.flags, option.dest], **kwargs)
     param.lever_group = group  # type: ignore[attr-defined]
     return param
@@ -429,13 +431,13 @@ def option_checker(ctx: click.Context) -> Callable[[str, Any], str | None]:
 
 
 def given_options(ctx: click.Context, opts: dict[str, Any]) -> dict[str, str]:
-    """``{dest: flag}`` of the options set on the command line (not defaults)."""
+    """``{dest: flag}`` of the options the user set: on the command line, in the
+    environment or in a ``--config`` file (not defaults, not a preset's values)."""
     flags = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
     return {
         dest: flags.get(dest, dest)
         for dest in opts
-        if ctx.get_parameter_source(dest)
-        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if dest not in settings.CONTROL_OPTIONS and settings.from_user(ctx, dest)
     }
 
 
@@ -443,9 +445,12 @@ def given_options(ctx: click.Context, opts: dict[str, Any]) -> dict[str, str]:
 @functools.cache
 def installed_plugins() -> tuple[Any, ...]:
     """The installed plugins (discovered once per process)."""
+    from . import completion
     from .plugins import discover
 
-    return tuple(discover())
+    found = tuple(discover())
+    completion.save(found)  # what shell completion knows of plugin options
+    return found
 
 
 def add_plugin_options(command: click.Command, name: str) -> click.Command:
@@ -469,9 +474,23 @@ def add_plugin_options(command: click.Command, name: str) -> click.Command:
     return command
 
 
+def add_cached_plugin_options(command: click.Command, name: str) -> click.Command:
+    """Shell completion: add the plugin options the completion cache knows, importing no
+    plugin (see :mod:`lever_trainer.completion`)."""
+    from . import completion
+
+    taken = {flag for p in command.params for flag in p.opts}
+    for plugin, options in completion.load():
+        for option in options:
+            if name in option.commands and not taken & set(option.flags):
+                command.params.append(click_option(option, f"Plugin {plugin}"))
+    return command
+
+
 class LeverGroup(click.Group):
     """The command group: ``lever-train --beam-data ...`` means ``lever-train train ...``;
-    commands that take plugin options get them when first looked up."""
+    commands that take plugin options get them when first looked up (shell completion
+    takes them from a cache instead, so that it never imports a plugin or torch)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -481,9 +500,25 @@ class LeverGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is not None and not getattr(command, "lever_ready", False):
-            add_plugin_options(command, cmd_name)
+            if ctx is not None and ctx.resilient_parsing:  # shell completion
+                add_cached_plugin_options(command, cmd_name)
+            else:
+                add_plugin_options(command, cmd_name)
             command.lever_ready = True  # type: ignore[attr-defined]
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``lever-train --help``, from the commands' own short help:
+        no plugin options are built, so no plugin (and no torch) is imported."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.commands.get(name)
+            if command is None or command.hidden:
+                continue
+            rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=LeverGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -496,7 +531,41 @@ def main() -> None:
     """
 
 
-@main.command("train", cls=GroupedCommand)
+@main.command(
+    "train", cls=GroupedCommand, context_settings={"auto_envvar_prefix": settings.ENV_PREFIX}
+)
+@opt(
+    "--config",
+    group="Configuration",
+    type=click.Path(dir_okay=False),
+    default=None,
+    is_eager=True,
+    callback=settings.layer_callback,
+    metavar="FILE",
+    help="Read option values from a TOML or JSON file (a run's run_config.json works: "
+    "it repeats that run). Precedence: command line > LEVER_TRAIN_* environment > "
+    "--config > --preset > defaults.",
+)
+@opt(
+    "--preset",
+    group="Configuration",
+    default=None,
+    is_eager=True,
+    callback=settings.layer_callback,
+    metavar="NAME",
+    shell_complete=lambda ctx, param, incomplete: [
+        n for n in preset_names() if n.startswith(incomplete)
+    ],
+    help="Start from a bundled configuration (`upstream`: the reference algorithm of "
+    "SPEC.md, every setting pinned).",
+)
+@opt(
+    "--print-config",
+    group="Configuration",
+    is_flag=True,
+    help="Print the resolved configuration as TOML (a valid --config file, each value "
+    "with where it came from) and exit without training.",
+)
 @data_options
 @opt(
     "--val-ratio",
@@ -592,7 +661,24 @@ def main() -> None:
     show_default=True,
     help="Seed of the initialisation, dropout and the query order.",
 )
-@opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@opt(
+    "--device",
+    group="Run",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; asking for CUDA "
+    "without it is an error.",
+)
+@opt(
+    "--log-every",
+    group="Run",
+    type=Number(int, 1),
+    default=10,
+    show_default=True,
+    metavar="N",
+    help="Log the step values (steps.jsonl, trackers) every N optimiser steps, and at "
+    "the last step of every epoch.",
+)
 @opt(
     "--deterministic",
     group="Run",
@@ -658,6 +744,12 @@ def main() -> None:
 @user_errors
 def train(ctx: click.Context, **opts: Any) -> None:
     """Train on RL data: every active phase in order (RCE, then GRPO, by default)."""
+    settings.resolve_plugin_lists(ctx, opts)
+    for line in settings.warnings(ctx):
+        warn(line)
+    if opts.pop("print_config", False):
+        print_config(ctx, opts)
+        return
     from .run import assemble
     from .trainer import SNAPSHOT_NAME, StopRequested
 
@@ -697,6 +789,21 @@ def train(ctx: click.Context, **opts: Any) -> None:
         run.release()
     if state.history:
         click.echo(f"done: {len(state.history)} epochs, checkpoints in {output_dir}")
+
+
+def print_config(ctx: click.Context, opts: dict[str, Any]) -> None:
+    """``--print-config``: the resolved options of the core and the active plugins."""
+    from .run import activate_plugins
+
+    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
+    owned = {o.dest for p in installed_plugins() for o in p.options}
+    active = {d for d in opts if d not in owned} | set(plugins.options())
+    click.echo(
+        "# lever-train configuration, resolved (command line > environment > --config > "
+        "--preset > defaults)"
+    )
+    click.echo(f"# active plugins: {', '.join(plugins.names) or 'none'}")
+    click.echo(settings.render(ctx, opts, active), nl=False)
 
 
 _saved_handlers: dict[int, Any] = {}
@@ -759,22 +866,64 @@ def plugins_cmd() -> None:
 
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--queries", type=click.IntRange(min=5), default=400, show_default=True)
-@click.option("--pool", type=click.IntRange(min=4), default=32, show_default=True)
-@click.option("--dim", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=5),
+    default=400,
+    show_default=True,
+    help="Number of queries.",
+)
+@click.option(
+    "--pool",
+    type=click.IntRange(min=4),
+    default=32,
+    show_default=True,
+    help="Candidate demonstrations per query.",
+)
+@click.option(
+    "--dim", type=click.IntRange(min=2), default=64, show_default=True, help="Embedding width."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dataset.")
 @user_errors
 def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> None:
     """Write a synthetic RL dataset with a learnable signal into OUT_DIR."""
-    from .demo import DemoSpec, write_demo
+    from .demo import DemoSpec, demo_train_command, write_demo
 
     spec = DemoSpec(queries=queries, demos=max(3 * queries, pool), pool=pool, dim=dim, seed=seed)
     data_path, emb_path = write_demo(Path(out_dir), spec)
     click.echo(f"wrote {data_path} and {emb_path}")
-    click.echo(
-        f"train with: lever-train --beam-data {data_path} --img-emb {emb_path} "
-        f"--output-dir runs/demo"
-    )
+    click.echo(f"train with: {demo_train_command(data_path, emb_path)}")
+    click.echo("then draw the curves: lever-train plot runs/demo")
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Picture to write: .png, .svg or .pdf (default: RUN_DIR/curves.png for one run).",
+)
+@click.option("--title", default=None, help="A title above the panels.")
+@user_errors
+def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -> None:
+    """Draw the curves of one or more runs (overlaid) from their metrics.jsonl and
+    steps.jsonl: training and validation loss, KL and its weight, policy_reward@1
+    against random and oracle, normalized_gain, and downstream judge_* metrics.
+
+    Needs matplotlib: pip install 'lever-trainer[plot]'.
+    """
+    from .plot import draw, read_run, run_names
+
+    paths = [Path(d) for d in run_dirs]
+    if output is None:
+        if len(paths) > 1:
+            raise LeverError("--output: name the picture to write when plotting several runs")
+        output = str(paths[0] / "curves.png")
+    runs = [read_run(p, n) for p, n in zip(paths, run_names(paths), strict=True)]
+    draw(runs, Path(output), title)
+    click.echo(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
 
 @main.command("prepare", cls=GroupedCommand)
@@ -879,7 +1028,13 @@ def write_selection(path: Path, selection: Any, scores: bool) -> None:
     show_default=True,
     help="Queries per forward pass.",
 )
-@opt("--device", group="Run", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@opt(
+    "--device",
+    group="Run",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+)
 @opt(
     "--trust-checkpoint",
     group="Policy",

@@ -19,6 +19,20 @@ import torch
 
 from .fileio import atomic_write_bytes
 
+#: The demo's training settings: what `demo-data` prints and the README runs.
+DEMO_TRAIN_FLAGS = (
+    "--rce-epochs 20 --rce-lr 1e-3 --batch-size 16 --grpo-epochs 3 --grpo-lr 1e-4 "
+    "--plugin freeze-backbone --plugin grpo-reference-refresh --overwrite"
+)
+
+
+def demo_train_command(data_path: Path, emb_path: Path, output_dir: str = "runs/demo") -> str:
+    """The command that trains on the demo dataset (the README's second half)."""
+    return (
+        f"lever-train --beam-data {data_path} --img-emb {emb_path} --output-dir {output_dir} "
+        f"{DEMO_TRAIN_FLAGS}"
+    )
+
 
 @dataclass(frozen=True)
 class DemoSpec:

@@ -367,6 +367,19 @@ def on_train_start(state: TrainState) -> None:
 
 
 @hookspec
+def on_start_validation(state: TrainState, metrics: dict[str, float]) -> None:
+    """Called once before the first phase with the starting policy's validation metrics.
+
+    ``metrics`` has the validation keys of :func:`on_epoch_end` (``val_loss``,
+    ``policy_reward@1``, ...), measured on the starting model in eval mode: the run's
+    "epoch 0" (the log's ``start:`` line; ``metrics.jsonl`` writes it as phase
+    ``"start"``, epoch 0). Also kept as ``state.start_metrics``. Not called when the
+    validation split is empty, nor when a run resumes (it was called when the run
+    started). Broadcast.
+    """
+
+
+@hookspec
 def on_phase_start(state: TrainState) -> None:
     """Called when a phase begins, after its optimiser is built. Broadcast."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Value types an option may take.
-OPTION_TYPES = ("int", "float", "str", "bool", "choice")
+OPTION_TYPES = ("int", "float", "str", "bool", "choice", "path")
 #: ``commands`` of an option that decides how RL data is read and scored.
 DATA_COMMANDS = ("train", "prepare", "select", "evaluate")
 
@@ -26,7 +26,8 @@ class Option:
     ``flags``: the spellings, long form first (``("--mmr-reduction", "--mmr_reduction")``);
     ``dest``: the key in ``state.options`` (default: the first flag without dashes,
     ``-`` -> ``_``); ``type``: one of ``int``, ``float``, ``str``, ``bool`` (an on/off
-    flag, default False) or ``choice`` (one of ``choices``); ``min``/``max`` bound
+    flag, default False), ``choice`` (one of ``choices``) or ``path`` (a file or folder:
+    relative to the config file when set in one, recorded absolute); ``min``/``max`` bound
     numbers (``min_open``/``max_open`` exclude the bound); ``multiple`` makes it
     repeatable (the value is a tuple). ``help`` is shown in ``--help``. ``commands``
     lists the ``lever-train`` commands that take it (default: ``train``).

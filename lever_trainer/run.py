@@ -102,12 +102,15 @@ def activate_plugins(opts: Mapping[str, Any], given: Mapping[str, str], warn: Ec
 
 
 def resolve_device(name: str, warn: Echo) -> str:
-    """Check a --device value; CUDA without CUDA falls back to CPU with a warning."""
+    """The device a --device value names: ``auto`` is CUDA when available, else CPU;
+    asking for CUDA where there is none is an error (never a silent CPU run)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise LeverError(
-            f"--device: {name!r} is not a device (expected cpu, cuda or cuda:N)"
+            f"--device: {name!r} is not a device (expected auto, cpu, cuda or cuda:N)"
         ) from None
     if device.type == "cpu":
         return "cpu"
@@ -116,8 +119,11 @@ def resolve_device(name: str, warn: Echo) -> str:
             f"--device: unsupported device type {device.type!r} (expected cpu or cuda)"
         )
     if not torch.cuda.is_available():
-        warn(f"warning: --device {name}: CUDA is not available, running on cpu")
-        return "cpu"
+        raise LeverError(
+            f"--device {name}: CUDA is not available here (torch {torch.__version__}"
+            f"{', a CPU-only build' if torch.version.cuda is None else ''}); use "
+            "--device cpu, or --device auto to take CUDA only where it exists"
+        )
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise LeverError(
             f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
@@ -318,6 +324,22 @@ def check_run_config(config: Any, path: Path, check: OptionCheck | None = None) 
             problem = check(dest, value)
             if problem is not None:
                 raise LeverError(f"{path}: entry 'options.{dest}' is {value!r:.60}: {problem}")
+
+
+#: The core options that hold file or folder paths.
+PATH_OPTIONS = ("beam_data", "img_emb", "cand_emb", "sft_ckpt", "output_dir", "resume")
+
+
+def absolute_paths(options: Mapping[str, Any], plugins: PluginSet) -> dict[str, Any]:
+    """``options`` with every path made absolute, so that ``run_config.json`` works as a
+    ``--config`` (and for ``--resume``) from any working directory."""
+    keys = set(PATH_OPTIONS) | {
+        dest for dest, (_, option) in plugins.options().items() if option.type == "path"
+    }
+    return {
+        k: os.path.abspath(os.path.expanduser(v)) if k in keys and isinstance(v, str) and v else v
+        for k, v in options.items()
+    }
 
 
 @dataclass
@@ -523,7 +545,7 @@ def assemble(
                     if info.options
                 },
                 **run_metadata,
-                "options": options,
+                "options": absolute_paths(options, plugins),
                 "given": dict(given),
                 "lever_trainer_version": __version__,
             },

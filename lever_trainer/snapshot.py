@@ -154,6 +154,7 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         "step_in_epoch": state.step_in_epoch,
         "bad_steps": trainer.bad_steps,
         "history": history,
+        "start_metrics": state.start_metrics,
         "metrics": state.metrics,
         "stop_request": None
         if state.stop_request is None
@@ -376,6 +377,7 @@ def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
         first = str(exc).strip().splitlines()[0]
         raise LeverError(f"{where}: its weights do not fit the run's policy ({first})") from None
     state.history = list(snap["history"])
+    state.start_metrics = dict(snap.get("start_metrics") or {})
     state.metrics = dict(snap["metrics"])
     state.global_step = snap["global_step"]
     trainer.bad_steps = snap["bad_steps"]

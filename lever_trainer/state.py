@@ -117,8 +117,11 @@ class TrainState:
             current phase measures ratios against (None for phases that use none).
         rewards: the ``select_reward`` answer of each phase that asked for one.
         metrics: the metrics of the last finished epoch (empty before).
+        start_metrics: the validation metrics of the starting policy, before the first
+            phase (empty without a validation split); "epoch 0" of the run.
         last_step: values of the last optimiser step (``loss`` and whatever the phase's
-            loss returned, plus ``grad_norm``).
+            loss returned, plus ``grad_norm``); empty after a step that was skipped for
+            a non-finite loss or gradient.
         history: one dict of metrics per finished epoch, in order.
         extra: free space for plugins, keyed by plugin name.
         stop_request: set by :meth:`request_stop`.
@@ -148,6 +151,7 @@ class TrainState:
     ref_logprobs: torch.Tensor | None = None
     rewards: dict[str, RewardChoice] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    start_metrics: dict[str, float] = field(default_factory=dict)
     last_step: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -212,7 +212,11 @@ class Trainer:
                         "validation ranks the logged candidates only (policy_*@1); give "
                         "--judge NAME to judge the policy's own free selection"
                     )
-                state.log("start: " + format_metrics(self.evaluator.validate(state.val)))
+                state.start_metrics = self.evaluator.validate(state.val)
+                state.log("start: " + format_metrics(state.start_metrics))
+                self.plugins.call_all(
+                    "on_start_validation", state=state, metrics=state.start_metrics
+                )
         else:
             snapshot.restore(self, resume)
             state.log(
@@ -475,6 +479,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             progress["epoch_skipped"] += 1
+            state.last_step = {}  # no optimiser step: no values
         state.step += 1
         state.global_step += 1
         state.step_in_epoch += 1
@@ -641,7 +646,7 @@ class Trainer:
                 self.notes.add(note)
                 state.log(f"note: {note}; its epochs do not compete for best.safetensors")
         return self.keeper.save(
-            checkpoint_name(state.phase, state.epoch),
+            checkpoint_name(state.phase, state.epoch, state.epochs),
             self.model.state_dict(),
             metadata,
             state.metrics,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ DATA_DIR = Path(__file__).parent / "data"
 DIGITS_ENV = Path(__file__).resolve().parents[1] / "examples" / "digits_env"
 if str(DIGITS_ENV) not in sys.path:
     sys.path.append(str(DIGITS_ENV))
+
+# Commands write the shell-completion cache of plugin options under $XDG_CACHE_HOME:
+# keep the suite's out of the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lever-tests-cache-")
 REFERENCE = DATA_DIR / "upstream_parity.safetensors"
 
 

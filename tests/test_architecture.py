@@ -16,7 +16,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
@@ -25,7 +25,7 @@ LAYERS = [
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
     {"resuming"},
-    {"run", "api", "assess"},
+    {"run", "api", "assess", "settings", "completion", "plot"},
     {"cli", "__init__"},
     {"__main__"},
 ]

@@ -319,15 +319,32 @@ def test_both_reward_plugins(cli: Cli, files: tuple[Path, Path], tmp_path: Path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_falls_back_to_cpu(
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_an_error(
+    cli: Cli, demo_files: tuple[Path, Path], tmp_path: Path, device: str
+) -> None:
+    out = tmp_path / "out"
+    result = train(cli, *demo_files, out, "--device", device)
+    assert_user_error(result, f"--device {device}", "CUDA is not available", "--device auto")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_auto_is_cpu_without_cuda(
     cli: Cli, demo_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    result = train(cli, *demo_files, out, "--device", "cuda")
+    result = train(cli, *demo_files, out, "--device", "auto")
     assert result.exit_code == 0, result.output
-    warnings = [ln for ln in result.output.splitlines() if "warning" in ln.lower()]
-    assert any("cuda" in ln and "cpu" in ln for ln in warnings), result.output
-    assert (out / "rce_epoch1.safetensors").is_file()
+    assert "device cpu;" in result.output
+    assert json.loads((out / "run_config.json").read_text())["train_config"]["device"] == "cpu"
+
+
+def test_unknown_device_is_an_error(
+    cli: Cli, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = train(cli, *demo_files, tmp_path / "out", "--device", "tpu")
+    assert_user_error(result, "--device", "tpu")
 
 
 def test_output_dir_with_checkpoint(
@@ -335,12 +352,12 @@ def test_output_dir_with_checkpoint(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    old = out / "rce_epoch1.safetensors"
+    old = out / "rce_epoch01.safetensors"
     old.write_bytes(b"an earlier run's weights")
     result = train(cli, *demo_files, out)
-    assert_user_error(result, "--output-dir", "rce_epoch1.safetensors", "--overwrite")
+    assert_user_error(result, "--output-dir", "rce_epoch01.safetensors", "--overwrite")
     assert old.read_bytes() == b"an earlier run's weights"
-    assert sorted(p.name for p in out.iterdir()) == ["rce_epoch1.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["rce_epoch01.safetensors"]
 
     result = train(cli, *demo_files, out, "--overwrite")
     assert result.exit_code == 0, result.output
@@ -676,7 +693,7 @@ def test_float16_embedding_is_accepted(
     result = train(cli, files[0], emb, out, "--hidden-dim", "16")
     assert result.exit_code == 0, result.output
     assert f"d = {D}" in result.output
-    assert (out / "rce_epoch1.safetensors").is_file()
+    assert (out / "rce_epoch01.safetensors").is_file()
 
 
 def test_pt_dict_of_several_tensors_needs_emb_key(

@@ -51,11 +51,11 @@ def test_save_read_round_trip(tmp_path: Path) -> None:
         "data_fingerprint": "0123456789",  # a string that looks like a number stays a string
         "flag": "true",
     }
-    path = tmp_path / "ckpts" / "rce_epoch2.safetensors"
+    path = tmp_path / "ckpts" / "rce_epoch02.safetensors"
     save_checkpoint(path, sd, metadata)
 
     # nothing but the checkpoint in its directory: the temp file was renamed, not left
-    assert sorted(p.name for p in path.parent.iterdir()) == ["rce_epoch2.safetensors"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rce_epoch02.safetensors"]
     loaded = read_state_dict(path)
     assert set(loaded) == set(sd)
     for k, v in sd.items():
@@ -70,7 +70,7 @@ def test_save_read_round_trip(tmp_path: Path) -> None:
     # writing again replaces the file atomically, still leaving no temp file behind
     save_checkpoint(path, sd, {**metadata, "epoch": 3})
     assert read_metadata(path)["epoch"] == 3
-    assert sorted(p.name for p in path.parent.iterdir()) == ["rce_epoch2.safetensors"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rce_epoch02.safetensors"]
 
 
 def test_save_into_unwritable_place_is_user_error(tmp_path: Path) -> None:

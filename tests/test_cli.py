@@ -62,13 +62,18 @@ def test_full_run_writes_checkpoints_metrics_and_log(cli, demo_files, tmp_path) 
             "normalized_gain",
         ):
             assert key in line
-        assert (out / f"{phase}_epoch{epoch}.safetensors").is_file()
+        assert (out / f"{phase}_epoch{epoch:02d}.safetensors").is_file()
     assert "kl_beta" in next(ln for ln in log.splitlines() if ln.startswith("grpo epoch 1/"))
     entries = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(e["phase"], e["epoch"]) for e in entries] == [("rce", 1), ("rce", 2), ("grpo", 1)]
+    assert [(e["phase"], e["epoch"]) for e in entries] == [
+        ("start", 0),
+        ("rce", 1),
+        ("rce", 2),
+        ("grpo", 1),
+    ]
     config = json.loads((out / "run_config.json").read_text())
     assert config["options"]["grpo_epochs"] == 1 and "freeze-backbone" in config["plugins"]
-    meta = read_metadata(out / "grpo_epoch1.safetensors")
+    meta = read_metadata(out / "grpo_epoch01.safetensors")
     assert (
         meta["data_fingerprint"] == config["data_fingerprint"]
         and len(config["data_fingerprint"]) == 64
@@ -112,8 +117,8 @@ def test_train_subcommand_and_default_are_the_same(cli, demo_files, tmp_path) ->
     a = cli(*train_args(demo_files, tmp_path / "a", "--rce-epochs", "1"))
     b = cli("train", *train_args(demo_files, tmp_path / "b", "--rce-epochs", "1"))
     assert a.exit_code == b.exit_code == 0
-    wa = load_file(str(tmp_path / "a" / "rce_epoch1.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "rce_epoch1.safetensors"))
+    wa = load_file(str(tmp_path / "a" / "rce_epoch01.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "rce_epoch01.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -127,13 +132,13 @@ def test_resume_from_own_checkpoint_as_sft(cli, demo_files, tmp_path) -> None:
             "--rce-epochs",
             "0",
             "--sft-ckpt",
-            str(first / "rce_epoch1.safetensors"),
+            str(first / "rce_epoch01.safetensors"),
         )
     )
     assert result.exit_code == 0, result.output
     assert "loaded starting checkpoint" in result.output
     start_line = next(ln for ln in result.output.splitlines() if ln.startswith("start:"))
-    meta = read_metadata(first / "rce_epoch1.safetensors")
+    meta = read_metadata(first / "rce_epoch01.safetensors")
     assert f"val_loss {meta['metrics']['val_loss']:.4f}" in start_line
 
 
@@ -198,7 +203,7 @@ def test_select_command_picks_from_each_pool(cli, demo_files, tmp_path) -> None:
     result = cli(
         "select",
         "--ckpt",
-        run / "rce_epoch1.safetensors",
+        run / "rce_epoch01.safetensors",
         "--beam-data",
         demo_files[0],
         "--img-emb",

@@ -150,8 +150,8 @@ def test_unsafe_pickle_refused_then_trusted(cli, tmp_path: Path) -> None:
 
     result = cli("convert-checkpoint", src, dst, "--trust-checkpoint")
     assert result.exit_code == 0, result.output
-    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warnings) == 1, result.stderr
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, result.output
     assert "full (unsafe)" in warnings[0] and "full.pt" in warnings[0]
     assert_same_tensors(read_state_dict(dst), sd)
 
@@ -235,8 +235,8 @@ def test_converted_checkpoint_starts_training_like_the_original(
     start_foreign = train_start(cli, demo_files, tmp_path / "a", src)
     start_converted = train_start(cli, demo_files, tmp_path / "b", dst)
     assert start_converted == start_foreign
-    wa = read_state_dict(tmp_path / "a" / "rce_epoch1.safetensors")
-    wb = read_state_dict(tmp_path / "b" / "rce_epoch1.safetensors")
+    wa = read_state_dict(tmp_path / "a" / "rce_epoch01.safetensors")
+    wb = read_state_dict(tmp_path / "b" / "rce_epoch01.safetensors")
     assert_same_tensors(wb, wa)
 
 
@@ -249,6 +249,6 @@ def test_square_input_projection_is_dropped_with_a_warning(cli, tmp_path: Path) 
     dst = tmp_path / "converted.safetensors"
     result = cli("convert-checkpoint", src, dst)
     assert result.exit_code == 0, result.output
-    assert "'input_proj.weight' is dropped" in result.stderr
+    assert "'input_proj.weight' is dropped" in result.output
     assert read_metadata(dst)["ignored_keys"] == 1
     assert_same_tensors(read_state_dict(dst), sd)

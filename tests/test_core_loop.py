@@ -43,7 +43,7 @@ def test_a_third_phase_runs_before_rce_without_core_edits(demo_files, tmp_path) 
         ("rce", 1),
         ("grpo", 1),
     ]
-    assert read_metadata(out / "warmup_epoch2.safetensors")["phase"] == "warmup"
+    assert read_metadata(out / "warmup_epoch02.safetensors")["phase"] == "warmup"
     assert "WARMUP reward" not in "\n".join(trainer.log_lines)  # needs_reward = False
 
 
@@ -130,8 +130,8 @@ def test_a_plugin_can_end_the_run_after_the_epoch(demo_files, tmp_path) -> None:
     assert stopper.ended == 1  # on_train_end as for a normal finish
     assert "stopped early by stopper: validation stopped improving" in trainer.log_lines
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "rce_epoch1.safetensors",
-        "rce_epoch2.safetensors",
+        "rce_epoch01.safetensors",
+        "rce_epoch02.safetensors",
     ]
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
     assert snapshot["stop_request"] == ["validation stopped improving", "stopper"]
@@ -313,7 +313,7 @@ def test_plugin_options_reach_run_config_and_checkpoints(cli, demo_files, tmp_pa
     assert config["plugin_options"]["rce"]["rce_temp_start"] == 1.5
     assert config["plugin_options"]["grpo-curriculum"]["early_top_k"] == 2
     assert config["given"]["rce_temp_start"] == "--rce-temp-start"
-    meta = read_metadata(out / "rce_epoch1.safetensors")
+    meta = read_metadata(out / "rce_epoch01.safetensors")
     assert meta["options"]["rce_temp_start"] == 1.5
     assert meta["policy"]["name"] == "pointer" and meta["policy"]["options"]["hidden_dim"] == 16
 

@@ -74,8 +74,8 @@ def test_keep_last_removes_older_checkpoints_after_the_new_one(demo_files, tmp_p
     trainer = make_trainer(demo_files, out, rce_epochs=3, grpo_epochs=1, keep_last=2)
     trainer.fit()
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "grpo_epoch1.safetensors",
-        "rce_epoch3.safetensors",
+        "grpo_epoch01.safetensors",
+        "rce_epoch03.safetensors",
     ]
 
 
@@ -92,11 +92,11 @@ def test_best_checkpoint_is_kept_apart(demo_files, tmp_path) -> None:
     assert meta["best_metric"] == "val_loss"
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "best.safetensors",
-        "rce_epoch3.safetensors",
+        "rce_epoch03.safetensors",
     ]
     if best_epoch == 3:
         assert all(
-            torch.equal(v, load_file(str(out / "rce_epoch3.safetensors"))[k])
+            torch.equal(v, load_file(str(out / "rce_epoch03.safetensors"))[k])
             for k, v in load_file(str(out / "best.safetensors")).items()
         )
 
@@ -157,17 +157,18 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
     with pytest.raises(
         LeverError,
-        match=r"rce_epoch2.safetensors: cannot write checkpoint \(No space left on device\)",
+        match=r"rce_epoch02.safetensors: cannot write checkpoint \(No space left on device\)",
     ):
         trainer.fit()
     assert calls["n"] >= 1
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics.jsonl",
-        "rce_epoch1.safetensors",
+        "rce_epoch01.safetensors",
         "resume.pt",
+        "steps.jsonl",
     ]
-    assert read_metadata(out / "rce_epoch1.safetensors")["epoch"] == 1
-    load_file(str(out / "rce_epoch1.safetensors"))
+    assert read_metadata(out / "rce_epoch01.safetensors")["epoch"] == 1
+    load_file(str(out / "rce_epoch01.safetensors"))
 
 
 def test_unwritable_output_directory_is_a_clear_error(cli, demo_files, tmp_path) -> None:

@@ -149,7 +149,7 @@ def test_legacy_format_through_the_cli(cli: Cli, tmp_path: Path) -> None:
     out = ok(cli(*train_args(path, emb, tmp_path / "run")))
     assert "split: 1 train / 1 validation queries, S = 2, d = 4" in out
     assert "done: 1 epochs" in out
-    assert (tmp_path / "run" / "rce_epoch1.safetensors").is_file()
+    assert (tmp_path / "run" / "rce_epoch01.safetensors").is_file()
 
 
 def test_legacy_format_off_makes_the_file_an_error(cli: Cli, tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_reader_plugin_through_the_cli(cli: Cli, tmp_path: Path) -> None:
     assert f"loaded {path}: 2 queries, 4 candidates" in out
     out = ok(cli(*train_args(path, emb, tmp_path / "run", "--plugin", "csv-reader", "--no-cache")))
     assert "split: 1 train / 1 validation queries" in out
-    assert (tmp_path / "run" / "rce_epoch1.safetensors").is_file()
+    assert (tmp_path / "run" / "rce_epoch01.safetensors").is_file()
     assert f"reading {path} with plugin csv-reader" in out
 
 

@@ -83,7 +83,7 @@ RUN_FILES = [
     "metrics.jsonl",
     "steps.jsonl",
     "best.safetensors",
-    "rce_epoch3.safetensors",
+    "rce_epoch03.safetensors",
 ]
 
 
@@ -108,7 +108,7 @@ def test_a_stopped_run_keeps_its_options(cli: Cli, demo_files: Files, tmp_path: 
         path.unlink()
     (out / "metrics.jsonl").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["resume.pt", "run_config.json"]
+    assert sorted(before) == ["resume.pt", "run_config.json", "steps.jsonl"]
     result = train(cli, demo_files, out, "--rce-epochs", "0", "--seed", "7")
     assert_user_error(result, "--output-dir", "run_config.json")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -121,7 +121,7 @@ def test_other_files_do_not_occupy_a_directory(cli: Cli, demo_files: Files, tmp_
     (out / ".lock").write_text('{"pid": 999999}')  # left by a run that was killed
     ok(train(cli, demo_files, out))
     assert (out / "notes.txt").read_text() == "mine"
-    assert (out / "rce_epoch1.safetensors").is_file()
+    assert (out / "rce_epoch01.safetensors").is_file()
 
 
 # ============================================ 2. two runs, one directory: the run lock
@@ -151,7 +151,7 @@ def test_a_held_directory_is_refused_naming_the_holder_until_it_dies(
     assert (out / ".lock").exists()  # the killed holder could not clean up
     ok(train(cli, demo_files, out))  # ... and its lock does not block
     assert not (out / ".lock").exists()  # a finished run removes its lock
-    assert (out / "rce_epoch1.safetensors").is_file()
+    assert (out / "rce_epoch01.safetensors").is_file()
 
 
 def test_two_runs_started_together_do_not_mix_their_files(
@@ -173,7 +173,7 @@ def test_two_runs_started_together_do_not_mix_their_files(
     config = json.loads((out / "run_config.json").read_text())
     seed, epochs = config["options"]["seed"], config["options"]["rce_epochs"]
     names = sorted(p.name for p in out.glob("*.safetensors"))
-    assert names == [f"rce_epoch{e}.safetensors" for e in range(1, epochs + 1)]
+    assert names == [f"rce_epoch{e:02d}.safetensors" for e in range(1, epochs + 1)]
     for name in names:
         assert read_metadata(out / name)["train_config"]["seed"] == seed
 
@@ -188,17 +188,18 @@ def test_overwrite_removes_the_previous_runs_files_and_nothing_else(
     (out / "plots").mkdir()
     (out / ".resume.pt.abc123.tmp").write_bytes(b"a killed write")
     output = ok(train(cli, demo_files, out, "--overwrite", "--seed", "9"))
-    assert "--overwrite: removed 8 files of the previous run" in output
+    assert "--overwrite: removed 9 files of the previous run" in output
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics.jsonl",
         "notes.txt",
         "plots",
-        "rce_epoch1.safetensors",
+        "rce_epoch01.safetensors",
         "resume.pt",
         "run_config.json",
+        "steps.jsonl",
     ]
     assert json.loads((out / "run_config.json").read_text())["options"]["seed"] == 9
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # the start, epoch 1
 
 
 # =============================================== 3. the bytes hashed are the bytes parsed
@@ -504,7 +505,7 @@ def test_missing_weights_need_partial_load_and_then_start_seeded(
         line = next(ln for ln in output.splitlines() if "policy keys missing" in ln)
         assert "9 policy keys missing, initialised from --seed 3" in line
         assert "cand_proj.weight" in line and "query_update_gate.bias" in line
-        runs.append(weights(tmp_path / name / "rce_epoch1.safetensors"))
+        runs.append(weights(tmp_path / name / "rce_epoch01.safetensors"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # seeded: reproducible
 
 
@@ -660,11 +661,12 @@ def test_more_epochs_extend_a_finished_phase_at_its_final_temperature(
 ) -> None:
     output = ok(cli("--resume", finished, "--rce-epochs", "3", "--keep-last", "1"))
     assert "resume: --rce-epochs 2 -> 3" in output
-    epochs = [json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines()]
+    lines = (finished / "metrics.jsonl").read_text().splitlines()
+    epochs = [e for e in map(json.loads, lines) if e["phase"] != "start"]
     assert [(e["phase"], e["epoch"]) for e in epochs] == [("rce", 1), ("rce", 2), ("rce", 3)]
     # the schedule kept the 2 epochs it was planned for: epoch 3 runs at --rce-temp-end
     assert epochs[2]["train_tau"] == pytest.approx(0.1)  # the default --rce-temp-end
-    assert sorted(p.name for p in finished.glob("*.safetensors")) == ["rce_epoch3.safetensors"]
+    assert sorted(p.name for p in finished.glob("*.safetensors")) == ["rce_epoch03.safetensors"]
     config = json.loads((finished / "run_config.json").read_text())
     assert config["options"]["rce_epochs"] == 3 and config["options"]["keep_last"] == 1
     assert config["resumes"][0]["changed"] == {"rce_epochs": [2, 3], "keep_last": [None, 1]}
@@ -679,8 +681,8 @@ def test_extending_grpo_from_zero_equals_running_it_from_the_start(
     output = ok(cli("--resume", finished, "--grpo-epochs", "2"))
     assert "reference log-probs: computed from the run's starting weights" in output
     a, b = (
-        weights(finished / "grpo_epoch2.safetensors"),
-        weights(straight / "grpo_epoch2.safetensors"),
+        weights(finished / "grpo_epoch02.safetensors"),
+        weights(straight / "grpo_epoch02.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in b)
     # GRPO has started now: its options are fixed, and RCE is over
@@ -691,7 +693,7 @@ def test_extending_grpo_from_zero_equals_running_it_from_the_start(
 def test_a_phase_that_has_not_started_takes_new_options(cli: Cli, finished: Path) -> None:
     output = ok(cli("--resume", finished, "--grpo-epochs", "1", "--kl-beta", "0.05"))
     assert "resume: --kl-beta 0.1 -> 0.05" in output
-    meta = read_metadata(finished / "grpo_epoch1.safetensors")
+    meta = read_metadata(finished / "grpo_epoch01.safetensors")
     assert meta["options"]["kl_beta"] == 0.05
 
 
@@ -774,7 +776,7 @@ def test_select_output_that_cannot_be_written(
     if where == "a-directory":
         output.mkdir()
     result = cli(
-        "select", "--ckpt", finished / "rce_epoch2.safetensors", "--beam-data", demo_files[0],
+        "select", "--ckpt", finished / "rce_epoch02.safetensors", "--beam-data", demo_files[0],
         "--img-emb", demo_files[1], "--output", output,
     )  # fmt: skip
     assert_user_error(result, "--output", str(output.parent if where != "a-directory" else output))
@@ -786,9 +788,9 @@ def test_sparse_embeddings_are_read_as_dense(cli: Cli, demo_files: Files, tmp_pa
     torch.save(dense.to_sparse(), sparse)
     out = tmp_path / "out"
     ok(train(cli, (demo_files[0], sparse), out))
-    a = weights(out / "rce_epoch1.safetensors")
+    a = weights(out / "rce_epoch01.safetensors")
     ok(train(cli, demo_files, tmp_path / "dense"))
-    b = weights(tmp_path / "dense" / "rce_epoch1.safetensors")
+    b = weights(tmp_path / "dense" / "rce_epoch01.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -979,7 +981,7 @@ def test_resuming_after_an_epoch_end_failure_records_the_epoch_once(
     second.fit(resume=snap)
     assert [(h["phase"], h["epoch"]) for h in second.state.history] == [("rce", 1), ("rce", 2)]
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]  # epoch 0: the start
 
 
 def test_metrics_jsonl_is_strict_json(tmp_path: Path) -> None:
@@ -988,7 +990,7 @@ def test_metrics_jsonl_is_strict_json(tmp_path: Path) -> None:
     from lever_trainer_plugins import metrics_jsonl
 
     history = [{"phase": "rce", "epoch": 1, "val_loss": float("nan"), "spearman": float("inf")}]
-    state = SimpleNamespace(history=history, output_dir=tmp_path)
+    state = SimpleNamespace(history=history, output_dir=tmp_path, start_metrics=None)
     metrics_jsonl.on_epoch_end(state, history[0])  # type: ignore[arg-type]
 
     def refuse(constant: str) -> None:
@@ -1066,12 +1068,12 @@ def test_files_are_created_with_the_umask(
         out = tmp_path / "out"
         ok(train(cli, demo_files, out, "--best-metric", "val_loss"))
         picks = tmp_path / "picks.json"
-        ok(cli("select", "--ckpt", out / "rce_epoch1.safetensors", "--beam-data", demo_files[0],
+        ok(cli("select", "--ckpt", out / "rce_epoch01.safetensors", "--beam-data", demo_files[0],
                "--img-emb", demo_files[1], "--output", picks))  # fmt: skip
     finally:
         os.umask(old)
     files = [*out.iterdir(), picks, Path(str(demo_files[0]) + ".lever-cache.safetensors")]
-    assert len(files) == 7
+    assert len(files) == 8  # 6 run files (steps.jsonl among them), the picks, the cache
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 

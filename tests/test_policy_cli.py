@@ -41,7 +41,7 @@ def test_policy_option_trains_and_select_rebuilds_it(cli, demo_files, tmp_path) 
     result = train(cli, demo_files, out, "--policy", "pointer-mmr", "--mmr-reduction", "mean")
     assert result.exit_code == 0, result.output
     assert "policy pointer-mmr" in result.output
-    meta = read_metadata(out / "rce_epoch1.safetensors")
+    meta = read_metadata(out / "rce_epoch01.safetensors")
     assert meta["policy"]["name"] == "pointer-mmr"
     assert meta["policy"]["options"]["mmr_reduction"] == "mean"
     assert meta["policy"]["options"]["hidden_dim"] == 16
@@ -49,7 +49,7 @@ def test_policy_option_trains_and_select_rebuilds_it(cli, demo_files, tmp_path) 
     result = cli(
         "select",
         "--ckpt",
-        out / "rce_epoch1.safetensors",
+        out / "rce_epoch01.safetensors",
         "--beam-data",
         demo_files[0],
         "--img-emb",
@@ -63,7 +63,7 @@ def test_policy_option_trains_and_select_rebuilds_it(cli, demo_files, tmp_path) 
     chosen = json.loads(picks.read_text())
     # the same picks from the module rebuilt in-process from the checkpoint's record
     plugins = load_plugins()
-    model, _ = policy_from_checkpoint(plugins, out / "rce_epoch1.safetensors", 16)
+    model, _ = policy_from_checkpoint(plugins, out / "rce_epoch01.safetensors", 16)
     assert model.policy_name == "pointer-mmr"
     table, _ = load_rl_data(demo_files[0], DataOptions(), registry_from_plugins(plugins))
     emb = load_embeddings(demo_files[1])

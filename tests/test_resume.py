@@ -112,7 +112,7 @@ def test_plugin_state_travels_through_the_snapshot(demo_files, tmp_path) -> None
     with pytest.raises(StopRequested):
         first.fit()
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
-    assert snapshot["plugins"] == {"counter": {"count": 2 * 4 + 2}}
+    assert snapshot["plugins"]["counter"] == {"count": 2 * 4 + 2}
     second_counter = Counter()
     second = make_trainer(
         demo_files, out, extra=(("counter", second_counter),), enable=("counter",), **SETTINGS

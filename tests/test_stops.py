@@ -94,7 +94,7 @@ def wait_for_line(proc: subprocess.Popen[str], prefix: str) -> None:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "grpo_epoch3.safetensors"))
+    return load_file(str(out / "grpo_epoch03.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,7 @@ def test_signal_stops_cleanly_and_resume_is_exact(
         assert torch.equal(final[key], value), key
     epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(e["phase"], e["epoch"]) for e in epochs] == [
+        ("start", 0),
         ("rce", 1),
         ("rce", 2),
         ("rce", 3),
@@ -142,6 +143,9 @@ def test_signal_stops_cleanly_and_resume_is_exact(
         ("grpo", 2),
         ("grpo", 3),
     ]
+    # steps.jsonl was cut back to the snapshot: every logged step once, in order
+    logged = [json.loads(x)["global_step"] for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and len(logged) > 3
 
 
 def test_same_seed_gives_bit_identical_weights(data, uninterrupted, tmp_path) -> None:

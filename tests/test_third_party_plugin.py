@@ -215,7 +215,7 @@ def test_installed_plugin_is_listed_and_changes_only_runs_that_enable_it(
         assert "RCE reward: raw (beam_rewards_raw) [default]" in results[name], results[name]
         assert "rank" not in results[name].split("RCE reward:")[1].splitlines()[0]
 
-    weights = {n: load_file(str(tmp_path / n / "rce_epoch2.safetensors")) for n in runs}
+    weights = {n: load_file(str(tmp_path / n / "rce_epoch02.safetensors")) for n in runs}
     assert set(weights["rank1"]) == set(weights["raw1"])
 
     def same(a: str, b: str) -> bool:
@@ -225,11 +225,11 @@ def test_installed_plugin_is_listed_and_changes_only_runs_that_enable_it(
     assert same("rank1", "rank2"), "two rank-reward runs with one seed must be bit-identical"
     assert not same("rank1", "raw1"), "enabling rank-reward must change the trained weights"
 
-    meta = read_metadata(tmp_path / "rank1" / "rce_epoch2.safetensors")
+    meta = read_metadata(tmp_path / "rank1" / "rce_epoch02.safetensors")
     plugins = meta["plugins"]  # read_metadata has decoded the JSON value
     assert isinstance(plugins, dict), meta
     assert plugins[PLUGIN] == f"{DIST} {VERSION}", plugins
-    assert PLUGIN not in read_metadata(tmp_path / "raw1" / "rce_epoch2.safetensors")["plugins"]
+    assert PLUGIN not in read_metadata(tmp_path / "raw1" / "rce_epoch02.safetensors")["plugins"]
 
 
 # ---------------------------------------------------------------- a reward mode from a plugin
@@ -290,7 +290,7 @@ def test_installed_plugin_adds_a_reward_mode_only_when_enabled(
     # the table the run prepared (and trained on) holds 2 * s**2: [2, 0.5, 0, 0] per query
     table = load_file(on_data + CACHE_SUFFIX)
     assert table["rewards_raw"].tolist() == [[2.0, 0.5, 0.0, 0.0]] * 4
-    meta = read_metadata(tmp_path / "run" / "rce_epoch2.safetensors")
+    meta = read_metadata(tmp_path / "run" / "rce_epoch02.safetensors")
     assert PLUGIN in meta["plugins"], meta
 
     assert refused.returncode == 2, (refused.stdout, refused.stderr)

@@ -153,8 +153,8 @@ def test_freeze_backbone_only_in_grpo(demo_files, tmp_path) -> None:
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     after_rce, after_grpo = (
-        load_file(str(out / "rce_epoch1.safetensors")),
-        load_file(str(out / "grpo_epoch1.safetensors")),
+        load_file(str(out / "rce_epoch01.safetensors")),
+        load_file(str(out / "grpo_epoch01.safetensors")),
     )
     backbone = ("input_proj.weight", "query_proj.weight", "cand_proj.weight")
     for key in backbone:
@@ -230,14 +230,14 @@ def test_fixed_beta_without_adaptive_kl(demo_files, tmp_path) -> None:
     )
     trainer.fit()
     assert phase_named(trainer, "grpo").kl_beta == 0.3
-    assert read_metadata(tmp_path / "run" / "grpo_epoch1.safetensors")["kl_beta"] == 0.3
+    assert read_metadata(tmp_path / "run" / "grpo_epoch01.safetensors")["kl_beta"] == 0.3
 
 
 def test_checkpoint_metadata(demo_files, tmp_path) -> None:
     trainer = make_trainer(demo_files, tmp_path / "run", rce_epochs=2)
     trainer.run_metadata["data_fingerprint"] = "abc"
     trainer.fit()
-    meta = read_metadata(tmp_path / "run" / "rce_epoch2.safetensors")
+    meta = read_metadata(tmp_path / "run" / "rce_epoch02.safetensors")
     assert meta["format_version"] == 1 and meta["phase"] == "rce" and meta["epoch"] == 2
     assert meta["model"]["hidden_dim"] == 32 and meta["model"]["input_dim"] == 16
     assert meta["plugins"]["raw-reward"].startswith("lever-trainer ")
@@ -252,10 +252,10 @@ def test_checkpoint_metadata(demo_files, tmp_path) -> None:
         "spearman",
     }
     assert meta["kl_beta"] == 0.1
-    weights = load_file(str(tmp_path / "run" / "rce_epoch2.safetensors"))
+    weights = load_file(str(tmp_path / "run" / "rce_epoch02.safetensors"))
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     history = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(history) == 2
+    assert len(history) == 3  # the start validation, then the two epochs
 
 
 def test_same_seed_same_weights(demo_files, tmp_path) -> None:

@@ -40,6 +40,8 @@ def _numpy_safe_globals() -> list[Any]:
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    # the dtype classes themselves (numpy < 1.25 has no numpy.dtypes module)
+    allowed += [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
     return allowed
 
 

@@ -1,0 +1,363 @@
+"""``lever-train plot``: a run's curves (or several runs', overlaid) in one picture.
+
+Reads ``metrics.jsonl`` (the start validation and every epoch) and, when present,
+``steps.jsonl`` (the logged steps) of each run directory. The x axis counts epochs
+over the whole run: the start validation is 0, then the epochs of each phase in turn
+(RCE 1..5, GRPO 6..8, ...), with logged steps placed inside their epoch; dotted lines
+mark where a phase begins. Panels: training loss; validation loss; GRPO's KL and its
+weight; ``policy_reward@1`` against ``random_reward`` and ``oracle_reward``;
+``normalized_gain`` and ``spearman``; the downstream metrics (``judge_*``) when a run
+has them. Each run has its own colour, named in the legend.
+
+matplotlib is an optional extra (``pip install 'lever-trainer[plot]'``); this module
+imports it only when drawing, and never imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LeverError
+from .fileio import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
+#: File suffixes matplotlib writes without extra software.
+FORMATS = (".png", ".svg", ".pdf")
+INSTALL_HINT = "pip install 'lever-trainer[plot]'"
+
+
+@dataclass
+class RunCurves:
+    """What one run directory holds to draw."""
+
+    name: str
+    path: Path
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # start first, then epochs
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)  # phase -> epochs before it
+
+    def x_of_epoch(self, entry: dict[str, Any]) -> float:
+        """Where an epoch entry sits on the run-wide epoch axis (start = 0)."""
+        if entry.get("phase") == "start":
+            return 0.0
+        return float(self.offsets.get(str(entry.get("phase")), 0) + int(entry.get("epoch", 0)))
+
+    def x_of_step(self, step: dict[str, Any]) -> float:
+        """A logged step's place: inside its epoch, by its step in the epoch."""
+        per_epoch = max(int(step.get("steps_per_epoch") or 1), 1)
+        done = min(int(step.get("step") or 0), per_epoch) / per_epoch
+        return self.offsets.get(str(step.get("phase")), 0) + int(step.get("epoch", 1)) - 1 + done
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """``(x, y)`` of an epoch metric, where it is a finite number."""
+        xs, ys = [], []
+        for entry in self.epochs:
+            value = entry.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                xs.append(self.x_of_epoch(entry))
+                ys.append(float(value))
+        return xs, ys
+
+    def step_series(self, key: str, phase: str | None = None) -> tuple[list[float], list[float]]:
+        """``(x, y)`` of a step value (of one phase, or all)."""
+        xs, ys = [], []
+        for step in self.steps:
+            if phase is not None and step.get("phase") != phase:
+                continue
+            value = step.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                xs.append(self.x_of_step(step))
+                ys.append(float(value))
+        return xs, ys
+
+    def phases(self) -> list[str]:
+        """The run's phases in the order they ran."""
+        return list(self.offsets)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise LeverError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise LeverError(f"{path}: not a UTF-8 text file") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LeverError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(entry, dict) or "phase" not in entry or "epoch" not in entry:
+            raise LeverError(
+                f"{path}: line {number} is not a lever-train record (expected an object "
+                "with phase and epoch)"
+            )
+        entries.append(entry)
+    return entries
+
+
+def read_run(path: Path, name: str | None = None) -> RunCurves:
+    """The curves of the run in ``path`` (its ``metrics.jsonl``, and ``steps.jsonl``)."""
+    if not path.is_dir():
+        raise LeverError(f"{path}: not a directory (expected a lever-train run directory)")
+    metrics = path / METRICS_FILE
+    if not metrics.is_file():
+        raise LeverError(
+            f"{path}: no {METRICS_FILE} (not a lever-train run directory, or the run has "
+            "not validated anything yet)"
+        )
+    run = RunCurves(name=name or path.name, path=path, epochs=_read_jsonl(metrics))
+    steps = path / STEPS_FILE
+    if steps.is_file():
+        run.steps = _read_jsonl(steps)
+    # Phases in the order they ran; each starts after the epochs of those before it.
+    counts: dict[str, int] = {}
+    for entry in [*run.epochs, *run.steps]:
+        phase = str(entry.get("phase"))
+        if phase == "start":
+            continue
+        counts[phase] = max(counts.get(phase, 0), int(entry.get("epoch") or 0))
+    offset = 0
+    for phase, count in counts.items():
+        run.offsets[phase] = offset
+        offset += count
+    if not run.epochs and not run.steps:
+        raise LeverError(f"{metrics}: empty (the run has not validated anything yet)")
+    return run
+
+
+def run_names(paths: Sequence[Path]) -> list[str]:
+    """Legend names: the folder names, with parents added until they differ."""
+    resolved = [p.resolve() for p in paths]
+    depth = 1
+    while True:
+        names = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(names)) == len(names) or depth >= max(len(p.parts) for p in resolved):
+            return names
+        depth += 1
+
+
+def _positive_spread(values: Sequence[float]) -> float:
+    positive = [v for v in values if v > 0]
+    if len(positive) != len(values) or not positive:
+        return 0.0
+    return max(positive) / min(positive)
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def draw(runs: Sequence[RunCurves], output: Path, title: str | None = None) -> list[str]:
+    """Draw ``runs`` into ``output`` (PNG, SVG or PDF); returns the panels drawn."""
+    if output.suffix.lower() not in FORMATS:
+        raise LeverError(f"--output: {output.name}: expected a file ending in {', '.join(FORMATS)}")
+    try:
+        import matplotlib
+    except ImportError:
+        raise LeverError(
+            f"lever-train plot needs matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    judge_keys = sorted({k for r in runs for e in r.epochs for k in e if k.startswith("judge_")})
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    ax_loss, ax_val, ax_kl, ax_reward, ax_gain, ax_judge = axes.flat
+    drawn: list[str] = []
+
+    def phase_marks(ax: Any) -> None:
+        """Dotted lines where a phase begins, its name at the top; the epoch axis."""
+        run = runs[0]
+        for phase in run.phases():
+            start = run.offsets[phase]
+            if start > 0:
+                ax.axvline(start, color="0.6", linestyle=":", linewidth=1)
+            label = ax.annotate(
+                phase,
+                (start, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -3),
+                textcoords="offset points",
+                va="top",
+                fontsize=8,
+                color="0.4",
+                annotation_clip=True,  # only where the phase is in view
+            )
+            label.set_in_layout(False)
+        ax.set_xlabel("epoch (0 = start)")
+        ax.grid(True, alpha=0.3)
+
+    def styles_legend(ax: Any, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """A small legend of what each line style means (colours are runs)."""
+        ax.legend(
+            handles=[Line2D([], [], color="0.3", label=label, **kw) for label, kw in entries],
+            fontsize=8,
+            loc="best",
+        )
+
+    # 1. training loss: logged steps (thin) and epoch means (markers), per phase
+    loss_values: list[float] = []
+    for run, colour in zip(runs, colours, strict=True):
+        for phase in run.phases():
+            xs, ys = run.step_series("loss", phase)
+            ax_loss.plot(xs, ys, color=colour, linewidth=0.8, alpha=0.45)
+            loss_values += ys
+        xs, ys = run.series("train_loss")
+        ax_loss.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.6)
+        loss_values += ys
+    if _positive_spread(loss_values) > 50:
+        ax_loss.set_yscale("log")
+    ax_loss.set_title("training loss")
+    ax_loss.set_ylabel("loss")
+    styles_legend(
+        ax_loss,
+        [
+            ("logged steps", {"linewidth": 0.8, "alpha": 0.5}),
+            ("epoch mean (train_loss)", {"marker": "o", "markersize": 3}),
+        ],
+    )
+    phase_marks(ax_loss)
+    drawn.append("training loss")
+
+    # 2. validation loss
+    for run, colour in zip(runs, colours, strict=True):
+        xs, ys = run.series("val_loss")
+        ax_val.plot(xs, ys, color=colour, marker="o", markersize=3)
+    ax_val.set_title("validation loss (RCE, raw rewards, tau = 1)")
+    ax_val.set_ylabel("val_loss")
+    phase_marks(ax_val)
+    drawn.append("validation loss")
+
+    # 3. KL and its weight
+    has_kl = False
+    ax_beta = ax_kl.twinx()
+    kl_values: list[float] = []
+    for run, colour in zip(runs, colours, strict=True):
+        sx, sy = run.step_series("kl")
+        ax_kl.plot(sx, sy, color=colour, linewidth=0.8, alpha=0.45)
+        xs, ys = run.series("train_kl")
+        ax_kl.plot(xs, ys, color=colour, marker="o", markersize=3)
+        bx, by = run.series("kl_beta")
+        ax_beta.plot(bx, by, color=colour, linestyle="--", marker="s", markersize=3)
+        kl_values += sy + ys
+        has_kl = has_kl or bool(ys or sy or by)
+    if kl_values and min(kl_values) > 0:
+        ax_kl.set_yscale("log")
+    ax_kl.set_title("KL and its weight")
+    ax_kl.set_ylabel("KL (train_kl)")
+    ax_beta.set_ylabel("KL weight (kl_beta)")
+    if has_kl:
+        styles_legend(
+            ax_kl,
+            [
+                ("KL, logged steps", {"linewidth": 0.8, "alpha": 0.5}),
+                ("KL, epoch mean", {"marker": "o", "markersize": 3}),
+                ("kl_beta (right axis)", {"linestyle": "--", "marker": "s", "markersize": 3}),
+            ],
+        )
+        phase_marks(ax_kl)
+        drawn.append("KL")
+    else:
+        ax_beta.set_axis_off()
+        _empty(ax_kl, "no KL: the runs have no GRPO epochs")
+
+    # 4. policy_reward@1 against random and oracle
+    for run, colour in zip(runs, colours, strict=True):
+        for key, style in (
+            ("policy_reward@1", "-"),
+            ("random_reward", ":"),
+            ("oracle_reward", "-."),
+        ):
+            xs, ys = run.series(key)
+            marker = "o" if style == "-" else None
+            ax_reward.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=3)
+    ax_reward.set_title("policy_reward@1 against random and oracle")
+    ax_reward.set_ylabel("raw reward")
+    styles_legend(
+        ax_reward,
+        [
+            ("oracle_reward", {"linestyle": "-."}),
+            ("policy_reward@1", {"marker": "o", "markersize": 3}),
+            ("random_reward", {"linestyle": ":"}),
+        ],
+    )
+    phase_marks(ax_reward)
+    drawn.append("policy_reward@1")
+
+    # 5. normalized gain and rank correlation
+    for run, colour in zip(runs, colours, strict=True):
+        xs, ys = run.series("normalized_gain")
+        ax_gain.plot(xs, ys, color=colour, marker="o", markersize=3)
+        xs, ys = run.series("spearman")
+        ax_gain.plot(xs, ys, color=colour, linestyle="--", linewidth=1)
+    ax_gain.axhline(0.0, color="0.4", linewidth=0.8)
+    ax_gain.set_title("normalized gain (0 = random, 1 = oracle), rank correlation")
+    styles_legend(
+        ax_gain,
+        [
+            ("normalized_gain", {"marker": "o", "markersize": 3}),
+            ("spearman", {"linestyle": "--", "linewidth": 1}),
+        ],
+    )
+    phase_marks(ax_gain)
+    drawn.append("normalized_gain")
+
+    # 6. downstream metrics, when a judge measured them
+    styles = ["-", "--", "-.", ":"]
+    if judge_keys:
+        for run, colour in zip(runs, colours, strict=True):
+            for i, key in enumerate(judge_keys):
+                xs, ys = run.series(key)
+                ax_judge.plot(
+                    xs, ys, color=colour, linestyle=styles[i % 4], marker="o", markersize=3
+                )
+        styles_legend(
+            ax_judge,
+            [(key, {"linestyle": styles[i % 4]}) for i, key in enumerate(judge_keys)],
+        )
+        ax_judge.set_title("downstream metrics (a judge's verdicts)")
+        phase_marks(ax_judge)
+        drawn.append("downstream")
+    else:
+        _empty(
+            ax_judge,
+            "no downstream metrics\n(judge_* keys appear when a judge runs in validation)",
+        )
+
+    handles = [
+        Line2D([], [], color=colour, linewidth=2.5, label=run.name)
+        for run, colour in zip(runs, colours, strict=True)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=min(len(runs), 6),
+        title=title,  # above the run names (a suptitle would overlap them)
+        frameon=False,
+    )
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=output.suffix.lower()[1:], dpi=110)
+        atomic_write_bytes(output, buffer.getvalue())
+    except OSError as exc:
+        raise LeverError(f"--output: cannot write {output} ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
+    return drawn
+
+
+__all__ = ["FORMATS", "INSTALL_HINT", "RunCurves", "draw", "read_run", "run_names"]
