@@ -1088,7 +1088,9 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
             f"{int(pools.pool_len[row])} ids"
         )
     try:
-        selection = select_greedy(model.to(device), pools, emb, shots, opts["batch_size"], device)
+        selection = select_greedy(
+            model.to(device), pools, emb, shots, opts["batch_size"], device, opts["scores"]
+        )
     except LeverError as exc:
         raise LeverError(f"{opts['ckpt']}: {exc}") from None
     write_selection(output, selection, opts["scores"])

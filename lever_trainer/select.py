@@ -14,7 +14,7 @@ from .policy import Policy
 @dataclass
 class Selection:
     """Each query's picks (global ids, in sequence order) and, per pick, the probability the
-    policy gave it at its step."""
+    policy gave it at its step (empty lists unless asked for)."""
 
     query_ids: list[int]
     picks: list[list[int]]
@@ -29,6 +29,7 @@ def select_greedy(
     steps: int,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    with_scores: bool = False,
 ) -> Selection:
     """The policy's greedy decode over each query's whole pool, in eval mode.
 
@@ -54,17 +55,17 @@ def select_greedy(
                 "(NaN or inf): it is not a usable model"
             )
         positions = preds[:, 0]  # [B, S]
-        probs = torch.softmax(logits[:, 0].float(), dim=-1).gather(-1, positions.unsqueeze(-1))
         pool_len = b.pool_mask.sum(-1, keepdim=True)
         # everything from the first STOP on is dropped
-        keep = (positions < pool_len).to(torch.int64).cumprod(dim=-1).bool().cpu()
+        kept = (positions < pool_len).to(torch.int64).cumprod(dim=-1).sum(-1).tolist()
         ids = batch.pool_ids.gather(1, positions.cpu().clamp_max(batch.pool_ids.shape[1] - 1))
-        for row_ids, row_keep, row_p in zip(
-            ids.tolist(), keep.tolist(), probs.squeeze(-1).cpu().tolist(), strict=True
-        ):
-            n = sum(row_keep)
-            picks.append(row_ids[:n])
-            scores.append([round(p, 6) for p in row_p[:n]])
+        picks += [row[:n] for row, n in zip(ids.tolist(), kept, strict=True)]
+        if with_scores:
+            probs = torch.softmax(logits[:, 0].float(), dim=-1)
+            chosen = probs.gather(-1, positions.unsqueeze(-1)).squeeze(-1).cpu().tolist()
+            scores += [[round(p, 6) for p in row[:n]] for row, n in zip(chosen, kept, strict=True)]
+        else:
+            scores += [[] for _ in kept]
         query_ids += batch.query_ids.tolist()
     model.train(was_training)
     return Selection(query_ids, picks, scores)
