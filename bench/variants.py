@@ -9,10 +9,11 @@ with one training variant) and each seed, it trains twice with the same budget:
 
 * on the demo data (``lever-train demo-data``: 400 queries, pools of 32, d = 64) and
   reports the final validation ``policy_reward@1``;
-* on the quality task of ``../shared/quality`` (``digits_rl_train.json``,
-  ``digits_emb.safetensors``), then decodes each of the 297 test queries greedily over
-  its whole 64-id pool (eval mode, SPEC section 9) and scores the picks with the task's
-  own judge (``digits_oracle.score_selections``; needs numpy and scikit-learn).
+* on the digits quality task of ``examples/digits_env`` (``pip install
+  examples/digits_env``; ``digits_rl_train.json``, ``digits_emb.safetensors``), then
+  decodes each of the 297 test queries greedily over its whole 64-id pool (eval mode,
+  SPEC section 9) and scores the picks with the task's judge (the ``digits``
+  environment: ``vqa_correct`` of each pick; needs numpy and scikit-learn).
 
 It prints one table, mean ± std over the seeds, and the lines of core code
 (``lever_trainer/``) this branch changed against ``--base``, with the hooks each
@@ -39,7 +40,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-QUALITY = ROOT.parent / "shared" / "quality"
 
 _COMMON = ("--rce-lr", "1e-3", "--batch-size", "16", "--hidden-dim", "128")
 #: The budgets (every row of a table trains with the same one): ``short`` is the README's
@@ -98,11 +98,13 @@ def prepare_data(work: Path) -> dict[str, tuple[Path, Path]]:
     demo = work / "demo"
     if not (demo / "rl_data.json").is_file():
         write_demo(demo, DemoSpec(queries=400, demos=1200, pool=32, dim=64, seed=0))
+    import lever_digits_env
+
     quality = work / "quality"
     quality.mkdir(parents=True, exist_ok=True)
     for name in ("digits_rl_train.json", "digits_emb.safetensors"):
         if not (quality / name).is_file():
-            shutil.copy(QUALITY / name, quality / name)
+            shutil.copy(lever_digits_env.DATA / name, quality / name)
     return {
         "demo": (demo / "rl_data.json", demo / "embeddings.safetensors"),
         "quality": (quality / "digits_rl_train.json", quality / "digits_emb.safetensors"),
@@ -112,21 +114,19 @@ def prepare_data(work: Path) -> dict[str, tuple[Path, Path]]:
 def quality_accuracy(ckpt: Path, emb_path: Path) -> float:
     """Greedy free selection over each test pool (``lever-train select``'s pool-only path),
     scored by the task's judge."""
+    import lever_digits_env
+
     from lever_trainer.data import load_embeddings, load_pools
     from lever_trainer.plugins import load_plugins
     from lever_trainer.policies import policy_from_checkpoint
     from lever_trainer.select import select_demonstrations
 
-    sys.path.insert(0, str(QUALITY))
-    import digits_oracle  # type: ignore[import-not-found]
-
-    pools = load_pools(QUALITY / "digits_test.json")
+    pools = load_pools(lever_digits_env.files()["test"])
     emb = load_embeddings(emb_path)
     model, _ = policy_from_checkpoint(load_plugins(), ckpt, emb.dim, False, lambda _: None)
     picks = select_demonstrations(model, pools, emb, 2)
-    qids = [str(q) for q in pools.query_ids.tolist()]
-    accuracy, _ = digits_oracle.score_selections(dict(zip(qids, picks, strict=True)))
-    return float(accuracy)
+    verdicts = lever_digits_env.DigitsEnvironment().judge(pools.query_ids.tolist(), picks)
+    return sum(v["vqa_correct"] for v in verdicts) / len(verdicts)
 
 
 def train_once(job: dict[str, Any]) -> dict[str, Any]:
