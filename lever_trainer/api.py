@@ -12,6 +12,7 @@ import torch
 
 from . import losses, metrics
 from .data import (
+    TABLE_FIELDS,
     Batch,
     Embeddings,
     PoolTable,
@@ -90,6 +91,7 @@ __all__ = [
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
     "LOG_RATIO_BOUND",
+    "TABLE_FIELDS",
     "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
     "Batch",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lever_trainer.api import (
+    TABLE_FIELDS,
     EpochData,
     LeverError,
     Option,
@@ -37,19 +38,6 @@ from lever_trainer.api import (
 )
 
 DESCRIPTION = "phase `online`: the policy proposes, the judge scores, group-relative PPO (--judge)"
-
-#: The fields of the round's table kept in snapshots.
-TABLE_FIELDS = (
-    "query_ids",
-    "pool_ids",
-    "pool_len",
-    "sequences",
-    "group_len",
-    "rewards_raw",
-    "rewards_norm",
-    "correct",
-    "cand_index",
-)
 
 
 class OnlinePhase(Phase):
