@@ -176,3 +176,20 @@ def test_autoload_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert discover() == []
     ps = load_plugins(extra=[("mine", Answers("rce", "M"))], enable=["mine"])
     assert ps.names == ["mine"]
+
+
+def test_freeze_backbone_on_a_policy_without_one_warns_and_freezes_nothing() -> None:
+    from types import SimpleNamespace
+
+    from lever_trainer_plugins import freeze_backbone
+    from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy
+
+    lines: list[str] = []
+    model = CosineBilinearPolicy(4, 2, 0.1, "reverse")
+    state = SimpleNamespace(phase="grpo", log=lines.append)
+    freeze_backbone.configure_trainable_params(state, model)  # type: ignore[arg-type]
+    assert all(p.requires_grad for p in model.parameters())
+    assert lines == [
+        "warning: freeze-backbone: policy cosine-bilinear has no backbone "
+        "(no backbone_modules); nothing is frozen"
+    ]

@@ -26,6 +26,12 @@ def configure_trainable_params(state: TrainState, model: nn.Module) -> None:
             f"freeze-backbone expects a lever_trainer Policy, got {type(model).__name__}"
         )
     frozen = model.backbone_parameters()
+    if not frozen:
+        state.log(
+            f"warning: freeze-backbone: policy {model.policy_name} has no backbone "
+            "(no backbone_modules); nothing is frozen"
+        )
+        return
     for _, param in frozen:
         param.requires_grad_(False)
     present = [m for m in model.backbone_modules if any(n.split(".")[0] == m for n, _ in frozen)]
