@@ -183,10 +183,18 @@ def discover() -> list[PluginInfo]:
     if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("", "0"):
         return []
     found: dict[str, PluginInfo] = {}
+    # Reading a distribution's name or version parses its METADATA file anew each
+    # time; one distribution (this project's) ships dozens of plugins: read it once.
+    about: dict[int, tuple[str | None, str | None]] = {}
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else None
-        version = dist.version if dist is not None else None
+        if dist is None:
+            dist_name, version = None, None
+        else:
+            if id(dist) not in about:
+                meta = dist.metadata
+                about[id(dist)] = (meta["Name"], meta["Version"])
+            dist_name, version = about[id(dist)]
         if ep.name in found:
             # The same distribution seen twice on sys.path is harmless; two
             # distributions claiming one name is not.
