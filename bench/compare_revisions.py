@@ -58,6 +58,10 @@ def worker(
     python: Path, tree: Path, data: Path, emb: Path, threads: int, kind: str = "ours"
 ) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
+    # The base is installed (pip compiles its bytecode); the current checkout runs from
+    # its source tree. Let both import from bytecode, or the current side pays for
+    # compiling every module at each start (the first, untimed run writes it).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = run(
         [
             str(python),
