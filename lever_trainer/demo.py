@@ -21,8 +21,7 @@ from .fileio import atomic_write_bytes
 
 #: The demo's training settings: what `demo-data` prints and the README runs.
 DEMO_TRAIN_FLAGS = (
-    "--rce-epochs 20 --rce-lr 3e-2 --batch-size 16 --grpo-epochs 3 --grpo-lr 1e-3 "
-    "--plugin grpo-reference-refresh --overwrite"
+    "--rce-epochs 20 --rce-lr 3e-2 --batch-size 16 --grpo-epochs 3 --grpo-lr 1e-3 --overwrite"
 )
 
 

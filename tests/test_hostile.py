@@ -673,13 +673,22 @@ def test_more_epochs_extend_a_finished_phase_at_its_final_temperature(
     assert "is complete" in ok(cli("--resume", finished))  # the new length is the run's
 
 
+@pytest.mark.parametrize(
+    ("reference", "line"),
+    [
+        # SPEC 6: the starting model, recomputed from the weights the snapshot kept
+        (("--no-plugin", "grpo-reference-refresh"), "computed from the run's starting weights"),
+        ((), "GRPO reference log-probs: [default]"),  # the policy as GRPO starts
+    ],
+)
 def test_extending_grpo_from_zero_equals_running_it_from_the_start(
-    cli: Cli, demo_files: Files, finished: Path, tmp_path: Path
+    cli: Cli, demo_files: Files, tmp_path: Path, reference: tuple[str, ...], line: str
 ) -> None:
-    straight = tmp_path / "straight"
-    ok(train(cli, demo_files, straight, "--rce-epochs", "2", "--grpo-epochs", "2"))
+    finished, straight = tmp_path / "run", tmp_path / "straight"
+    ok(train(cli, demo_files, finished, "--rce-epochs", "2", *reference))
+    ok(train(cli, demo_files, straight, "--rce-epochs", "2", "--grpo-epochs", "2", *reference))
     output = ok(cli("--resume", finished, "--grpo-epochs", "2"))
-    assert "reference log-probs: computed from the run's starting weights" in output
+    assert line in output
     a, b = (
         weights(finished / "grpo_epoch02.safetensors"),
         weights(straight / "grpo_epoch02.safetensors"),

@@ -104,7 +104,10 @@ def test_batch_loss_and_gradients_equal_one_query_per_step(demo_files, tmp_path,
 
 
 def test_reference_logprobs_come_from_starting_model(demo_files, tmp_path) -> None:
-    trainer = make_trainer(demo_files, tmp_path / "run", grpo_epochs=1)
+    # SPEC 6's reference, once the default refresh is off
+    trainer = make_trainer(
+        demo_files, tmp_path / "run", grpo_epochs=1, disable=("grpo-reference-refresh",)
+    )
     expected = trainer.compute_logprobs(trainer.state.train)
     trainer.fit()
     assert trainer.start_logprobs is not None and trainer.state.ref_logprobs is not None
@@ -284,7 +287,7 @@ def test_custom_reward_plugin_without_core_edit(demo_files, tmp_path) -> None:
     assert "RCE reward: zeros (all zero) [plugin zeros]" in trainer.log_lines
 
 
-def test_grpo_reference_default_is_start_and_refresh_plugin_uses_post_rce(
+def test_grpo_reference_default_is_post_rce_and_spec_start_without_refresh(
     demo_files, tmp_path
 ) -> None:
     seen: dict[str, torch.Tensor] = {}
@@ -297,22 +300,23 @@ def test_grpo_reference_default_is_start_and_refresh_plugin_uses_post_rce(
                 seen["now"] = trainer.compute_logprobs(state.train)
 
     trainer = make_trainer(
-        demo_files, tmp_path / "a", grpo_epochs=1, extra=(("spy", Spy()),), enable=("spy",)
+        demo_files,
+        tmp_path / "a",
+        grpo_epochs=1,
+        extra=(("spy", Spy()),),
+        enable=("spy",),
+        disable=("grpo-reference-refresh",),
     )
     start = trainer.compute_logprobs(trainer.state.train)
     trainer.fit()
     assert torch.equal(seen["ref"], start) and not torch.equal(seen["ref"], seen["now"])
 
     trainer = make_trainer(
-        demo_files,
-        tmp_path / "b",
-        grpo_epochs=1,
-        extra=(("spy", Spy()),),
-        enable=("spy", "grpo-reference-refresh"),
+        demo_files, tmp_path / "b", grpo_epochs=1, extra=(("spy", Spy()),), enable=("spy",)
     )
     trainer.fit()
     assert torch.equal(seen["ref"], seen["now"])
-    assert "GRPO reference log-probs: [plugin grpo-reference-refresh]" in trainer.log_lines
+    assert "GRPO reference log-probs: [default]" in trainer.log_lines
 
 
 def test_grpo_reference_of_wrong_shape_names_the_plugin(demo_files, tmp_path) -> None:

@@ -1,9 +1,12 @@
 """GRPO measures its ratios against the policy as RCE left it, not the starting model.
 
-By default (SPEC 6) the reference log-probs come from the starting model, before RCE;
-after a long RCE phase the policy has moved far from it, the ratios explode and the
-KL weight climbs to its ceiling. With this plugin the reference is recomputed at the
-start of GRPO, so GRPO is a trust-region update around the RCE result.
+SPEC 6 takes the reference log-probs from the starting model, before RCE. After an RCE
+phase that learns anything the policy has moved far from it: the ratios explode, the
+KL weight climbs to its ceiling and the loss is dominated by the KL term (on the demo
+data, KL in the thousands). This plugin recomputes the reference when GRPO starts, so
+that GRPO is a trust-region update around the RCE result. On by default;
+``--no-plugin grpo-reference-refresh`` (or ``--preset upstream``) restores the SPEC's
+reference.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import torch
 
 from lever_trainer.api import TrainState, hookimpl
 
-DESCRIPTION = "GRPO reference log-probs = the policy at the end of RCE (default: the start)"
+ENABLED_BY_DEFAULT = True
+DESCRIPTION = (
+    "GRPO reference log-probs = the policy as GRPO starts, after RCE "
+    "(off: the starting model, SPEC 6)"
+)
 
 
 @hookimpl
