@@ -185,10 +185,12 @@ def reference_logprobs(
     Called once at the start of every phase whose ``needs_reference`` is set (GRPO),
     after its optimiser is built. ``compute()`` returns the current policy's eval-mode
     sequence log-probs of every training candidate, [Q, G] aligned with
-    ``state.train``. Return a tensor of that shape, or None to keep the default: the
-    starting model's log-probs, computed before the first phase (SPEC section 6).
-    Single answer; optional. A plugin may also replace ``state.ref_logprobs`` later
-    (after a step, say) to move the reference during the phase.
+    ``state.train``. Return a tensor of that shape, or None to keep the core's
+    fallback when nobody answers: the starting model's log-probs, computed before the
+    first phase (SPEC section 6). The built-in ``grpo-reference-refresh``, on by
+    default, answers ``compute()``. Single answer; optional. A plugin may also replace
+    ``state.ref_logprobs`` later (after a step, say) to move the reference during the
+    phase.
     """
 
 
