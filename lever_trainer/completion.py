@@ -14,7 +14,6 @@ next command refreshes it.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -23,11 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import entrypoints
 from .options import Option
 
 CACHE_FILE = "plugin-options.json"
-ENTRY_POINT_GROUP = "lever_trainer"
-DISABLE_AUTOLOAD_ENV = "LEVER_TRAINER_DISABLE_PLUGIN_AUTOLOAD"
 
 
 def cache_path() -> Path:
@@ -39,13 +37,14 @@ def cache_path() -> Path:
 def fingerprint() -> str:
     """A digest of the installed plugins: entry points, distributions, versions and the
     modification time of each plugin's module file (found without importing it)."""
-    if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("", "0"):
+    if entrypoints.autoload_disabled():
         return "autoload-disabled"
     parts = []
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
-        dist = getattr(ep, "dist", None)
-        name = dist.metadata["Name"] if dist is not None else ""
-        version = dist.version if dist is not None else ""
+    for item in sorted(
+        entrypoints.installed(), key=lambda i: (i.entry_point.name, i.entry_point.value)
+    ):
+        ep = item.entry_point
+        name, version = item.distribution or "", item.version or ""
         parts.append(f"{ep.name}={ep.value} {name} {version} {_mtime(ep.module)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

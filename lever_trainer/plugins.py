@@ -10,9 +10,7 @@ attributes every answer and every exception to the plugin that produced it.
 from __future__ import annotations
 
 import difflib
-import importlib.metadata as md
 import inspect
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,13 +19,13 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import entrypoints, hookspecs
 from .errors import LeverError, PluginError
 from .options import Option
 
-ENTRY_POINT_GROUP = "lever_trainer"
+ENTRY_POINT_GROUP = entrypoints.ENTRY_POINT_GROUP
 #: Set to 1 to ignore installed plugins entirely (only ``extra`` objects register).
-DISABLE_AUTOLOAD_ENV = "LEVER_TRAINER_DISABLE_PLUGIN_AUTOLOAD"
+DISABLE_AUTOLOAD_ENV = entrypoints.DISABLE_AUTOLOAD_ENV
 
 
 @dataclass
@@ -180,21 +178,11 @@ def check_option_conflicts(plugins: Sequence[PluginInfo]) -> None:
 
 def discover() -> list[PluginInfo]:
     """Every plugin installed under the entry-point group; broken ones carry ``error``."""
-    if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() not in ("", "0"):
+    if entrypoints.autoload_disabled():
         return []
     found: dict[str, PluginInfo] = {}
-    # Reading a distribution's name or version parses its METADATA file anew each
-    # time; one distribution (this project's) ships dozens of plugins: read it once.
-    about: dict[int, tuple[str | None, str | None]] = {}
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        if dist is None:
-            dist_name, version = None, None
-        else:
-            if id(dist) not in about:
-                meta = dist.metadata
-                about[id(dist)] = (meta["Name"], meta["Version"])
-            dist_name, version = about[id(dist)]
+    for item in entrypoints.installed():
+        ep, dist_name, version = item.entry_point, item.distribution, item.version
         if ep.name in found:
             # The same distribution seen twice on sys.path is harmless; two
             # distributions claiming one name is not.

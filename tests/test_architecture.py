@@ -16,7 +16,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
