@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import LeverError
+
 if TYPE_CHECKING:
     import torch
 
@@ -213,4 +215,16 @@ class TrainState:
         if key not in self._decided:
             self._decided.add(key)
             self.log(f"{self.phase}: {hook} [{decision.plugin}, {decision.origin}]")
+        return decision
+
+    def require(self, hook: str, example: str, **kwargs: Any) -> Decision:
+        """:meth:`decide` for a decision a phase cannot do without: nobody answering is
+        a user error naming the hook, the phase (``kwargs["phase"]``) and ``example``, a
+        plugin that would answer (``--plugin EXAMPLE``)."""
+        decision = self.decide(hook, **kwargs)
+        if decision is None:
+            raise LeverError(
+                f"no active plugin answers hook {hook} for phase {kwargs.get('phase')!r}; "
+                f"enable one (e.g. --plugin {example})"
+            )
         return decision

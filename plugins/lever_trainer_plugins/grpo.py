@@ -25,7 +25,6 @@ import torch
 
 from lever_trainer.api import (
     Batch,
-    LeverError,
     Option,
     Phase,
     PluginError,
@@ -37,6 +36,7 @@ from lever_trainer.api import (
     gather_groups,
     hookimpl,
     masked_mean,
+    masked_std,
     sequence_logprobs,
     step_entropy,
 )
@@ -75,16 +75,6 @@ class GRPOPhase(Phase):
         """The weight the loss gives the KL term (0 without a KL penalty)."""
         return self.kl_beta if self.use_kl else 0.0
 
-    def required(self, state: TrainState, hook: str, example: str, **kwargs: Any) -> Any:
-        """The answer of a hook the phase cannot do without, with its plugin."""
-        decision = state.decide(hook, phase=self.name, **kwargs)
-        if decision is None:
-            raise LeverError(
-                f"no active plugin answers hook {hook} for phase {self.name!r}; "
-                f"enable one (e.g. --plugin {example})"
-            )
-        return decision
-
     def kept_candidates(
         self, state: TrainState, batch: Batch, rewards: torch.Tensor
     ) -> torch.Tensor:
@@ -117,8 +107,8 @@ class GRPOPhase(Phase):
         self, state: TrainState, rewards: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The ``compute_advantages`` answer; required."""
-        decision = self.required(
-            state, "compute_advantages", "group-zscore", rewards=rewards, mask=mask
+        decision = state.require(
+            "compute_advantages", "group-zscore", phase=self.name, rewards=rewards, mask=mask
         )
         return expect_tensor(
             decision.value, decision.plugin, "compute_advantages", tuple(rewards.shape)
@@ -128,8 +118,13 @@ class GRPOPhase(Phase):
         self, state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
     ) -> PolicyObjective:
         """The ``policy_objective`` answer; required."""
-        decision = self.required(
-            state, "policy_objective", "ppo-clip", ratio=ratio, advantages=advantages, mask=mask
+        decision = state.require(
+            "policy_objective",
+            "ppo-clip",
+            phase=self.name,
+            ratio=ratio,
+            advantages=advantages,
+            mask=mask,
         )
         answer = decision.value
         if not isinstance(answer, PolicyObjective):
@@ -148,7 +143,9 @@ class GRPOPhase(Phase):
         self, state: TrainState, log_ratio: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The ``kl_estimate`` answer [B, G]; required."""
-        decision = self.required(state, "kl_estimate", "kl-k3", log_ratio=log_ratio, mask=mask)
+        decision = state.require(
+            "kl_estimate", "kl-k3", phase=self.name, log_ratio=log_ratio, mask=mask
+        )
         return expect_tensor(decision.value, decision.plugin, "kl_estimate", tuple(mask.shape))
 
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
@@ -201,19 +198,17 @@ class GRPOPhase(Phase):
         def fraction(flags: torch.Tensor | None) -> torch.Tensor:
             return zero if flags is None else (flags & mask).to(ratio.dtype).sum() / n
 
-        adv_mean = (advantages * m).sum() / n
-        adv_var = (((advantages - adv_mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
-        groups = torch.ones(len(kept), dtype=ratio.dtype, device=ratio.device)
+        flat, flat_mask = advantages.reshape(-1), mask.reshape(-1)
         return {
             "mean_ratio": masked_mean(ratio, mask).mean(),
             "max_ratio": ratio.masked_fill(~mask, 0.0).amax(),
             "clip_low": fraction(surrogate.clipped_low),
             "clip_high": fraction(surrogate.clipped_high),
             "kl_beta": torch.tensor(self.applied_kl_beta),
-            "adv_mean": adv_mean,
-            "adv_std": adv_var.sqrt(),
+            "adv_mean": masked_mean(flat, flat_mask),
+            "adv_std": masked_std(flat, flat_mask),
             "zero_var_groups": equal_reward_groups(kept.rewards_raw, mask).to(ratio.dtype).mean(),
-            "skipped_groups": zero if use is None else (groups - use.to(ratio.dtype)).mean(),
+            "skipped_groups": zero if use is None else (~use).to(ratio.dtype).mean(),
             "entropy": step_entropy(logits, mask),
             "kept": m.sum(-1).mean(),
         }

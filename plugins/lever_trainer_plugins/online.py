@@ -35,6 +35,7 @@ from lever_trainer.api import (
     policy_logprobs,
     pool_batches,
     sample_sequences,
+    sequence_logprobs,
 )
 
 DESCRIPTION = "phase `online`: the policy proposes, the judge scores, group-relative PPO (--judge)"
@@ -83,9 +84,8 @@ class OnlinePhase(Phase):
             )
             labels = torch.cat([greedy[:, :1].clamp_max(b.pool_mask.shape[1] - 1), drawn], 1)
             logits, _ = model.decode(encoding, b.pool_mask, labels)
-            logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             seqs.append(labels.cpu())
-            logps.append(logp.sum(-1).cpu())
+            logps.append(sequence_logprobs(logits, labels).cpu())
         model.train(was_training)
         return torch.cat(seqs), torch.cat(logps)
 
@@ -96,35 +96,37 @@ class OnlinePhase(Phase):
         assert state.judge is not None
         table, budget = state.train, int(state.options["online_budget"])
         ids = table.pool_ids.gather(1, positions.flatten(1)).view(positions.shape)
-        keep = torch.zeros(positions.shape[:2], dtype=torch.bool)
-        asked: list[tuple[int, int, list[int]]] = []
-        for row, (qid, group) in enumerate(
-            zip(table.query_ids.tolist(), ids.tolist(), strict=True)
-        ):
+        query_ids = table.query_ids.tolist()
+        rows: list[int] = []
+        cols: list[int] = []
+        asked_ids: list[int] = []
+        asked: list[list[int]] = []
+        for row, (qid, group) in enumerate(zip(query_ids, ids.tolist(), strict=True)):
             seen = self.judged.setdefault(qid, set())
             for j, seq in enumerate(group):
                 key = ",".join(map(str, seq))
                 if key not in seen and len(seen) >= budget:
                     continue
                 seen.add(key)
-                keep[row, j] = True
-                asked.append((row, j, seq))
+                rows.append(row)
+                cols.append(j)
+                asked_ids.append(qid)
+                asked.append(seq)
         pools = {
             q: p[:n]
             for q, p, n in zip(
-                table.query_ids.tolist(),
-                table.pool_ids.tolist(),
-                table.pool_len.tolist(),
-                strict=True,
+                query_ids, table.pool_ids.tolist(), table.pool_len.tolist(), strict=True
             )
         }
-        rewards, correct = state.judge.rewards(
-            [int(table.query_ids[r]) for r, _, _ in asked], [s for _, _, s in asked], pools
-        )
-        reward_t = torch.zeros(positions.shape[:2])
-        correct_t = torch.zeros(positions.shape[:2])
-        for (row, j, _), r, c in zip(asked, rewards, correct, strict=True):
-            reward_t[row, j], correct_t[row, j] = r, c
+        rewards, correct = state.judge.rewards(asked_ids, asked, pools)
+        shape = positions.shape[:2]
+        keep = torch.zeros(shape, dtype=torch.bool)
+        reward_t, correct_t = torch.zeros(shape), torch.zeros(shape)
+        if rows:
+            at = (torch.tensor(rows), torch.tensor(cols))
+            keep[at] = True
+            reward_t[at] = torch.tensor(rewards, dtype=reward_t.dtype)
+            correct_t[at] = torch.tensor(correct, dtype=correct_t.dtype)
         return reward_t, correct_t, keep
 
     def epoch_data(self, state: TrainState, epoch: int, resumed: bool) -> EpochData:
@@ -165,14 +167,13 @@ class OnlinePhase(Phase):
     # -- the update ----------------------------------------------------------------
     def loss(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         """PPO-clip surrogate (+ KL to the collection policy) with group advantages."""
-        decision = state.decide(
-            "compute_advantages", phase=self.name, rewards=batch.rewards_raw, mask=batch.cand_mask
+        decision = state.require(
+            "compute_advantages",
+            "group-zscore",
+            phase=self.name,
+            rewards=batch.rewards_raw,
+            mask=batch.cand_mask,
         )
-        if decision is None:
-            raise LeverError(
-                "no active plugin answers hook compute_advantages for phase 'online'; "
-                "enable one (e.g. --plugin group-zscore)"
-            )
         advantages = expect_tensor(
             decision.value, decision.plugin, "compute_advantages", tuple(batch.rewards_raw.shape)
         )

@@ -18,7 +18,6 @@ import torch
 
 from lever_trainer.api import (
     Batch,
-    LeverError,
     Option,
     Phase,
     TrainState,
@@ -75,14 +74,14 @@ class RCEPhase(Phase):
         self, state: TrainState, batch: Batch, rewards: torch.Tensor, tau: float
     ) -> torch.Tensor:
         """The ``rce_weights`` answer [B, G] (pads 0); required."""
-        decision = state.decide(
-            "rce_weights", phase=self.name, batch=batch, rewards=rewards, temperature=tau
+        decision = state.require(
+            "rce_weights",
+            "rce-softmax",
+            phase=self.name,
+            batch=batch,
+            rewards=rewards,
+            temperature=tau,
         )
-        if decision is None:
-            raise LeverError(
-                f"no active plugin answers hook rce_weights for phase {self.name!r}; "
-                "enable one (e.g. --plugin rce-softmax)"
-            )
         weights = expect_tensor(
             decision.value, decision.plugin, "rce_weights", tuple(rewards.shape)
         )
