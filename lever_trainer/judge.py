@@ -236,8 +236,9 @@ class Judge:
         self.calls: Counter[int] = Counter()
         self._memory: dict[tuple[int, str], dict[str, float]] = {}
         if store is not None and warn is not None:
-            others = {v: n for v, n in store.versions(self.name).items() if v != self.version}
-            if others and self.version not in store.versions(self.name):
+            versions = store.versions(self.name)
+            others = {v: n for v, n in versions.items() if v != self.version}
+            if others and self.version not in versions:
                 shown = ", ".join(f"{v} ({n} verdicts)" for v, n in sorted(others.items()))
                 warn(
                     f"warning: {store.path} holds verdicts of {self.name} version {shown}, "

@@ -48,11 +48,16 @@ def cosine_selection(
 
 
 def judge_selection(
-    judge: Judge, pools: PoolTable, picks: Sequence[Sequence[int]]
+    judge: Judge,
+    pools: PoolTable,
+    picks: Sequence[Sequence[int]],
+    pool_map: dict[int, list[int]] | None = None,
 ) -> dict[str, float]:
-    """Mean ``vqa_correct`` and raw reward of one selection per query."""
+    """Mean ``vqa_correct`` and raw reward of one selection per query (``pool_map``:
+    :func:`_pool_map` of ``pools``, when the caller has it already)."""
     qids = pools.query_ids.tolist()
-    pool_map = _pool_map(pools)
+    if pool_map is None:
+        pool_map = _pool_map(pools)
     rewards, correct = judge.rewards(qids, picks, pool_map)
     n = max(len(qids), 1)
     return {"judge_correct": sum(correct) / n, "judge_reward": sum(rewards) / n}
@@ -107,7 +112,7 @@ def random_baseline(
         for pool in pool_map.values():
             order = torch.randperm(len(pool), generator=gen)[:steps].tolist()
             picks.append([pool[i] for i in order])
-        scores = judge_selection(judge, pools, picks)
+        scores = judge_selection(judge, pools, picks, pool_map)
         correct_sum += scores["judge_correct"]
         reward_sum += scores["judge_reward"]
     return {"judge_correct": correct_sum / draws, "judge_reward": reward_sum / draws}

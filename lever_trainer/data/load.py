@@ -58,7 +58,7 @@ def load_rl_data(
     registry.normalize_fn(opts.normalize)
     # The hash before parsing finds the prepared form; skip it when there is none to find.
     lookup = cache and (cache_dir is not None or cache_path_for(p).is_file())
-    signature = file_signature(p)
+    signature = file_signature(p) if reader is not None else []
     before = file_fingerprint(p) if lookup or reader is not None else ""
     target = cache_path_for(p, cache_dir, before)
     if cache and target.is_file():
@@ -80,7 +80,7 @@ def load_rl_data(
             target = cache_path_for(p, cache_dir, digest)
     else:
         table, report = parse_rl_members(reader(p), p, opts, registry)
-        digest = before if file_signature(p) == signature else file_fingerprint(p)
+        digest = fingerprint_after(signature, before, p)
         if digest != before:
             raise LeverError(
                 f"{p}: the file changed while it was being read (its sha256 differs before "
@@ -164,6 +164,19 @@ def file_signature(*paths: str | os.PathLike[str] | None) -> list[tuple[int, ...
     return out
 
 
+def fingerprint_after(
+    signature: list[tuple[int, ...]], before: str, *paths: str | os.PathLike[str] | None
+) -> str:
+    """The sha256 of ``paths`` after a read that began with ``signature`` and ``before``
+    (:func:`file_signature`, :func:`file_fingerprint`): ``before`` when the signature did
+    not move, else the files hashed again."""
+    try:
+        unchanged = file_signature(*paths) == signature
+    except OSError:
+        unchanged = False
+    return before if unchanged else file_fingerprint(*paths)
+
+
 def load_verified(load: Callable[[], T], *paths: str | os.PathLike[str] | None) -> tuple[T, str]:
     """``load()``, and the sha256 of ``paths`` (:func:`file_fingerprint`), which must be
     the same before and after the load: the fingerprint is that of the bytes loaded.
@@ -177,11 +190,7 @@ def load_verified(load: Callable[[], T], *paths: str | os.PathLike[str] | None) 
         load()  # the loader names a missing or unreadable file in its own words
         raise LeverError(f"{exc.filename}: cannot read ({exc.strerror or exc})") from None
     value = load()
-    try:
-        unchanged = file_signature(*paths) == signature
-    except OSError:
-        unchanged = False
-    after = before if unchanged else file_fingerprint(*paths)
+    after = fingerprint_after(signature, before, *paths)
     if after != before:
         names = ", ".join(str(p) for p in paths if p is not None)
         raise LeverError(

@@ -26,7 +26,7 @@ from ..errors import LeverError
 from ..jsonstream import iter_object_members
 from .embeddings import Embeddings
 from .rljson import POINTER_FIELDS, DataOptions, _drop_reason, _int_list, _query_id
-from .tables import QueryTable, _pad
+from .tables import QueryTable, _pad, gather_cand_emb, length_mask, max_length
 
 
 @dataclass
@@ -43,12 +43,11 @@ class PoolTable:
 
     def pool_mask(self) -> torch.Tensor:
         """[Q, K] True for real pool entries."""
-        k = self.pool_ids.shape[1]
-        return torch.arange(k).unsqueeze(0) < self.pool_len.unsqueeze(1)
+        return length_mask(self.pool_ids.shape[1], self.pool_len)
 
     def select(self, rows: torch.Tensor) -> PoolTable:
         """Rows ``rows``, trimmed to their own largest pool."""
-        k = int(self.pool_len[rows].max()) if len(rows) else 0
+        k = max_length(self.pool_len, rows)
         return PoolTable(self.query_ids[rows], self.pool_ids[rows, :k], self.pool_len[rows])
 
     @classmethod
@@ -94,9 +93,7 @@ def pool_batches(
             query_ids=sub.query_ids,
             pool_ids=sub.pool_ids,
             query_emb=emb.query.index_select(0, sub.query_ids),
-            cand_emb=emb.cand.index_select(0, sub.pool_ids.reshape(-1)).view(
-                *sub.pool_ids.shape, emb.cand.shape[1]
-            ),
+            cand_emb=gather_cand_emb(emb, sub.pool_ids),
             pool_mask=sub.pool_mask(),
         )
 

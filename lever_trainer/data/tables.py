@@ -21,6 +21,22 @@ if TYPE_CHECKING:
     from .embeddings import Embeddings
 
 
+def length_mask(width: int, lengths: torch.Tensor) -> torch.Tensor:
+    """[Q, width] True for the first ``lengths[q]`` entries of each row."""
+    return torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def max_length(lengths: torch.Tensor, rows: torch.Tensor) -> int:
+    """The largest of ``lengths[rows]`` (0 for no rows): the width rows ``rows`` need."""
+    return int(lengths[rows].max()) if len(rows) else 0
+
+
+def gather_cand_emb(emb: Embeddings, pool_ids: torch.Tensor) -> torch.Tensor:
+    """The candidate embeddings [Q, K, d] of padded pools ``pool_ids`` [Q, K]."""
+    # index_select is several times faster than advanced indexing for this gather
+    return emb.cand.index_select(0, pool_ids.reshape(-1)).view(*pool_ids.shape, emb.cand.shape[1])
+
+
 @dataclass
 class QueryTable:
     """Per-query tensors, padded to the largest pool and group of the table.
@@ -56,8 +72,8 @@ class QueryTable:
 
     def select(self, rows: torch.Tensor) -> QueryTable:
         """Rows ``rows`` of the table, trimmed to their own largest pool and group."""
-        k = int(self.pool_len[rows].max()) if len(rows) else 0
-        g = int(self.group_len[rows].max()) if len(rows) else 0
+        k = max_length(self.pool_len, rows)
+        g = max_length(self.group_len, rows)
         return QueryTable(
             query_ids=self.query_ids[rows],
             pool_ids=self.pool_ids[rows, :k],
@@ -72,13 +88,11 @@ class QueryTable:
 
     def pool_mask(self) -> torch.Tensor:
         """[Q, K] True for real pool entries."""
-        k = self.pool_ids.shape[1]
-        return torch.arange(k).unsqueeze(0) < self.pool_len.unsqueeze(1)
+        return length_mask(self.pool_ids.shape[1], self.pool_len)
 
     def cand_mask(self) -> torch.Tensor:
         """[Q, G] True for real candidate sequences."""
-        g = self.sequences.shape[1]
-        return torch.arange(g).unsqueeze(0) < self.group_len.unsqueeze(1)
+        return length_mask(self.sequences.shape[1], self.group_len)
 
 
 @dataclass
@@ -149,10 +163,7 @@ def make_batch(
         rows=rows,
         query_ids=sub.query_ids,
         query_emb=emb.query.index_select(0, sub.query_ids),
-        # index_select is several times faster than advanced indexing for this gather
-        cand_emb=emb.cand.index_select(0, sub.pool_ids.reshape(-1)).view(
-            *sub.pool_ids.shape, emb.cand.shape[1]
-        ),
+        cand_emb=gather_cand_emb(emb, sub.pool_ids),
         pool_mask=sub.pool_mask(),
         sequences=sub.sequences,
         cand_mask=sub.cand_mask(),
