@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_into_model, read_state_dict
+from .checkpoint import header_metadata, load_into_model, read_state_dict
 from .data import Embeddings, PoolTable, QueryTable, check_pool_ids, load_pools
 from .errors import LeverError
 from .evaluation import Evaluator
 from .jsonstream import iter_object_members
 from .judge import Judge
 from .plugins import PluginSet
-from .policies import build_policy, policy_from_checkpoint, read_checkpoint, recorded_policy
+from .policies import build_policy, policy_from_checkpoint, recorded_policy
 from .policy import Policy
 from .select import select_greedy
 from .selectors import (
@@ -103,7 +103,7 @@ def has_logged_sequences(path: Path) -> bool:
 def start_policy_of(plugins: PluginSet, path: str, input_dim: int, trust: bool) -> Policy | None:
     """The policy a run started from, rebuilt from one of its checkpoints' metadata: the
     run's policy and options, initialised with its seed (then its ``--sft-ckpt``)."""
-    _, metadata = read_checkpoint(path, trust)
+    metadata = header_metadata(path)
     recorded = recorded_policy(metadata)
     options = metadata.get("options")
     if recorded is None or not isinstance(options, dict) or "seed" not in options:
@@ -200,11 +200,7 @@ def evaluate(
 
 def _recorded_shots(checkpoints: Sequence[str]) -> int | None:
     for path in checkpoints:
-        try:
-            _, metadata = read_checkpoint(path, False)
-        except LeverError:
-            continue
-        recorded = recorded_policy(metadata)
+        recorded = recorded_policy(header_metadata(path))
         if recorded is not None and isinstance(recorded[1].get("shots"), int):
             return int(recorded[1]["shots"])
     return None

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,14 @@ def _encode_metadata_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def non_finite_count(value: torch.Tensor) -> int:
+    """How many entries of a floating-point tensor are NaN or infinite (0 for any other
+    dtype)."""
+    if not value.is_floating_point():
+        return 0
+    return int((~torch.isfinite(value)).sum())
+
+
 def save_checkpoint(
     path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
 ) -> None:
@@ -73,10 +81,11 @@ def save_checkpoint(
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = non_finite_count(value)
+        if bad:
             raise LeverError(
                 f"{path}: not written: parameter {key!r} holds non-finite values "
-                f"({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+                f"({bad} of {value.numel()})"
             )
     header = {"format_version": FORMAT_VERSION}  # JSON text "1": read back as the integer 1
     header.update({k: _encode_metadata_value(v) for k, v in metadata.items()})
@@ -99,6 +108,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def header_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's metadata from its header alone (the weights are not read): what
+    reading the whole checkpoint gives as metadata, and empty for a pickle checkpoint, a
+    header that is not ours or a file that cannot be read (loading its weights says why)."""
+    if not Path(path).is_file() or is_pickle_checkpoint(path):
+        return {}
+    try:
+        return read_metadata(path)
+    except Exception:  # not our header, or unreadable
+        return {}
 
 
 @dataclass
@@ -310,9 +331,10 @@ def _check_input_dim(
         )
 
 
-def own_namespace(model: torch.nn.Module) -> set[str]:
-    """The first components of ``model``'s parameter and buffer names (its top modules)."""
-    names = set(model.state_dict())
+def own_namespace(model: torch.nn.Module, keys: Iterable[str] | None = None) -> set[str]:
+    """The first components of ``model``'s parameter and buffer names (its top modules);
+    ``keys``: the keys of ``model.state_dict()``, when the caller has them already."""
+    names = set(model.state_dict() if keys is None else keys)
     names |= {n for n, _ in model.named_children()}
     return {n.split(".")[0] for n in names}
 
@@ -336,7 +358,7 @@ def load_into_model(
     """
     own = model.state_dict()
     report = ImportReport(path)
-    namespace = own_namespace(model)
+    namespace = own_namespace(model, own)
     for key, value in state_dict.items():
         if key not in own:
             report.ignored.append(key)
@@ -350,11 +372,11 @@ def load_into_model(
             )
         if not value.is_floating_point():
             raise LeverError(f"{path}: parameter {key!r} has dtype {value.dtype}, expected float")
-        if not bool(torch.isfinite(value).all()):
+        bad = non_finite_count(value)
+        if bad:
             raise LeverError(
                 f"{path}: parameter {key!r} holds non-finite values "
-                f"({int((~torch.isfinite(value)).sum())} of {value.numel()}); the checkpoint "
-                "is not a usable model"
+                f"({bad} of {value.numel()}); the checkpoint is not a usable model"
             )
     if report.unexpected and not allow_unexpected:
         shown = ", ".join(report.unexpected[:4]) + (" ..." if len(report.unexpected) > 4 else "")

@@ -979,7 +979,7 @@ def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def write_selection(path: Path, selection: Any, scores: bool) -> None:
     """Write picks as JSON ``{qid: [ids]}`` (or ``{qid: {"ids", "scores"}}``), or JSON
     Lines when ``path`` ends in ``.jsonl``."""
-    from .fileio import atomic_write_bytes
+    from .fileio import write_output
 
     rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
@@ -991,10 +991,7 @@ def write_selection(path: Path, selection: Any, scores: bool) -> None:
     else:
         doc = {str(q): ({"ids": p, "scores": s} if scores else p) for q, p, s in rows}
         data = (json.dumps(doc) + "\n").encode()
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as exc:
-        raise LeverError(f"--output: cannot write {path} ({exc.strerror or exc})") from None
+    write_output(path, data, "--output")
 
 
 @main.command("select", cls=GroupedCommand)
@@ -1050,8 +1047,9 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     The policy's free greedy selection over each query's whole pool (no logged
     sequences needed); a policy with a STOP item may pick fewer than --shots.
     """
+    from .checkpoint import header_metadata
     from .data import check_pool_ids, load_embeddings, load_pools
-    from .policies import policy_from_checkpoint, read_checkpoint, recorded_policy
+    from .policies import policy_from_checkpoint, recorded_policy
     from .run import activate_plugins, resolve_device
     from .rundir import check_output_file
     from .select import select_greedy
@@ -1078,7 +1076,7 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
         click.echo(line)
     shots = opts["shots"]
     if shots is None:
-        recorded = recorded_policy(read_checkpoint(opts["ckpt"], opts["trust_checkpoint"])[1])
+        recorded = recorded_policy(header_metadata(opts["ckpt"]))
         shots = int((recorded[1] if recorded else {}).get("shots") or 2)
     short = pools.pool_len < shots
     if bool(short.any()):
@@ -1188,7 +1186,7 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     """
     from .assess import BASELINES, evaluate, has_logged_sequences
     from .data import load_embeddings
-    from .fileio import atomic_write_bytes
+    from .fileio import write_output
     from .run import activate_plugins, load_data, make_judge, resolve_device
 
     for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
@@ -1247,12 +1245,7 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         calls = sum(judge.calls.values())
         click.echo(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
     if opts["output"]:
-        try:
-            atomic_write_bytes(Path(opts["output"]), (report.to_json() + "\n").encode())
-        except OSError as exc:
-            raise LeverError(
-                f"--output: cannot write {opts['output']} ({exc.strerror or exc})"
-            ) from None
+        write_output(opts["output"], (report.to_json() + "\n").encode(), "--output")
         click.echo(f"wrote {opts['output']}")
 
 
@@ -1282,7 +1275,7 @@ def export_verdicts(
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
-    from .fileio import atomic_write_bytes
+    from .fileio import write_output
     from .judge import VerdictStore, default_store_path, export_rl_data
 
     path = Path(store) if store else default_store_path()
@@ -1303,10 +1296,7 @@ def export_verdicts(
         raise LeverError(f"--version: {path} holds no verdicts of {judge_name} {env_version}")
     doc = export_rl_data(verdicts, judge_name, env_version)
     queries = sum(1 for k in doc if k.isdigit())
-    try:
-        atomic_write_bytes(Path(output), (json.dumps(doc) + "\n").encode())
-    except OSError as exc:
-        raise LeverError(f"--output: cannot write {output} ({exc.strerror or exc})") from None
+    write_output(output, (json.dumps(doc) + "\n").encode(), "--output")
     click.echo(
         f"wrote {versions[env_version]} verdicts of {queries} queries "
         f"({judge_name} {env_version}) to {output}"

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import LeverError
+
 
 def current_umask() -> int:
     """The process's umask, read without changing it where the system allows.
@@ -56,6 +58,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_output(path: str | os.PathLike[str], data: bytes, flag: str) -> None:
+    """:func:`atomic_write_bytes` for a file the user named with ``flag``: a failure is a
+    :class:`LeverError` (``--output: cannot write PATH (reason)``), ``path`` shown as given."""
+    try:
+        atomic_write_bytes(Path(path), data)
+    except OSError as exc:
+        raise LeverError(f"{flag}: cannot write {path} ({exc.strerror or exc})") from None
 
 
 def json_safe(value: Any) -> Any:

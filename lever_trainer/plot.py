@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LeverError
-from .fileio import atomic_write_bytes
+from .fileio import write_output
 
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
@@ -352,11 +352,9 @@ def draw(runs: Sequence[RunCurves], output: Path, title: str | None = None) -> l
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format=output.suffix.lower()[1:], dpi=110)
-        atomic_write_bytes(output, buffer.getvalue())
-    except OSError as exc:
-        raise LeverError(f"--output: cannot write {output} ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)
+    write_output(output, buffer.getvalue(), "--output")
     return drawn
 
 

@@ -20,7 +20,7 @@ Nothing is dropped silently; an option given with its recorded value is accepted
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -94,8 +94,25 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
     "it would remove the run being resumed": ("overwrite",),
 }
 FIXED = {dest: reason for reason, dests in _FIXED_GROUPS.items() for dest in dests}
-#: Options whose values are paths: equal when they name the same file.
-_PATHS = {"beam_data", "img_emb", "cand_emb", "sft_ckpt", "output_dir", "cache_dir"}
+#: The core options that hold file or folder paths: recorded absolute in
+#: ``run_config.json``, and equal on ``--resume`` when they name the same file.
+PATH_OPTIONS = (
+    "beam_data",
+    "img_emb",
+    "cand_emb",
+    "sft_ckpt",
+    "output_dir",
+    "cache_dir",
+    "resume",
+)
+
+
+def path_options(plugins: PluginSet) -> set[str]:
+    """The dests whose values are paths: the core ones and the active plugins' options
+    of type ``path``."""
+    return set(PATH_OPTIONS) | {
+        dest for dest, (_, option) in plugins.options().items() if option.type == "path"
+    }
 
 
 @dataclass
@@ -109,12 +126,15 @@ class ResumePlan:
     complete: str | None = None
 
 
-def same_value(dest: str, old: Any, new: Any) -> bool:
-    """Whether a given value equals the recorded one (paths: the same file)."""
+def same_value(
+    dest: str, old: Any, new: Any, paths: Collection[str] = frozenset(PATH_OPTIONS)
+) -> bool:
+    """Whether a given value equals the recorded one (``paths``, the dests that hold
+    paths: the same file)."""
     if isinstance(old, list | tuple) and isinstance(new, list | tuple):
         # repeatable options (``--plugin``): the same set, whatever the order
         return sorted(map(str, old)) == sorted(map(str, new))
-    if dest in _PATHS and isinstance(old, str) and isinstance(new, str):
+    if dest in paths and isinstance(old, str) and isinstance(new, str):
         return os.path.realpath(old) == os.path.realpath(new)
     if isinstance(old, bool) or isinstance(new, bool):
         return old is new or (old in (None, False) and new in (None, False))
@@ -178,13 +198,14 @@ def plan_resume(
     epoch_options = {p.epochs_option: p for p in phases if p.epochs_option}
     owners = phase_plugins(plugins)
     plugin_options = plugins.options()
+    paths = path_options(plugins)
     if now.get("overwrite") and "overwrite" in given:
         raise LeverError(f"--resume: cannot use {given['overwrite']}: {FIXED['overwrite']}")
     for dest, flag in given.items():
         if dest == "resume" or dest not in now:
             continue
         old, new = recorded.get(dest), now[dest]
-        if same_value(dest, old, new):
+        if same_value(dest, old, new, paths):
             continue
         shown = f"{flag} {new}" if not isinstance(new, bool) else flag
         if dest in epoch_options:

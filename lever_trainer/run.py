@@ -38,7 +38,7 @@ from .options import check_value
 from .plugins import PluginSet, load_plugins
 from .policies import DEFAULT_POLICY, build_policy, start_policy
 from .policy import TrunkConfig
-from .resuming import ResumePlan, plan_resume
+from .resuming import ResumePlan, path_options, plan_resume
 from .rewards import RewardParams, clip_reward, registry_from_plugins
 from .rundir import RunLock, check_output_dir, clear_previous_run, occupied_error, run_files
 from .state import TrainConfig
@@ -288,10 +288,12 @@ def read_run(
 
 
 def sft_policy_name(path: str, trust: bool) -> str:
-    """The policy a starting checkpoint was trained as (foreign files: ``pointer``)."""
-    from .policies import FOREIGN_POLICY, read_checkpoint, recorded_policy
+    """The policy a starting checkpoint was trained as (foreign files: ``pointer``).
+    Only the header is read; ``trust`` is for the weights, which are loaded later."""
+    from .checkpoint import header_metadata
+    from .policies import FOREIGN_POLICY, recorded_policy
 
-    recorded = recorded_policy(read_checkpoint(path, trust)[1]) if Path(path).is_file() else None
+    recorded = recorded_policy(header_metadata(path))
     return recorded[0] if recorded is not None else FOREIGN_POLICY
 
 
@@ -326,16 +328,10 @@ def check_run_config(config: Any, path: Path, check: OptionCheck | None = None) 
                 raise LeverError(f"{path}: entry 'options.{dest}' is {value!r:.60}: {problem}")
 
 
-#: The core options that hold file or folder paths.
-PATH_OPTIONS = ("beam_data", "img_emb", "cand_emb", "sft_ckpt", "output_dir", "resume")
-
-
 def absolute_paths(options: Mapping[str, Any], plugins: PluginSet) -> dict[str, Any]:
     """``options`` with every path made absolute, so that ``run_config.json`` works as a
     ``--config`` (and for ``--resume``) from any working directory."""
-    keys = set(PATH_OPTIONS) | {
-        dest for dest, (_, option) in plugins.options().items() if option.type == "path"
-    }
+    keys = path_options(plugins)
     return {
         k: os.path.abspath(os.path.expanduser(v)) if k in keys and isinstance(v, str) and v else v
         for k, v in options.items()

@@ -72,16 +72,24 @@ def describe_files(files: list[Path], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
+def _nearest_ancestor(start: Path, path: Path, flag: str) -> tuple[Path, bool]:
+    """The nearest existing folder at or above ``start`` (where ``path`` would be
+    created) and whether it can be written into; an existing ancestor that is not a
+    folder is a :class:`LeverError` for ``flag``."""
+    ancestor = start
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LeverError(f"{flag}: cannot create {path}: {ancestor} is not a directory")
+    return ancestor, os.access(ancestor, os.W_OK | os.X_OK)
+
+
 def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse, before anything is written, an output directory that cannot be created or
     written, that another run holds (its lock), or that holds a run's files (unless
     ``overwrite``, or ``resume``: a resumed run continues its own directory)."""
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LeverError(f"--output-dir: cannot create {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    ancestor, writable = _nearest_ancestor(path, path, "--output-dir")
+    if not writable:
         raise LeverError(f"--output-dir: cannot write into {ancestor} (permission denied)")
     if path.exists() and not path.is_dir():
         raise LeverError(f"--output-dir: {path} exists and is not a directory")
@@ -100,12 +108,8 @@ def check_output_file(path: Path, flag: str) -> None:
     path whose directory cannot be created or written."""
     if path.is_dir():
         raise LeverError(f"{flag}: {path} is a directory")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LeverError(f"{flag}: cannot create {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    ancestor, writable = _nearest_ancestor(path.parent, path, flag)
+    if not writable:
         raise LeverError(f"{flag}: cannot write {path}: {ancestor} is not writable")
 
 

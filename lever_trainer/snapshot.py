@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checkpoint import non_finite_count
 from .errors import LeverError, PluginError
 from .fileio import atomic_write_bytes
 from .state import StopRequest
@@ -335,7 +336,7 @@ def check_fits(trainer: Trainer, snap: dict[str, Any], path: Path) -> None:
                 f"{path}: weight {key!r} has shape {list(value.shape)}, the run's policy "
                 f"expects {list(own[key].shape)}"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if non_finite_count(value):
             raise LeverError(f"{path}: weight {key!r} holds non-finite values")
     groups = tuple(trainer.state.train.rewards_raw.shape)
     for key in ("start_logprobs", "ref_logprobs"):

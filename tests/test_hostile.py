@@ -1103,3 +1103,39 @@ def test_cache_dir_keeps_the_prepared_form_away_from_the_data(
     output = ok(train(cli, demo_files, tmp_path / "run", "--cache-dir", cache))
     assert f"prepared cache: read {prepared}" in output
     assert os.listdir(cache) == [prepared.name]
+
+
+# ============================================ a relative path option repeated on --resume
+class PathOptionPlugin:
+    """Declares one option of type ``path``."""
+
+    @hookimpl
+    def add_options(self) -> list[Any]:
+        from lever_trainer.options import Option
+
+        return [Option(("--ref-file",), type="path")]
+
+
+def test_a_relative_path_option_repeated_on_resume_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lever_trainer.phase import Phase
+    from lever_trainer.resuming import path_options, plan_resume
+
+    class Rce(Phase):
+        name = "rce"
+
+        def epochs(self, state: Any) -> int:
+            return 2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref.json").write_text("{}")
+    plugins = load_plugins(enable=("pathy",), extra=(("pathy", PathOptionPlugin()),))
+    assert {"ref_file", "cache_dir", "beam_data"} <= path_options(plugins)
+    recorded = {"ref_file": str(tmp_path / "ref.json"), "cache_dir": str(tmp_path / "cache")}
+    now = {"ref_file": "ref.json", "cache_dir": "cache"}
+    given = {"ref_file": "--ref-file", "cache_dir": "--cache-dir"}
+    snap = {"phase": "rce", "epoch": 1, "epoch_closed": True}
+    plan = plan_resume(recorded, now, given, plugins, [Rce()], snap, tmp_path)
+    assert plan.changed == {} and plan.lines == [] and plan.complete is None
+    assert plan.options == recorded
