@@ -8,6 +8,11 @@ For every selector — each checkpoint, the starting policy of the first checkpo
   pool (``judge_correct``, ``judge_reward``; SPEC section 9);
 * where the file has logged sequences, the offline metrics of SPEC section 7 for the
   policies (``val_loss``, ``policy_reward@1``, ...).
+
+Judged figures come with their uncertainty: a 95 % bootstrap interval over the queries
+for every selector's ``judge_correct``, and for each selector's difference against the
+**best heuristic** (the better of ``cosine`` and ``cosine-reversed`` on these queries)
+a paired bootstrap interval, so a gain inside the noise shows as one.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from .select import select_greedy
 from .selectors import (
     cosine_selection,
     exhaustive_baselines,
-    judge_selection,
+    judge_per_query,
+    means,
     random_baseline,
 )
+from .stats import mean_interval, paired_difference
 
 #: Baselines ``evaluate`` knows.
 BASELINES = ("random", "cosine", "cosine-reversed", "start", "best")
+#: The baselines whose better one is the best heuristic.
+HEURISTICS = ("cosine", "cosine-reversed")
 #: Metric columns of the printed table, in order.
 COLUMNS = (
     "judge_correct",
@@ -52,7 +61,8 @@ COLUMNS = (
 
 @dataclass
 class Report:
-    """What ``evaluate`` measured: one metrics dict per selector, in order."""
+    """What ``evaluate`` measured: one metrics dict per selector, in order; with a judge,
+    also each selector's verdicts query by query (``per_query``, in ``query_ids`` order)."""
 
     queries: str
     n_queries: int
@@ -60,6 +70,37 @@ class Report:
     judge: dict[str, Any] | None
     selectors: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    query_ids: list[int] = field(default_factory=list)
+    per_query: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add_judged(self, name: str, per_query: dict[str, list[float]]) -> None:
+        """Record a selector's per-query verdicts and their means."""
+        self.per_query[name] = per_query
+        self.selectors.setdefault(name, {}).update(means(per_query))
+
+    def best_heuristic(self) -> str | None:
+        """The better of ``cosine`` and ``cosine-reversed`` by ``judge_correct`` (the first
+        on a tie), or None when neither was judged."""
+        judged = [h for h in HEURISTICS if h in self.per_query]
+        if not judged:
+            return None
+        return max(judged, key=lambda h: self.selectors[h]["judge_correct"])
+
+    def intervals(self) -> dict[str, dict[str, Any]]:
+        """Per judged selector: ``judge_correct`` with its 95 % bootstrap interval over the
+        queries, and its paired difference against the best heuristic with its interval."""
+        best = self.best_heuristic()
+        out: dict[str, dict[str, Any]] = {}
+        for name, values in self.per_query.items():
+            mean, low, high = mean_interval(values["judge_correct"])
+            entry: dict[str, Any] = {"judge_correct": [mean, low, high]}
+            if best is not None and name != best:
+                diff = paired_difference(
+                    values["judge_correct"], self.per_query[best]["judge_correct"]
+                )
+                entry["vs_best_heuristic"] = {"baseline": best, "difference": list(diff)}
+            out[name] = entry
+        return out
 
     def to_json(self) -> str:
         """The report as JSON text."""
@@ -70,20 +111,50 @@ class Report:
                 "steps": self.steps,
                 "judge": self.judge,
                 "selectors": self.selectors,
+                "intervals": self.intervals(),
+                "best_heuristic": self.best_heuristic(),
+                "query_ids": self.query_ids,
+                "per_query": self.per_query,
                 "notes": self.notes,
             },
             indent=2,
         )
 
     def table(self) -> list[str]:
-        """The report as aligned text lines."""
+        """The report as aligned text lines (with a judge, each accuracy's interval and the
+        difference against the best heuristic, in points)."""
         cols = [c for c in COLUMNS if any(c in m for m in self.selectors.values())]
         width = max([len("selector"), *(len(n) for n in self.selectors)]) + 2
-        lines = ["selector".ljust(width) + "".join(f"{c:>18}" for c in cols)]
+        intervals = self.intervals() if self.per_query else {}
+        best = self.best_heuristic()
+        head = "selector".ljust(width) + "".join(f"{c:>18}" for c in cols)
+        if intervals:
+            head += f"{'95% interval':>18}{'vs ' + (best or '-'):>30}"
+        lines = [head]
         for name, metrics in self.selectors.items():
             cells = "".join(f"{metrics[c]:>18.4f}" if c in metrics else f"{'-':>18}" for c in cols)
+            if intervals:
+                cells += _interval_cells(intervals.get(name), name == best)
             lines.append(name.ljust(width) + cells)
+        if intervals and best is not None:
+            lines.append(
+                f"(intervals: 95 % bootstrap over the {self.n_queries} queries; differences "
+                f"in points against {best}, the best heuristic here, paired by query)"
+            )
         return lines
+
+
+def _interval_cells(entry: dict[str, Any] | None, is_best: bool) -> str:
+    if entry is None:
+        return f"{'-':>18}{'-':>30}"
+    _, low, high = entry["judge_correct"]
+    cells = f"{f'{low:.4f}-{high:.4f}':>18}"
+    if is_best:
+        return cells + f"{'(best heuristic)':>30}"
+    if "vs_best_heuristic" not in entry:
+        return cells + f"{'-':>30}"
+    diff, dlow, dhigh = (100 * v for v in entry["vs_best_heuristic"]["difference"])
+    return cells + f"{f'{diff:+.2f} [{dlow:+.2f}, {dhigh:+.2f}]':>30}"
 
 
 def has_logged_sequences(path: Path) -> bool:
@@ -163,15 +234,17 @@ def evaluate(
     )
     if judge is None:
         report.notes.append("no --judge: only the offline metrics of logged sequences")
+    else:
+        report.query_ids = [int(q) for q in pools.query_ids.tolist()]
     for name, model in policies.items():
         metrics: dict[str, float] = {}
         evaluator = Evaluator(model.to(device), emb, torch.device(device), batch_size)
         if table is not None:
             metrics.update(evaluator.validate(table))
+        report.selectors[name] = metrics
         if judge is not None:
             picks = select_greedy(model, pools, emb, steps, batch_size, device).picks
-            metrics.update(judge_selection(judge, pools, picks))
-        report.selectors[name] = metrics
+            report.add_judged(name, judge_per_query(judge, pools, picks))
         echo(f"evaluated {name}")
     if judge is not None:
         exact = None
@@ -179,18 +252,18 @@ def evaluate(
             exact = exhaustive_baselines(judge, pools, steps)
         if "random" in baselines:
             if exact is not None:
-                report.selectors["random"] = exact["random"]
+                report.add_judged("random", exact["random"])
                 report.notes.append("random: exact expectation over every ordered sequence")
             else:
-                report.selectors["random"] = random_baseline(judge, pools, steps)
+                report.add_judged("random", random_baseline(judge, pools, steps))
                 report.notes.append("random: mean of 20 seeded draws")
         for name, reverse in (("cosine", False), ("cosine-reversed", True)):
             if name in baselines:
                 picks = cosine_selection(pools, emb, steps, reverse)
-                report.selectors[name] = judge_selection(judge, pools, picks)
+                report.add_judged(name, judge_per_query(judge, pools, picks))
         if "best" in baselines:
             if exact is not None:
-                report.selectors["best"] = exact["best"]
+                report.add_judged("best", exact["best"])
             else:
                 report.notes.append(
                     "best: left out (the judge is not cheap, or pools hold too many sequences)"
@@ -206,4 +279,11 @@ def _recorded_shots(checkpoints: Sequence[str]) -> int | None:
     return None
 
 
-__all__ = ["BASELINES", "Report", "evaluate", "has_logged_sequences", "start_policy_of"]
+__all__ = [
+    "BASELINES",
+    "HEURISTICS",
+    "Report",
+    "evaluate",
+    "has_logged_sequences",
+    "start_policy_of",
+]

@@ -45,6 +45,12 @@ class Environment:
     version: str = "0"
     cheap: bool = False
 
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Called once, before the first verdict, with the command's options (the core's
+        and every plugin's, by ``dest``): an environment reads the options its plugin
+        declared with ``add_options`` here. ``version`` is read after this call, so an
+        option that changes the verdicts must change it. Does nothing by default."""
+
     def judge(
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
     ) -> Sequence[Mapping[str, float]]:

@@ -31,7 +31,7 @@ from .data import (
     plugin_members,
     split_train_val,
 )
-from .errors import LeverError
+from .errors import LeverError, PluginError
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .options import check_value
@@ -231,6 +231,15 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
             f"--judge: no active plugin provides environment {name!r} (available: {known})"
         )
     plugin, env = envs[name]
+    try:
+        env.configure(opts)
+    except LeverError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {plugin}: environment {name} could not be configured: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     data_opts = make_data_options(opts, plugins)
     raw_fn = registry_from_plugins(plugins).raw_fn(data_opts.reward_mode)
 

@@ -55,12 +55,27 @@ def judge_selection(
 ) -> dict[str, float]:
     """Mean ``vqa_correct`` and raw reward of one selection per query (``pool_map``:
     :func:`_pool_map` of ``pools``, when the caller has it already)."""
+    return means(judge_per_query(judge, pools, picks, pool_map))
+
+
+def judge_per_query(
+    judge: Judge,
+    pools: PoolTable,
+    picks: Sequence[Sequence[int]],
+    pool_map: dict[int, list[int]] | None = None,
+) -> dict[str, list[float]]:
+    """``judge_correct`` and ``judge_reward`` of one selection per query, query by query
+    (in the order of ``pools``)."""
     qids = pools.query_ids.tolist()
     if pool_map is None:
         pool_map = _pool_map(pools)
     rewards, correct = judge.rewards(qids, picks, pool_map)
-    n = max(len(qids), 1)
-    return {"judge_correct": sum(correct) / n, "judge_reward": sum(rewards) / n}
+    return {"judge_correct": [float(c) for c in correct], "judge_reward": list(rewards)}
+
+
+def means(per_query: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each per-query column."""
+    return {k: sum(v) / max(len(v), 1) for k, v in per_query.items()}
 
 
 def _pool_map(pools: PoolTable) -> dict[int, list[int]]:
@@ -80,49 +95,52 @@ def ordered_sequences(pool_size: int, steps: int) -> int:
 
 def exhaustive_baselines(
     judge: Judge, pools: PoolTable, steps: int, limit: int = EXHAUSTIVE_LIMIT
-) -> dict[str, dict[str, float]] | None:
-    """Exact ``random`` expectation and ``best`` sequence, judging every ordered sequence;
-    None when the judge is not cheap or a pool has more than ``limit`` sequences."""
+) -> dict[str, dict[str, list[float]]] | None:
+    """Exact ``random`` expectation and ``best`` sequence of each query, judging every
+    ordered sequence (per query, in the order of ``pools``); None when the judge is not
+    cheap or a pool has more than ``limit`` sequences."""
     if not judge.env.cheap:
         return None
     pool_map = _pool_map(pools)
     if any(ordered_sequences(len(p), steps) > limit for p in pool_map.values()):
         return None
-    sums = {"random": [0.0, 0.0], "best": [0.0, 0.0]}
+    out: dict[str, dict[str, list[float]]] = {
+        name: {"judge_correct": [], "judge_reward": []} for name in ("random", "best")
+    }
     for q, pool in pool_map.items():
         seqs = [list(s) for s in itertools.permutations(pool, steps)]
         rewards, correct = judge.rewards([q] * len(seqs), seqs, {q: pool})
-        sums["random"][0] += sum(correct) / len(seqs)
-        sums["random"][1] += sum(rewards) / len(seqs)
-        sums["best"][0] += max(correct)
-        sums["best"][1] += max(rewards)
-    n = max(len(pool_map), 1)
-    return {name: {"judge_correct": c / n, "judge_reward": r / n} for name, (c, r) in sums.items()}
+        out["random"]["judge_correct"].append(sum(correct) / len(seqs))
+        out["random"]["judge_reward"].append(sum(rewards) / len(seqs))
+        out["best"]["judge_correct"].append(float(max(correct)))
+        out["best"]["judge_reward"].append(max(rewards))
+    return out
 
 
 def random_baseline(
     judge: Judge, pools: PoolTable, steps: int, draws: int = RANDOM_DRAWS
-) -> dict[str, float]:
-    """Mean over ``draws`` seeded uniform draws of one ordered sequence per query."""
+) -> dict[str, list[float]]:
+    """Per query, the mean over ``draws`` seeded uniform draws of one ordered sequence."""
     pool_map = _pool_map(pools)
-    correct_sum = reward_sum = 0.0
+    total = {"judge_correct": [0.0] * len(pool_map), "judge_reward": [0.0] * len(pool_map)}
     for seed in range(draws):
         gen = torch.Generator().manual_seed(seed)
         picks = []
         for pool in pool_map.values():
             order = torch.randperm(len(pool), generator=gen)[:steps].tolist()
             picks.append([pool[i] for i in order])
-        scores = judge_selection(judge, pools, picks, pool_map)
-        correct_sum += scores["judge_correct"]
-        reward_sum += scores["judge_reward"]
-    return {"judge_correct": correct_sum / draws, "judge_reward": reward_sum / draws}
+        for key, values in judge_per_query(judge, pools, picks, pool_map).items():
+            total[key] = [t + v / draws for t, v in zip(total[key], values, strict=True)]
+    return total
 
 
 __all__ = [
     "EXHAUSTIVE_LIMIT",
     "cosine_selection",
     "exhaustive_baselines",
+    "judge_per_query",
     "judge_selection",
+    "means",
     "ordered_sequences",
     "random_baseline",
 ]

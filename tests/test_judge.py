@@ -185,3 +185,35 @@ def test_export_gives_rl_data_that_trains(tmp_path: Path) -> None:
     assert report.candidates_total == 3 and table.query_ids.tolist() == [7, 9]
     # raw reward hard_plus_soft = vqa_correct + vqa_acc_score
     assert table.rewards_raw[0, :2].tolist() == [0.5, 1.5]
+
+
+def test_the_digits_task_option_picks_a_sibling_task_and_keeps_its_verdicts_apart(
+    cli, tmp_path
+) -> None:
+    """--digits-task t2: that task's judge (its own parameters) under a version of its own."""
+    import lever_digits_env
+
+    t2 = lever_digits_env.files("t2")
+    split = json.loads(Path(t2["split"]).read_text())["predictor"]
+    env = lever_digits_env.DigitsEnvironment()
+    env.configure({"digits_task": "t2"})
+    assert env.params["threshold"] == split["threshold"] == 25.0
+    assert env.version.startswith("1+") and env.version != "1"
+    assert env.embeddings.shape == (1797, 16)
+    env.configure({"digits_task": "t0"})
+    assert env.version == "1" and env.params["recency"] == 0.85
+    test = json.loads(Path(t2["test"]).read_text())
+    queries = {k: v for k, v in list(test.items()) if k.isdigit()}
+    qfile = tmp_path / "q.json"
+    qfile.write_text(json.dumps(dict(list(queries.items())[:5])))
+    args = ["evaluate", "--queries", qfile, "--img-emb", t2["embeddings"], "--judge", "digits"]
+    args += ["--store", tmp_path / "v.sqlite", "--baselines", "cosine", "--output"]
+    result = cli(*args, tmp_path / "e.json", "--digits-task", "t2")
+    assert result.exit_code == 0, result.output
+    stored = VerdictStore(tmp_path / "v.sqlite").versions("digits")
+    assert list(stored) == [
+        lever_digits_env.DigitsEnvironment(lever_digits_env.TASKS["t2"]).version
+    ]
+    bad = cli(*args, tmp_path / "e2.json", "--digits-task", str(tmp_path / "nowhere"))
+    assert bad.exit_code != 0
+    assert "--digits-task" in bad.output and "Traceback" not in bad.output

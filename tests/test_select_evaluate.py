@@ -195,6 +195,59 @@ def test_evaluate_compares_checkpoints_and_baselines(cli, tmp_path, untrained) -
     assert any(line.startswith("cosine-reversed ") for line in result.output.splitlines())
 
 
+def test_evaluate_reports_intervals_and_differences_against_the_best_heuristic(
+    cli, tmp_path, untrained
+) -> None:
+    qids = sorted(int(k) for k in TEST if k.isdigit())[:60]
+    queries = write_json(tmp_path / "q.json", pools_of(qids))
+    out = tmp_path / "eval.json"
+    result = cli(
+        "evaluate",
+        untrained,
+        "--queries",
+        queries,
+        "--img-emb",
+        FILES["embeddings"],
+        "--judge",
+        "digits",
+        "--store",
+        tmp_path / "v.sqlite",
+        "--baselines",
+        "cosine,cosine-reversed,start",
+        "--output",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    env = lever_digits_env.DigitsEnvironment()
+    pools = {q: TEST[str(q)]["candidate_pool_ids"] for q in qids}
+    fwd = [v["vqa_correct"] for v in env.judge(qids, [cosine_pair(q, pools[q]) for q in qids])]
+    rev = [
+        v["vqa_correct"] for v in env.judge(qids, [cosine_pair(q, pools[q])[::-1] for q in qids])
+    ]
+    assert report["query_ids"] == qids
+    assert report["per_query"]["cosine"]["judge_correct"] == fwd
+    assert report["per_query"]["cosine-reversed"]["judge_correct"] == rev
+    best = "cosine-reversed" if sum(rev) > sum(fwd) else "cosine"
+    assert report["best_heuristic"] == best
+    other = "cosine" if best == "cosine-reversed" else "cosine-reversed"
+    diff, low, high = report["intervals"][other]["vs_best_heuristic"]["difference"]
+    assert diff == pytest.approx(
+        (sum(fwd) - sum(rev)) / len(qids) * (1 if other == "cosine" else -1)
+    )
+    assert low <= diff <= high
+    mean, low, high = report["intervals"][best]["judge_correct"]
+    assert mean == pytest.approx(max(sum(fwd), sum(rev)) / len(qids))
+    assert low < mean < high or low == mean == high
+    # the untrained policy selects exactly cosine-reversed: a difference of 0 with no spread
+    untrained_diff = report["intervals"][str(untrained)].get("vs_best_heuristic")
+    if best == "cosine-reversed":
+        assert untrained_diff["difference"] == [0.0, 0.0, 0.0]
+    # the table shows the interval and the difference in points
+    assert "95% interval" in result.output and f"vs {best}" in result.output
+    assert "(best heuristic)" in result.output
+
+
 def test_evaluate_without_judge_or_checkpoint_is_refused(cli, tmp_path) -> None:
     queries = write_json(tmp_path / "q.json", pools_of(QIDS))
     result = cli("evaluate", "--queries", queries, "--img-emb", FILES["embeddings"])

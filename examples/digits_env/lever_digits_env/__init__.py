@@ -1,11 +1,15 @@
 """The digits environment: a frozen nearest-demonstration judge over raw pixels.
 
 See this package's README for the task and the verdict formulas. ``DATA`` is the folder
-of the task's files (RL training data, test pools, embeddings, judge parameters).
+of the default task's files (RL training data, test pools, embeddings, judge parameters);
+``TASKS`` names the six bundled tasks (``t0`` is ``DATA``, ``t1``-``t5`` its siblings, each
+with its own split, embedding width, pool size and judge parameters). The option
+``--digits-task`` picks one by name, or names a folder holding the same four files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -14,27 +18,71 @@ from typing import Any
 
 import numpy as np
 
-from lever_trainer.api import Environment, hookimpl
+from lever_trainer.api import Environment, LeverError, Option, hookimpl
 
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = "environment `digits`: frozen nearest-demonstration judge of the digits task"
 
 #: The task's files.
 DATA = Path(__file__).resolve().parent / "data"
+#: The bundled tasks: name -> folder.
+TASKS = {"t0": DATA, **{f"t{i}": DATA / "tasks" / f"t{i}" for i in range(1, 6)}}
+#: The files of a task folder.
+FILES = {
+    "train": "digits_rl_train.json",
+    "test": "digits_test.json",
+    "embeddings": "digits_emb.safetensors",
+    "split": "digits_split.json",
+}
 #: Sequences judged per vectorised chunk (bounds the memory of one call).
 CHUNK = 50_000
+
+
+def task_folder(task: str | Path) -> Path:
+    """The folder of a bundled task (``t0``-``t5``) or of a task folder given by path."""
+    if str(task) in TASKS:
+        return TASKS[str(task)]
+    folder = Path(task)
+    missing = [f for f in FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise LeverError(
+            f"--digits-task: {task} is neither a bundled task ({', '.join(TASKS)}) nor a "
+            f"folder holding {', '.join(FILES.values())} (missing: {', '.join(missing)})"
+        )
+    return folder
 
 
 class DigitsEnvironment(Environment):
     """Judges (query, ordered demonstrations) pairs with the frozen digits predictor."""
 
     name = "digits"
-    version = "1"
     cheap = True
+
+    def __init__(self, folder: Path = DATA) -> None:
+        self.folder = folder
+
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """``--digits-task``: the task whose judge and embeddings this is."""
+        folder = task_folder(options.get("digits_task") or "t0")
+        if folder != self.folder:
+            self.folder = folder
+            for cached in ("params", "embeddings", "version"):
+                self.__dict__.pop(cached, None)
+
+    @cached_property
+    def version(self) -> str:  # type: ignore[override]
+        """``1`` for the default task; other tasks' verdicts are kept apart by a hash of
+        their judge parameters and embeddings."""
+        if self.folder == DATA:
+            return "1"
+        digest = hashlib.sha256()
+        for f in (FILES["split"], FILES["embeddings"]):
+            digest.update((self.folder / f).read_bytes())
+        return f"1+{digest.hexdigest()[:12]}"
 
     @cached_property
     def params(self) -> dict[str, float]:
-        split = json.loads((DATA / "digits_split.json").read_text())
+        split = json.loads((self.folder / FILES["split"]).read_text())
         return {k: float(v) for k, v in split["predictor"].items()}
 
     @cached_property
@@ -48,7 +96,8 @@ class DigitsEnvironment(Environment):
     def embeddings(self) -> np.ndarray:
         from safetensors.numpy import load_file
 
-        return np.asarray(load_file(str(DATA / "digits_emb.safetensors"))["embeddings"], np.float64)
+        emb = load_file(str(self.folder / FILES["embeddings"]))["embeddings"]
+        return np.asarray(emb, np.float64)
 
     def judge(
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
@@ -104,14 +153,25 @@ def environments() -> Mapping[str, Environment]:
     return {"digits": _ENV}
 
 
-def files() -> dict[str, Any]:
-    """Paths of the task's files."""
-    return {
-        "train": DATA / "digits_rl_train.json",
-        "test": DATA / "digits_test.json",
-        "embeddings": DATA / "digits_emb.safetensors",
-        "split": DATA / "digits_split.json",
-    }
+@hookimpl
+def add_options() -> Sequence[Option]:
+    """``--digits-task``, taken by every command that judges."""
+    return [
+        Option(
+            ("--digits-task",),
+            "str",
+            "t0",
+            "digits: the task to judge, a bundled one (t0-t5) or a folder with its files.",
+            metavar="TASK",
+            commands=("train", "evaluate"),
+        )
+    ]
 
 
-__all__ = ["DATA", "DigitsEnvironment", "files"]
+def files(task: str | Path = "t0") -> dict[str, Path]:
+    """Paths of a task's files (a bundled task's name or a task folder)."""
+    folder = task_folder(task)
+    return {key: folder / name for key, name in FILES.items()}
+
+
+__all__ = ["DATA", "FILES", "TASKS", "DigitsEnvironment", "files", "task_folder"]
