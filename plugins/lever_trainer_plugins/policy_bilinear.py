@@ -2,13 +2,19 @@
 
 Position t of the sequence scores pool item k by
 
-    logit_t,k = beta * (q . c_k + q^T A_t c_k + w_t . c_k) / tau_p
+    logit_t,k = beta * (q . c_k + q^T A_t c_k + c_k^T B_t c_k + w_t . c_k) / tau_p
 
-with q and c_k the L2-normalised query and item embeddings, A_t [d, d] and w_t [d]
+with q and c_k the L2-normalised query and item embeddings, A_t, B_t [d, d] and w_t [d]
 starting at 0 and beta (one learnable scale) at 1: the untrained policy *is* cosine
 similarity at temperature tau_p, and training learns a small correction to that metric
 per position. Items already chosen get -100, padded ones -inf. No attention, no
-dropout; about d^2 parameters per position.
+dropout; about 2 d^2 parameters per position.
+
+The candidate term ``c^T B_t c`` scores an item on its own, whatever the query: how
+far an item lies from queries in the space the downstream model compares them in
+depends on the item as well as on its direction (a normalised embedding has lost its
+length). ``--bilinear-candidate-term off`` leaves it out (and checkpoints written
+without it load without it).
 
 With ``--bilinear-order reverse`` (the default) the policy decides the **last** position
 first, then the earlier ones over the remaining items. Logits, labels and predictions
@@ -41,7 +47,14 @@ class CosineBilinearPolicy(Policy):
 
     policy_name = "cosine-bilinear"
 
-    def __init__(self, input_dim: int, shots: int, temperature: float, order: str) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        shots: int,
+        temperature: float,
+        order: str,
+        candidate_term: bool = False,
+    ) -> None:
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -51,13 +64,21 @@ class CosineBilinearPolicy(Policy):
             temperature,
             order,
         )
+        self.candidate_term = candidate_term
         self.bilinear = nn.Parameter(torch.zeros(shots, input_dim, input_dim))
         self.item_bias = nn.Parameter(torch.zeros(shots, input_dim))
         self.log_scale = nn.Parameter(torch.zeros(()))
+        if candidate_term:
+            self.candidate_quadratic = nn.Parameter(torch.zeros(shots, input_dim, input_dim))
 
     def policy_options(self) -> dict[str, Any]:
-        """Width-independent options: positions, temperature, order."""
-        return {"shots": self.shots, "temperature": self.temperature, "bilinear_order": self.order}
+        """Width-independent options: positions, temperature, order, candidate term."""
+        return {
+            "shots": self.shots,
+            "temperature": self.temperature,
+            "bilinear_order": self.order,
+            "bilinear_candidate_term": "on" if self.candidate_term else "off",
+        }
 
     def decode_order(self, steps: int) -> list[int]:
         """Last position first with ``reverse``."""
@@ -75,6 +96,8 @@ class CosineBilinearPolicy(Policy):
         c = F.normalize(cand_emb, dim=-1)
         state = q.unsqueeze(1) + torch.einsum("bd,nde->bne", q, self.bilinear) + self.item_bias
         scores = torch.einsum("bnd,bkd->bnk", state, c)
+        if self.candidate_term:
+            scores = scores + torch.einsum("bkd,nde,bke->bnk", c, self.candidate_quadratic, c)
         return scores * (self.log_scale.exp() / self.temperature)
 
     def decode(
@@ -110,7 +133,9 @@ class CosineBilinearPolicy(Policy):
 def build_policy(
     name: str, input_dim: int, options: Mapping[str, Any]
 ) -> CosineBilinearPolicy | None:
-    """``cosine-bilinear`` with ``shots`` positions, ``temperature`` (0.1) and the order."""
+    """``cosine-bilinear`` with ``shots`` positions, ``temperature`` (0.1), the order and
+    the candidate term (off when the options do not name it: a checkpoint written before
+    it existed)."""
     if name != "cosine-bilinear":
         return None
     temperature = options.get("temperature")
@@ -119,6 +144,7 @@ def build_policy(
         int(options.get("shots") or 2),
         0.1 if temperature is None else float(temperature),
         str(options.get("bilinear_order") or "reverse"),
+        options.get("bilinear_candidate_term") == "on",
     )
 
 
@@ -133,5 +159,13 @@ def add_options() -> Sequence[Option]:
             "cosine-bilinear: decide the last position first (reverse) or the first (forward).",
             dest="bilinear_order",
             choices=ORDERS,
-        )
+        ),
+        Option(
+            ("--bilinear-candidate-term",),
+            "choice",
+            "on",
+            "cosine-bilinear: score each item on its own as well (c^T B c per position).",
+            dest="bilinear_candidate_term",
+            choices=("on", "off"),
+        ),
     ]
