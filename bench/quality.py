@@ -133,7 +133,7 @@ def main() -> None:
             runs = dict(
                 zip(
                     jobs,
-                    pool.map(lambda j: train(task, j[0], j[1], files, work, env), jobs),
+                    pool.map(lambda j, t=task, f=files: train(t, j[0], j[1], f, work, env), jobs),
                     strict=True,
                 )
             )
@@ -201,7 +201,8 @@ def print_task(task: str, out: dict[str, Any], seeds: list[int]) -> None:
         if "judge_calls_per_query" in e:
             note += f", {e['judge_calls_per_query']:.1f} judge calls per training query"
         print(
-            f"  {recipe:<10}{e['accuracy']:>9.4f}{spread:>17}   {points(e['vs_best_heuristic'])}{note}"
+            f"  {recipe:<10}{e['accuracy']:>9.4f}{spread:>17}   "
+            f"{points(e['vs_best_heuristic'])}{note}"
         )
 
 
@@ -256,7 +257,8 @@ def print_summary(results: dict[str, Any], recipes: list[str], tasks: list[str])
         }
         shown = ", ".join(f"{t} {100 * d:+.2f}" for t, d in per_task.items())
         print(
-            f"  online - default: {points((mean, low, high))}; per task {shown}; {calls:.1f} judge calls per training query"
+            f"  online - default: {points((mean, low, high))}; per task {shown}; "
+            f"{calls:.1f} judge calls per training query"
         )
     return summary
 
