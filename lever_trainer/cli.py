@@ -976,22 +976,32 @@ def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def write_selection(path: Path, selection: Any, scores: bool) -> None:
-    """Write picks as JSON ``{qid: [ids]}`` (or ``{qid: {"ids", "scores"}}``), or JSON
-    Lines when ``path`` ends in ``.jsonl``."""
-    from .fileio import write_output
+class SelectionWriter:
+    """Writes picks as they are made: JSON ``{qid: [ids]}`` (or ``{qid: {"ids",
+    "scores"}}``), or JSON Lines when the output's name ends in ``.jsonl``."""
 
-    rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        lines = [
-            json.dumps({"query_id": q, "ids": p, **({"scores": s} if scores else {})})
-            for q, p, s in rows
-        ]
-        data = ("\n".join(lines) + "\n").encode()
-    else:
-        doc = {str(q): ({"ids": p, "scores": s} if scores else p) for q, p, s in rows}
-        data = (json.dumps(doc) + "\n").encode()
-    write_output(path, data, "--output")
+    def __init__(self, fh: Any, output: str, scores: bool) -> None:
+        self.fh, self.scores, self.count = fh, scores, 0
+        self.lines = Path(output).suffix.lower() in (".jsonl", ".ndjson")
+
+    def write(self, selection: Any) -> None:
+        """Append one piece of picks."""
+        rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
+        parts = []
+        for q, p, s in rows:
+            if self.lines:
+                record = {"query_id": q, "ids": p, **({"scores": s} if self.scores else {})}
+                parts.append(json.dumps(record) + "\n")
+            else:
+                value = {"ids": p, "scores": s} if self.scores else p
+                parts.append(("{" if self.count == 0 else ", ") + f'"{q}": {json.dumps(value)}')
+            self.count += 1
+        self.fh.write("".join(parts).encode())
+
+    def close(self) -> None:
+        """End the document (an empty selection is ``{}``)."""
+        if not self.lines:
+            self.fh.write(("{}\n" if self.count == 0 else "}\n").encode())
 
 
 @main.command("select", cls=GroupedCommand)
@@ -1048,7 +1058,8 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     sequences needed); a policy with a STOP item may pick fewer than --shots.
     """
     from .checkpoint import header_metadata
-    from .data import check_pool_ids, load_embeddings, load_pools
+    from .data import check_pool_ids, iter_pools, load_embeddings
+    from .fileio import STDOUT, open_output
     from .policies import policy_from_checkpoint, recorded_policy
     from .run import activate_plugins, resolve_device
     from .rundir import check_output_file
@@ -1062,37 +1073,48 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     ):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
-    output = Path(opts["output"])
-    check_output_file(output, "--output")
+    output = opts["output"]
+    to_stdout = check_output_file(output, "--output") == STDOUT
+    say = functools.partial(click.echo, err=to_stdout)  # the picks may own stdout
+    queries = Path(opts["queries"])
+    if not queries.is_file():
+        raise LeverError(f"{queries}: file not found")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    pools = load_pools(opts["queries"], opts["max_pool"])
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
-    check_pool_ids(pools, emb, opts["queries"])
     model, lines = policy_from_checkpoint(
         plugins, opts["ckpt"], emb.dim, opts["trust_checkpoint"], warn
     )
     for line in lines:
-        click.echo(line)
+        say(line)
     shots = opts["shots"]
     if shots is None:
         recorded = recorded_policy(header_metadata(opts["ckpt"]))
         shots = int((recorded[1] if recorded else {}).get("shots") or 2)
-    short = pools.pool_len < shots
-    if bool(short.any()):
-        row = int(short.nonzero()[0, 0])
-        raise LeverError(
-            f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
-            f"{int(pools.pool_len[row])} ids"
-        )
-    try:
-        selection = select_greedy(
-            model.to(device), pools, emb, shots, opts["batch_size"], device, opts["scores"]
-        )
-    except LeverError as exc:
-        raise LeverError(f"{opts['ckpt']}: {exc}") from None
-    write_selection(output, selection, opts["scores"])
-    click.echo(f"wrote {len(selection.picks)} selections to {output}")
+    model = model.to(device)
+    # Streamed: queries are read, selected and written a piece at a time, so memory
+    # stays flat in the number of queries. A regular --output file appears only once
+    # every query is done (an error midway leaves any previous file as it was).
+    with open_output(output, "--output") as fh:
+        writer = SelectionWriter(fh, output, opts["scores"])
+        for pools in iter_pools(queries, opts["max_pool"], chunk=max(opts["batch_size"], 1024)):
+            check_pool_ids(pools, emb, opts["queries"])
+            short = pools.pool_len < shots
+            if bool(short.any()):
+                row = int(short.nonzero()[0, 0])
+                raise LeverError(
+                    f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
+                    f"{int(pools.pool_len[row])} ids"
+                )
+            try:
+                selection = select_greedy(
+                    model, pools, emb, shots, opts["batch_size"], device, opts["scores"]
+                )
+            except LeverError as exc:
+                raise LeverError(f"{opts['ckpt']}: {exc}") from None
+            writer.write(selection)
+        writer.close()
+    say(f"wrote {writer.count} selections to {'standard output' if to_stdout else output}")
 
 
 @main.command("evaluate", cls=GroupedCommand)
@@ -1186,12 +1208,17 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     """
     from .assess import BASELINES, evaluate, has_logged_sequences
     from .data import load_embeddings
-    from .fileio import write_output
+    from .fileio import STDOUT, write_output
     from .run import activate_plugins, load_data, make_judge, resolve_device
+    from .rundir import check_output_file
 
     for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
+    to_stdout = False
+    if opts["output"]:
+        to_stdout = check_output_file(opts["output"], "--output") == STDOUT
+    say = functools.partial(click.echo, err=to_stdout)  # the JSON may own stdout
     baselines = [b.strip() for b in opts["baselines"].split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -1219,7 +1246,7 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         raise LeverError(f"{queries}: file not found")
     table = None
     if has_logged_sequences(queries):
-        table, _ = load_data(settings, plugins, click.echo, warn)
+        table, _ = load_data(settings, plugins, say, warn)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
     report = evaluate(
         plugins,
@@ -1234,19 +1261,19 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         opts["batch_size"],
         device,
         opts["trust_checkpoint"],
-        click.echo,
+        say,
     )
-    click.echo(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
+    say(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
     for line in report.table():
-        click.echo(line)
+        say(line)
     for note in report.notes:
-        click.echo(f"note: {note}")
+        say(f"note: {note}")
     if judge is not None:
         calls = sum(judge.calls.values())
-        click.echo(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
+        say(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
     if opts["output"]:
         write_output(opts["output"], (report.to_json() + "\n").encode(), "--output")
-        click.echo(f"wrote {opts['output']}")
+        say(f"wrote {'standard output' if to_stdout else opts['output']}")
 
 
 @main.command("export-verdicts")
@@ -1275,9 +1302,11 @@ def export_verdicts(
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
-    from .fileio import write_output
+    from .fileio import STDOUT, write_output
     from .judge import VerdictStore, default_store_path, export_rl_data
+    from .rundir import check_output_file
 
+    to_stdout = check_output_file(output, "--output") == STDOUT
     path = Path(store) if store else default_store_path()
     if not path.is_file():
         raise LeverError(f"--store: {path} does not exist")
@@ -1299,7 +1328,8 @@ def export_verdicts(
     write_output(output, (json.dumps(doc) + "\n").encode(), "--output")
     click.echo(
         f"wrote {versions[env_version]} verdicts of {queries} queries "
-        f"({judge_name} {env_version}) to {output}"
+        f"({judge_name} {env_version}) to {'standard output' if to_stdout else output}",
+        err=to_stdout,
     )
 
 
