@@ -23,7 +23,7 @@ import click
 
 from . import __version__, settings
 from .config import preset_names
-from .errors import LeverError
+from .errors import Interrupted, LeverError
 from .options import Option
 
 #: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
@@ -375,7 +375,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--judge, --store and --no-store."""
+    """--judge, --store, --no-store and --judge-timeout."""
     decorators = [
         opt(
             "--judge",
@@ -394,6 +394,16 @@ def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
         ),
         opt("--no-store", group="Judge", is_flag=True, help="Keep verdicts in memory only."),
+        opt(
+            "--judge-timeout",
+            group="Judge",
+            type=Number(float, 0),
+            default=0.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Fail the run (with a snapshot to resume from) when one call to the judge "
+            "takes longer; 0: no limit. A stop signal ends the wait at once either way.",
+        ),
     ]
     for decorator in reversed(decorators):
         fn = decorator(fn)
@@ -815,7 +825,7 @@ def install_stop_handlers(trainer: Any) -> None:
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if trainer.stop_requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted
         trainer.stop_requested = name
         click.echo(
             f"\n{name}: finishing the current step, then writing a resumable snapshot "

@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import entrypoints, hookspecs
-from .errors import LeverError, PluginError
+from .errors import Interrupted, LeverError, PluginError
 from .options import Option
 
 ENTRY_POINT_GROUP = entrypoints.ENTRY_POINT_GROUP
@@ -311,9 +311,9 @@ class PluginSet:
             try:
                 with self._calling(impl.plugin_name):
                     result = impl.function(**args)
-            except LeverError:
+            except (LeverError, Interrupted):
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
                 raise PluginError(
                     f"plugin {impl.plugin_name} failed in hook {hook_name}: "
                     f"{type(exc).__name__}: {exc}"
@@ -335,9 +335,9 @@ class PluginSet:
             try:
                 with self._calling(plugin):
                     return impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except LeverError:
+            except (LeverError, Interrupted):
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
                 raise PluginError(
                     f"plugin {plugin} failed in hook {hook_name}: {type(exc).__name__}: {exc}"
                 ) from exc

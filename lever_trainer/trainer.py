@@ -21,7 +21,7 @@ import torch
 from . import __version__, snapshot
 from .checkpoint import checkpoint_name
 from .data import Batch, Embeddings, QueryTable, iter_batches
-from .errors import LeverError, PluginError
+from .errors import Interrupted, JudgeStopped, LeverError, PluginError, StoreError
 from .evaluation import VALIDATION_METRICS, Evaluator, format_metrics
 from .judge import Judge
 from .phase import Phase
@@ -184,6 +184,11 @@ class Trainer:
         self.stop_requested: str | None = None
         self.epoch_progress: dict[str, Any] = {}
         self.step_rng: dict[str, Any] = snapshot.capture_rng(self.generator)
+        #: Whether OUTPUT_DIR holds a snapshot of this run (written, or resumed from).
+        self.has_snapshot = False
+        if judge is not None:
+            # a stop signal ends a wait for the judge at once (not after its answer)
+            judge.stop_reason = lambda: self.stop_requested
 
     # -- the whole job -----------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
@@ -223,28 +228,51 @@ class Trainer:
                 f"resumed from phase {resume['phase']} epoch {resume['epoch']} "
                 f"step {resume['step_in_epoch']}"
             )
+        self.has_snapshot = resume is not None
         for phase in to_run:
             if state.stop_request is not None:
                 break
             same_phase = resume is not None and phase.name == resume["phase"]
             try:
-                self.run_phase(phase, resume if same_phase else None)
-            except PluginError as exc:
-                # A plugin failed inside the phase: keep the last completed step (unless
-                # the failure came between a step's update and its bookkeeping, or from
-                # the snapshot itself: then the newest snapshot on disk stays).
-                if self.epoch_progress and not self.step_torn:
-                    try:
-                        self.save_snapshot(epoch_closed=False)
-                        exc.snapshot = True  # type: ignore[attr-defined]
-                    except LeverError:
-                        pass
+                try:
+                    self.run_phase(phase, resume if same_phase else None)
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    if isinstance(exc, Interrupted):
+                        raise
+                    # a phase's code that exits (or fakes an interrupt) has failed
+                    raise PluginError(
+                        f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+            except (PluginError, StoreError) as exc:
+                # A plugin, the judge or its store failed inside the phase: keep the last
+                # completed step (unless the failure came between a step's update and its
+                # bookkeeping, or before the epoch's data was made, or from the snapshot
+                # itself: then the newest snapshot on disk stays, and is the one to use).
+                self.keep_progress()
+                exc.snapshot = self.has_snapshot  # type: ignore[attr-defined]
                 raise
+            except JudgeStopped as stop:
+                self.keep_progress()
+                if not self.has_snapshot:
+                    raise LeverError(
+                        f"stopped by {stop.reason} while waiting for the judge, before this "
+                        "run wrote its first snapshot: nothing to resume; start it again"
+                    ) from None
+                raise StopRequested(stop.reason, state) from None
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
         self.plugins.call_all("on_train_end", state=state)
         return state
+
+    def keep_progress(self) -> None:
+        """After a failure inside an epoch: snapshot the last completed step, when the
+        epoch's progress is whole (see :meth:`fit`)."""
+        if self.epoch_progress and not self.step_torn:
+            try:
+                self.save_snapshot(epoch_closed=False)
+            except LeverError:
+                pass
 
     def phases_to_run(self, resume: dict[str, Any] | None) -> list[Phase]:
         """The phases with epochs, from the snapshot's phase on when resuming (see
@@ -387,6 +415,10 @@ class Trainer:
         state.epoch, state.step_in_epoch = epoch, 0
         started = time.perf_counter()
         self.model.train(self.train_mode(phase))
+        # Until the epoch's data is made, the progress on record is the previous epoch's:
+        # a failure in between (a judge that fails mid-round) must not snapshot it as
+        # this epoch's. The newest snapshot on disk (the previous epoch's end) stays.
+        self.epoch_progress = {}
         data = phase.epoch_data(state, epoch, resumed=progress is not None)
         table = state.train if data is None else data.table
         if progress is not None:  # resuming inside this epoch
@@ -657,6 +689,7 @@ class Trainer:
         """Write the resume snapshot to ``OUTPUT_DIR/resume.pt``, atomically."""
         path = self.output_dir / SNAPSHOT_NAME
         snapshot.write(path, snapshot.take(self, epoch_closed))
+        self.has_snapshot = True
         return path
 
     def compute_logprobs(self, table: QueryTable) -> torch.Tensor:

@@ -56,7 +56,12 @@ class Counting(Environment):
     def judge(self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> list[dict]:
         self.asked += [(q, tuple(s)) for q, s in zip(query_ids, sequences, strict=True)]
         return [
-            {"vqa_correct": float(s[-1] % 2 == 0), "vqa_acc_score": 0.5, "vqa_gt_prob": 0.25}
+            {
+                "vqa_correct": float(s[-1] % 2 == 0),
+                "vqa_acc_score": 0.5,
+                "vqa_gt_prob": 0.25,
+                "vqa_rel_score": 0.0,
+            }
             for s in sequences
         ]
 
@@ -70,7 +75,12 @@ def test_verdicts_are_stored_and_never_judged_twice(tmp_path: Path) -> None:
     judge = Judge(env, "toy-plugin", VerdictStore(tmp_path / "v.sqlite"), reward)
     first = judge.verdicts([1, 1, 2], [[3, 4], [4, 3], [3, 4]])
     assert [v["vqa_correct"] for v in first] == [1.0, 0.0, 1.0]
-    assert first[0]["vqa_rel_score"] == 0.0  # a missing field counts as 0 (SPEC 3.1)
+    assert first[0] == {
+        "vqa_correct": 1.0,
+        "vqa_acc_score": 0.5,
+        "vqa_gt_prob": 0.25,
+        "vqa_rel_score": 0.0,
+    }
     again = judge.verdicts([1, 2, 1], [[3, 4], [3, 4], [3, 4]])
     assert len(env.asked) == 3 and again[0] == first[0]
     assert judge.calls == {1: 2, 2: 1}
@@ -119,7 +129,7 @@ def test_store_of_another_environment_version_is_not_reused(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"this is no database, just text" * 100, "not a readable verdict store"),
+        (b"this is no database, just text" * 100, "the verdict store is damaged .* move it aside"),
         (None, r"not a lever-train verdict store \(it holds tables other\)"),
     ],
 )
@@ -147,6 +157,14 @@ def boom(q, s):
     raise RuntimeError("model server unreachable")
 
 
+def _exits(q, s):
+    raise SystemExit(0)
+
+
+def _interrupts(q, s):
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize(
     "answer, message",
     [
@@ -161,6 +179,24 @@ def boom(q, s):
             "vqa_correct is 0.5, expected 0 or 1",
         ),
         (lambda q, s: ["yes"] * len(q), "expected a mapping of verdict fields, got str"),
+        (
+            lambda q, s: [{"correct": 1}] * len(q),
+            r"judged query 1 sequence \[3, 4\]: verdict field vqa_correct is missing",
+        ),
+        (
+            lambda q, s: [{"vqa_correct": 1, "vqa_acc_score": 0.5, "vqa_gt_prob": 0.5}] * len(q),
+            "verdict field vqa_rel_score is missing",
+        ),
+        (
+            lambda q, s: [dict.fromkeys(VERDICT_FIELDS, 1.0) | {"vqa_gt_prob": 1.5}] * len(q),
+            r"vqa_gt_prob is 1.5, expected a number in \[0, 1\]",
+        ),
+        (
+            lambda q, s: [dict.fromkeys(VERDICT_FIELDS, True)] * len(q),
+            "vqa_correct is True, expected a number",
+        ),
+        (_exits, "plugin badp: environment bad failed: SystemExit: 0"),
+        (_interrupts, "plugin badp: environment bad failed: KeyboardInterrupt"),
     ],
 )
 def test_a_bad_judge_answer_names_the_plugin(tmp_path: Path, answer, message) -> None:
