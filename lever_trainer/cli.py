@@ -754,6 +754,7 @@ def main() -> None:
 @user_errors
 def train(ctx: click.Context, **opts: Any) -> None:
     """Train on RL data: every active phase in order (RCE, then GRPO, by default)."""
+    settings.check_environment(ctx)
     settings.resolve_plugin_lists(ctx, opts)
     for line in settings.warnings(ctx):
         warn(line)
@@ -932,6 +933,9 @@ def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -
             raise LeverError("--output: name the picture to write when plotting several runs")
         output = str(paths[0] / "curves.png")
     runs = [read_run(p, n) for p, n in zip(paths, run_names(paths), strict=True)]
+    for run in runs:
+        for note in run.notes:
+            click.echo(f"note: {note}", err=True)
     draw(runs, Path(output), title)
     click.echo(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
@@ -1237,6 +1241,15 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         )
     if not checkpoints and not opts.get("judge"):
         raise LeverError("nothing to measure: give checkpoints, or --judge NAME for the baselines")
+    if "start" in baselines and not checkpoints:
+        if ctx.get_parameter_source("baselines") != click.core.ParameterSource.DEFAULT:
+            raise LeverError(
+                "--baselines start: the starting policy is rebuilt from a checkpoint's "
+                "metadata; give a checkpoint, or leave start out"
+            )
+        baselines.remove("start")  # the default list: measured when there is a checkpoint
+    if not checkpoints and not baselines:
+        raise LeverError("--baselines: nothing to measure: give checkpoints or baselines")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
     settings = {
@@ -1273,6 +1286,11 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         opts["trust_checkpoint"],
         say,
     )
+    if not report.selectors:
+        raise LeverError(
+            f"nothing was measured on {queries} (baselines {', '.join(baselines)}): "
+            "give a checkpoint, or baselines that apply"
+        )
     say(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
     for line in report.table():
         say(line)

@@ -172,6 +172,15 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         "plugins": plugin_states,
         **trainer.epoch_progress,
         **trainer.step_rng,
+        # the plugins that have not seen the last step (one failed in on_step_end)
+        **(
+            {
+                "pending_step_end": list(trainer.pending_step_end),
+                "pending_last_step": state.last_step,
+            }
+            if trainer.pending_step_end and not epoch_closed
+            else {}
+        ),
     }
 
 

@@ -184,6 +184,8 @@ class Trainer:
         self.stop_requested: str | None = None
         self.epoch_progress: dict[str, Any] = {}
         self.step_rng: dict[str, Any] = snapshot.capture_rng(self.generator)
+        #: Plugins whose ``on_step_end`` did not run for the last step (one failed).
+        self.pending_step_end: list[str] = []
         #: Whether OUTPUT_DIR holds a snapshot of this run (written, or resumed from).
         self.has_snapshot = False
         if judge is not None:
@@ -430,6 +432,11 @@ class Trainer:
             }
             state.step_in_epoch = progress["step_in_epoch"]
             snapshot.restore_rng(progress)
+            pending = [n for n in progress.get("pending_step_end") or [] if n in self.plugins.names]
+            if pending:  # the last step, for the plugins that failed to see it
+                state.last_step = dict(progress.get("pending_last_step") or {})
+                for name in pending:
+                    self.plugins.call_plugin(name, "on_step_end", state=state)
         else:
             if data is None:
                 order = self.epoch_rows(phase, epoch)
@@ -516,7 +523,14 @@ class Trainer:
         state.global_step += 1
         state.step_in_epoch += 1
         self.step_rng = snapshot.capture_rng(self.generator)
-        self.plugins.call_all("on_step_end", state=state)
+        try:
+            self.plugins.call_all("on_step_end", state=state)
+        except PluginError:
+            # The step is done, but the failing plugin and those after it have not seen
+            # it (a tracker that lost its server): the snapshot names them, and the
+            # resumed run gives them this step before the next one.
+            self.pending_step_end = list(self.plugins.unfinished)
+            raise
         if self.stop_requested is not None:
             self.save_snapshot(epoch_closed=False)
             raise StopRequested(self.stop_requested, state)
