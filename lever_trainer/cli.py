@@ -1073,10 +1073,9 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     """
     from .checkpoint import header_metadata
     from .data import check_pool_ids, iter_pools, load_embeddings
-    from .fileio import STDOUT, open_output
+    from .fileio import STDOUT, open_output, output_kind
     from .policies import policy_from_checkpoint, recorded_policy
     from .run import activate_plugins, resolve_device
-    from .rundir import check_output_file
     from .select import select_greedy
 
     for name, flag in (
@@ -1088,7 +1087,7 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
     output = opts["output"]
-    to_stdout = check_output_file(output, "--output") == STDOUT
+    to_stdout = output_kind(output, "--output") == STDOUT
     say = functools.partial(click.echo, err=to_stdout)  # the picks may own stdout
     queries = Path(opts["queries"])
     if not queries.is_file():
@@ -1222,16 +1221,15 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     """
     from .assess import BASELINES, evaluate, has_logged_sequences
     from .data import load_embeddings
-    from .fileio import STDOUT, write_output
+    from .fileio import STDOUT, output_kind, write_output
     from .run import activate_plugins, load_data, make_judge, resolve_device
-    from .rundir import check_output_file
 
     for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
     to_stdout = False
     if opts["output"]:
-        to_stdout = check_output_file(opts["output"], "--output") == STDOUT
+        to_stdout = output_kind(opts["output"], "--output") == STDOUT
     say = functools.partial(click.echo, err=to_stdout)  # the JSON may own stdout
     baselines = [b.strip() for b in opts["baselines"].split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
@@ -1330,11 +1328,10 @@ def export_verdicts(
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
-    from .fileio import STDOUT, write_output
+    from .fileio import STDOUT, output_kind, write_output
     from .judge import VerdictStore, default_store_path, export_rl_data
-    from .rundir import check_output_file
 
-    to_stdout = check_output_file(output, "--output") == STDOUT
+    to_stdout = output_kind(output, "--output") == STDOUT
     path = Path(store) if store else default_store_path()
     if not path.is_file():
         raise LeverError(f"--store: {path} does not exist")

@@ -503,8 +503,8 @@ def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any
                 union.setdefault(int(g), len(union))
         if union:
             for seq, _, _ in group:  # a verdict stored without its pool
-                for g in seq:
-                    union.setdefault(g, len(union))
+                for gid in seq:
+                    union.setdefault(gid, len(union))
         cands = []
         for seq, verdict, _ in group:
             cand: dict[str, Any] = {"gen_method": "judge", **verdict}

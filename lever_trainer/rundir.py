@@ -25,7 +25,6 @@ from types import TracebackType
 from typing import Any
 
 from .errors import LeverError
-from .fileio import output_kind
 
 try:  # POSIX; elsewhere runs go unlocked (see RunLock)
     import fcntl
@@ -105,13 +104,6 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
     existing = run_files(path)
     if existing:
         raise occupied_error(path, existing)
-
-
-def check_output_file(path: str | os.PathLike[str], flag: str) -> str:
-    """Refuse, before any work, an output that cannot be written (see
-    :func:`~lever_trainer.fileio.output_kind`: a directory, a block device, a link, a
-    folder that cannot be created or written); returns how it will be written."""
-    return output_kind(path, flag)
 
 
 def occupied_error(path: Path, existing: list[Path]) -> LeverError:
@@ -325,7 +317,6 @@ __all__ = [
     "RUN_FILE_NAMES",
     "RunLock",
     "check_output_dir",
-    "check_output_file",
     "clear_previous_run",
     "is_run_file",
     "lock_holder",

@@ -251,7 +251,7 @@ class Trainer:
                 # bookkeeping, or before the epoch's data was made, or from the snapshot
                 # itself: then the newest snapshot on disk stays, and is the one to use).
                 self.keep_progress()
-                exc.snapshot = self.has_snapshot  # type: ignore[attr-defined]
+                exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
                 raise
             except JudgeStopped as stop:
                 self.keep_progress()
