@@ -73,6 +73,16 @@ def sequence_key(sequence: Sequence[int]) -> str:
     return ",".join(str(int(g)) for g in sequence)
 
 
+def _ids(text: Any, where: str) -> list[int]:
+    """A stored sequence or pool (``"12,7"``) as ids; ValueError when it is not one."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {text!r} is not a list of ids")
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a list of ids") from None
+
+
 class VerdictStore:
     """Verdicts in SQLite: ``(env, version, query, sequence) -> fields``; safe to share.
 
@@ -277,7 +287,7 @@ class VerdictStore:
         version, by query; ``pool`` is the one that verdict was judged with."""
         with self._guard():
             pools = {
-                int(i): [int(g) for g in p.split(",")]
+                i: _ids(p, f"pool {i}")
                 for i, p in self.db.execute(
                     "SELECT id, pool FROM verdict_pools WHERE env=? AND version=?",
                     (env, version),
@@ -291,7 +301,9 @@ class VerdictStore:
             for q, seq, *fields, pool_id in rows:
                 where = f"query {q} sequence {seq}"
                 verdict = self._verdict(fields, where)
-                yield int(q), [int(g) for g in seq.split(",")], verdict, pools.get(pool_id)
+                if isinstance(q, bool) or not isinstance(q, int):
+                    raise ValueError(f"{where}: the query is {q!r}")
+                yield q, _ids(seq, where), verdict, pools.get(pool_id)
 
     def close(self) -> None:
         """Close the connection."""

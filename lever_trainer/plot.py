@@ -105,9 +105,10 @@ MAX_COUNT = 10**9
 
 
 def _count(entry: dict[str, Any], key: str, path: Path, number: int) -> None:
-    """``entry[key]``, when present, must be a whole number in ``[0, MAX_COUNT]``."""
+    """``entry[key]`` must be a whole number in ``[0, MAX_COUNT]`` (``epoch`` always; the
+    others where present and not null)."""
     value = entry.get(key)
-    if value is None:
+    if value is None and key != "epoch":
         return
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not whole or not 0 <= value <= MAX_COUNT:
