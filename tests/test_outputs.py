@@ -145,10 +145,10 @@ def test_output_naming_a_directory_is_refused(cli, tmp_path, untrained, command)
             target,
         ]
     else:
-        from lever_trainer.judge import VerdictStore
+        from lever_trainer.judge import VERDICT_FIELDS, VerdictStore
 
         store = VerdictStore(tmp_path / "v.sqlite")
-        store.put("digits", "1", [(1, "2,3", dict.fromkeys(("vqa_correct",), 1.0))])
+        store.put("digits", "1", [(1, "2,3", dict.fromkeys(VERDICT_FIELDS, 1.0))])
         store.close()
         args = ["export-verdicts", "--store", str(tmp_path / "v.sqlite"), "--judge", "digits"]
         args += ["--output", target]
