@@ -324,6 +324,13 @@ def check(snap: dict[str, Any], path: Path) -> None:
                 f"{path}: entry {key!r} should be {what}, found {type(value).__name__} "
                 f"{value!r:.60}"
             )
+    pending = snap.get("pending_step_end")
+    if pending is not None and not (
+        isinstance(pending, list) and all(isinstance(n, str) for n in pending)
+    ):
+        raise LeverError(f"{path}: entry 'pending_step_end' should be a list of plugin names")
+    if not isinstance(snap.get("pending_last_step", {}), dict):
+        raise LeverError(f"{path}: entry 'pending_last_step' should be a dict of step values")
     if snap.get("start_model") is not None and not _ENTRIES["model"][1](snap["start_model"]):
         raise LeverError(f"{path}: entry 'start_model' should be a dict of tensors")
 

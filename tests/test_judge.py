@@ -221,3 +221,36 @@ def test_export_gives_rl_data_that_trains(tmp_path: Path) -> None:
     assert report.candidates_total == 3 and table.query_ids.tolist() == [7, 9]
     # raw reward hard_plus_soft = vqa_correct + vqa_acc_score
     assert table.rewards_raw[0, :2].tolist() == [0.5, 1.5]
+
+
+class Sleepy(Environment):
+    name, version = "sleepy", "1"
+
+    def judge(self, query_ids, sequences):
+        import time
+
+        time.sleep(30)
+        return []
+
+
+def test_a_judge_call_past_its_timeout_is_a_plugin_error(tmp_path: Path) -> None:
+    import time
+
+    judge = Judge(Sleepy(), "sleepp", None, reward, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(PluginError, match=r"plugin sleepp: environment sleepy gave no answer within 0\.3 s for 1 sequences \(--judge-timeout\)"):  # fmt: skip
+        judge.verdicts([1], [[3, 4]])
+    assert time.monotonic() - started < 5
+
+
+def test_a_stop_request_ends_the_wait_for_the_judge(tmp_path: Path) -> None:
+    import time
+
+    from lever_trainer.errors import JudgeStopped
+
+    judge = Judge(Sleepy(), "sleepp", None, reward)
+    started = time.monotonic()
+    judge.stop_reason = lambda: "SIGTERM" if time.monotonic() - started > 0.3 else None
+    with pytest.raises(JudgeStopped, match="SIGTERM"):
+        judge.verdicts([1], [[3, 4]])
+    assert time.monotonic() - started < 5

@@ -156,3 +156,9 @@ def test_a_step_a_plugin_failed_to_take_is_given_to_it_after_resume(demo_files, 
     assert tracker.logged == full_tracker.logged
     lines = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     assert [x["global_step"] for x in lines] == list(range(1, len(full_tracker.logged) + 1))
+    # a tampered record of them is one line, not a traceback on resume
+    from lever_trainer import snapshot as snapshots
+
+    for key, value in (("pending_step_end", 5), ("pending_last_step", [1])):
+        with pytest.raises(LeverError, match=key):
+            snapshots.check({**snapshot, key: value}, out / SNAPSHOT_NAME)
