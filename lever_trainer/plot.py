@@ -110,13 +110,18 @@ def _count(entry: dict[str, Any], key: str, path: Path, number: int) -> None:
     value = entry.get(key)
     if value is None and key != "epoch":
         return
-    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole or not 0 <= value <= MAX_COUNT:
-        raise LeverError(
-            f"{path}: line {number}: {key} is {value!r:.40}, expected a whole number from 0 "
-            f"to {MAX_COUNT}"
-        )
-    entry[key] = int(value)
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= MAX_COUNT  # before float(): an integer past any float is refused
+        and float(value).is_integer()
+    ):
+        entry[key] = int(value)
+        return
+    raise LeverError(
+        f"{path}: line {number}: {key} is {value!r:.40}, expected a whole number from 0 "
+        f"to {MAX_COUNT}"
+    )
 
 
 def _read_jsonl(path: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
