@@ -132,33 +132,72 @@ def output_kind(path: str | os.PathLike[str], flag: str) -> str:
     return FILE
 
 
+class OutputFile:
+    """The file :func:`open_output` yields: ``write`` bytes; a failure to write is a
+    :class:`LeverError` naming the output (other errors of the caller pass untouched)."""
+
+    def __init__(self, fh: IO[bytes], text: str, flag: str) -> None:
+        self.fh, self.text, self.flag = fh, text, flag
+
+    def error(self, exc: OSError) -> LeverError:
+        """``--output: cannot write PATH (reason)``."""
+        return LeverError(f"{self.flag}: cannot write {self.text} ({exc.strerror or exc})")
+
+    def write(self, data: bytes) -> None:
+        """Write all of ``data`` (an unbuffered stream may take it in parts)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.fh.write(view) or 0 :]
+        except OSError as exc:
+            raise self.error(exc) from None
+
+
 @contextlib.contextmanager
-def open_output(path: str | os.PathLike[str], flag: str) -> Iterator[IO[bytes]]:
+def open_output(path: str | os.PathLike[str], flag: str) -> Iterator[OutputFile]:
     """A binary file to write the output named with ``flag`` into (see :func:`output_kind`).
 
     A regular file is written to a temporary file beside it and renamed over it only when
     the ``with`` block ends without an exception, so an error (or a kill) midway leaves
-    the previous file as it was. Standard output and streams are written directly. An
-    ``OSError`` becomes a :class:`LeverError` (``--output: cannot write PATH (reason)``).
+    the previous file as it was. Standard output and streams are written directly. A
+    failure to open, write or finish the output is a :class:`LeverError`
+    (``--output: cannot write PATH (reason)``); the caller's own errors pass untouched.
     """
     text = os.fspath(path)
     kind = output_kind(text, flag)
-    try:
-        if kind == STDOUT:
-            out = sys.stdout.buffer
-            yield out
-            out.flush()
-        elif kind == STREAM:
-            sys.stdout.flush()  # what was printed before comes first on /dev/stdout
+    guard = OutputFile(sys.stdout.buffer, text, flag)  # for its error() until opened
+    if kind == STDOUT:
+        yield guard
+        try:
+            sys.stdout.buffer.flush()
+        except OSError as exc:
+            raise guard.error(exc) from None
+        return
+    if kind == STREAM:
+        sys.stdout.flush()  # what was printed before comes first on /dev/stdout
+        try:
             # no O_CREAT, no O_TRUNC: a pipe or device is written, never made or cut
-            fd = os.open(text, os.O_WRONLY)
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-        else:
-            with _atomic_file(Path(text)) as fh:
-                yield fh
+            # unbuffered: every write reaches the pipe (or fails) where it is made
+            stream = os.fdopen(os.open(text, os.O_WRONLY), "wb", buffering=0)
+        except OSError as exc:
+            raise guard.error(exc) from None
+        with stream:
+            yield OutputFile(stream, text, flag)
+        return
+    try:
+        atomic = _atomic_file(Path(text))
+        temporary = atomic.__enter__()
     except OSError as exc:
-        raise LeverError(f"{flag}: cannot write {text} ({exc.strerror or exc})") from None
+        raise guard.error(exc) from None
+    try:
+        yield OutputFile(temporary, text, flag)
+    except BaseException:
+        atomic.__exit__(*sys.exc_info())  # removes the temporary file
+        raise
+    try:
+        atomic.__exit__(None, None, None)
+    except OSError as exc:
+        raise guard.error(exc) from None
 
 
 @contextlib.contextmanager

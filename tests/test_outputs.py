@@ -230,3 +230,29 @@ def test_training_refuses_a_planted_steps_link(cli, demo_files, tmp_path) -> Non
     assert result.exit_code == 2, result.output
     assert "steps.jsonl is a symbolic link" in result.output and "Traceback" not in result.output
     assert precious.read_text() == "keep me\n"
+
+
+def test_a_write_that_fails_is_one_line_naming_the_output(cli, tmp_path, untrained) -> None:
+    """``/dev/full`` answers every write with ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    queries = write_json(tmp_path / "q.json", pools_of(QIDS))
+    result = cli(*select_args(untrained, queries, "/dev/full"))
+    assert_user_error(result, "--output: cannot write /dev/full", "No space left on device")
+
+
+def test_an_unreadable_query_file_is_named_as_the_input(cli, tmp_path, untrained, monkeypatch):
+    import lever_trainer.data.pools as pools_module
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied")
+        yield  # a generator, as the real reader
+
+    monkeypatch.setattr(pools_module, "_jsonl_members", unreadable)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("[1, [2, 3]]\n")
+    out = tmp_path / "picks.json"
+    out.write_text("previous\n")
+    result = cli(*select_args(untrained, queries, str(out)))
+    assert_user_error(result, "q.jsonl: cannot read (Permission denied)")
+    assert out.read_text() == "previous\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,10 +163,15 @@ def _jsonl_members(path: Path) -> Iterator[tuple[str, Any]]:
             yield str(qid), pool
 
 
-def _members(path: Path) -> Iterable[tuple[str, Any]]:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return _jsonl_members(path)
-    return iter_object_members(path)
+def _members(path: Path) -> Iterator[tuple[str, Any]]:
+    """The file's ``(key, value)`` members; a file that cannot be read is one line."""
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            yield from _jsonl_members(path)
+        else:
+            yield from iter_object_members(path)
+    except OSError as exc:
+        raise LeverError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _table(qids: list[int], pools: list[list[int]], cut: int) -> PoolTable:
