@@ -219,7 +219,10 @@ class Trainer:
                         "validation ranks the logged candidates only (policy_*@1); give "
                         "--judge NAME to judge the policy's own free selection"
                     )
-                state.start_metrics = self.evaluator.validate(state.val)
+                try:
+                    state.start_metrics = self.evaluator.validate(state.val)
+                except JudgeStopped as stop:
+                    raise LeverError(self.stopped_early(stop)) from None
                 state.log("start: " + format_metrics(state.start_metrics))
                 self.plugins.call_all(
                     "on_start_validation", state=state, metrics=state.start_metrics
@@ -256,16 +259,21 @@ class Trainer:
             except JudgeStopped as stop:
                 self.keep_progress()
                 if not self.has_snapshot:
-                    raise LeverError(
-                        f"stopped by {stop.reason} while waiting for the judge, before this "
-                        "run wrote its first snapshot: nothing to resume; start it again"
-                    ) from None
+                    raise LeverError(self.stopped_early(stop)) from None
                 raise StopRequested(stop.reason, state) from None
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
         self.plugins.call_all("on_train_end", state=state)
         return state
+
+    @staticmethod
+    def stopped_early(stop: JudgeStopped) -> str:
+        """The line for a stop while the judge was asked, before any snapshot."""
+        return (
+            f"stopped by {stop.reason} while waiting for the judge, before this run wrote "
+            "its first snapshot: nothing to resume; start it again"
+        )
 
     def keep_progress(self) -> None:
         """After a failure inside an epoch: snapshot the last completed step, when the

@@ -254,3 +254,21 @@ def test_a_stop_request_ends_the_wait_for_the_judge(tmp_path: Path) -> None:
     with pytest.raises(JudgeStopped, match="SIGTERM"):
         judge.verdicts([1], [[3, 4]])
     assert time.monotonic() - started < 5
+
+
+def test_a_stop_during_the_start_validation_is_one_line(tmp_path: Path) -> None:
+    """No snapshot exists yet: the line says there is nothing to resume."""
+    import time
+
+    from test_trainer import make_trainer
+
+    data = tmp_path / "d.json"
+    doc = json.loads(Path(FILES["train"]).read_text())
+    data.write_text(json.dumps({k: doc[k] for k in [k for k in doc if k.isdigit()][:20]}))
+    judge = Judge(Sleepy(), "sleepp", None, reward)
+    trainer = make_trainer((data, Path(FILES["embeddings"])), tmp_path / "run", judge=judge)
+    started = time.monotonic()
+    trainer.stop_requested = "SIGTERM"
+    with pytest.raises(LeverError, match="stopped by SIGTERM while waiting for the judge, before this run wrote its first snapshot: nothing to resume"):  # fmt: skip
+        trainer.fit()
+    assert time.monotonic() - started < 10
