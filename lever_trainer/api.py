@@ -24,7 +24,7 @@ from .data import (
 )
 from .errors import LeverError, PluginError
 from .evaluation import format_metrics, policy_logprobs
-from .fileio import atomic_write_bytes, json_line, json_safe
+from .fileio import append_text, atomic_write_bytes, json_line, json_safe, truncate_file
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .judge import VERDICT_FIELDS, Environment
@@ -116,6 +116,7 @@ __all__ = [
     "TrainState",
     "TrunkConfig",
     "adapt_kl_beta",
+    "append_text",
     "atomic_write_bytes",
     "bounded_log_ratio",
     "decode_steps",
@@ -148,5 +149,6 @@ __all__ = [
     "softmax_weights",
     "step_entropy",
     "top_k_mask",
+    "truncate_file",
     "weighted_sequence_loss",
 ]

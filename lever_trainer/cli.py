@@ -23,7 +23,7 @@ import click
 
 from . import __version__, settings
 from .config import preset_names
-from .errors import LeverError
+from .errors import Interrupted, LeverError
 from .options import Option
 
 #: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
@@ -375,7 +375,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--judge, --store and --no-store."""
+    """--judge, --store, --no-store and --judge-timeout."""
     decorators = [
         opt(
             "--judge",
@@ -394,6 +394,16 @@ def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
         ),
         opt("--no-store", group="Judge", is_flag=True, help="Keep verdicts in memory only."),
+        opt(
+            "--judge-timeout",
+            group="Judge",
+            type=Number(float, 0),
+            default=0.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Fail the run (with a snapshot to resume from) when one call to the judge "
+            "takes longer; 0: no limit. A stop signal ends the wait at once either way.",
+        ),
     ]
     for decorator in reversed(decorators):
         fn = decorator(fn)
@@ -744,6 +754,7 @@ def main() -> None:
 @user_errors
 def train(ctx: click.Context, **opts: Any) -> None:
     """Train on RL data: every active phase in order (RCE, then GRPO, by default)."""
+    settings.check_environment(ctx)
     settings.resolve_plugin_lists(ctx, opts)
     for line in settings.warnings(ctx):
         warn(line)
@@ -815,7 +826,7 @@ def install_stop_handlers(trainer: Any) -> None:
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if trainer.stop_requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted
         trainer.stop_requested = name
         click.echo(
             f"\n{name}: finishing the current step, then writing a resumable snapshot "
@@ -922,6 +933,9 @@ def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -
             raise LeverError("--output: name the picture to write when plotting several runs")
         output = str(paths[0] / "curves.png")
     runs = [read_run(p, n) for p, n in zip(paths, run_names(paths), strict=True)]
+    for run in runs:
+        for note in run.notes:
+            click.echo(f"note: {note}", err=True)
     draw(runs, Path(output), title)
     click.echo(f"wrote {output} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
@@ -976,22 +990,32 @@ def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def write_selection(path: Path, selection: Any, scores: bool) -> None:
-    """Write picks as JSON ``{qid: [ids]}`` (or ``{qid: {"ids", "scores"}}``), or JSON
-    Lines when ``path`` ends in ``.jsonl``."""
-    from .fileio import write_output
+class SelectionWriter:
+    """Writes picks as they are made: JSON ``{qid: [ids]}`` (or ``{qid: {"ids",
+    "scores"}}``), or JSON Lines when the output's name ends in ``.jsonl``."""
 
-    rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        lines = [
-            json.dumps({"query_id": q, "ids": p, **({"scores": s} if scores else {})})
-            for q, p, s in rows
-        ]
-        data = ("\n".join(lines) + "\n").encode()
-    else:
-        doc = {str(q): ({"ids": p, "scores": s} if scores else p) for q, p, s in rows}
-        data = (json.dumps(doc) + "\n").encode()
-    write_output(path, data, "--output")
+    def __init__(self, fh: Any, output: str, scores: bool) -> None:
+        self.fh, self.scores, self.count = fh, scores, 0
+        self.lines = Path(output).suffix.lower() in (".jsonl", ".ndjson")
+
+    def write(self, selection: Any) -> None:
+        """Append one piece of picks."""
+        rows = zip(selection.query_ids, selection.picks, selection.scores, strict=True)
+        parts = []
+        for q, p, s in rows:
+            if self.lines:
+                record = {"query_id": q, "ids": p, **({"scores": s} if self.scores else {})}
+                parts.append(json.dumps(record) + "\n")
+            else:
+                value = {"ids": p, "scores": s} if self.scores else p
+                parts.append(("{" if self.count == 0 else ", ") + f'"{q}": {json.dumps(value)}')
+            self.count += 1
+        self.fh.write("".join(parts).encode())
+
+    def close(self) -> None:
+        """End the document (an empty selection is ``{}``)."""
+        if not self.lines:
+            self.fh.write(("{}\n" if self.count == 0 else "}\n").encode())
 
 
 @main.command("select", cls=GroupedCommand)
@@ -1048,10 +1072,10 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     sequences needed); a policy with a STOP item may pick fewer than --shots.
     """
     from .checkpoint import header_metadata
-    from .data import check_pool_ids, load_embeddings, load_pools
+    from .data import check_pool_ids, iter_pools, load_embeddings
+    from .fileio import STDOUT, open_output, output_kind
     from .policies import policy_from_checkpoint, recorded_policy
     from .run import activate_plugins, resolve_device
-    from .rundir import check_output_file
     from .select import select_greedy
 
     for name, flag in (
@@ -1062,37 +1086,48 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     ):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
-    output = Path(opts["output"])
-    check_output_file(output, "--output")
+    output = opts["output"]
+    to_stdout = output_kind(output, "--output") == STDOUT
+    say = functools.partial(click.echo, err=to_stdout)  # the picks may own stdout
+    queries = Path(opts["queries"])
+    if not queries.is_file():
+        raise LeverError(f"{queries}: file not found")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    pools = load_pools(opts["queries"], opts["max_pool"])
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
-    check_pool_ids(pools, emb, opts["queries"])
     model, lines = policy_from_checkpoint(
         plugins, opts["ckpt"], emb.dim, opts["trust_checkpoint"], warn
     )
     for line in lines:
-        click.echo(line)
+        say(line)
     shots = opts["shots"]
     if shots is None:
         recorded = recorded_policy(header_metadata(opts["ckpt"]))
         shots = int((recorded[1] if recorded else {}).get("shots") or 2)
-    short = pools.pool_len < shots
-    if bool(short.any()):
-        row = int(short.nonzero()[0, 0])
-        raise LeverError(
-            f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
-            f"{int(pools.pool_len[row])} ids"
-        )
-    try:
-        selection = select_greedy(
-            model.to(device), pools, emb, shots, opts["batch_size"], device, opts["scores"]
-        )
-    except LeverError as exc:
-        raise LeverError(f"{opts['ckpt']}: {exc}") from None
-    write_selection(output, selection, opts["scores"])
-    click.echo(f"wrote {len(selection.picks)} selections to {output}")
+    model = model.to(device)
+    # Streamed: queries are read, selected and written a piece at a time, so memory
+    # stays flat in the number of queries. A regular --output file appears only once
+    # every query is done (an error midway leaves any previous file as it was).
+    with open_output(output, "--output") as fh:
+        writer = SelectionWriter(fh, output, opts["scores"])
+        for pools in iter_pools(queries, opts["max_pool"], chunk=max(opts["batch_size"], 1024)):
+            check_pool_ids(pools, emb, opts["queries"])
+            short = pools.pool_len < shots
+            if bool(short.any()):
+                row = int(short.nonzero()[0, 0])
+                raise LeverError(
+                    f"--shots {shots}: query {int(pools.query_ids[row])}'s pool holds only "
+                    f"{int(pools.pool_len[row])} ids"
+                )
+            try:
+                selection = select_greedy(
+                    model, pools, emb, shots, opts["batch_size"], device, opts["scores"]
+                )
+            except LeverError as exc:
+                raise LeverError(f"{opts['ckpt']}: {exc}") from None
+            writer.write(selection)
+        writer.close()
+    say(f"wrote {writer.count} selections to {'standard output' if to_stdout else output}")
 
 
 @main.command("evaluate", cls=GroupedCommand)
@@ -1186,12 +1221,16 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     """
     from .assess import BASELINES, evaluate, has_logged_sequences
     from .data import load_embeddings
-    from .fileio import write_output
+    from .fileio import STDOUT, output_kind, write_output
     from .run import activate_plugins, load_data, make_judge, resolve_device
 
     for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
         if not opts.get(name):
             raise LeverError(f"missing option {flag}")
+    to_stdout = False
+    if opts["output"]:
+        to_stdout = output_kind(opts["output"], "--output") == STDOUT
+    say = functools.partial(click.echo, err=to_stdout)  # the JSON may own stdout
     baselines = [b.strip() for b in opts["baselines"].split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -1200,6 +1239,15 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         )
     if not checkpoints and not opts.get("judge"):
         raise LeverError("nothing to measure: give checkpoints, or --judge NAME for the baselines")
+    if "start" in baselines and not checkpoints:
+        if ctx.get_parameter_source("baselines") != click.core.ParameterSource.DEFAULT:
+            raise LeverError(
+                "--baselines start: the starting policy is rebuilt from a checkpoint's "
+                "metadata; give a checkpoint, or leave start out"
+            )
+        baselines.remove("start")  # the default list: measured when there is a checkpoint
+    if not checkpoints and not baselines:
+        raise LeverError("--baselines: nothing to measure: give checkpoints or baselines")
     device = resolve_device(opts["device"], warn)
     plugins = activate_plugins(opts, given_options(ctx, opts), warn)
     settings = {
@@ -1219,7 +1267,7 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         raise LeverError(f"{queries}: file not found")
     table = None
     if has_logged_sequences(queries):
-        table, _ = load_data(settings, plugins, click.echo, warn)
+        table, _ = load_data(settings, plugins, say, warn)
     emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
     report = evaluate(
         plugins,
@@ -1234,19 +1282,24 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         opts["batch_size"],
         device,
         opts["trust_checkpoint"],
-        click.echo,
+        say,
     )
-    click.echo(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
+    if not report.selectors:
+        raise LeverError(
+            f"nothing was measured on {queries} (baselines {', '.join(baselines)}): "
+            "give a checkpoint, or baselines that apply"
+        )
+    say(f"{report.n_queries} queries of {queries}, {report.steps} demonstrations each")
     for line in report.table():
-        click.echo(line)
+        say(line)
     for note in report.notes:
-        click.echo(f"note: {note}")
+        say(f"note: {note}")
     if judge is not None:
         calls = sum(judge.calls.values())
-        click.echo(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
+        say(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
     if opts["output"]:
         write_output(opts["output"], (report.to_json() + "\n").encode(), "--output")
-        click.echo(f"wrote {opts['output']}")
+        say(f"wrote {'standard output' if to_stdout else opts['output']}")
 
 
 @main.command("export-verdicts")
@@ -1275,9 +1328,10 @@ def export_verdicts(
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
-    from .fileio import write_output
+    from .fileio import STDOUT, output_kind, write_output
     from .judge import VerdictStore, default_store_path, export_rl_data
 
+    to_stdout = output_kind(output, "--output") == STDOUT
     path = Path(store) if store else default_store_path()
     if not path.is_file():
         raise LeverError(f"--store: {path} does not exist")
@@ -1299,7 +1353,8 @@ def export_verdicts(
     write_output(output, (json.dumps(doc) + "\n").encode(), "--output")
     click.echo(
         f"wrote {versions[env_version]} verdicts of {queries} queries "
-        f"({judge_name} {env_version}) to {output}"
+        f"({judge_name} {env_version}) to {'standard output' if to_stdout else output}",
+        err=to_stdout,
     )
 
 

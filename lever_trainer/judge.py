@@ -8,28 +8,38 @@ server; the tests and the quality benchmark use the digits environment of
 ``examples/digits_env``.
 
 A :class:`Judge` wraps the chosen environment: it checks every answer (one line naming
-the plugin when one is unusable), keeps every verdict in a :class:`VerdictStore`
-(SQLite, keyed by the environment's name and version, the query and the sequence) so
-that nothing is judged twice, and counts the new verdicts per query.
+the plugin and the field when one is unusable), keeps every verdict in a
+:class:`VerdictStore` (SQLite, keyed by the environment's name and version, the query and
+the sequence, with the pool it was judged with) so that nothing is judged twice, and
+counts the new verdicts per query.
+
+The environment is called in a worker thread that the run waits on: a call that outlives
+``--judge-timeout`` fails the run (one line, a snapshot to resume from), a stop signal
+ends the wait at once, and an environment that raises anything at all (``SystemExit`` and
+``KeyboardInterrupt`` included) is a plugin failure, never a silent end of the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LeverError, PluginError
+from .errors import JudgeStopped, LeverError, PluginError, StoreError
 
 #: The verdict fields of SPEC 2.1 a judge returns.
 VERDICT_FIELDS = ("vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score")
-#: Format of the store's schema.
-STORE_FORMAT = "1"
+#: Format of the store's schema: 2 keeps the pool of every verdict (1 kept one per query).
+STORE_FORMAT = "2"
+#: Seconds a write waits for another process's write lock on the store.
+STORE_BUSY_SECONDS = 60.0
 
 
 class Environment:
@@ -69,28 +79,42 @@ def sequence_key(sequence: Sequence[int]) -> str:
     return ",".join(str(int(g)) for g in sequence)
 
 
+def _ids(text: Any, where: str) -> list[int]:
+    """A stored sequence or pool (``"12,7"``) as ids; ValueError when it is not one."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {text!r} is not a list of ids")
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a list of ids") from None
+
+
 class VerdictStore:
     """Verdicts in SQLite: ``(env, version, query, sequence) -> fields``; safe to share.
 
     Several processes may read and write one store at once (write-ahead log, a busy
     timeout, every write one transaction; a verdict already present is kept as it is).
+    Each verdict keeps the pool its query had when it was judged (``verdict_pools``), so
+    runs with different pools for one query can share a store. A damaged store, or one
+    whose write lock another process holds past ``busy_seconds``, is a
+    :class:`~lever_trainer.errors.StoreError` naming the file and what to do.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], busy_seconds: float = STORE_BUSY_SECONDS
+    ) -> None:
         self.path = Path(path)
+        self.busy_seconds = busy_seconds
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LeverError(
                 f"--store: cannot create {self.path.parent} ({exc.strerror})"
             ) from None
-        try:
-            self.db = sqlite3.connect(str(self.path), timeout=60.0)
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            existing = {
-                row[0]
-                for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
+        with self._guard():
+            self.db = sqlite3.connect(str(self.path), timeout=busy_seconds)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_seconds * 1000)}")
+            existing = self._tables()
             if existing and "lever_store" not in existing:
                 raise LeverError(
                     f"{self.path}: not a lever-train verdict store (it holds tables "
@@ -98,14 +122,50 @@ class VerdictStore:
                 )
             if not existing:
                 self._create()
-            fmt = self.db.execute("SELECT value FROM lever_store WHERE key='format'").fetchone()
-            if fmt is None or fmt[0] != STORE_FORMAT:
+            fmt = self._format()
+            if fmt == "1":
+                self._upgrade_from_1()
+                fmt = self._format()
+            if fmt != STORE_FORMAT:
                 raise LeverError(
-                    f"{self.path}: verdict store format {fmt[0] if fmt else None!r}, this "
-                    f"lever-train reads format {STORE_FORMAT}"
+                    f"{self.path}: verdict store format {fmt!r}, this lever-train reads "
+                    f"format {STORE_FORMAT}"
                 )
-        except sqlite3.DatabaseError as exc:
-            raise LeverError(f"{self.path}: not a readable verdict store ({exc})") from None
+            missing = {"verdicts", "verdict_pools"} - self._tables()
+            if missing:
+                raise sqlite3.DatabaseError(f"no such table: {sorted(missing)[0]}")
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite's failures as one line naming the store and what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(
+                    f"{self.path}: the verdict store stayed locked by another process for "
+                    f"{self.busy_seconds:g} s; wait for that process (or stop it), then run "
+                    "again"
+                ) from None
+            raise self._damaged(exc) from None
+        except (sqlite3.DatabaseError, ValueError, TypeError) as exc:
+            raise self._damaged(exc) from None
+
+    def _damaged(self, exc: BaseException) -> StoreError:
+        return StoreError(
+            f"{self.path}: the verdict store is damaged ({exc}); move it aside (a new one "
+            "is started in its place) or restore a backup, then run again"
+        )
+
+    def _tables(self) -> set[str]:
+        return {
+            str(row[0])
+            for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+
+    def _format(self) -> str | None:
+        row = self.db.execute("SELECT value FROM lever_store WHERE key='format'").fetchone()
+        return None if row is None else str(row[0])
 
     def _create(self) -> None:
         with self.db:
@@ -116,22 +176,59 @@ class VerdictStore:
             self.db.execute(
                 "INSERT OR IGNORE INTO lever_store VALUES ('format', ?)", (STORE_FORMAT,)
             )
+            self._create_tables()
+
+    def _create_tables(self) -> None:
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS verdict_pools (id INTEGER PRIMARY KEY, env TEXT, "
+            "version TEXT, query INTEGER, pool TEXT, UNIQUE (env, version, query, pool))"
+        )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS verdicts (env TEXT, version TEXT, query INTEGER, "
+            "sequence TEXT, correct REAL NOT NULL, acc REAL NOT NULL, gt_prob REAL NOT NULL, "
+            "rel REAL NOT NULL, created REAL, pool_id INTEGER, "
+            "PRIMARY KEY (env, version, query, sequence))"
+        )
+
+    def _upgrade_from_1(self) -> None:
+        """Format 1 kept one pool per query: each verdict gets that pool."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self._format() != "1":  # another process upgraded it meanwhile
+                return
+            self.db.execute("ALTER TABLE verdicts RENAME TO verdicts_v1")
+            self._create_tables()
             self.db.execute(
-                "CREATE TABLE IF NOT EXISTS verdicts (env TEXT, version TEXT, query INTEGER, "
-                "sequence TEXT, correct REAL, acc REAL, gt_prob REAL, rel REAL, created REAL, "
-                "PRIMARY KEY (env, version, query, sequence))"
+                "INSERT OR IGNORE INTO verdict_pools (env, version, query, pool) "
+                "SELECT env, version, query, pool FROM pools"
             )
             self.db.execute(
-                "CREATE TABLE IF NOT EXISTS pools (env TEXT, version TEXT, query INTEGER, "
-                "pool TEXT, PRIMARY KEY (env, version, query))"
+                "INSERT OR IGNORE INTO verdicts SELECT v.env, v.version, v.query, v.sequence, "
+                "v.correct, v.acc, v.gt_prob, v.rel, v.created, p.id FROM verdicts_v1 v "
+                "LEFT JOIN verdict_pools p ON p.env = v.env AND p.version = v.version "
+                "AND p.query = v.query"
             )
+            self.db.execute("DROP TABLE verdicts_v1")
+            self.db.execute("DROP TABLE pools")
+            self.db.execute("UPDATE lever_store SET value = ? WHERE key = 'format'", ("2",))
 
     def versions(self, env: str) -> dict[str, int]:
         """``{version: verdicts}`` the store holds for ``env``."""
-        rows = self.db.execute(
-            "SELECT version, COUNT(*) FROM verdicts WHERE env=? GROUP BY version", (env,)
-        )
-        return {str(v): int(n) for v, n in rows}
+        with self._guard():
+            rows = self.db.execute(
+                "SELECT version, COUNT(*) FROM verdicts WHERE env=? GROUP BY version", (env,)
+            ).fetchall()
+            return {str(v): int(n) for v, n in rows}
+
+    @staticmethod
+    def _verdict(fields: Sequence[Any], where: str) -> dict[str, float]:
+        """A stored row's fields, each a finite number (else the store is damaged)."""
+        out = {}
+        for name, value in zip(VERDICT_FIELDS, fields, strict=True):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{where}: {name} is {value!r}")
+            out[name] = float(value)
+        return out
 
     def get(
         self, env: str, version: str, keys: Sequence[tuple[int, str]]
@@ -141,17 +238,18 @@ class VerdictStore:
         by_query: dict[int, list[str]] = {}
         for q, s in keys:
             by_query.setdefault(q, []).append(s)
-        for q, seqs in by_query.items():
-            for start in range(0, len(seqs), 500):
-                chunk = seqs[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self.db.execute(
-                    "SELECT sequence, correct, acc, gt_prob, rel FROM verdicts WHERE env=? AND "
-                    f"version=? AND query=? AND sequence IN ({marks})",
-                    (env, version, q, *chunk),
-                )
-                for seq, *fields in rows:
-                    out[(q, seq)] = dict(zip(VERDICT_FIELDS, fields, strict=True))
+        with self._guard():
+            for q, seqs in by_query.items():
+                for start in range(0, len(seqs), 500):
+                    chunk = seqs[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    rows = self.db.execute(
+                        "SELECT sequence, correct, acc, gt_prob, rel FROM verdicts WHERE "
+                        f"env=? AND version=? AND query=? AND sequence IN ({marks})",
+                        (env, version, q, *chunk),
+                    ).fetchall()
+                    for seq, *fields in rows:
+                        out[(q, seq)] = self._verdict(fields, f"query {q} sequence {seq}")
         return out
 
     def put(
@@ -161,41 +259,57 @@ class VerdictStore:
         items: Iterable[tuple[int, str, Mapping[str, float]]],
         pools: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
-        """Store verdicts (and the pools they were drawn from), in one transaction."""
+        """Store verdicts, each with the pool its query was judged with, in one
+        transaction. Every verdict must carry all of ``VERDICT_FIELDS``."""
         now = time.time()
-        rows = [
-            (env, version, q, s, *(float(v.get(f, 0.0)) for f in VERDICT_FIELDS), now)
-            for q, s, v in items
-        ]
-        with self.db:
-            self.db.executemany(
-                "INSERT OR IGNORE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-            )
-            if pools:
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO pools VALUES (?, ?, ?, ?)",
-                    [(env, version, q, sequence_key(p)) for q, p in pools.items()],
+        items = list(items)
+        with self._guard(), self.db:
+            pool_ids: dict[int, int] = {}
+            for q in {q for q, _, _ in items} & set(pools or {}):
+                assert pools is not None
+                key = sequence_key(pools[q])
+                self.db.execute(
+                    "INSERT OR IGNORE INTO verdict_pools (env, version, query, pool) "
+                    "VALUES (?, ?, ?, ?)",
+                    (env, version, q, key),
                 )
+                row = self.db.execute(
+                    "SELECT id FROM verdict_pools WHERE env=? AND version=? AND query=? AND pool=?",
+                    (env, version, q, key),
+                ).fetchone()
+                pool_ids[q] = int(row[0])
+            rows = [
+                (env, version, q, s, *(float(v[f]) for f in VERDICT_FIELDS), now, pool_ids.get(q))
+                for q, s, v in items
+            ]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
 
     def iter_verdicts(
         self, env: str, version: str
     ) -> Iterator[tuple[int, list[int], dict[str, float], list[int] | None]]:
         """Every stored ``(query, sequence, verdict, pool or None)`` of one environment
-        version, by query."""
-        pools = {
-            int(q): [int(g) for g in p.split(",")]
-            for q, p in self.db.execute(
-                "SELECT query, pool FROM pools WHERE env=? AND version=?", (env, version)
+        version, by query; ``pool`` is the one that verdict was judged with."""
+        with self._guard():
+            pools = {
+                i: _ids(p, f"pool {i}")
+                for i, p in self.db.execute(
+                    "SELECT id, pool FROM verdict_pools WHERE env=? AND version=?",
+                    (env, version),
+                )
+            }
+            rows = self.db.execute(
+                "SELECT query, sequence, correct, acc, gt_prob, rel, pool_id FROM verdicts "
+                "WHERE env=? AND version=? ORDER BY query, created, sequence",
+                (env, version),
             )
-        }
-        rows = self.db.execute(
-            "SELECT query, sequence, correct, acc, gt_prob, rel FROM verdicts WHERE env=? AND "
-            "version=? ORDER BY query, created, sequence",
-            (env, version),
-        )
-        for q, seq, *fields in rows:
-            verdict = dict(zip(VERDICT_FIELDS, fields, strict=True))
-            yield int(q), [int(g) for g in seq.split(",")], verdict, pools.get(int(q))
+            for q, seq, *fields, pool_id in rows:
+                where = f"query {q} sequence {seq}"
+                verdict = self._verdict(fields, where)
+                if isinstance(q, bool) or not isinstance(q, int):
+                    raise ValueError(f"{where}: the query is {q!r}")
+                yield q, _ids(seq, where), verdict, pools.get(pool_id)
 
     def close(self) -> None:
         """Close the connection."""
@@ -213,15 +327,24 @@ def check_verdict(
         )
     out: dict[str, float] = {}
     for name in VERDICT_FIELDS:
-        raw = value.get(name, 0.0)
+        if name not in value:
+            raise PluginError(
+                f"{where}: verdict field {name} is missing (a verdict holds "
+                f"{', '.join(VERDICT_FIELDS)})"
+            )
+        raw = value[name]
         try:
+            if isinstance(raw, bool | str | bytes):
+                raise TypeError
             number = float(raw)
-        except (TypeError, ValueError):
-            raise PluginError(f"{where}: {name} is {raw!r}, expected a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise PluginError(f"{where}: {name} is {raw!r:.60}, expected a number") from None
         if not math.isfinite(number):
             raise PluginError(f"{where}: {name} is {raw!r}, expected a finite number")
         if name == "vqa_correct" and number not in (0.0, 1.0):
             raise PluginError(f"{where}: vqa_correct is {raw!r}, expected 0 or 1")
+        if not 0.0 <= number <= 1.0:
+            raise PluginError(f"{where}: {name} is {raw!r}, expected a number in [0, 1]")
         out[name] = number
     return out
 
@@ -236,9 +359,15 @@ class Judge:
         store: VerdictStore | None,
         reward: Callable[[Mapping[str, float]], float],
         warn: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.env, self.plugin, self.store, self.reward = env, plugin, store, reward
         self.name, self.version = env.name, str(env.version)
+        #: Seconds one call to the environment may take (None: no limit).
+        self.timeout = timeout if timeout else None
+        #: Asked while waiting for the environment: a reason to stop (a signal's name)
+        #: ends the wait with :class:`~lever_trainer.errors.JudgeStopped`.
+        self.stop_reason: Callable[[], str | None] | None = None
         self.calls: Counter[int] = Counter()
         self._memory: dict[tuple[int, str], dict[str, float]] = {}
         if store is not None and warn is not None:
@@ -269,15 +398,7 @@ class Judge:
         if missing:
             seqs = [[int(g) for g in s.split(",")] for _, s in missing]
             qids = [q for q, _ in missing]
-            try:
-                answers = list(self.env.judge(qids, seqs))
-            except LeverError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {self.plugin}: environment {self.name} failed: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+            answers = self.ask(qids, seqs)
             if len(answers) != len(missing):
                 raise PluginError(
                     f"plugin {self.plugin}: environment {self.name} returned {len(answers)} "
@@ -296,6 +417,44 @@ class Judge:
             known.update(new)
             self._memory.update(new)
         return [known[k] for k in keys]
+
+    def ask(self, query_ids: list[int], sequences: list[list[int]]) -> list[Any]:
+        """The environment's answers, from a worker thread the run waits on (see the
+        module docstring); every failure is a :class:`PluginError` naming the plugin."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["answers"] = list(self.env.judge(query_ids, sequences))
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: a failure too
+                box["error"] = exc
+            finally:
+                done.set()
+
+        # a daemon thread: a judge that never returns cannot keep the process alive
+        worker = threading.Thread(target=work, name=f"judge {self.name}", daemon=True)
+        worker.start()
+        started = time.monotonic()
+        while not done.wait(0.05):
+            reason = self.stop_reason() if self.stop_reason is not None else None
+            if reason is not None:
+                raise JudgeStopped(reason)
+            if self.timeout is not None and time.monotonic() - started > self.timeout:
+                raise PluginError(
+                    f"plugin {self.plugin}: environment {self.name} gave no answer within "
+                    f"{self.timeout:g} s for {len(sequences)} sequences (--judge-timeout)"
+                )
+        error = box.get("error")
+        if isinstance(error, LeverError):
+            raise error
+        if error is not None:
+            raise PluginError(
+                f"plugin {self.plugin}: environment {self.name} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        answers: list[Any] = box["answers"]
+        return answers
 
     def rewards(
         self,
@@ -337,21 +496,56 @@ def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]
 
 def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any]:
     """The stored verdicts of one environment version as RL data (SPEC 2.1): one query per
-    judged query, one logged candidate per judged sequence."""
+    judged query, one logged candidate per judged sequence.
+
+    A query judged with one pool gets that pool as ``candidate_pool_ids``; one judged with
+    several (runs with different pools sharing the store) gets their union, in the order
+    first seen, so that every sequence indexes it (``_meta.queries_with_several_pools``
+    counts them). A query whose verdicts carry no pool lists global ids only."""
     out: dict[str, Any] = {
         "_meta": {"source": "lever-train export-verdicts", "env": env, "env_version": version}
     }
+    several = 0
+    query: int | None = None
+    group: list[tuple[list[int], dict[str, float], list[int] | None]] = []
+
+    def flush() -> None:
+        nonlocal several
+        if query is None:
+            return
+        pools = list(dict.fromkeys(sequence_key(p) for _, _, p in group if p is not None))
+        several += len(pools) > 1
+        union: dict[int, int] = {}
+        for key in pools:
+            for g in key.split(","):
+                union.setdefault(int(g), len(union))
+        if union:
+            for seq, _, _ in group:  # a verdict stored without its pool
+                for gid in seq:
+                    union.setdefault(gid, len(union))
+        cands = []
+        for seq, verdict, _ in group:
+            cand: dict[str, Any] = {"gen_method": "judge", **verdict}
+            if union:
+                cand["pointer"] = [union[g] for g in seq]
+                cand["pointer_global"] = seq
+            else:
+                cand["pointer"] = seq
+            cand["vqa_correct"] = int(verdict["vqa_correct"])
+            cands.append(cand)
+        entry: dict[str, Any] = {"pointer_candidates": cands}
+        if union:
+            entry = {"candidate_pool_ids": list(union), **entry}
+        out[str(query)] = entry
+
     for q, seq, verdict, pool in store.iter_verdicts(env, version):
-        entry = out.setdefault(str(q), {"pointer_candidates": []})
-        cand: dict[str, Any] = {"gen_method": "judge", **verdict}
-        if pool is not None and all(g in pool for g in seq):
-            entry["candidate_pool_ids"] = pool
-            cand["pointer"] = [pool.index(g) for g in seq]
-            cand["pointer_global"] = seq
-        else:
-            cand["pointer"] = seq
-        cand["vqa_correct"] = int(verdict["vqa_correct"])
-        entry["pointer_candidates"].append(cand)
+        if q != query:
+            flush()
+            query, group = q, []
+        group.append((seq, verdict, pool))
+    flush()
+    if several:
+        out["_meta"]["queries_with_several_pools"] = several
     return out
 
 

@@ -33,6 +33,23 @@ FORMATS = (".png", ".svg", ".pdf")
 INSTALL_HINT = "pip install 'lever-trainer[plot]'"
 
 
+#: Values beyond this size are left out of the curves: no axis can show them beside
+#: ordinary ones (and an axis spanning -1e308..1e308 overflows).
+MAX_DRAWN = 1e100
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool) of a size an axis can
+    show, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) and abs(number) <= MAX_DRAWN else None
+
+
 @dataclass
 class RunCurves:
     """What one run directory holds to draw."""
@@ -42,6 +59,7 @@ class RunCurves:
     epochs: list[dict[str, Any]] = field(default_factory=list)  # start first, then epochs
     steps: list[dict[str, Any]] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # phase -> epochs before it
+    notes: list[str] = field(default_factory=list)  # what was skipped, for the user
 
     def x_of_epoch(self, entry: dict[str, Any]) -> float:
         """Where an epoch entry sits on the run-wide epoch axis (start = 0)."""
@@ -59,10 +77,10 @@ class RunCurves:
         """``(x, y)`` of an epoch metric, where it is a finite number."""
         xs, ys = [], []
         for entry in self.epochs:
-            value = entry.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
+            value = _number(entry.get(key))
+            if value is not None:
                 xs.append(self.x_of_epoch(entry))
-                ys.append(float(value))
+                ys.append(value)
         return xs, ys
 
     def step_series(self, key: str, phase: str | None = None) -> tuple[list[float], list[float]]:
@@ -71,10 +89,10 @@ class RunCurves:
         for step in self.steps:
             if phase is not None and step.get("phase") != phase:
                 continue
-            value = step.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
+            value = _number(step.get(key))
+            if value is not None:
                 xs.append(self.x_of_step(step))
-                ys.append(float(value))
+                ys.append(value)
         return xs, ys
 
     def phases(self) -> list[str]:
@@ -82,26 +100,64 @@ class RunCurves:
         return list(self.offsets)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+#: Largest epoch or step number a record may carry (a bigger one is not a run's).
+MAX_COUNT = 10**9
+
+
+def _count(entry: dict[str, Any], key: str, path: Path, number: int) -> None:
+    """``entry[key]`` must be a whole number in ``[0, MAX_COUNT]`` (``epoch`` always; the
+    others where present and not null)."""
+    value = entry.get(key)
+    if value is None and key != "epoch":
+        return
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= MAX_COUNT  # before float(): an integer past any float is refused
+        and float(value).is_integer()
+    ):
+        entry[key] = int(value)
+        return
+    raise LeverError(
+        f"{path}: line {number}: {key} is {value!r:.40}, expected a whole number from 0 "
+        f"to {MAX_COUNT}"
+    )
+
+
+def _read_jsonl(path: Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a run's JSON Lines file. A last line cut short (no newline at its
+    end: what a killed run leaves) is skipped with a note; any other bad line is an error."""
     entries = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise LeverError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise LeverError(f"{path}: not a UTF-8 text file") from None
+    lines = text.splitlines()
+    torn = bool(text) and not text.endswith(("\n", "\r"))
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LeverError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            if torn and number == len(lines):
+                if notes is not None:
+                    notes.append(
+                        f"{path}: skipped its last line {number}, cut short (the run was "
+                        "stopped while writing it)"
+                    )
+                break
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise LeverError(f"{path}: line {number} is not JSON ({reason})") from None
         if not isinstance(entry, dict) or "phase" not in entry or "epoch" not in entry:
             raise LeverError(
                 f"{path}: line {number} is not a lever-train record (expected an object "
                 "with phase and epoch)"
             )
+        for key in ("epoch", "step", "steps_per_epoch"):
+            _count(entry, key, path, number)
         entries.append(entry)
     return entries
 
@@ -116,10 +172,11 @@ def read_run(path: Path, name: str | None = None) -> RunCurves:
             f"{path}: no {METRICS_FILE} (not a lever-train run directory, or the run has "
             "not validated anything yet)"
         )
-    run = RunCurves(name=name or path.name, path=path, epochs=_read_jsonl(metrics))
+    run = RunCurves(name=name or path.name, path=path)
+    run.epochs = _read_jsonl(metrics, run.notes)
     steps = path / STEPS_FILE
     if steps.is_file():
-        run.steps = _read_jsonl(steps)
+        run.steps = _read_jsonl(steps, run.notes)
     # Phases in the order they ran; each starts after the epochs of those before it.
     counts: dict[str, int] = {}
     for entry in [*run.epochs, *run.steps]:

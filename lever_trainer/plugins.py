@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import entrypoints, hookspecs
-from .errors import LeverError, PluginError
+from .errors import Interrupted, LeverError, PluginError
 from .options import Option
 
 ENTRY_POINT_GROUP = entrypoints.ENTRY_POINT_GROUP
@@ -258,6 +258,9 @@ class PluginSet:
         self.active = list(active)
         self.explicit = set(explicit)
         self.current_plugin: str | None = None
+        #: During (and after a failure of) a broadcast call: the plugin being called and
+        #: those after it, in call order.
+        self.unfinished: list[str] = []
         self._by_obj: dict[int, PluginInfo] = {}
         for info in self.active:
             problem = info.error or check_hookimpls(info.obj)
@@ -306,14 +309,17 @@ class PluginSet:
     def _answers(self, hook_name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         out = []
         # pluggy calls implementations last-registered first; keep its order.
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+        impls = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        for i, impl in enumerate(impls):
             args = {a: kwargs[a] for a in impl.argnames}
+            # the plugins that will not have answered if this one fails
+            self.unfinished = [m.plugin_name for m in impls[i:]]
             try:
                 with self._calling(impl.plugin_name):
                     result = impl.function(**args)
-            except LeverError:
+            except (LeverError, Interrupted):
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
                 raise PluginError(
                     f"plugin {impl.plugin_name} failed in hook {hook_name}: "
                     f"{type(exc).__name__}: {exc}"
@@ -335,9 +341,9 @@ class PluginSet:
             try:
                 with self._calling(plugin):
                     return impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except LeverError:
+            except (LeverError, Interrupted):
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
                 raise PluginError(
                     f"plugin {plugin} failed in hook {hook_name}: {type(exc).__name__}: {exc}"
                 ) from exc

@@ -41,6 +41,7 @@ APPLIED = {
     "deterministic": "applies from now on",
     "no_cache": "only decides whether the prepared cache is used",
     "cache_dir": "only decides where the prepared cache lives",
+    "judge_timeout": "applies to the judge's calls from now on",
 }
 #: Core options a resumed run keeps as recorded, by the reason why.
 _FIXED_GROUPS: dict[str, tuple[str, ...]] = {

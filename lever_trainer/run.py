@@ -249,7 +249,7 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
     store = None
     if not opts.get("no_store"):
         store = VerdictStore(opts.get("store") or default_store_path())
-    return Judge(env, plugin, store, reward, warn)
+    return Judge(env, plugin, store, reward, warn, float(opts.get("judge_timeout") or 0) or None)
 
 
 def make_deterministic() -> None:

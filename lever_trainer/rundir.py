@@ -12,6 +12,7 @@ killed run never blocks the next one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -30,6 +31,8 @@ try:  # POSIX; elsewhere runs go unlocked (see RunLock)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+#: ``os.open`` flag that refuses to follow a symbolic link (0 where there is none).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 #: The lock file inside an output directory.
 LOCK_NAME = ".lock"
 #: Files a run writes under fixed names: run config, resume snapshot, the metrics logs
@@ -103,16 +106,6 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
         raise occupied_error(path, existing)
 
 
-def check_output_file(path: Path, flag: str) -> None:
-    """Refuse, before any work, an output file that cannot be written: a directory, or a
-    path whose directory cannot be created or written."""
-    if path.is_dir():
-        raise LeverError(f"{flag}: {path} is a directory")
-    ancestor, writable = _nearest_ancestor(path.parent, path, flag)
-    if not writable:
-        raise LeverError(f"{flag}: cannot write {path}: {ancestor} is not writable")
-
-
 def occupied_error(path: Path, existing: list[Path]) -> LeverError:
     """The error for a directory that holds another run's files."""
     return LeverError(
@@ -179,7 +172,7 @@ def lock_holder(path: Path) -> dict[str, Any] | None:
         return None
     lock_path = path / LOCK_NAME
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(lock_path, os.O_RDONLY | _NOFOLLOW)
     except OSError:
         return None
     try:
@@ -229,8 +222,14 @@ class RunLock:
             return self
         for _ in range(10):
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                # never through a link: the holder's details would overwrite its target
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
             except OSError as exc:
+                if exc.errno == errno.ELOOP or self.lock_path.is_symlink():
+                    raise LeverError(
+                        f"--output-dir: {self.lock_path} is a symbolic link, not a run's lock "
+                        "file; lever-train does not write through it: remove the link"
+                    ) from None
                 raise LeverError(
                     f"--output-dir: cannot create {self.lock_path} ({exc.strerror or exc})"
                 ) from None
@@ -291,7 +290,9 @@ class RunLock:
         if self.fd is None:
             return
         try:
-            self.lock_path.unlink(missing_ok=True)
+            # only our own file: whatever replaced it (a link, another run's) stays
+            if os.lstat(self.lock_path).st_ino == os.fstat(self.fd).st_ino:
+                self.lock_path.unlink()
         except OSError:
             pass
         finally:
@@ -316,7 +317,6 @@ __all__ = [
     "RUN_FILE_NAMES",
     "RunLock",
     "check_output_dir",
-    "check_output_file",
     "clear_previous_run",
     "is_run_file",
     "lock_holder",

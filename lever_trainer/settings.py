@@ -175,6 +175,25 @@ def _above_configs(ctx: click.Context, dest: str) -> bool:
     )
 
 
+def check_environment(ctx: click.Context, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a ``LEVER_TRAIN_*`` variable that names no option of the command: a typo
+    (``LEVER_TRAIN_RCE_LRR``) would otherwise leave the intended setting unapplied."""
+    import difflib
+    import os
+
+    names = {f"{ENV_PREFIX}_{p.name.upper()}" for p in ctx.command.params if p.name}
+    env = os.environ if environ is None else environ
+    for var in sorted(env):
+        if not var.startswith(f"{ENV_PREFIX}_") or var in names:
+            continue
+        close = difflib.get_close_matches(var, sorted(names), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise LeverError(
+            f"environment variable {var}: no option of `lever-train {ctx.command.name}` "
+            f"is called that{hint}; correct its name or unset it"
+        )
+
+
 def warnings(ctx: click.Context) -> list[str]:
     """What reading the layers had to say (options a run_config holds that are unknown)."""
     return [w for layer in layers(ctx) for w in layer.warnings]

@@ -172,6 +172,15 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         "plugins": plugin_states,
         **trainer.epoch_progress,
         **trainer.step_rng,
+        # the plugins that have not seen the last step (one failed in on_step_end)
+        **(
+            {
+                "pending_step_end": list(trainer.pending_step_end),
+                "pending_last_step": state.last_step,
+            }
+            if trainer.pending_step_end and not epoch_closed
+            else {}
+        ),
     }
 
 
@@ -315,6 +324,13 @@ def check(snap: dict[str, Any], path: Path) -> None:
                 f"{path}: entry {key!r} should be {what}, found {type(value).__name__} "
                 f"{value!r:.60}"
             )
+    pending = snap.get("pending_step_end")
+    if pending is not None and not (
+        isinstance(pending, list) and all(isinstance(n, str) for n in pending)
+    ):
+        raise LeverError(f"{path}: entry 'pending_step_end' should be a list of plugin names")
+    if not isinstance(snap.get("pending_last_step", {}), dict):
+        raise LeverError(f"{path}: entry 'pending_last_step' should be a dict of step values")
     if snap.get("start_model") is not None and not _ENTRIES["model"][1](snap["start_model"]):
         raise LeverError(f"{path}: entry 'start_model' should be a dict of tensors")
 

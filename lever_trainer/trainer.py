@@ -21,7 +21,7 @@ import torch
 from . import __version__, snapshot
 from .checkpoint import checkpoint_name
 from .data import Batch, Embeddings, QueryTable, iter_batches
-from .errors import LeverError, PluginError
+from .errors import Interrupted, JudgeStopped, LeverError, PluginError, StoreError
 from .evaluation import VALIDATION_METRICS, Evaluator, format_metrics
 from .judge import Judge
 from .phase import Phase
@@ -184,6 +184,13 @@ class Trainer:
         self.stop_requested: str | None = None
         self.epoch_progress: dict[str, Any] = {}
         self.step_rng: dict[str, Any] = snapshot.capture_rng(self.generator)
+        #: Plugins whose ``on_step_end`` did not run for the last step (one failed).
+        self.pending_step_end: list[str] = []
+        #: Whether OUTPUT_DIR holds a snapshot of this run (written, or resumed from).
+        self.has_snapshot = False
+        if judge is not None:
+            # a stop signal ends a wait for the judge at once (not after its answer)
+            judge.stop_reason = lambda: self.stop_requested
 
     # -- the whole job -----------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
@@ -212,7 +219,10 @@ class Trainer:
                         "validation ranks the logged candidates only (policy_*@1); give "
                         "--judge NAME to judge the policy's own free selection"
                     )
-                state.start_metrics = self.evaluator.validate(state.val)
+                try:
+                    state.start_metrics = self.evaluator.validate(state.val)
+                except JudgeStopped as stop:
+                    raise LeverError(self.stopped_early(stop)) from None
                 state.log("start: " + format_metrics(state.start_metrics))
                 self.plugins.call_all(
                     "on_start_validation", state=state, metrics=state.start_metrics
@@ -223,28 +233,56 @@ class Trainer:
                 f"resumed from phase {resume['phase']} epoch {resume['epoch']} "
                 f"step {resume['step_in_epoch']}"
             )
+        self.has_snapshot = resume is not None
         for phase in to_run:
             if state.stop_request is not None:
                 break
             same_phase = resume is not None and phase.name == resume["phase"]
             try:
-                self.run_phase(phase, resume if same_phase else None)
-            except PluginError as exc:
-                # A plugin failed inside the phase: keep the last completed step (unless
-                # the failure came between a step's update and its bookkeeping, or from
-                # the snapshot itself: then the newest snapshot on disk stays).
-                if self.epoch_progress and not self.step_torn:
-                    try:
-                        self.save_snapshot(epoch_closed=False)
-                        exc.snapshot = True  # type: ignore[attr-defined]
-                    except LeverError:
-                        pass
+                try:
+                    self.run_phase(phase, resume if same_phase else None)
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    if isinstance(exc, Interrupted):
+                        raise
+                    # a phase's code that exits (or fakes an interrupt) has failed
+                    raise PluginError(
+                        f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+            except (PluginError, StoreError) as exc:
+                # A plugin, the judge or its store failed inside the phase: keep the last
+                # completed step (unless the failure came between a step's update and its
+                # bookkeeping, or before the epoch's data was made, or from the snapshot
+                # itself: then the newest snapshot on disk stays, and is the one to use).
+                self.keep_progress()
+                exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
                 raise
+            except JudgeStopped as stop:
+                self.keep_progress()
+                if not self.has_snapshot:
+                    raise LeverError(self.stopped_early(stop)) from None
+                raise StopRequested(stop.reason, state) from None
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
         self.plugins.call_all("on_train_end", state=state)
         return state
+
+    @staticmethod
+    def stopped_early(stop: JudgeStopped) -> str:
+        """The line for a stop while the judge was asked, before any snapshot."""
+        return (
+            f"stopped by {stop.reason} while waiting for the judge, before this run wrote "
+            "its first snapshot: nothing to resume; start it again"
+        )
+
+    def keep_progress(self) -> None:
+        """After a failure inside an epoch: snapshot the last completed step, when the
+        epoch's progress is whole (see :meth:`fit`)."""
+        if self.epoch_progress and not self.step_torn:
+            try:
+                self.save_snapshot(epoch_closed=False)
+            except LeverError:
+                pass
 
     def phases_to_run(self, resume: dict[str, Any] | None) -> list[Phase]:
         """The phases with epochs, from the snapshot's phase on when resuming (see
@@ -387,6 +425,10 @@ class Trainer:
         state.epoch, state.step_in_epoch = epoch, 0
         started = time.perf_counter()
         self.model.train(self.train_mode(phase))
+        # Until the epoch's data is made, the progress on record is the previous epoch's:
+        # a failure in between (a judge that fails mid-round) must not snapshot it as
+        # this epoch's. The newest snapshot on disk (the previous epoch's end) stays.
+        self.epoch_progress = {}
         data = phase.epoch_data(state, epoch, resumed=progress is not None)
         table = state.train if data is None else data.table
         if progress is not None:  # resuming inside this epoch
@@ -398,6 +440,11 @@ class Trainer:
             }
             state.step_in_epoch = progress["step_in_epoch"]
             snapshot.restore_rng(progress)
+            pending = [n for n in progress.get("pending_step_end") or [] if n in self.plugins.names]
+            if pending:  # the last step, for the plugins that failed to see it
+                state.last_step = dict(progress.get("pending_last_step") or {})
+                for name in pending:
+                    self.plugins.call_plugin(name, "on_step_end", state=state)
         else:
             if data is None:
                 order = self.epoch_rows(phase, epoch)
@@ -484,7 +531,14 @@ class Trainer:
         state.global_step += 1
         state.step_in_epoch += 1
         self.step_rng = snapshot.capture_rng(self.generator)
-        self.plugins.call_all("on_step_end", state=state)
+        try:
+            self.plugins.call_all("on_step_end", state=state)
+        except PluginError:
+            # The step is done, but the failing plugin and those after it have not seen
+            # it (a tracker that lost its server): the snapshot names them, and the
+            # resumed run gives them this step before the next one.
+            self.pending_step_end = list(self.plugins.unfinished)
+            raise
         if self.stop_requested is not None:
             self.save_snapshot(epoch_closed=False)
             raise StopRequested(self.stop_requested, state)
@@ -657,6 +711,7 @@ class Trainer:
         """Write the resume snapshot to ``OUTPUT_DIR/resume.pt``, atomically."""
         path = self.output_dir / SNAPSHOT_NAME
         snapshot.write(path, snapshot.take(self, epoch_closed))
+        self.has_snapshot = True
         return path
 
     def compute_logprobs(self, table: QueryTable) -> torch.Tensor:

@@ -56,7 +56,12 @@ class Counting(Environment):
     def judge(self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> list[dict]:
         self.asked += [(q, tuple(s)) for q, s in zip(query_ids, sequences, strict=True)]
         return [
-            {"vqa_correct": float(s[-1] % 2 == 0), "vqa_acc_score": 0.5, "vqa_gt_prob": 0.25}
+            {
+                "vqa_correct": float(s[-1] % 2 == 0),
+                "vqa_acc_score": 0.5,
+                "vqa_gt_prob": 0.25,
+                "vqa_rel_score": 0.0,
+            }
             for s in sequences
         ]
 
@@ -70,7 +75,12 @@ def test_verdicts_are_stored_and_never_judged_twice(tmp_path: Path) -> None:
     judge = Judge(env, "toy-plugin", VerdictStore(tmp_path / "v.sqlite"), reward)
     first = judge.verdicts([1, 1, 2], [[3, 4], [4, 3], [3, 4]])
     assert [v["vqa_correct"] for v in first] == [1.0, 0.0, 1.0]
-    assert first[0]["vqa_rel_score"] == 0.0  # a missing field counts as 0 (SPEC 3.1)
+    assert first[0] == {
+        "vqa_correct": 1.0,
+        "vqa_acc_score": 0.5,
+        "vqa_gt_prob": 0.25,
+        "vqa_rel_score": 0.0,
+    }
     again = judge.verdicts([1, 2, 1], [[3, 4], [3, 4], [3, 4]])
     assert len(env.asked) == 3 and again[0] == first[0]
     assert judge.calls == {1: 2, 2: 1}
@@ -119,7 +129,7 @@ def test_store_of_another_environment_version_is_not_reused(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"this is no database, just text" * 100, "not a readable verdict store"),
+        (b"this is no database, just text" * 100, "the verdict store is damaged .* move it aside"),
         (None, r"not a lever-train verdict store \(it holds tables other\)"),
     ],
 )
@@ -147,6 +157,14 @@ def boom(q, s):
     raise RuntimeError("model server unreachable")
 
 
+def _exits(q, s):
+    raise SystemExit(0)
+
+
+def _interrupts(q, s):
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize(
     "answer, message",
     [
@@ -161,6 +179,24 @@ def boom(q, s):
             "vqa_correct is 0.5, expected 0 or 1",
         ),
         (lambda q, s: ["yes"] * len(q), "expected a mapping of verdict fields, got str"),
+        (
+            lambda q, s: [{"correct": 1}] * len(q),
+            r"judged query 1 sequence \[3, 4\]: verdict field vqa_correct is missing",
+        ),
+        (
+            lambda q, s: [{"vqa_correct": 1, "vqa_acc_score": 0.5, "vqa_gt_prob": 0.5}] * len(q),
+            "verdict field vqa_rel_score is missing",
+        ),
+        (
+            lambda q, s: [dict.fromkeys(VERDICT_FIELDS, 1.0) | {"vqa_gt_prob": 1.5}] * len(q),
+            r"vqa_gt_prob is 1.5, expected a number in \[0, 1\]",
+        ),
+        (
+            lambda q, s: [dict.fromkeys(VERDICT_FIELDS, True)] * len(q),
+            "vqa_correct is True, expected a number",
+        ),
+        (_exits, "plugin badp: environment bad failed: SystemExit: 0"),
+        (_interrupts, "plugin badp: environment bad failed: KeyboardInterrupt"),
     ],
 )
 def test_a_bad_judge_answer_names_the_plugin(tmp_path: Path, answer, message) -> None:
@@ -217,3 +253,54 @@ def test_the_digits_task_option_picks_a_sibling_task_and_keeps_its_verdicts_apar
     bad = cli(*args, tmp_path / "e2.json", "--digits-task", str(tmp_path / "nowhere"))
     assert bad.exit_code != 0
     assert "--digits-task" in bad.output and "Traceback" not in bad.output
+
+
+class Sleepy(Environment):
+    name, version = "sleepy", "1"
+
+    def judge(self, query_ids, sequences):
+        import time
+
+        time.sleep(30)
+        return []
+
+
+def test_a_judge_call_past_its_timeout_is_a_plugin_error(tmp_path: Path) -> None:
+    import time
+
+    judge = Judge(Sleepy(), "sleepp", None, reward, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(PluginError, match=r"plugin sleepp: environment sleepy gave no answer within 0\.3 s for 1 sequences \(--judge-timeout\)"):  # fmt: skip
+        judge.verdicts([1], [[3, 4]])
+    assert time.monotonic() - started < 5
+
+
+def test_a_stop_request_ends_the_wait_for_the_judge(tmp_path: Path) -> None:
+    import time
+
+    from lever_trainer.errors import JudgeStopped
+
+    judge = Judge(Sleepy(), "sleepp", None, reward)
+    started = time.monotonic()
+    judge.stop_reason = lambda: "SIGTERM" if time.monotonic() - started > 0.3 else None
+    with pytest.raises(JudgeStopped, match="SIGTERM"):
+        judge.verdicts([1], [[3, 4]])
+    assert time.monotonic() - started < 5
+
+
+def test_a_stop_during_the_start_validation_is_one_line(tmp_path: Path) -> None:
+    """No snapshot exists yet: the line says there is nothing to resume."""
+    import time
+
+    from test_trainer import make_trainer
+
+    data = tmp_path / "d.json"
+    doc = json.loads(Path(FILES["train"]).read_text())
+    data.write_text(json.dumps({k: doc[k] for k in [k for k in doc if k.isdigit()][:20]}))
+    judge = Judge(Sleepy(), "sleepp", None, reward)
+    trainer = make_trainer((data, Path(FILES["embeddings"])), tmp_path / "run", judge=judge)
+    started = time.monotonic()
+    trainer.stop_requested = "SIGTERM"
+    with pytest.raises(LeverError, match="stopped by SIGTERM while waiting for the judge, before this run wrote its first snapshot: nothing to resume"):  # fmt: skip
+        trainer.fit()
+    assert time.monotonic() - started < 10

@@ -152,3 +152,77 @@ def test_sampling_follows_the_policy_distribution_without_repeats() -> None:
     p_first = torch.softmax(enc[0, 0].masked_fill(torch.arange(5) == 0, -100.0), -1)
     freq_first = torch.bincount(cond, minlength=5) / len(cond)
     assert torch.allclose(freq_first, p_first, atol=0.03)
+
+
+class FailsInRound(Environment):
+    """The digits judge, failing once on the first call of round ``fail_round``'s proposals
+    (calls of more than 100 sequences are rounds; validation asks for a handful)."""
+
+    name, version = "digits", "1"
+
+    def __init__(self, fail_round: int) -> None:
+        self.inner, self.rounds, self.fail_round, self.failed = (
+            lever_digits_env.DigitsEnvironment(),
+            0,
+            fail_round,
+            False,
+        )
+
+    def judge(self, query_ids, sequences):
+        if len(sequences) > 100:
+            self.rounds += 1
+            if self.rounds == self.fail_round and not self.failed:
+                self.failed = True
+                raise ConnectionError("model server went away")
+        return self.inner.judge(query_ids, sequences)
+
+
+def test_resume_after_a_judge_failure_mid_round_continues_that_round(digits40, tmp_path) -> None:
+    """The judge fails while round 2 is judged: the snapshot on disk is round 1's end (not
+    'round 2, step 0' with round 1's groups), and the resumed run judges round 2 afresh:
+    the same weights and history as without the failure, the budget counting only the
+    verdicts received."""
+    full = trainer_for(digits40, tmp_path / "full", batch_size=8)
+    full.fit()
+    out = tmp_path / "run"
+    flaky = FailsInRound(2)
+    with pytest.raises(PluginError, match="ConnectionError: model server went away") as info:
+        trainer_for(digits40, out, env=flaky, batch_size=8).fit()
+    assert info.value.snapshot is True
+    snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
+    assert (snapshot["phase"], snapshot["epoch"], snapshot["epoch_closed"]) == ("online", 1, True)
+    judged = snapshot["phases"]["online"]["judged"]
+    round1 = next(h for h in full.state.history if h["phase"] == "online")
+    assert sum(len(s) for s in judged.values()) / 32 == round1["judge_calls_per_query"]
+    resumed = trainer_for(digits40, out, env=flaky, batch_size=8)
+    resumed.fit(resume=snapshot)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.state.history) == strip(full.state.history)
+
+
+class ExitsInHook:
+    @hookimpl
+    def on_epoch_end(self, state, metrics) -> None:
+        if state.epoch == 1 and state.phase == "online":
+            raise SystemExit(0)
+
+
+def test_a_plugin_that_exits_is_a_failure_with_a_snapshot(digits40, tmp_path) -> None:
+    out = tmp_path / "run"
+    trainer = make_trainer(
+        digits40,
+        out,
+        extra=(("exiter", ExitsInHook()),),
+        enable=("online", "exiter"),
+        judge=Judge(lever_digits_env.DigitsEnvironment(), "digits", None, reward),
+        policy=CosineBilinearPolicy(32, 2, 0.1, "reverse"),
+        rce_epochs=1,
+        online_epochs=3,
+        online_samples=2,
+    )
+    with pytest.raises(PluginError, match="plugin exiter failed in hook on_epoch_end: SystemExit"):
+        trainer.fit()
+    snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
+    assert (snapshot["phase"], snapshot["epoch"], snapshot["epoch_closed"]) == ("online", 1, False)

@@ -126,6 +126,41 @@ def test_tensorboard_event_files_hold_the_run(cli, demo_files, tmp_path) -> None
     assert "options/text_summary" in acc.Tags()["tensors"]
 
 
+def test_tensorboard_gets_the_step_it_failed_to_log_after_resume(
+    cli, demo_files, tmp_path, monkeypatch
+) -> None:
+    """The writer fails at global step 6; after ``--resume`` the event files hold every
+    logged step once, the failed one included, as in the run's steps.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lever_trainer_plugins.tracker_tensorboard import TensorBoardSession
+
+    real = TensorBoardSession.log
+    failed: list[int] = []
+
+    def flaky(self, values, step):
+        if step == 6 and not failed and any(k.endswith("/loss") for k in values):
+            failed.append(step)
+            raise ConnectionError("event file on a lost mount")
+        return real(self, values, step)
+
+    monkeypatch.setattr(TensorBoardSession, "log", flaky)
+    out = tmp_path / "run"
+    args = ("--batch-size", "8", "--hidden-dim", "16", "--rce-epochs", "2", "--grpo-epochs")
+    args += ("1", "--log-every", "3", "--plugin", "tensorboard")
+    result = cli("--beam-data", demo_files[0], "--img-emb", demo_files[1], "--output-dir", out, *args)  # fmt: skip
+    assert result.exit_code == 2 and failed == [6], result.output
+    result = cli("--resume", out)
+    assert result.exit_code == 0, result.output
+    series, _ = expected(out)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert 6 in [s for s, _ in series["rce/loss"]]
+    for tag, points in series.items():
+        assert [e.step for e in acc.Scalars(tag)] == [s for s, _ in points], tag
+
+
 def test_mlflow_file_store_holds_the_run(cli, demo_files, tmp_path, monkeypatch) -> None:
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -17,7 +17,7 @@ from .embeddings import (
     read_tensor_file,
 )
 from .load import file_fingerprint, load_rl_data, load_verified, plugin_members
-from .pools import PoolBatch, PoolTable, check_pool_ids, load_pools, pool_batches
+from .pools import PoolBatch, PoolTable, check_pool_ids, iter_pools, load_pools, pool_batches
 from .rljson import POINTER_FIELDS, DataOptions, LoadReport, build_table, parse_rl_members
 from .tables import Batch, QueryTable, gather_groups, iter_batches, make_batch, split_train_val
 
@@ -41,6 +41,7 @@ __all__ = [
     "file_fingerprint",
     "gather_groups",
     "iter_batches",
+    "iter_pools",
     "load_embedding_table",
     "load_embeddings",
     "load_pools",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,12 +135,18 @@ def _pool_of(qid: int, value: Any, where: str) -> list[int]:
 
 
 def _jsonl_members(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LeverError(f"{path}: line {n} is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
+            except RecursionError:
+                raise LeverError(f"{path}: line {n} is JSON nested too deeply") from None
             except json.JSONDecodeError as exc:
                 raise LeverError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
             if isinstance(item, list) and len(item) == 2:
@@ -157,21 +163,40 @@ def _jsonl_members(path: Path) -> Iterator[tuple[str, Any]]:
             yield str(qid), pool
 
 
-def _members(path: Path) -> Iterable[tuple[str, Any]]:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return _jsonl_members(path)
-    return iter_object_members(path)
+def _members(path: Path) -> Iterator[tuple[str, Any]]:
+    """The file's ``(key, value)`` members; a file that cannot be read is one line."""
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            yield from _jsonl_members(path)
+        else:
+            yield from iter_object_members(path)
+    except OSError as exc:
+        raise LeverError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
-    """Read a query file (see the module docstring) into a :class:`PoolTable`."""
+def _table(qids: list[int], pools: list[list[int]], cut: int) -> PoolTable:
+    lengths = torch.tensor([len(x) for x in pools], dtype=torch.long)
+    flat = torch.tensor([g for x in pools for g in x], dtype=torch.long)
+    return PoolTable(torch.tensor(qids, dtype=torch.long), _pad(flat, lengths), lengths, cut)
+
+
+def iter_pools(
+    path: str | os.PathLike[str], max_pool: int = 64, chunk: int = 1024
+) -> Iterator[PoolTable]:
+    """The queries of a query file in file order, ``chunk`` at a time, as
+    :class:`PoolTable` pieces: memory holds one piece (and one bit per query id seen),
+    whatever the file's size. Each piece's ``pools_cut`` counts its own cut pools. Errors
+    (a query twice, a malformed pool, no query at all) are :class:`LeverError` naming the
+    file and the query; they may come after earlier pieces were yielded."""
     p = Path(path)
     if not p.is_file():
         raise LeverError(f"{p}: file not found")
     qids: list[int] = []
     pools: list[list[int]] = []
-    seen: set[int] = set()
+    seen = bytearray()  # one bit per query id below 2**27: a query twice is an error
+    seen_large: set[int] = set()  # the (rare) larger ids
     cut = 0
+    total = 0
     for key, value in _members(p):
         qid = _query_id(key)
         if qid is None:
@@ -179,9 +204,17 @@ def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
                 raise LeverError(f"{p}: key {key!r} looks like a query id but is not an integer")
             continue
         where = f"{p}: query {qid}"
-        if qid in seen:
+        if qid < 1 << 27:
+            byte, bit = divmod(qid, 8)
+            if byte >= len(seen):
+                seen.extend(bytes(byte + 1 - len(seen)))
+            twice = bool(seen[byte] >> bit & 1)
+            seen[byte] |= 1 << bit
+        else:
+            twice = qid in seen_large
+            seen_large.add(qid)
+        if twice:
             raise LeverError(f"{where}: appears twice")
-        seen.add(qid)
         pool = _pool_of(qid, value, where)
         if len(set(pool)) != len(pool):
             raise LeverError(f"{where}: the pool holds duplicate ids")
@@ -189,13 +222,34 @@ def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
             pool, cut = pool[:max_pool], cut + 1
         qids.append(qid)
         pools.append(pool)
-    if not qids:
+        total += 1
+        if len(qids) >= chunk:
+            yield _table(qids, pools, cut)
+            qids, pools, cut = [], [], 0
+    if qids:
+        yield _table(qids, pools, cut)
+    if not total:
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
-    lengths = torch.tensor([len(x) for x in pools], dtype=torch.long)
-    flat = torch.tensor([g for x in pools for g in x], dtype=torch.long)
-    order = torch.argsort(torch.tensor(qids), stable=True)
-    table = PoolTable(torch.tensor(qids), _pad(flat, lengths), lengths, cut)
-    out = table.select(order)
+
+
+def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
+    """Read a query file (see the module docstring) into one :class:`PoolTable`, sorted by
+    query id."""
+    pieces = list(iter_pools(path, max_pool, chunk=1 << 16))
+    width = max(piece.pool_ids.shape[1] for piece in pieces)
+    cut = sum(piece.pools_cut for piece in pieces)
+    table = PoolTable(
+        torch.cat([piece.query_ids for piece in pieces]),
+        torch.cat(
+            [
+                torch.nn.functional.pad(piece.pool_ids, (0, width - piece.pool_ids.shape[1]))
+                for piece in pieces
+            ]
+        ),
+        torch.cat([piece.pool_len for piece in pieces]),
+        cut,
+    )
+    out = table.select(torch.argsort(table.query_ids, stable=True))
     out.pools_cut = cut
     return out
 
@@ -218,4 +272,11 @@ def check_pool_ids(pools: PoolTable, emb: Embeddings, path: str) -> None:
         )
 
 
-__all__ = ["PoolBatch", "PoolTable", "check_pool_ids", "load_pools", "pool_batches"]
+__all__ = [
+    "PoolBatch",
+    "PoolTable",
+    "check_pool_ids",
+    "iter_pools",
+    "load_pools",
+    "pool_batches",
+]

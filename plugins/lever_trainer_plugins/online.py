@@ -101,13 +101,17 @@ class OnlinePhase(Phase):
         cols: list[int] = []
         asked_ids: list[int] = []
         asked: list[list[int]] = []
+        # counted against the budget only once their verdicts are in: a judge that fails
+        # midway leaves the budget as it was, and a resumed round asks for them again
+        pending: dict[int, set[str]] = {}
         for row, (qid, group) in enumerate(zip(query_ids, ids.tolist(), strict=True)):
-            seen = self.judged.setdefault(qid, set())
+            seen, new = self.judged.get(qid, set()), pending.setdefault(qid, set())
             for j, seq in enumerate(group):
                 key = ",".join(map(str, seq))
-                if key not in seen and len(seen) >= budget:
+                if key not in seen and key not in new and len(seen) + len(new) >= budget:
                     continue
-                seen.add(key)
+                if key not in seen:
+                    new.add(key)
                 rows.append(row)
                 cols.append(j)
                 asked_ids.append(qid)
@@ -119,6 +123,8 @@ class OnlinePhase(Phase):
             )
         }
         rewards, correct = state.judge.rewards(asked_ids, asked, pools)
+        for qid, new in pending.items():
+            self.judged.setdefault(qid, set()).update(new)
         shape = positions.shape[:2]
         keep = torch.zeros(shape, dtype=torch.bool)
         reward_t, correct_t = torch.zeros(shape), torch.zeros(shape)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lever_trainer.api import TrainState, hookimpl, json_line
+from lever_trainer.api import TrainState, append_text, hookimpl, json_line, truncate_file
 
 from ._trackers import should_log
 
@@ -51,11 +51,7 @@ def _prepare(state: TrainState) -> None:
     mine = state.extra.setdefault(_KEY, {"truncate_to": 0})
     if mine.get("ready"):
         return
-    path = state.output_dir / FILE_NAME
-    keep = int(mine.get("truncate_to") or 0)
-    if path.exists() and path.stat().st_size > keep:
-        with open(path, "r+b") as fh:
-            fh.truncate(keep)
+    truncate_file(state.output_dir / FILE_NAME, int(mine.get("truncate_to") or 0))
     mine["ready"] = True
 
 
@@ -77,9 +73,7 @@ def on_step_end(state: TrainState) -> None:
     if not should_log(state):
         return
     _prepare(state)
-    with open(state.output_dir / FILE_NAME, "a", encoding="utf-8") as fh:
-        fh.write(json_line(step_record(state)) + "\n")
-        fh.flush()
+    append_text(state.output_dir / FILE_NAME, json_line(step_record(state)) + "\n")
 
 
 @hookimpl
