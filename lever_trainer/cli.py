@@ -191,9 +191,11 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "max_pool",
             group="Data",
             type=Number(int, 1),
-            default=64,
-            show_default=True,
-            help="Cut each query's pool to its first N ids.",
+            default=None,
+            metavar="N",
+            help="Cut each query's pool to its first N ids (default: keep every pool "
+            "whole; refused, naming this flag, when padding to the largest pool would "
+            "not fit in memory).",
         ),
         opt(
             "--keep-fallback",
@@ -575,7 +577,25 @@ def main() -> None:
     type=Number(float, 0, 1, max_open=True),
     default=0.2,
     show_default=True,
-    help="Share of queries (the highest ids) kept for validation.",
+    help="Share of queries kept for validation (see --val-split).",
+)
+@opt(
+    "--val-split",
+    group="Data",
+    type=click.Choice(["random", "last"]),
+    default="random",
+    show_default=True,
+    help="Which queries validate: random (drawn with --split-seed) or last (the highest "
+    "query ids, the same split for every seed).",
+)
+@opt(
+    "--split-seed",
+    group="Data",
+    type=Number(int, 0, 2**63 - 1),
+    default=None,
+    metavar="N",
+    help="Seed of the random validation split (default: --seed, so each seed also "
+    "draws its own split).",
 )
 @opt(
     "--no-cache",
@@ -659,7 +679,8 @@ def main() -> None:
     type=Number(int, 0, 2**63 - 1),
     default=42,
     show_default=True,
-    help="Seed of the initialisation, dropout and the query order.",
+    help="Seed of the initialisation, dropout, the query order, sampling, and the "
+    "random validation split (unless --split-seed).",
 )
 @opt(
     "--device",
@@ -959,9 +980,11 @@ def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         "max_pool",
         group="Data",
         type=Number(int, 1),
-        default=64,
-        show_default=True,
-        help="Cut each query's pool to its first N ids.",
+        default=None,
+        metavar="N",
+        help="Cut each query's pool to its first N ids (default: keep every pool whole; "
+        "refused, naming this flag, when padding to the largest pool would not fit in "
+        "memory).",
     )(fn)
     fn = opt(
         "--queries",

@@ -59,6 +59,8 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
         "rel_weight",
         "normalize",
         "val_ratio",
+        "val_split",
+        "split_seed",
     ),
     "the policy is fixed (its weights and shape are in the snapshot)": (
         "policy",

@@ -25,15 +25,14 @@ from .errors import LeverError, PluginError
 from .evaluation import (
     ALL_JUDGED_METRICS,
     ALL_VALIDATION_METRICS,
-    VAL_QUERIES,
     Evaluator,
     format_metrics,
 )
 from .judge import Judge
+from .metrics import clearly_better
 from .phase import Phase
 from .plugins import Decision, PluginSet
 from .policy import Policy
-from .metrics import clearly_better
 from .retention import BEST_NAME, START, CheckpointKeeper
 from .state import RewardChoice, TrainConfig, TrainState
 
@@ -273,8 +272,8 @@ class Trainer:
             return self.config.best_metric, self.config.best_mode
         if not len(self.state.val):
             return None, "max"
-        default = DEFAULT_JUDGED_BEST_METRIC if self.state.judge is not None else DEFAULT_BEST_METRIC
-        return default, "max"
+        judged = self.state.judge is not None
+        return (DEFAULT_JUDGED_BEST_METRIC if judged else DEFAULT_BEST_METRIC), "max"
 
     def finish_best(self) -> str | None:
         """At the end of a run: the line that says whether training beat the starting
@@ -285,7 +284,6 @@ class Trainer:
         if metric is None or keeper.start_value is None or not state.history:
             return None
         state.best = {"label": keeper.best_label, "metric": metric, "value": keeper.best_value}
-        n = int(state.start_metrics.get(VAL_QUERIES, len(state.val)))
         if keeper.start_is_best:
             if self.start_weights is None:
                 return (
@@ -301,13 +299,11 @@ class Trainer:
             if closest is None:
                 detail = f"{metric} {keeper.start_value:.4f} at the start, no epoch measured it"
             else:
-                half = (
-                    f"{closest.half_width:.4f}" if math.isfinite(closest.half_width) else "?"
-                )
+                noise = f"{closest.half_width:.4f}" if math.isfinite(closest.half_width) else "?"
                 detail = (
                     f"{metric} {keeper.start_value:.4f} -> {closest.value:.4f} at best "
-                    f"({closest.label}; paired difference {closest.difference:+.4f} +- {half}, "
-                    f"95 %, {closest.n} queries)"
+                    f"({closest.label}; paired difference {closest.difference:+.4f} +- "
+                    f"{noise}, 95 %, {closest.n} queries)"
                 )
             return (
                 f"training did not beat the starting policy on validation: {detail}; "

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LeverError
 from ..jsonstream import iter_object_members
+from .budget import check_table
 from .embeddings import Embeddings
 from .rljson import POINTER_FIELDS, DataOptions, _drop_reason, _int_list, _query_id
 from .tables import QueryTable, _pad, gather_cand_emb, length_mask, max_length
@@ -163,8 +164,10 @@ def _members(path: Path) -> Iterable[tuple[str, Any]]:
     return iter_object_members(path)
 
 
-def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
-    """Read a query file (see the module docstring) into a :class:`PoolTable`."""
+def load_pools(path: str | os.PathLike[str], max_pool: int | None = None) -> PoolTable:
+    """Read a query file (see the module docstring) into a :class:`PoolTable`, each pool
+    cut to its first ``max_pool`` ids (None: kept whole, within the memory guard of
+    :mod:`lever_trainer.data.budget`)."""
     p = Path(path)
     if not p.is_file():
         raise LeverError(f"{p}: file not found")
@@ -185,12 +188,13 @@ def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
         pool = _pool_of(qid, value, where)
         if len(set(pool)) != len(pool):
             raise LeverError(f"{where}: the pool holds duplicate ids")
-        if len(pool) > max_pool:
+        if max_pool is not None and len(pool) > max_pool:
             pool, cut = pool[:max_pool], cut + 1
         qids.append(qid)
         pools.append(pool)
     if not qids:
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
+    check_table(len(pools), max(len(x) for x in pools), str(p))
     lengths = torch.tensor([len(x) for x in pools], dtype=torch.long)
     flat = torch.tensor([g for x in pools for g in x], dtype=torch.long)
     order = torch.argsort(torch.tensor(qids), stable=True)
