@@ -439,7 +439,9 @@ def test_pools_are_whole_by_default_and_max_pool_cuts(cli: Cli, tmp_path: Path) 
     table, report = load_rl_data(path, DataOptions(max_pool=64), builtin_registry())
     assert int(table.pool_len[0]) == 64 and report.pools_cut == 1
     assert real(table, 0)["pool"] == pool[:64]
-    assert "1 pools cut to --max-pool" in ok(cli("prepare", "--beam-data", path, "--max-pool", "64"))
+    assert "1 pools cut to --max-pool" in ok(
+        cli("prepare", "--beam-data", path, "--max-pool", "64")
+    )
     # position 64 (id 164) is outside the cut pool
     data["0"]["pointer_candidates"][1]["pointer"] = [5, 64]
     write_json(path, data)
