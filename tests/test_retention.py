@@ -3,8 +3,6 @@ and a run that does not beat its start says so and keeps the start."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -183,4 +181,3 @@ def test_the_too_small_warning_comes_once_and_names_val_ratio(demo_files, tmp_pa
     quiet.last = Comparison("rce epoch 2", 0.6001, "start", 0.6, 0.0001, 0.004, 5000, False)
     trainer.report_selection()
     assert not quiet.warned_noise
-    assert math.isfinite(quiet.last.half_width)
