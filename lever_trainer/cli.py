@@ -726,7 +726,8 @@ def main() -> None:
     group="Run",
     default=None,
     metavar="NAME",
-    help="Also keep the best epoch by this validation metric as best.safetensors.",
+    help="The metric that chooses best.safetensors among the starting policy and the "
+    "epochs (default: judge_correct@greedy with --judge, else policy_reward@1).",
 )
 @opt(
     "--best-mode",
@@ -735,6 +736,16 @@ def main() -> None:
     default="max",
     show_default=True,
     help="Whether a larger or smaller --best-metric is better.",
+)
+@opt(
+    "--best-rule",
+    group="Run",
+    type=click.Choice(["paired", "value"]),
+    default="paired",
+    show_default=True,
+    help="paired: an epoch becomes best.safetensors only when it beats the best so far "
+    "beyond the noise (paired 95 % interval over the validation queries); value: "
+    "whenever its --best-metric value is better.",
 )
 @opt(
     "--resume",

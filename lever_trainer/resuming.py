@@ -91,6 +91,7 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
     "the best checkpoint so far was chosen by the run's own --best-metric and --best-mode": (
         "best_metric",
         "best_mode",
+        "best_rule",
     ),
     "a resumed run writes into its own directory": ("output_dir",),
     "it would remove the run being resumed": ("overwrite",),

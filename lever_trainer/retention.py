@@ -12,7 +12,8 @@ policies' values (:func:`~lever_trainer.metrics.clearly_better`) lies entirely o
 better side of zero. A difference inside that interval is what a different draw of
 validation queries could reverse, so the earlier candidate stays. Metrics without
 per-query values (training metrics such as ``train_loss``, or a plugin's) fall back to
-the plain comparison of values, and the start does not compete on them.
+the plain comparison of values, and the start does not compete on them; so does every
+metric with ``paired=False`` (``--best-rule value``), where the start still competes.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ class CheckpointKeeper:
         keep_last: int | None = None,
         best_metric: str | None = None,
         best_mode: str = "max",
+        paired: bool = True,
     ) -> None:
         self.output_dir = output_dir
+        #: False (``--best-rule value``): the plain comparison of values, no noise test.
+        self.paired = paired
         self.keep_last = keep_last
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -174,7 +178,8 @@ class CheckpointKeeper:
         if self.best_value is None:
             better = True
         elif (
-            values is not None
+            self.paired
+            and values is not None
             and self.best_per_query is not None
             and values.shape == self.best_per_query.shape
         ):
@@ -190,7 +195,7 @@ class CheckpointKeeper:
             self.last = Comparison(
                 label, value, str(self.best_label), self.best_value, diff, math.nan, 0, better
             )
-        if self.start_is_best and self.last is not None and self.last.n:
+        if self.start_is_best and self.last is not None:
             if self.closest is None or self.last.difference > self.closest.difference:
                 self.closest = self.last
         if better:

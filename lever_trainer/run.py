@@ -275,6 +275,7 @@ def train_config(opts: Mapping[str, Any], device: str) -> TrainConfig:
         keep_last=opts["keep_last"],
         best_metric=opts["best_metric"],
         best_mode=opts["best_mode"],
+        best_rule=opts.get("best_rule") or "paired",
     )
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
     keep_last: int | None = None
     best_metric: str | None = None
     best_mode: str = "max"
+    best_rule: str = "paired"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for checkpoint metadata and logs."""

@@ -178,7 +178,13 @@ class Trainer:
             phase.init(self.state)
         self.evaluator = Evaluator(self.model, emb, self.device, config.batch_size, judge)
         best_metric, best_mode = self.selection_metric()
-        self.keeper = CheckpointKeeper(output_dir, config.keep_last, best_metric, best_mode)
+        self.keeper = CheckpointKeeper(
+            output_dir,
+            config.keep_last,
+            best_metric,
+            best_mode,
+            paired=config.best_rule == "paired",
+        )
         self.rewards: dict[str, Decision] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.start_logprobs: torch.Tensor | None = None
@@ -298,6 +304,11 @@ class Trainer:
             closest = keeper.closest
             if closest is None:
                 detail = f"{metric} {keeper.start_value:.4f} at the start, no epoch measured it"
+            elif not closest.n:  # --best-rule value: no paired comparison
+                detail = (
+                    f"{metric} {keeper.start_value:.4f} -> {closest.value:.4f} at best "
+                    f"({closest.label})"
+                )
             else:
                 noise = f"{closest.half_width:.4f}" if math.isfinite(closest.half_width) else "?"
                 detail = (

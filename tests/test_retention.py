@@ -58,6 +58,15 @@ def test_only_a_difference_beyond_the_noise_replaces_the_best(tmp_path) -> None:
     assert keeper.closest is not None and keeper.closest.label == "rce epoch 2"
 
 
+def test_the_value_rule_takes_any_better_mean_and_the_start_still_competes(tmp_path) -> None:
+    keeper = CheckpointKeeper(tmp_path, best_metric="score", paired=False)
+    keeper.consider_start({"score": 0.0}, {"score": T([0.0] * 10)})
+    epoch(keeper, 1, T([-1.0] * 10))  # worse than the start: the start stays
+    assert keeper.start_is_best and not (tmp_path / BEST_NAME).exists()
+    epoch(keeper, 2, T([1.0, 1.0, 1.0, -1.0, -1.0] + [0.0] * 5))  # mean 0.1: within noise
+    assert keeper.best_label == "rce epoch 2" and read_metadata(tmp_path / BEST_NAME)["epoch"] == 2
+
+
 def test_smaller_is_better_and_training_metrics_compare_plainly(tmp_path) -> None:
     keeper = CheckpointKeeper(tmp_path, best_metric="score", best_mode="min")
     keeper.consider_start({"score": 1.0}, {"score": T([1.0, 1.0, 1.0])})
