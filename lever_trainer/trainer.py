@@ -271,15 +271,16 @@ class Trainer:
         return state
 
     def selection_metric(self) -> tuple[str | None, str]:
-        """The metric and mode that choose ``best.safetensors``: ``--best-metric`` and
-        ``--best-mode`` when given; else, with a validation split, the judged accuracy
-        (with a judge) or ``policy_reward@1``, larger is better; else none."""
+        """The metric and mode (``--best-mode``) that choose ``best.safetensors``:
+        ``--best-metric`` when given; else, with a validation split, the judged accuracy
+        (with a judge) or ``policy_reward@1``; else none."""
+        mode = self.config.best_mode
         if self.config.best_metric is not None:
-            return self.config.best_metric, self.config.best_mode
+            return self.config.best_metric, mode
         if not len(self.state.val):
-            return None, "max"
+            return None, mode
         judged = self.state.judge is not None
-        return (DEFAULT_JUDGED_BEST_METRIC if judged else DEFAULT_BEST_METRIC), "max"
+        return (DEFAULT_JUDGED_BEST_METRIC if judged else DEFAULT_BEST_METRIC), mode
 
     def finish_best(self) -> str | None:
         """At the end of a run: the line that says whether training beat the starting
