@@ -198,7 +198,7 @@ def evaluate(
     baselines: Sequence[str],
     table: QueryTable | None,
     steps: int | None,
-    max_pool: int = 64,
+    max_pool: int | None = None,
     batch_size: int = 256,
     device: str = "cpu",
     trust: bool = False,

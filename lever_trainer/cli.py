@@ -191,9 +191,11 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "max_pool",
             group="Data",
             type=Number(int, 1),
-            default=64,
-            show_default=True,
-            help="Cut each query's pool to its first N ids.",
+            default=None,
+            metavar="N",
+            help="Cut each query's pool to its first N ids (default: keep every pool "
+            "whole; refused, naming this flag, when padding to the largest pool would "
+            "not fit in memory).",
         ),
         opt(
             "--keep-fallback",
@@ -585,7 +587,25 @@ def main() -> None:
     type=Number(float, 0, 1, max_open=True),
     default=0.2,
     show_default=True,
-    help="Share of queries (the highest ids) kept for validation.",
+    help="Share of queries kept for validation (see --val-split).",
+)
+@opt(
+    "--val-split",
+    group="Data",
+    type=click.Choice(["random", "last"]),
+    default="random",
+    show_default=True,
+    help="Which queries validate: random (drawn with --split-seed) or last (the highest "
+    "query ids, the same split for every seed).",
+)
+@opt(
+    "--split-seed",
+    group="Data",
+    type=Number(int, 0, 2**63 - 1),
+    default=None,
+    metavar="N",
+    help="Seed of the random validation split (default: --seed, so each seed also "
+    "draws its own split).",
 )
 @opt(
     "--no-cache",
@@ -669,7 +689,8 @@ def main() -> None:
     type=Number(int, 0, 2**63 - 1),
     default=42,
     show_default=True,
-    help="Seed of the initialisation, dropout and the query order.",
+    help="Seed of the initialisation, dropout, the query order, sampling, and the "
+    "random validation split (unless --split-seed).",
 )
 @opt(
     "--device",
@@ -715,7 +736,8 @@ def main() -> None:
     group="Run",
     default=None,
     metavar="NAME",
-    help="Also keep the best epoch by this validation metric as best.safetensors.",
+    help="The metric that chooses best.safetensors among the starting policy and the "
+    "epochs (default: judge_correct@greedy with --judge, else policy_reward@1).",
 )
 @opt(
     "--best-mode",
@@ -724,6 +746,16 @@ def main() -> None:
     default="max",
     show_default=True,
     help="Whether a larger or smaller --best-metric is better.",
+)
+@opt(
+    "--best-rule",
+    group="Run",
+    type=click.Choice(["paired", "value"]),
+    default="paired",
+    show_default=True,
+    help="paired: an epoch becomes best.safetensors only when it beats the best so far "
+    "beyond the noise (paired 95 % interval over the validation queries); value: "
+    "whenever its --best-metric value is better.",
 )
 @opt(
     "--resume",
@@ -973,9 +1005,11 @@ def query_file_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         "max_pool",
         group="Data",
         type=Number(int, 1),
-        default=64,
-        show_default=True,
-        help="Cut each query's pool to its first N ids.",
+        default=None,
+        metavar="N",
+        help="Cut each query's pool to its first N ids (default: keep every pool whole; "
+        "refused, naming this flag, when padding to the largest pool would not fit in "
+        "memory).",
     )(fn)
     fn = opt(
         "--queries",

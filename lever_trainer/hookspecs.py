@@ -416,7 +416,18 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     * the phase's ``epoch_metrics`` (GRPO: ``kl_beta``);
     * validation (absent when the validation split is empty): ``val_loss``,
       ``policy_reward@1``, ``policy_correct@1``, ``random_reward``, ``oracle_reward``,
-      ``normalized_gain``, ``spearman``;
+      ``normalized_gain``, ``spearman``; with a judge ``judge_correct@greedy`` and
+      ``judge_reward@greedy``; ``val_queries`` (how many queries validated);
+    * the 95 % interval of each validation mean that depends on the policy (all but
+      ``random_reward`` and ``oracle_reward``), as ``<name>_ci_low`` and
+      ``<name>_ci_high``: ``val_loss_ci_low``, ``val_loss_ci_high``,
+      ``policy_reward@1_ci_low``, ``policy_reward@1_ci_high``,
+      ``policy_correct@1_ci_low``, ``policy_correct@1_ci_high``,
+      ``normalized_gain_ci_low``, ``normalized_gain_ci_high``, ``spearman_ci_low``,
+      ``spearman_ci_high``, ``judge_correct@greedy_ci_low``,
+      ``judge_correct@greedy_ci_high``, ``judge_reward@greedy_ci_low``,
+      ``judge_reward@greedy_ci_high`` (a Wilson interval when every per-query value is 0
+      or 1, else mean +- 1.96 standard errors; NaN below two queries);
     * ``epoch_seconds``: wall time of the epoch, validation included.
 
     ``state.history`` holds every epoch's metrics with ``phase`` and ``epoch``.

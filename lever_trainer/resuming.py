@@ -60,6 +60,8 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
         "rel_weight",
         "normalize",
         "val_ratio",
+        "val_split",
+        "split_seed",
     ),
     "the policy is fixed (its weights and shape are in the snapshot)": (
         "policy",
@@ -90,6 +92,7 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
     "the best checkpoint so far was chosen by the run's own --best-metric and --best-mode": (
         "best_metric",
         "best_mode",
+        "best_rule",
     ),
     "a resumed run writes into its own directory": ("output_dir",),
     "it would remove the run being resumed": ("overwrite",),

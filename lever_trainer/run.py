@@ -31,7 +31,9 @@ from .data import (
     plugin_members,
     split_train_val,
 )
+from .data.budget import check_batches
 from .errors import LeverError, PluginError
+from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .options import check_value
@@ -252,6 +254,16 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
     return Judge(env, plugin, store, reward, warn, float(opts.get("judge_timeout") or 0) or None)
 
 
+def split_seed(opts: Mapping[str, Any]) -> int | None:
+    """The seed that draws the validation split (``--val-split random``: ``--split-seed``,
+    else ``--seed``), or None for the highest query ids (``--val-split last``; also a run
+    recorded before the option existed, whose split was that)."""
+    if (opts.get("val_split") or "last") == "last":
+        return None
+    chosen = opts.get("split_seed")
+    return int(opts["seed"] if chosen is None else chosen)
+
+
 def make_deterministic() -> None:
     """Torch flags for run-to-run identical results on CUDA as well as CPU."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -272,6 +284,7 @@ def train_config(opts: Mapping[str, Any], device: str) -> TrainConfig:
         keep_last=opts["keep_last"],
         best_metric=opts["best_metric"],
         best_mode=opts["best_mode"],
+        best_rule=opts.get("best_rule") or "paired",
     )
 
 
@@ -436,12 +449,22 @@ def assemble(
         opts.get("cand_emb"),
     )
     check_ids_in_range(table, emb)
+    check_batches(
+        max(opts["batch_size"], MIN_EVAL_BATCH),
+        table.pool_ids.shape[1],
+        emb.dim,
+        table.sequences.shape[1],
+        table.seq_len,
+        device,
+    )
     for line in embedding_warnings(table, emb):
         warn(line)
-    train_table, val_table = split_train_val(table, opts["val_ratio"])
+    seed = split_seed(opts)
+    train_table, val_table = split_train_val(table, opts["val_ratio"], seed)
+    how = "highest query ids" if seed is None else f"drawn with seed {seed}"
     echo(
-        f"split: {len(train_table)} train / {len(val_table)} validation queries, "
-        f"S = {table.seq_len}, d = {emb.dim}"
+        f"split: {len(train_table)} train / {len(val_table)} validation queries "
+        f"({how}), S = {table.seq_len}, d = {emb.dim}"
     )
 
     torch.manual_seed(opts["seed"])

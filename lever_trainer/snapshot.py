@@ -162,9 +162,11 @@ def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
         else [state.stop_request.reason, state.stop_request.plugin],
         "keeper": trainer.keeper.state_dict(),
         "start_logprobs": trainer.start_logprobs,
-        # the starting weights, while no reference log-probs were computed from them: a
-        # later extension into a phase that needs them (GRPO after RCE) computes them
-        "start_model": trainer.start_weights if trainer.start_logprobs is None else None,
+        # the starting weights: best.safetensors while no epoch has beaten them, and the
+        # reference log-probs of a later extension into a phase that needs them
+        "start_model": trainer.start_weights
+        if trainer.start_logprobs is None or trainer.keeper.start_is_best
+        else None,
         "ref_logprobs": state.ref_logprobs,
         "model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
         "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else {},
@@ -238,6 +240,54 @@ def _is_tensor_or_none(value: Any) -> bool:
     return value is None or isinstance(value, torch.Tensor)
 
 
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+#: The fields of a recorded comparison (``retention.Comparison``) and their checks.
+_COMPARISON_FIELDS: dict[str, Any] = {
+    "label": lambda v: isinstance(v, str),
+    "value": _is_number_or_none,
+    "against": lambda v: isinstance(v, str),
+    "against_value": _is_number_or_none,
+    "difference": _is_number_or_none,
+    "half_width": _is_number_or_none,
+    "n": _is_int,
+    "replaced": lambda v: isinstance(v, bool),
+}
+
+
+def _is_per_query(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, torch.Tensor) and value.dim() == 1 and value.is_floating_point()
+    )
+
+
+def _is_keeper_state(v: Any) -> bool:
+    """The keeper's state (``CheckpointKeeper.state_dict``); the entries after
+    ``best_value`` are optional (older snapshots lack them)."""
+    closest = v.get("closest") if isinstance(v, dict) else None
+    return (
+        isinstance(v, dict)
+        and isinstance(v.get("saved"), list)
+        and all(isinstance(p, str) for p in v["saved"])
+        and _is_number_or_none(v.get("best_value"))
+        and (v.get("best_label") is None or isinstance(v.get("best_label"), str))
+        and _is_per_query(v.get("best_per_query"))
+        and _is_per_query(v.get("start_per_query"))
+        and _is_number_or_none(v.get("start_value"))
+        and isinstance(v.get("warned_noise", False), bool)
+        and (
+            closest is None
+            or (
+                isinstance(closest, dict)
+                and set(closest) == set(_COMPARISON_FIELDS)
+                and all(ok(closest[k]) for k, ok in _COMPARISON_FIELDS.items())
+            )
+        )
+    )
+
+
 #: What every snapshot holds, and the check of each entry's value.
 _ENTRIES: dict[str, tuple[str, Any]] = {
     "epoch_closed": ("a bool", lambda v: isinstance(v, bool)),
@@ -264,15 +314,7 @@ _ENTRIES: dict[str, tuple[str, Any]] = {
             )
         ),
     ),
-    "keeper": (
-        "the checkpoint keeper's state",
-        lambda v: (
-            isinstance(v, dict)
-            and isinstance(v.get("saved"), list)
-            and all(isinstance(p, str) for p in v["saved"])
-            and (v.get("best_value") is None or isinstance(v.get("best_value"), int | float))
-        ),
-    ),
+    "keeper": ("the checkpoint keeper's state", lambda v: _is_keeper_state(v)),
     "start_logprobs": ("a tensor or None", _is_tensor_or_none),
     "ref_logprobs": ("a tensor or None", _is_tensor_or_none),
     "model": (

@@ -36,6 +36,7 @@ class TrainConfig:
     keep_last: int | None = None
     best_metric: str | None = None
     best_mode: str = "max"
+    best_rule: str = "paired"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for checkpoint metadata and logs."""
@@ -125,6 +126,9 @@ class TrainState:
             loss returned, plus ``grad_norm``); empty after a step that was skipped for
             a non-finite loss or gradient.
         history: one dict of metrics per finished epoch, in order.
+        best: set at the end of a run with a best checkpoint: ``label`` (``start`` or
+            e.g. ``rce epoch 3``), ``metric`` and ``value`` of the candidate checkpoint
+            selection chose as ``best.safetensors`` (see ``lever_trainer.retention``).
         extra: free space for plugins, keyed by plugin name.
         stop_request: set by :meth:`request_stop`.
         emb: the query and candidate embedding tables.
@@ -156,6 +160,7 @@ class TrainState:
     start_metrics: dict[str, float] = field(default_factory=dict)
     last_step: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     stop_request: StopRequest | None = None
     judge: Judge | None = None

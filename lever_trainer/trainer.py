@@ -22,15 +22,29 @@ from . import __version__, snapshot
 from .checkpoint import checkpoint_name
 from .data import Batch, Embeddings, QueryTable, iter_batches
 from .errors import Interrupted, JudgeStopped, LeverError, PluginError, StoreError
-from .evaluation import VALIDATION_METRICS, Evaluator, format_metrics
+from .evaluation import (
+    ALL_JUDGED_METRICS,
+    ALL_VALIDATION_METRICS,
+    Evaluator,
+    format_metrics,
+)
 from .judge import Judge
+from .metrics import clearly_better
 from .phase import Phase
 from .plugins import Decision, PluginSet
 from .policy import Policy
-from .retention import CheckpointKeeper
+from .retention import BEST_NAME, START, CheckpointKeeper
 from .state import RewardChoice, TrainConfig, TrainState
 
 SNAPSHOT_NAME = snapshot.SNAPSHOT_NAME
+#: The metric that picks ``best.safetensors`` when ``--best-metric`` is not given:
+#: the judged accuracy of the free selection with a judge, else the logged reward@1.
+DEFAULT_BEST_METRIC = "policy_reward@1"
+DEFAULT_JUDGED_BEST_METRIC = "judge_correct@greedy"
+#: The validation split is called too small to tell candidates apart when an epoch is
+#: better on average but within the noise, and that noise (the paired 95 % half-width)
+#: is above this share of the best value's magnitude (1 point at an accuracy of 1.0).
+NOISE_WARN_RELATIVE = 0.01
 
 
 class StopRequested(Exception):
@@ -163,15 +177,21 @@ class Trainer:
         for phase in self.phases:
             phase.init(self.state)
         self.evaluator = Evaluator(self.model, emb, self.device, config.batch_size, judge)
+        best_metric, best_mode = self.selection_metric()
         self.keeper = CheckpointKeeper(
-            output_dir, config.keep_last, config.best_metric, config.best_mode
+            output_dir,
+            config.keep_last,
+            best_metric,
+            best_mode,
+            paired=config.best_rule == "paired",
         )
         self.rewards: dict[str, Decision] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.start_logprobs: torch.Tensor | None = None
-        #: The starting weights, kept while no phase has needed ``start_logprobs``: a run
-        #: extended into such a phase later (``--resume DIR --grpo-epochs N``) computes
-        #: them from these (see ``choose_reference``).
+        #: The starting weights: ``best.safetensors`` when no epoch beats them on
+        #: validation, and the source of ``start_logprobs`` for a run extended into a
+        #: phase that needs them (``--resume DIR --grpo-epochs N``, see
+        #: ``choose_reference``).
         self.start_weights: dict[str, torch.Tensor] | None = None
         #: Set while a step's optimiser update is applied but its bookkeeping is not done:
         #: a snapshot taken then would not be the state after any completed step.
@@ -209,10 +229,9 @@ class Trainer:
             # the starting model's log-probs: the default reference (SPEC section 6)
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
-            else:
-                self.start_weights = {
-                    k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-                }
+            self.start_weights = {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+            }
             if len(state.val):
                 if state.judge is None:
                     state.log(
@@ -220,9 +239,11 @@ class Trainer:
                         "--judge NAME to judge the policy's own free selection"
                     )
                 try:
-                    state.start_metrics = self.evaluator.validate(state.val)
+                    start = self.evaluator.validation(state.val)
                 except JudgeStopped as stop:
                     raise LeverError(self.stopped_early(stop)) from None
+                state.start_metrics = start.metrics
+                self.keeper.consider_start(start.metrics, start.per_query)
                 state.log("start: " + format_metrics(state.start_metrics))
                 self.plugins.call_all(
                     "on_start_validation", state=state, metrics=state.start_metrics
@@ -264,7 +285,10 @@ class Trainer:
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
+        verdict = self.finish_best()
         self.plugins.call_all("on_train_end", state=state)
+        if verdict:
+            state.log(verdict)
         return state
 
     @staticmethod
@@ -284,6 +308,69 @@ class Trainer:
             except LeverError:
                 pass
 
+    def selection_metric(self) -> tuple[str | None, str]:
+        """The metric and mode (``--best-mode``) that choose ``best.safetensors``:
+        ``--best-metric`` when given; else, with a validation split, the judged accuracy
+        (with a judge) or ``policy_reward@1``; else none."""
+        mode = self.config.best_mode
+        if self.config.best_metric is not None:
+            return self.config.best_metric, mode
+        if not len(self.state.val):
+            return None, mode
+        judged = self.state.judge is not None
+        return (DEFAULT_JUDGED_BEST_METRIC if judged else DEFAULT_BEST_METRIC), mode
+
+    def finish_best(self) -> str | None:
+        """At the end of a run: the line that says whether training beat the starting
+        policy on validation; when it did not, ``best.safetensors`` is the starting
+        policy (written here, with the run's metadata, as ``phase: start, epoch: 0``)."""
+        keeper, state = self.keeper, self.state
+        metric = keeper.best_metric
+        if metric is None or keeper.start_value is None or not state.history:
+            return None
+        state.best = {"label": keeper.best_label, "metric": metric, "value": keeper.best_value}
+        if keeper.start_is_best:
+            if self.start_weights is None:
+                return (
+                    f"training did not beat the starting policy on validation ({metric}); "
+                    f"its weights are not in this run's snapshot (written by an older "
+                    f"lever-train), so {BEST_NAME} was not written"
+                )
+            keeper.write_start(
+                self.start_weights,
+                self.checkpoint_metadata(START, 0, state.start_metrics, phase_states=False),
+            )
+            closest = keeper.closest
+            if closest is None:
+                detail = f"{metric} {keeper.start_value:.4f} at the start, no epoch measured it"
+            elif not closest.n:  # --best-rule value: no paired comparison
+                detail = (
+                    f"{metric} {keeper.start_value:.4f} -> {closest.value:.4f} at best "
+                    f"({closest.label})"
+                )
+            else:
+                noise = f"{closest.half_width:.4f}" if math.isfinite(closest.half_width) else "?"
+                detail = (
+                    f"{metric} {keeper.start_value:.4f} -> {closest.value:.4f} at best "
+                    f"({closest.label}; paired difference {closest.difference:+.4f} +- "
+                    f"{noise}, 95 %, {closest.n} queries)"
+                )
+            return (
+                f"training did not beat the starting policy on validation: {detail}; "
+                f"{BEST_NAME} is the starting policy"
+            )
+        if keeper.best_per_query is None or keeper.start_per_query is None:
+            return f"{BEST_NAME}: {keeper.best_label} by {metric} {keeper.best_value:.4f}"
+        _, diff, half, n = clearly_better(
+            keeper.best_per_query, keeper.start_per_query, keeper.larger_is_better
+        )
+        return (
+            f"training beat the starting policy on validation: {metric} "
+            f"{keeper.start_value:.4f} -> {keeper.best_value:.4f} (paired difference "
+            f"{diff:+.4f} +- {half:.4f}, 95 %, {n} queries); {BEST_NAME} is "
+            f"{keeper.best_label}"
+        )
+
     def phases_to_run(self, resume: dict[str, Any] | None) -> list[Phase]:
         """The phases with epochs, from the snapshot's phase on when resuming (see
         :func:`remaining_phases`)."""
@@ -295,9 +382,9 @@ class Trainer:
         name = self.config.best_metric
         if name is None:
             return
-        validation = set(VALIDATION_METRICS)
+        validation = set(ALL_VALIDATION_METRICS)
         if self.state.judge is not None:
-            validation |= {"judge_correct@greedy", "judge_reward@greedy"}
+            validation |= set(ALL_JUDGED_METRICS)
         known = {"train_loss", "train_grad_norm", "epoch_seconds", "skipped_steps"}
         undeclared = False
         for phase in to_run or self.phases:
@@ -649,7 +736,8 @@ class Trainer:
                 "non-finite loss or gradient"
             )
         metrics.update(phase.epoch_metrics(state))
-        metrics.update(self.evaluator.validate(state.val))
+        validation = self.evaluator.validation(state.val)
+        metrics.update(validation.metrics)
         val_loss = metrics.get("val_loss")
         if val_loss is not None and not math.isfinite(val_loss):
             # finite weights can still be absurd (1e30): the policy's outputs tell
@@ -661,39 +749,47 @@ class Trainer:
         metrics["epoch_seconds"] = time.perf_counter() - started
         state.metrics = metrics
         state.history.append({"phase": phase.name, "epoch": state.epoch, **metrics})
-        self.save_epoch_checkpoint()
+        self.save_epoch_checkpoint(validation.per_query)
+        self.report_selection()
         self.plugins.call_all("on_epoch_end", state=state, metrics=metrics)
         self.step_rng = snapshot.capture_rng(self.generator)
         self.save_snapshot(epoch_closed=True)
 
     # -- checkpoints and snapshots -------------------------------------------------
-    def save_epoch_checkpoint(self) -> Path:
-        """Write ``{phase}_epoch{n}.safetensors`` with the run's metadata."""
+    def report_selection(self) -> None:
+        """After an epoch competed for ``best.safetensors``: a line when it became the
+        best, and once per run a warning when the validation split is too small to tell
+        it from the best (better on average, within a noise above NOISE_WARN_RELATIVE)."""
+        keeper, state = self.keeper, self.state
+        last, metric = keeper.last, keeper.best_metric
+        if last is None or metric is None:
+            return
+        if last.replaced and last.n:
+            state.log(f"{BEST_NAME}: {last.label} ({last.describe(metric)})")
+            return
+        noisy = (
+            last.within_noise
+            and math.isfinite(last.half_width)
+            and last.half_width > NOISE_WARN_RELATIVE * max(abs(last.against_value), 1e-12)
+        ) or (last.n == 1 and last.difference > 0)
+        if noisy and not keeper.warned_noise:
+            keeper.warned_noise = True
+            ratio = state.options.get("val_ratio")
+            now = f" (now {ratio})" if ratio is not None else ""
+            state.log(
+                f"warning: the validation split ({last.n} queries) is too small to tell "
+                f"{last.label} from {last.against}: {last.describe(metric)} is within the "
+                f"noise, so {BEST_NAME} stays {last.against}; a larger --val-ratio{now} "
+                "narrows the noise"
+            )
+
+    def save_epoch_checkpoint(self, per_query: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``{phase}_epoch{n}.safetensors`` with the run's metadata (``per_query``:
+        the epoch's per-query validation values, for choosing the best checkpoint)."""
         state = self.state
         assert state.phase is not None
-        phase_states: dict[str, Any] = {}
-        for p in self.phases:  # the phases' scalar states (GRPO's kl_beta, SPEC section 8)
-            phase_states.update(
-                {k: v for k, v in p.state_dict().items() if isinstance(v, int | float | str)}
-            )
-        metadata = {
-            "lever_trainer_version": __version__,
-            "phase": state.phase,
-            "epoch": state.epoch,
-            **phase_states,
-            "metrics": state.metrics,
-            "policy": {
-                "name": self.model.policy_name,
-                "input_dim": self.model.input_dim,
-                "options": self.model.policy_options(),
-            },
-            "model": {"input_dim": self.model.input_dim, **self.model.policy_options()},
-            "train_config": self.config.to_dict(),
-            "options": dict(state.options),
-            "plugins": self.plugins.versions(),
-            **self.run_metadata,
-        }
-        best = self.config.best_metric
+        metadata = self.checkpoint_metadata(state.phase, state.epoch, state.metrics)
+        best = self.keeper.best_metric
         if best is not None and best not in state.metrics:
             note = f"--best-metric {best} is not measured in phase {state.phase}"
             if note not in self.notes:
@@ -705,7 +801,39 @@ class Trainer:
             metadata,
             state.metrics,
             has_validation=len(state.val) > 0,
+            per_query=per_query,
+            label=f"{state.phase} epoch {state.epoch}",
         )
+
+    def checkpoint_metadata(
+        self, phase: str, epoch: int, metrics: dict[str, float], phase_states: bool = True
+    ) -> dict[str, Any]:
+        """A checkpoint's metadata: phase, epoch, metrics, the policy, the settings, the
+        plugins and the run's own metadata (``phase_states``: with the phases' scalar
+        states, e.g. GRPO's kl_beta)."""
+        state = self.state
+        scalars: dict[str, Any] = {}
+        for p in self.phases if phase_states else ():
+            scalars.update(
+                {k: v for k, v in p.state_dict().items() if isinstance(v, int | float | str)}
+            )
+        return {
+            "lever_trainer_version": __version__,
+            "phase": phase,
+            "epoch": epoch,
+            **scalars,
+            "metrics": metrics,
+            "policy": {
+                "name": self.model.policy_name,
+                "input_dim": self.model.input_dim,
+                "options": self.model.policy_options(),
+            },
+            "model": {"input_dim": self.model.input_dim, **self.model.policy_options()},
+            "train_config": self.config.to_dict(),
+            "options": dict(state.options),
+            "plugins": self.plugins.versions(),
+            **self.run_metadata,
+        }
 
     def save_snapshot(self, epoch_closed: bool) -> Path:
         """Write the resume snapshot to ``OUTPUT_DIR/resume.pt``, atomically."""

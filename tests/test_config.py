@@ -41,6 +41,8 @@ SPEC_VALUES = {
     # SPEC 2.1, 3
     "max_pool": 64,
     "val_ratio": 0.2,
+    # the reference validates on the last ids in numeric order, independent of the seed
+    "val_split": "last",
     "reward_mode": "hard_plus_soft",
     "hard_weight": 1.0,
     "soft_weight": 1.0,

@@ -130,6 +130,7 @@ def test_a_plugin_can_end_the_run_after_the_epoch(demo_files, tmp_path) -> None:
     assert stopper.ended == 1  # on_train_end as for a normal finish
     assert "stopped early by stopper: validation stopped improving" in trainer.log_lines
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "best.safetensors",  # written at the end, as for a normal finish
         "rce_epoch01.safetensors",
         "rce_epoch02.safetensors",
     ]

@@ -147,7 +147,7 @@ def test_legacy_format_through_the_cli(cli: Cli, tmp_path: Path) -> None:
     assert t["rewards_raw"].tolist() == [[1.0, 1.0, 0.0], [0.5, 5.0, -1.25]]  # padded
 
     out = ok(cli(*train_args(path, emb, tmp_path / "run")))
-    assert "split: 1 train / 1 validation queries, S = 2, d = 4" in out
+    assert "split: 1 train / 1 validation queries (drawn with seed 42), S = 2, d = 4" in out
     assert "done: 1 epochs" in out
     assert (tmp_path / "run" / "rce_epoch01.safetensors").is_file()
 
@@ -418,7 +418,7 @@ def test_bad_gen_methods_flag(cli: Cli, tmp_path: Path) -> None:
     assert_user_error(result, "rl.json", "no query has a candidate left")
 
 
-def test_default_max_pool_is_64(cli: Cli, tmp_path: Path) -> None:
+def test_pools_are_whole_by_default_and_max_pool_cuts(cli: Cli, tmp_path: Path) -> None:
     pool = list(range(100, 170))  # 70 ids
     data = {
         "0": {
@@ -430,17 +430,30 @@ def test_default_max_pool_is_64(cli: Cli, tmp_path: Path) -> None:
         }
     }
     path = write_json(tmp_path / "rl.json", data)
+    # the default follows the data: every pool whole
     table, report = load_rl_data(path, DataOptions(), builtin_registry())
+    assert int(table.pool_len[0]) == 70 and report.pools_cut == 0
+    assert real(table, 0)["pool"] == pool
+    assert "pools cut" not in ok(cli("prepare", "--beam-data", path))
+    # an explicit --max-pool cuts
+    table, report = load_rl_data(path, DataOptions(max_pool=64), builtin_registry())
     assert int(table.pool_len[0]) == 64 and report.pools_cut == 1
     assert real(table, 0)["pool"] == pool[:64]
-    assert "1 pools cut to --max-pool" in ok(cli("prepare", "--beam-data", path))
+    assert "1 pools cut to --max-pool" in ok(
+        cli("prepare", "--beam-data", path, "--max-pool", "64")
+    )
     # position 64 (id 164) is outside the cut pool
     data["0"]["pointer_candidates"][1]["pointer"] = [5, 64]
     write_json(path, data)
     assert_user_error(
-        cli("prepare", "--beam-data", path), "rl.json", "query 0", "candidate 1", "--max-pool 64"
+        cli("prepare", "--beam-data", path, "--max-pool", "64"),
+        "rl.json",
+        "query 0",
+        "candidate 1",
+        "--max-pool 64",
     )
     ok(cli("prepare", "--beam-data", path, "--max_pool", "70"))
+    ok(cli("prepare", "--beam-data", path))
 
 
 @pytest.mark.parametrize("flag", ["--val-ratio", "--val_ratio"])
@@ -451,7 +464,7 @@ def test_val_ratio_splits_half(cli: Cli, tmp_path: Path, flag: str) -> None:
     assert (train.query_ids.tolist(), val.query_ids.tolist()) == ([1, 2], [3, 4])
     emb = write_emb(tmp_path / "emb.safetensors", torch.randn(14, 4))
     out = ok(cli(*train_args(path, emb, tmp_path / "run", flag, "0.5")))
-    assert "split: 2 train / 2 validation queries, S = 2, d = 4" in out
+    assert "split: 2 train / 2 validation queries (drawn with seed 42), S = 2, d = 4" in out
     out = ok(cli(*train_args(path, emb, tmp_path / "run2")))  # default 0.2: floor(3.2) = 3
     assert "split: 3 train / 1 validation queries" in out
 

@@ -173,7 +173,8 @@ def test_two_runs_started_together_do_not_mix_their_files(
     config = json.loads((out / "run_config.json").read_text())
     seed, epochs = config["options"]["seed"], config["options"]["rce_epochs"]
     names = sorted(p.name for p in out.glob("*.safetensors"))
-    assert names == [f"rce_epoch{e:02d}.safetensors" for e in range(1, epochs + 1)]
+    epoch_names = [f"rce_epoch{e:02d}.safetensors" for e in range(1, epochs + 1)]
+    assert names == ["best.safetensors", *epoch_names]
     for name in names:
         assert read_metadata(out / name)["train_config"]["seed"] == seed
 
@@ -190,6 +191,7 @@ def test_overwrite_removes_the_previous_runs_files_and_nothing_else(
     output = ok(train(cli, demo_files, out, "--overwrite", "--seed", "9"))
     assert "--overwrite: removed 9 files of the previous run" in output
     assert sorted(p.name for p in out.iterdir()) == [
+        "best.safetensors",
         "metrics.jsonl",
         "notes.txt",
         "plots",
@@ -666,7 +668,10 @@ def test_more_epochs_extend_a_finished_phase_at_its_final_temperature(
     assert [(e["phase"], e["epoch"]) for e in epochs] == [("rce", 1), ("rce", 2), ("rce", 3)]
     # the schedule kept the 2 epochs it was planned for: epoch 3 runs at --rce-temp-end
     assert epochs[2]["train_tau"] == pytest.approx(0.1)  # the default --rce-temp-end
-    assert sorted(p.name for p in finished.glob("*.safetensors")) == ["rce_epoch03.safetensors"]
+    assert sorted(p.name for p in finished.glob("*.safetensors")) == [
+        "best.safetensors",
+        "rce_epoch03.safetensors",
+    ]
     config = json.loads((finished / "run_config.json").read_text())
     assert config["options"]["rce_epochs"] == 3 and config["options"]["keep_last"] == 1
     assert config["resumes"][0]["changed"] == {"rce_epochs": [2, 3], "keep_last": [None, 1]}

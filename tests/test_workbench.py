@@ -16,7 +16,7 @@ import click
 import pytest
 from conftest import assert_user_error
 
-from lever_trainer.checkpoint import checkpoint_name
+from lever_trainer.checkpoint import checkpoint_name, read_metadata
 from lever_trainer.fileio import json_line
 from lever_trainer.losses import rce_temperature
 from lever_trainer_plugins import console_log, steps_jsonl
@@ -186,10 +186,17 @@ def test_log_file_progress_lines_and_the_summary(cli, demo_files, tmp_path) -> N
     entries = strict_jsonl(out / "metrics.jsonl")
     epochs = entries[1:]
     best = max(epochs, key=lambda e: e["policy_reward@1"])  # first of equals, like max()
+    # the head names the candidate checkpoint selection chose: best.safetensors
+    meta = read_metadata(out / "best.safetensors")
+    label = "start" if meta["phase"] == "start" else f"{meta['phase']} epoch {meta['epoch']}"
+    chosen = (
+        entries[0]
+        if meta["phase"] == "start"
+        else next(e for e in epochs if (e["phase"], e["epoch"]) == (meta["phase"], meta["epoch"]))
+    )
     head = next(i for i, ln in enumerate(lines) if ln.startswith("summary"))
     assert lines[head].endswith(
-        f"best epoch: {best['phase']} {best['epoch']} by policy_reward@1 "
-        f"{best['policy_reward@1']:.4f}"
+        f"best.safetensors: {label} by policy_reward@1 {chosen['policy_reward@1']:.4f}"
     )
     row = lines[head + 2].split()
     assert row[0] == "policy_reward@1"

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LeverError
 from ..jsonstream import iter_object_members
+from .budget import check_table
 from .embeddings import Embeddings
 from .rljson import POINTER_FIELDS, DataOptions, _drop_reason, _int_list, _query_id
 from .tables import QueryTable, _pad, gather_cand_emb, length_mask, max_length
@@ -181,13 +182,14 @@ def _table(qids: list[int], pools: list[list[int]], cut: int) -> PoolTable:
 
 
 def iter_pools(
-    path: str | os.PathLike[str], max_pool: int = 64, chunk: int = 1024
+    path: str | os.PathLike[str], max_pool: int | None = None, chunk: int = 1024
 ) -> Iterator[PoolTable]:
     """The queries of a query file in file order, ``chunk`` at a time, as
     :class:`PoolTable` pieces: memory holds one piece (and one bit per query id seen),
     whatever the file's size. Each piece's ``pools_cut`` counts its own cut pools. Errors
     (a query twice, a malformed pool, no query at all) are :class:`LeverError` naming the
-    file and the query; they may come after earlier pieces were yielded."""
+    file and the query; they may come after earlier pieces were yielded. ``max_pool``
+    cuts each pool to its first ids (None: whole)."""
     p = Path(path)
     if not p.is_file():
         raise LeverError(f"{p}: file not found")
@@ -218,7 +220,7 @@ def iter_pools(
         pool = _pool_of(qid, value, where)
         if len(set(pool)) != len(pool):
             raise LeverError(f"{where}: the pool holds duplicate ids")
-        if len(pool) > max_pool:
+        if max_pool is not None and len(pool) > max_pool:
             pool, cut = pool[:max_pool], cut + 1
         qids.append(qid)
         pools.append(pool)
@@ -232,11 +234,13 @@ def iter_pools(
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
 
 
-def load_pools(path: str | os.PathLike[str], max_pool: int = 64) -> PoolTable:
+def load_pools(path: str | os.PathLike[str], max_pool: int | None = None) -> PoolTable:
     """Read a query file (see the module docstring) into one :class:`PoolTable`, sorted by
-    query id."""
+    query id, each pool cut to its first ``max_pool`` ids (None: kept whole, within the
+    memory guard of :mod:`lever_trainer.data.budget`)."""
     pieces = list(iter_pools(path, max_pool, chunk=1 << 16))
     width = max(piece.pool_ids.shape[1] for piece in pieces)
+    check_table(sum(len(piece) for piece in pieces), width, str(path))
     cut = sum(piece.pools_cut for piece in pieces)
     table = PoolTable(
         torch.cat([piece.query_ids for piece in pieces]),

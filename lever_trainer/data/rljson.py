@@ -20,6 +20,7 @@ import torch
 
 from ..errors import LeverError, PluginError
 from ..rewards import NormalizeFn, RawRewardFn, RewardParams, RewardRegistry, clip_reward
+from .budget import check_table
 from .tables import QueryTable, _pad
 
 POINTER_FIELDS = ("pointer_global", "pointer_pos", "pointer")
@@ -29,7 +30,8 @@ POINTER_FIELDS = ("pointer_global", "pointer_pos", "pointer")
 class DataOptions:
     """How RL data is filtered, split and scored."""
 
-    max_pool: int = 64
+    #: Cut each pool to its first ``max_pool`` ids; None keeps every pool whole.
+    max_pool: int | None = None
     keep_fallback: bool = False
     gen_methods: frozenset[str] | None = None
     require_positive: bool = False
@@ -193,9 +195,10 @@ def _parse_query(
         pool = list(pool_ids)
     else:
         pool = sorted({g for kind, seq in parsed for g in seq if kind == "gid"})
-    if len(pool) > opts.max_pool:
+    if opts.max_pool is not None and len(pool) > opts.max_pool:
         pool = pool[: opts.max_pool]
         report.pools_cut += 1
+    cap = "" if opts.max_pool is None else f" (--max-pool {opts.max_pool})"
     index = {g: i for i, g in enumerate(pool)}
 
     sequences: list[list[int]] = []
@@ -209,13 +212,12 @@ def _parse_query(
             except KeyError as exc:
                 raise LeverError(
                     f"{where}: candidate id {exc.args[0]} is not in the query's pool"
-                    f" of {len(pool)} ids (--max-pool {opts.max_pool})"
+                    f" of {len(pool)} ids{cap}"
                 ) from None
         bad = [p for p in positions if p >= len(pool)]
         if bad:
             raise LeverError(
-                f"{where}: pointer position {bad[0]} is outside the pool of "
-                f"{len(pool)} ids (--max-pool {opts.max_pool})"
+                f"{where}: pointer position {bad[0]} is outside the pool of {len(pool)} ids{cap}"
             )
         if len(set(positions)) != len(positions):
             raise LeverError(f"{where}: sequence {seq} repeats a candidate")
@@ -457,6 +459,7 @@ def parse_rl_members(
         raise LeverError(f'{p}: no query found (expected integer keys such as "123")')
     if not len(buf):
         raise LeverError(f"{p}: no query has a candidate left after filtering")
+    check_table(len(buf), max(buf.pool_len), str(p))
     table = buf.to_table(normalize, opts.reward_params, norm_label)
     report.queries_total = len(table)
     report.candidates_total = table.num_candidates

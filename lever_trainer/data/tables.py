@@ -140,15 +140,28 @@ def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def split_train_val(table: QueryTable, val_ratio: float) -> tuple[QueryTable, QueryTable]:
-    """Deterministic split: query ids in numeric order, the first (1 - val_ratio) train."""
+def split_train_val(
+    table: QueryTable, val_ratio: float, seed: int | None = None
+) -> tuple[QueryTable, QueryTable]:
+    """Split off ``val_ratio`` of the queries for validation; ``floor(n * (1 - val_ratio))``
+    (at least one) train.
+
+    Without ``seed``: the highest query ids are validation (the same split for every
+    seed). With ``seed``: the validation queries are drawn by a permutation seeded with
+    it. Either way both parts are in query-id order.
+    """
     if not 0.0 <= val_ratio < 1.0:
         raise LeverError(f"--val-ratio: expected a value in [0, 1), got {val_ratio}")
     order = torch.argsort(table.query_ids, stable=True)
     # the epsilon keeps e.g. 20 * (1 - 0.9) = 1.9999999999999996 from flooring to 1
     n_train = math.floor(len(table) * (1.0 - val_ratio) + 1e-9)
     n_train = max(1, min(len(table), n_train))
-    return table.select(order[:n_train]), table.select(order[n_train:])
+    if seed is None:
+        return table.select(order[:n_train]), table.select(order[n_train:])
+    drawn = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
+    train_rows, val_rows = drawn[:n_train], drawn[n_train:]
+    by_id = (table.query_ids[train_rows].argsort(), table.query_ids[val_rows].argsort())
+    return table.select(train_rows[by_id[0]]), table.select(val_rows[by_id[1]])
 
 
 def make_batch(

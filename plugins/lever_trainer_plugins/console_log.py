@@ -9,8 +9,8 @@
   number counts steps), so a log never sits silent for long.
 * A summary when the run ends: start -> best -> final of the main validation metrics
   (``val_loss``, ``policy_reward@1``, ``normalized_gain`` and any ``judge_*``), with the
-  epoch of each best, and which epoch was best overall (by ``--best-metric`` when given,
-  else ``policy_reward@1``).
+  epoch of each best, and which candidate checkpoint selection chose as
+  ``best.safetensors`` (the starting policy when no epoch beat it beyond the noise).
 """
 
 from __future__ import annotations
@@ -195,13 +195,26 @@ def _close_bar(state: TrainState) -> None:
 
 
 def summary_lines(
-    start: dict[str, float], history: list[dict[str, Any]], best_metric: str | None, mode: str
+    start: dict[str, float],
+    history: list[dict[str, Any]],
+    best_metric: str | None,
+    mode: str,
+    chosen: dict[str, Any] | None = None,
 ) -> list[str]:
-    """``metric start -> best (phase epoch) -> final`` lines, and the best epoch overall."""
+    """``metric start -> best (phase epoch) -> final`` lines, and the best epoch overall:
+    ``chosen`` (``state.best``: the candidate checkpoint selection chose) when given,
+    else the epoch with the best value of ``best_metric``."""
     if not history:
         return []
     keys = [k for k, _ in SUMMARY_METRICS]
-    judge = sorted({k for h in history for k in h if k.startswith(JUDGE_PREFIX)})
+    judge = sorted(
+        {
+            k
+            for h in history
+            for k in h
+            if k.startswith(JUDGE_PREFIX) and not k.endswith(("_ci_low", "_ci_high"))
+        }
+    )
     rows = [(k, larger) for k, larger in SUMMARY_METRICS] + [(k, True) for k in judge]
     lines = []
     width = max(len(k) for k in [*keys, *judge])
@@ -228,7 +241,12 @@ def summary_lines(
         if isinstance(h.get(by), int | float) and math.isfinite(float(h[by]))
     ]
     head = "summary (start -> best (epoch) -> final):"
-    if ranked:
+    if chosen and chosen.get("label") is not None and chosen.get("value") is not None:
+        head = (
+            f"summary (start -> best (epoch) -> final); best.safetensors: {chosen['label']} "
+            f"by {chosen['metric']} {float(chosen['value']):.4f}"
+        )
+    elif ranked:
         value, best = (max if larger else min)(ranked, key=lambda vh: vh[0])
         head = (
             f"summary (start -> best (epoch) -> final); best epoch: {best['phase']} "
@@ -246,5 +264,6 @@ def on_train_end(state: TrainState) -> None:
         state.history,
         state.config.best_metric,
         state.config.best_mode,
+        state.best,
     ):
         state.log(line)
