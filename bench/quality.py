@@ -8,7 +8,7 @@ Trains, for every seed, through the real command line:
 
 * ``default``  - the project's default offline recipe (logged sequences only);
 * ``online``   - the default recipe, then the ``online`` phase with the digits judge;
-* ``upstream`` - the reference algorithm's settings (SPEC sections 5-6);
+* ``upstream`` - the reference algorithm's settings (docs/algorithm.md#reference-settings);
 
 then runs ``lever-train evaluate`` once over every checkpoint on the 297 held-out test
 queries (pools only), with the baselines: random pair (exact expectation over every
@@ -133,7 +133,7 @@ def main() -> None:
     for recipe, label in (
         ("default", "default offline recipe"),
         ("online", "online recipe (default + online)"),
-        ("upstream", "upstream preset (SPEC 5-6)"),
+        ("upstream", "upstream preset (reference)"),
     ):
         values = [selectors[str(p)] for p in checkpoints[recipe]]
         note = f"train {statistics.mean(seconds[recipe]):.1f} s/seed"

@@ -12,7 +12,7 @@ from .policy import Policy
 from .select import select_greedy
 from .selectors import judge_selection
 
-#: RCE temperature of the validation loss (SPEC section 7).
+#: RCE temperature of the validation loss (docs/algorithm.md#validation).
 VAL_TAU = 1.0
 #: Smallest batch for gradient-free passes (reference log-probs, validation): without
 #: activations to keep, larger batches use the matmul units better.
@@ -90,7 +90,7 @@ class Evaluator:
 
     def judged(self, table: QueryTable | PoolTable, steps: int) -> dict[str, float]:
         """Downstream verdicts of the policy's free greedy selection over each whole pool:
-        ``judge_correct@greedy`` and ``judge_reward@greedy`` (SPEC section 9)."""
+        ``judge_correct@greedy`` and ``judge_reward@greedy`` (docs/algorithm.md#judging)."""
         assert self.judge is not None
         pools = table if isinstance(table, PoolTable) else PoolTable.from_table(table)
         picks = select_greedy(

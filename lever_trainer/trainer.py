@@ -199,7 +199,7 @@ class Trainer:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
         if resume is None:
-            # the starting model's log-probs: the default reference (SPEC section 6)
+            # the starting model's log-probs: docs/algorithm.md#reference-log-probs
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
             else:
@@ -618,7 +618,7 @@ class Trainer:
         state = self.state
         assert state.phase is not None
         phase_states: dict[str, Any] = {}
-        for p in self.phases:  # the phases' scalar states (GRPO's kl_beta, SPEC section 8)
+        for p in self.phases:  # the phases' scalar states (GRPO's kl_beta)
             phase_states.update(
                 {k: v for k, v in p.state_dict().items() if isinstance(v, int | float | str)}
             )

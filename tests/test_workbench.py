@@ -77,7 +77,7 @@ def test_steps_jsonl_has_every_logged_step(cli, demo_files, tmp_path) -> None:
     for s in steps:
         assert {"loss", "grad_norm", "time", "steps_per_epoch"} <= set(s)
         assert s["steps_per_epoch"] == 4
-    # RCE's temperature at optimiser step i of T = 8 (SPEC 5): 2.0 - 1.5 * i / 7
+    # RCE's temperature at optimiser step i of T = 8 (docs/algorithm.md#rce-temperature): 2.0 - 1.5 * i / 7
     for s in steps[:4]:
         i = s["global_step"] - 1
         assert s["tau"] == pytest.approx(2.0 - 1.5 * i / 7, rel=1e-6)
