@@ -524,7 +524,8 @@ class LeverGroup(click.Group):
 @click.group(cls=LeverGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lever-train")
 def main() -> None:
-    """Train a pointer policy for in-context example selection (RCE, then GRPO).
+    """Train a selection policy that picks in-context demonstrations for each query
+    (RCE, then GRPO, and any phase a plugin adds), and use it (select, evaluate).
 
     Run `lever-train train --help` for the training options (`train` may be
     omitted), `lever-train plugins` for the installed plugins.

@@ -337,6 +337,20 @@ def test_group_help_lists_commands_without_importing_torch_or_plugins() -> None:
         assert re.search(rf"^\s+{command}\s+\S", out, re.M), command
 
 
+def test_group_help_names_no_policy_architecture() -> None:
+    """Policies are plugins (the default is ``cosine-bilinear``): ``--help`` says what is
+    trained without naming one architecture as the thing it trains."""
+    from click.testing import CliRunner
+
+    from lever_trainer.cli import main
+
+    out = CliRunner().invoke(main, ["--help"]).output
+    summary = out.split("Options:")[0].lower()
+    assert "selection policy" in summary
+    for policy in ("pointer", "cosine-bilinear"):
+        assert policy not in summary, (policy, summary)
+
+
 def test_completion_without_torch_uses_the_plugin_option_cache(tmp_path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "_LEVER_TRAIN_COMPLETE": "bash_complete"}
     words = {"COMP_WORDS": "lever-train pl", "COMP_CWORD": "1"}
