@@ -18,7 +18,7 @@ from lever_trainer.api import PointerTrunk, TrunkConfig, decode_steps, hookimpl
 
 ENABLED_BY_DEFAULT = True
 POLICIES = ("pointer",)
-DESCRIPTION = "policy `pointer` : the reference cross-attention trunk + gated state update"
+DESCRIPTION = "policy `pointer`: the reference cross-attention trunk + gated state update"
 
 #: The trunk's hyper-parameters are the whole of this policy's options.
 PolicyConfig = TrunkConfig
