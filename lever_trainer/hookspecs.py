@@ -395,7 +395,7 @@ def on_step_end(state: TrainState) -> None:
 def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Called after an epoch's validation and checkpoint, with the epoch's ``metrics``.
 
-    Keys (each a float; see the README's metric table):
+    Keys (each a float; see the metric table in docs/logs.md#metrics):
 
     * training, averaged over the epoch's steps (each weighted by its queries):
       ``train_loss`` and ``train_<key>`` for every other value the phase's loss returns,
