@@ -70,7 +70,7 @@ def test_verdicts_are_stored_and_never_judged_twice(tmp_path: Path) -> None:
     judge = Judge(env, "toy-plugin", VerdictStore(tmp_path / "v.sqlite"), reward)
     first = judge.verdicts([1, 1, 2], [[3, 4], [4, 3], [3, 4]])
     assert [v["vqa_correct"] for v in first] == [1.0, 0.0, 1.0]
-    assert first[0]["vqa_rel_score"] == 0.0  # a missing field counts as 0 (docs/algorithm.md#raw-rewards)
+    assert first[0]["vqa_rel_score"] == 0.0  # a missing field counts as 0
     again = judge.verdicts([1, 2, 1], [[3, 4], [3, 4], [3, 4]])
     assert len(env.asked) == 3 and again[0] == first[0]
     assert judge.calls == {1: 2, 2: 1}
