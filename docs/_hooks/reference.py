@@ -48,6 +48,11 @@ class CommandRecord:
     options: tuple[OptionRecord, ...]
 
 
+def _number(value: float) -> str:
+    """A bound as written: integers in full (2**63 - 1 stays exact), floats short."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _type_name(param: Any) -> str:
     import click
 
@@ -61,9 +66,9 @@ def _type_name(param: Any) -> str:
     bounds = []
     low, high = getattr(kind, "min", None), getattr(kind, "max", None)
     if low is not None:
-        bounds.append(f"{'>' if getattr(kind, 'min_open', False) else '≥'} {low:g}")
+        bounds.append(f"{'>' if getattr(kind, 'min_open', False) else '≥'} {_number(low)}")
     if high is not None:
-        bounds.append(f"{'<' if getattr(kind, 'max_open', False) else '≤'} {high:g}")
+        bounds.append(f"{'<' if getattr(kind, 'max_open', False) else '≤'} {_number(high)}")
     if bounds:
         text += f" ({', '.join(bounds)})"
     if getattr(param, "multiple", False):
