@@ -3,7 +3,7 @@
     python bench/load_memory.py                    # 5,000 queries x 12 candidates
     python bench/load_memory.py --queries 20000
 
-Generates an RL data file (SPEC 2.1: ``pointer_global`` encoding, pools of 64
+Generates an RL data file (RL data JSON: ``pointer_global`` encoding, pools of 64
 ``candidate_pool_ids``, exactly 12 logged sequences of length 2 per query, with the
 fields a real file carries), then measures each of these in a fresh process:
 

@@ -7,7 +7,7 @@ On ``bench/throughput.py``'s data (d = 768, pools of 64, 8-12 sequences of lengt
 batches of 32) it times one training step (forward, loss, backward) two ways on the
 same batches, alternating batch by batch so that both see the same machine load:
 
-* ``formula``: the loss straight from the SPEC functions, as the phases computed it
+* ``formula``: the loss straight from the pure loss functions, as the phases computed it
   before the variant hooks (RCE: ``rce_loss``; GRPO: ``top_k_mask``, ``gather_groups``,
   ``group_advantages``, ``grpo_loss``), no diagnostics;
 * ``phase``: the phase plugin's ``loss`` with every hook call (``rce_weights``;

@@ -32,7 +32,7 @@ def reference_forward(
     labels: torch.Tensor | None,
     steps: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC section 4 written out literally: logits [B, S, K] and predictions [B, S]."""
+    """The pointer policy written out literally: logits [B, S, K] and predictions [B, S]."""
     q1 = model.input_proj(query).unsqueeze(1)
     c1 = model.input_proj(cands)
     for attn, norm in zip(model.cross_attn_layers, model.attn_norms, strict=True):

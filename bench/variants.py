@@ -12,7 +12,7 @@ with one training variant) and each seed, it trains twice with the same budget:
 * on the digits quality task of ``examples/digits_env`` (``pip install
   examples/digits_env``; ``digits_rl_train.json``, ``digits_emb.safetensors``), then
   decodes each of the 297 test queries greedily over its whole 64-id pool (eval mode,
-  SPEC section 9) and scores the picks with the task's judge (the ``digits``
+  docs/algorithm.md#judging) and scores the picks with the task's judge (the ``digits``
   environment: ``vqa_correct`` of each pick; needs numpy and scikit-learn).
 
 It prints one table, mean ± std over the seeds, and the lines of core code

@@ -5,8 +5,8 @@ For every selector — each checkpoint, the starting policy of the first checkpo
 — on the same queries:
 
 * with a judge, the downstream verdicts of its free greedy selection over each whole
-  pool (``judge_correct``, ``judge_reward``; SPEC section 9);
-* where the file has logged sequences, the offline metrics of SPEC section 7 for the
+  pool (``judge_correct``, ``judge_reward``; docs/algorithm.md#judging);
+* where the file has logged sequences, the offline validation metrics for the
   policies (``val_loss``, ``policy_reward@1``, ...).
 
 Judged figures come with their uncertainty: a 95 % bootstrap interval over the queries

@@ -1,4 +1,4 @@
-"""Saving checkpoints and importing starting checkpoints (SPEC section 8).
+"""Saving checkpoints and importing starting checkpoints (docs/algorithm.md#checkpoints).
 
 Checkpoints are safetensors files: the policy's weights plus a string metadata
 header (format version, phase, epoch, KL weight, metrics, model hyper-parameters,

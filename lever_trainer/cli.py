@@ -183,7 +183,7 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "beam_data",
             group="Data",
             type=click.Path(dir_okay=False),
-            help="RL data JSON (SPEC 2.1).  [required]",
+            help="RL data JSON (format: docs/algorithm.md#rl-data).  [required]",
         ),
         opt(
             "--max-pool",
@@ -240,7 +240,7 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             group="Rewards",
             default="hard_plus_soft",
             show_default=True,
-            help="Raw-reward formula (SPEC 3.1), from a plugin.",
+            help="Raw-reward formula, from a plugin.",
         ),
         opt(
             "--hard-weight",
@@ -279,7 +279,7 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             group="Rewards",
             default="z_score_clamp",
             show_default=True,
-            help="Group normaliser (SPEC 3.2), from a plugin.",
+            help="Group normaliser, from a plugin.",
         ),
     ]
     for decorator in reversed(decorators):
@@ -536,7 +536,8 @@ class LeverGroup(click.Group):
 @click.group(cls=LeverGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lever-train")
 def main() -> None:
-    """Train a pointer policy for in-context example selection (RCE, then GRPO).
+    """Train a selection policy that picks in-context demonstrations for each query
+    (RCE, then GRPO, and any phase a plugin adds), and use it (select, evaluate).
 
     Run `lever-train train --help` for the training options (`train` may be
     omitted), `lever-train plugins` for the installed plugins.
@@ -569,7 +570,7 @@ def main() -> None:
         n for n in preset_names() if n.startswith(incomplete)
     ],
     help="Start from a bundled configuration (`upstream`: the reference algorithm of "
-    "SPEC.md, every setting pinned).",
+    "the project started from, every setting pinned).",
 )
 @opt(
     "--print-config",

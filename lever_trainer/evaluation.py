@@ -14,7 +14,7 @@ from .metrics import CI_HIGH, CI_LOW, SELECTION_METRICS, mean_interval, selectio
 from .policy import Policy
 from .select import select_greedy
 
-#: RCE temperature of the validation loss (SPEC section 7).
+#: RCE temperature of the validation loss (docs/algorithm.md#validation).
 VAL_TAU = 1.0
 #: Smallest batch for gradient-free passes (reference log-probs, validation): without
 #: activations to keep, larger batches use the matmul units better.

@@ -94,7 +94,7 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
 
     Called once per run with the ``--beam-data`` path. A plugin that recognises the
     file returns an iterable of ``(query id, query)`` pairs in the RL data format of
-    SPEC section 2.1 (a candidate may carry ``raw_reward`` to bypass the reward
+    docs/algorithm.md#rl-data (a candidate may carry ``raw_reward`` to bypass the reward
     formula); otherwise None, and the file is read as RL data JSON. A member that is not
     a ``(str, query)`` pair, or an exception while iterating, stops the run naming this
     plugin; so does a file that changes while it is read. Single answer.
@@ -134,7 +134,7 @@ def environments() -> Mapping[str, Environment] | None:
 
     Return ``{name: environment}`` where each is a :class:`lever_trainer.api.Environment`:
     ``judge(query_ids, sequences)`` returns, for each (query, ordered sequence of global
-    ids) pair, the verdict fields of SPEC 2.1 (``vqa_correct`` 0 or 1, ``vqa_acc_score``,
+    ids) pair, the verdict fields (``vqa_correct`` 0 or 1, ``vqa_acc_score``,
     ``vqa_gt_prob``, ``vqa_rel_score`` in [0, 1]), in one batched call. Its ``version``
     keys the verdict store. Called once per run when ``--judge`` is given (and by
     ``evaluate`` and ``export-verdicts``). Broadcast; the answers are merged, and two
@@ -187,7 +187,7 @@ def reference_logprobs(
     sequence log-probs of every training candidate, [Q, G] aligned with
     ``state.train``. Return a tensor of that shape, or None to keep the core's
     fallback when nobody answers: the starting model's log-probs, computed before the
-    first phase (SPEC section 6). The built-in ``grpo-reference-refresh``, on by
+    first phase (see docs/algorithm.md). The built-in ``grpo-reference-refresh``, on by
     default, answers ``compute()``. Single answer; optional. A plugin may also replace
     ``state.ref_logprobs`` later (after a step, say) to move the reference during the
     phase.
@@ -217,7 +217,7 @@ def select_candidates(
     a boolean mask [B, G] (a subset of ``batch.cand_mask``), or None to keep every
     candidate. The built-in ``grpo-curriculum`` keeps each query's top
     ``--early-top-k`` candidates in the first ``--early-epochs`` epochs, then the top
-    ``--late-top-k`` (SPEC section 6). Single answer; optional.
+    ``--late-top-k`` (docs/algorithm.md#curriculum). Single answer; optional.
     """
 
 
@@ -229,7 +229,7 @@ def compute_advantages(
 
     Called by GRPO-style phases on every batch with the kept candidates' rewards [B, G]
     and their mask [B, G]. Return advantages [B, G] (0 where ``mask`` is False). The
-    built-in ``group-zscore`` gives SPEC section 6's ``clamp((r - mean) / max(std, 0.1),
+    built-in ``group-zscore`` gives GRPO's ``clamp((r - mean) / max(std, 0.1),
     -5, 5)``. Single answer; required for such phases.
     """
 
@@ -245,7 +245,7 @@ def rce_weights(
     ``batch.cand_mask`` is False); the query's loss is ``sum_j w_j * CE_j`` with ``CE_j``
     the teacher-forced cross-entropy of sequence j summed over its steps. Weights need
     not sum to one: ``top1-only`` gives ``1/S`` to the first sequence (cross-entropy
-    averaged over its S steps). The built-in ``rce-softmax`` gives SPEC section 5's
+    averaged over its S steps). The built-in ``rce-softmax`` gives RCE's
     ``softmax(r / tau)``. Single answer; required by such phases.
     """
 
@@ -265,7 +265,7 @@ def policy_objective(
     candidates' mask [B, G]. Return a :class:`~lever_trainer.state.PolicyObjective`:
     ``objective`` [B, G] (the phase's ``ppo`` term is minus its mean over each query's kept
     candidates) and, for the clip diagnostics, the boolean masks of the candidates whose
-    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives SPEC
+    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives the
     section 6's ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
     required by such phases.
     """
@@ -280,7 +280,7 @@ def kl_estimate(
     Called on every batch with ``log_ratio = new - ref`` [B, G] (bounded at +-80, 0 where
     ``mask`` is False). Return [B, G] values; the phase's ``kl`` is their mean over each
     query's kept candidates, averaged over the batch, and the loss adds ``beta * kl``.
-    The built-in ``kl-k3`` gives SPEC section 6's ``ratio - 1 - log ratio``. Single
+    The built-in ``kl-k3`` gives GRPO's ``ratio - 1 - log ratio``. Single
     answer; required by such phases.
     """
 
@@ -292,7 +292,7 @@ def kl_penalty(state: TrainState, phase: str) -> bool | None:
     Called once when the phase starts (also when it resumes). Return False for the
     clipped surrogate alone (``ppo-clip-only``): the KL is still measured and reported,
     the KL weight is reported as 0 and not adapted. Single answer; optional (default:
-    True, SPEC section 6).
+    True, docs/algorithm.md#grpo-loss).
     """
 
 
@@ -395,7 +395,7 @@ def on_step_end(state: TrainState) -> None:
 def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Called after an epoch's validation and checkpoint, with the epoch's ``metrics``.
 
-    Keys (each a float; see the README's metric table):
+    Keys (each a float; see the metric table in docs/logs.md#metrics):
 
     * training, averaged over the epoch's steps (each weighted by its queries):
       ``train_loss`` and ``train_<key>`` for every other value the phase's loss returns,

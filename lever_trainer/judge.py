@@ -1,8 +1,8 @@
-"""Downstream judges (SPEC section 9) and the store that keeps every verdict they give.
+"""Downstream judges (docs/algorithm.md#judging) and the store that keeps every verdict they give.
 
 An :class:`Environment` is contributed by a plugin through the ``environments`` hook: it
 judges ordered demonstration sequences for queries, in batches, and returns the verdict
-fields of SPEC 2.1 (``vqa_correct``, ``vqa_acc_score``, ``vqa_gt_prob``,
+fields of docs/algorithm.md#rl-data (``vqa_correct``, ``vqa_acc_score``, ``vqa_gt_prob``,
 ``vqa_rel_score``). For Lever-Plus the environment is a vision-language model behind a
 server; the tests and the quality benchmark use the digits environment of
 ``examples/digits_env``.
@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import JudgeStopped, LeverError, PluginError, StoreError
 
-#: The verdict fields of SPEC 2.1 a judge returns.
+#: The verdict fields a judge returns.
 VERDICT_FIELDS = ("vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score")
 #: Format of the store's schema: 2 keeps the pool of every verdict (1 kept one per query).
 STORE_FORMAT = "2"
@@ -495,7 +495,7 @@ def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]
 
 
 def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any]:
-    """The stored verdicts of one environment version as RL data (SPEC 2.1): one query per
+    """The stored verdicts of one environment version as RL data (docs/algorithm.md#rl-data): one query per
     judged query, one logged candidate per judged sequence.
 
     A query judged with one pool gets that pool as ``candidate_pool_ids``; one judged with

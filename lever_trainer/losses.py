@@ -1,4 +1,4 @@
-"""Pure numerical functions of SPEC sections 3, 5 and 6.
+"""Pure numerical functions of RCE and GRPO (docs/algorithm.md#rce-loss, #grpo).
 
 Everything here takes tensors and returns tensors. Batched tensors are laid out
 [B, G] (queries x candidate sequences) with a boolean ``mask`` marking the real
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-#: Lower bound of the advantage denominator (SPEC section 6).
+#: Lower bound of the advantage denominator (docs/algorithm.md#advantages).
 ADVANTAGE_STD_FLOOR = 0.1
-#: Below this standard deviation a z-score leaves the rewards unchanged (SPEC 3.2).
+#: Below this standard deviation a z-score leaves the rewards unchanged (see docs/algorithm.md).
 ZSCORE_STD_EPS = 1e-12
 #: Bound of a GRPO log-ratio: ``exp`` of anything larger overflows float32 (e^88.7), which
 #: would turn a whole step into NaN; inside the bound nothing changes.
@@ -47,7 +47,7 @@ def masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rce_temperature(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
-    """Linear annealing of the RCE temperature over optimiser steps (SPEC section 5)."""
+    """Linear annealing of the RCE temperature (docs/algorithm.md#rce-temperature)."""
     if total_steps <= 1:
         return tau_end
     frac = min(1.0, step / (total_steps - 1))
@@ -137,7 +137,7 @@ def grpo_terms(
     mask: torch.Tensor,
     clip_epsilon: float,
 ) -> dict[str, torch.Tensor]:
-    """Per-query PPO and KL terms of SPEC section 6.
+    """Per-query PPO and KL terms (docs/algorithm.md#grpo-loss).
 
     Returns ``ppo`` [B], ``kl`` [B] and ``mean_ratio`` [B], each a mean over the
     query's kept (masked) candidates.
@@ -180,7 +180,7 @@ def adapt_kl_beta(
     beta_min: float = 0.001,
     beta_max: float = 10.0,
 ) -> float:
-    """Adaptive KL weight after one optimiser step (SPEC section 6)."""
+    """Adaptive KL weight after one optimiser step (docs/algorithm.md#adaptive-kl)."""
     if kl > high:
         beta *= factor
     elif kl < low:

@@ -1,4 +1,4 @@
-"""Offline selection metrics (SPEC section 7), as pure functions of [B, G] tensors.
+"""Offline selection metrics (docs/algorithm.md#validation), as pure functions of [B, G] tensors.
 
 Each function returns per-query values plus a mask of the queries for which the
 value is defined, so callers can average across batches exactly.

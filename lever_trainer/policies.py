@@ -30,7 +30,7 @@ from .plugins import PluginSet
 from .policy import Policy
 
 #: The policy a run uses when ``--policy`` is not given (the quality task's best offline
-#: recipe; see the README).
+#: recipe; see docs/quality.md).
 DEFAULT_POLICY = "cosine-bilinear"
 #: The policy of a checkpoint that records none (foreign formats, older metadata): the
 #: reference implementation's.

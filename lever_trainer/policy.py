@@ -25,7 +25,7 @@ Rules every policy keeps, which the trainer, validation and ``select`` rely on:
   name and the embedding width, rebuild the same module through ``build_policy``;
   checkpoints record them, so ``--sft-ckpt``, ``--resume`` and ``select`` rebuild it.
 
-:class:`PointerTrunk` is the encoder every upstream variant shares (SPEC section 4,
+:class:`PointerTrunk` is the encoder every upstream variant shares (docs/algorithm.md,
 steps 1-3): ``input_proj``, ``cross_attn_layers`` + ``attn_norms``, dropout,
 ``query_proj`` / ``cand_proj`` and L2 normalisation. Its module names are the
 checkpoint names; the backbone (what ``freeze-backbone`` freezes) is ``input_proj``,
@@ -158,7 +158,7 @@ class Policy(nn.Module):
         num_steps: int = 2,
         pool_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SPEC section 4 signature: logits [B, S, K] and predictions [B, S].
+        """The reference signature: logits [B, S, K] and predictions [B, S].
 
         ``labels`` [B, S] switches on teacher forcing; without them the policy decodes
         greedily for ``num_steps`` steps.
@@ -188,7 +188,7 @@ _C = TypeVar("_C", bound="TrunkConfig")
 
 @dataclass(frozen=True)
 class TrunkConfig:
-    """Hyper-parameters of :class:`PointerTrunk` (defaults from SPEC section 4)."""
+    """Hyper-parameters of :class:`PointerTrunk` (defaults: the reference policy's)."""
 
     input_dim: int
     hidden_dim: int = 256
@@ -223,7 +223,7 @@ class TrunkConfig:
 
 
 class PointerTrunk(Policy):
-    """The encoder of SPEC section 4 steps 1-3; subclasses add a decoder.
+    """The encoder of docs/algorithm.md#pointer-policy steps 1-3; subclasses add a decoder.
 
     ``encode`` returns ``(z, keys)``: the unit-norm query state z [B, h] and the
     unit-norm item keys [B, K, h]. Subclasses that transform the projected pool before
@@ -256,7 +256,7 @@ class PointerTrunk(Policy):
         return self.config.options()
 
     def reset_trunk_parameters(self) -> None:
-        """SPEC initialisation: Xavier for input_proj, identity + N(0, 0.01) projections."""
+        """Reference initialisation: Xavier for input_proj, identity + N(0, 0.01) projections."""
         if isinstance(self.input_proj, nn.Linear):
             nn.init.xavier_uniform_(self.input_proj.weight)
         h = self.config.hidden_dim

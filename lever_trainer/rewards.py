@@ -1,4 +1,4 @@
-"""Reward formulas and group normalisers (SPEC section 3), supplied by plugins.
+"""Reward formulas and group normalisers (docs/algorithm.md#rewards), supplied by plugins.
 
 The core holds no formula. Plugins contribute named raw-reward modes through the
 ``reward_modes`` hook and named normalisers through ``normalizers``; the loader looks
@@ -20,7 +20,7 @@ from .errors import LeverError, PluginError
 if TYPE_CHECKING:
     from .plugins import PluginSet
 
-#: Every raw reward is clipped to this range (SPEC 3.1).
+#: Every raw reward is clipped to this range (docs/algorithm.md#raw-rewards).
 RAW_REWARD_CLIP = 5.0
 
 
@@ -28,7 +28,7 @@ RAW_REWARD_CLIP = 5.0
 class RewardParams:
     """Settings every reward formula and normaliser receives.
 
-    ``hard``, ``soft``, ``rel`` are the weights ``wh``, ``ws``, ``wl`` of SPEC 3.1, shared
+    ``hard``, ``soft``, ``rel`` are the weights ``wh``, ``ws``, ``wl`` of the raw rewards, shared
     by every formula (``--hard-weight``, ``--soft-weight``, ``--rel-weight``).
     ``options`` holds the option values of the plugins that provide the chosen mode
     and normaliser (``reward_alpha`` of the ``legacy`` mode, say): read them with

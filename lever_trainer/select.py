@@ -1,4 +1,4 @@
-"""Free greedy selection with a trained policy (SPEC section 9): what ``select`` returns."""
+"""Free greedy selection with a trained policy (see docs/algorithm.md): what ``select`` returns."""
 
 from __future__ import annotations
 

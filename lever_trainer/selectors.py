@@ -1,4 +1,4 @@
-"""Selectors judged by the downstream model (SPEC section 9): a policy's free greedy
+"""Selectors judged by the downstream model (docs/algorithm.md#judging): a policy's free greedy
 selection and the baselines a selector must beat.
 
 * ``cosine``: the S pool items most cosine-similar to the query, most similar first

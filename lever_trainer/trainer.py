@@ -226,7 +226,7 @@ class Trainer:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
         if resume is None:
-            # the starting model's log-probs: the default reference (SPEC section 6)
+            # the starting model's log-probs: docs/algorithm.md#reference-log-probs
             if any(p.needs_reference for p in to_run):
                 self.start_logprobs = self.compute_logprobs(state.train)
             self.start_weights = {

@@ -123,22 +123,64 @@ def test_builtin_plugins_import_only_the_public_api() -> None:
                 assert mod == "lever_trainer.api", f"{path.name} imports {mod}"
 
 
-def test_every_builtin_plugin_and_hook_is_in_the_readme() -> None:
+PLUGIN_DOCS = ROOT / "docs" / "plugins.md"
+
+
+def plugin_table_rows() -> dict[str, str]:
+    """``{name: row}`` of the built-in plugin table in docs/plugins.md."""
+    lines = PLUGIN_DOCS.read_text().splitlines()
+    start = lines.index("## The built-in plugins")
+    rows = {}
+    for line in lines[start:]:
+        if line.startswith("| `"):
+            rows[line.split("`")[1]] = line
+    return rows
+
+
+def test_every_builtin_plugin_and_hook_is_in_the_plugin_docs() -> None:
     from lever_trainer import hookspecs
 
-    readme = (ROOT / "README.md").read_text()
     entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
         "lever_trainer"
     ]
-    table = [line for line in readme.splitlines() if line.startswith("| `")]
-    for name in entry_points:
-        assert any(line.startswith(f"| `{name}` |") for line in table), (
-            f"README plugin table lacks {name}"
-        )
+    rows = plugin_table_rows()
+    assert set(entry_points) <= set(rows), (
+        f"docs/plugins.md table lacks {set(entry_points) - set(rows)}"
+    )
+    table = [line for line in PLUGIN_DOCS.read_text().splitlines() if line.startswith("| `")]
     for hook in hookspecs.all_hook_names():
         assert any(line.startswith(f"| `{hook}` |") for line in table), (
-            f"README hook table lacks {hook}"
+            f"docs/plugins.md hook table lacks {hook}"
         )
+
+
+def test_plugin_table_defaults_are_the_declared_defaults() -> None:
+    """Each option the table lists with a value (`` `--rce-epochs` 10 ``) has that value as
+    its declared default, and every option a built-in plugin declares is in its row."""
+    import re
+
+    from lever_trainer.plugins import discover
+
+    rows = plugin_table_rows()
+    checked = 0
+    for info in discover():
+        if info.distribution != "lever-trainer":
+            continue
+        row = rows[info.name]
+        options_cell = row.rstrip(" |").rsplit(" | ", 1)[-1]
+        for option in info.options:
+            assert f"`{option.name}" in row, f"{info.name}: {option.name} is not in its table row"
+            match = re.search(rf"`{re.escape(option.name)}` ([^,`|(]+)", options_cell)
+            if match is None:
+                continue
+            shown = match.group(1).strip().split()[0].removesuffix("s")  # 30s -> 30
+            default = option.default
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                assert float(shown) == float(default), (info.name, option.name, shown, default)
+            else:
+                assert shown == str(default).removesuffix("s"), (info.name, option.name, shown)
+            checked += 1
+    assert checked >= 30  # the table gives most defaults
 
 
 def test_every_builtin_plugin_is_listed_by_lever_train_plugins() -> None:

@@ -1,4 +1,4 @@
-"""Saving checkpoints and importing starting checkpoints in every supported format (SPEC 8)."""
+"""Saving checkpoints and importing starting checkpoints in every supported format (docs/algorithm.md#checkpoints)."""
 
 from __future__ import annotations
 

@@ -11,16 +11,16 @@ from conftest import assert_user_error
 
 from lever_trainer.config import merge_lists, preset_names
 
-#: SPEC.md's settings of the reference algorithm (sections 2-7), written out by hand.
-SPEC_VALUES = {
-    # SPEC 5: RCE
+#: The settings of the reference algorithm (docs/algorithm.md#reference-settings), written out by hand.
+REFERENCE_VALUES = {
+    # RCE
     "rce_epochs": 5,
     "rce_lr": 1e-4,
     "rce_temp_start": 2.0,
     "rce_temp_end": 0.5,
     "weight_decay": 0.01,
     "grad_clip": 1.0,
-    # SPEC 6: GRPO
+    # GRPO
     "grpo_lr": 1e-5,
     "clip_epsilon": 0.2,
     "kl_beta": 0.1,
@@ -28,9 +28,9 @@ SPEC_VALUES = {
     "early_epochs": 1,
     "early_top_k": 3,
     "late_top_k": 5,
-    # SPEC 6: "a batch of one query is exactly the reference implementation"
+    # "a batch of one query is exactly the reference implementation"
     "batch_size": 1,
-    # SPEC 4: the pointer policy
+    # the pointer policy
     "policy": "pointer",
     "hidden_dim": 256,
     "num_layers": 1,
@@ -38,7 +38,7 @@ SPEC_VALUES = {
     "dropout": 0.5,
     "attn_dropout": 0.1,
     "temperature": 0.1,
-    # SPEC 2.1, 3
+    # data and rewards
     "max_pool": 64,
     "val_ratio": 0.2,
     # the reference validates on the last ids in numeric order, independent of the seed
@@ -50,8 +50,8 @@ SPEC_VALUES = {
     "normalize": "z_score_clamp",
     "normalize_clamp": 3.0,
 }
-#: The plugins that are SPEC behaviour, and the variants the SPEC does not use.
-SPEC_PLUGINS_ON = {
+#: The plugins that are reference behaviour, and the variants the reference does not use.
+REFERENCE_PLUGINS_ON = {
     "rce",
     "grpo",
     "raw-reward",
@@ -60,7 +60,7 @@ SPEC_PLUGINS_ON = {
     "group-zscore",
     "adaptive-kl",
 }
-SPEC_PLUGINS_OFF = {"grpo-reference-refresh", "normalized-reward", "freeze-backbone"}
+REFERENCE_PLUGINS_OFF = {"grpo-reference-refresh", "normalized-reward", "freeze-backbone"}
 PRESET = Path(__file__).resolve().parents[1] / "lever_trainer" / "presets" / "upstream.toml"
 
 
@@ -95,9 +95,9 @@ def test_upstream_preset_pins_every_spec_setting_in_the_file() -> None:
     spelled = {k.replace("-", "_") for k in data}
     spelled |= {"temperature"} if "policy-temperature" in data else set()
     spelled |= {"normalize_clamp"} if "normalize-clamp-value" in data else set()
-    assert set(SPEC_VALUES) <= spelled, set(SPEC_VALUES) - spelled
-    assert SPEC_PLUGINS_ON <= set(data["plugin"])
-    assert SPEC_PLUGINS_OFF <= set(data["no-plugin"])
+    assert set(REFERENCE_VALUES) <= spelled, set(REFERENCE_VALUES) - spelled
+    assert REFERENCE_PLUGINS_ON <= set(data["plugin"])
+    assert REFERENCE_PLUGINS_OFF <= set(data["no-plugin"])
     assert "upstream" in preset_names()
 
 
@@ -107,11 +107,11 @@ def test_preset_upstream_resolves_to_the_spec_values(cli, demo_files) -> None:
         "temperature": "policy-temperature",
         "normalize_clamp": "normalize-clamp-value",
     }
-    for dest, value in SPEC_VALUES.items():
+    for dest, value in REFERENCE_VALUES.items():
         key = flags.get(dest, dest.replace("_", "-"))
         assert shown[key] == value, (key, shown.get(key), value)
-    assert SPEC_PLUGINS_ON <= set(shown["plugin"])
-    assert SPEC_PLUGINS_OFF <= set(shown["no-plugin"])
+    assert REFERENCE_PLUGINS_ON <= set(shown["plugin"])
+    assert REFERENCE_PLUGINS_OFF <= set(shown["no-plugin"])
 
 
 def test_a_run_with_the_preset_records_the_spec_values(cli, demo_files, tmp_path) -> None:
@@ -119,7 +119,7 @@ def test_a_run_with_the_preset_records_the_spec_values(cli, demo_files, tmp_path
     result = cli("--preset", "upstream", *small_run(demo_files, out, "--hidden-dim", "256"))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "run_config.json").read_text())
-    expected = {**SPEC_VALUES, "rce_epochs": 1, "batch_size": 8}  # the two given here
+    expected = {**REFERENCE_VALUES, "rce_epochs": 1, "batch_size": 8}  # the two given here
     for dest, value in expected.items():
         assert config["options"][dest] == value, dest
     assert config["policy"]["options"]["dropout"] == 0.5

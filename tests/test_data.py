@@ -1,4 +1,4 @@
-"""RL data loading, rewards, the train/val split, embeddings and batches (SPEC 2 and 3).
+"""RL data loading, rewards, the train/val split, embeddings and batches (docs/algorithm.md#data-format, #rewards).
 
 Every expected value is worked out by hand in the comment beside it.
 """

@@ -1,4 +1,4 @@
-"""Data formats and filters (SPEC 2.1, 2.2): the legacy beam format (built-in
+"""Data formats and filters (docs/algorithm.md#data-format): the legacy beam format (built-in
 ``legacy-beam-format`` plugin), a reader of a new format added by a plugin through the
 ``read_rl_data`` hook, the embedding files, and the candidate/query filters with
 their load summary, through the library and the real CLI.

@@ -681,7 +681,7 @@ def test_more_epochs_extend_a_finished_phase_at_its_final_temperature(
 @pytest.mark.parametrize(
     ("reference", "line"),
     [
-        # SPEC 6: the starting model, recomputed from the weights the snapshot kept
+        # the reference implementation's: the starting model, recomputed from the weights the snapshot kept
         (("--no-plugin", "grpo-reference-refresh"), "computed from the run's starting weights"),
         ((), "GRPO reference log-probs: [default]"),  # the policy as GRPO starts
     ],

@@ -1,6 +1,6 @@
-"""The pure numbers of SPEC sections 5 and 6, against values worked out by hand.
+"""The pure numbers of RCE and GRPO (docs/algorithm.md), against values worked out by hand.
 
-Each expected value below is derived in the comment next to it from the SPEC
+Each expected value below is derived in the comment next to it from the formulas of docs/algorithm.md
 formula, not taken from the code's output.
 """
 

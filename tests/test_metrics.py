@@ -1,4 +1,4 @@
-"""Offline selection metrics (SPEC section 7) against hand-computed values."""
+"""Offline selection metrics (docs/algorithm.md#validation) against hand-computed values."""
 
 from __future__ import annotations
 

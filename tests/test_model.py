@@ -1,4 +1,4 @@
-"""The pointer policy against the reference implementation's vectors (SPEC section 4)."""
+"""The pointer policy against the reference implementation's vectors (docs/algorithm.md#pointer-policy)."""
 
 from __future__ import annotations
 

@@ -55,3 +55,30 @@ def test_every_core_subpackage_is_packaged() -> None:
         for p in (ROOT / "lever_trainer").rglob("__init__.py")
     }
     assert found <= listed, found - listed
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The README's test command, .ci/run's env list and tox.ini's envs agree, and the
+    docs site is one of them (built with warnings as errors)."""
+    readme = (ROOT / "README.md").read_text()
+    (in_readme,) = re.findall(r"^python3\.11 -m venv \.ci-venv .*tox -e (\S+)$", readme, re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    (in_ci,) = re.findall(r"^envs=\$\{CI_TOX_ENVS:-(\S+)\}$", ci, re.M)
+    assert in_readme == in_ci
+    assert f"tox -e {in_ci}\n" in ci  # the header comment names the same command
+    tox = (ROOT / "tox.ini").read_text()
+    declared = re.search(r"^env_list = (.+)$", tox, re.M)
+    assert declared is not None
+    assert set(in_ci.split(",")) <= {e.strip() for e in declared.group(1).split(",")}
+    assert "docs" in in_ci.split(",")
+    docs_env = tox.split("[testenv:docs]", 1)[1].split("\n[", 1)[0]
+    assert "mkdocs build --strict" in docs_env
+    assert "docs" in project()["optional-dependencies"]
+
+
+def test_readme_is_a_door() -> None:
+    """The README stays short; the reference is in docs/, and every page it links exists."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    for target in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (ROOT / target).is_file(), target

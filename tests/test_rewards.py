@@ -1,8 +1,8 @@
-"""Reward formulas and group normalisers (SPEC 3.1, 3.2), supplied by the built-in
+"""Reward formulas and group normalisers (docs/algorithm.md#rewards), supplied by the built-in
 ``reward-modes`` and ``normalizers`` plugins through the ``reward_modes`` and
 ``normalizers`` hooks.
 
-Every expected value is worked out by hand from the SPEC tables in the comment beside it.
+Every expected value is worked out by hand from the tables of docs/algorithm.md#rewards in the comment beside it.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def test_batch_loss_and_gradients_equal_one_query_per_step(demo_files, tmp_path,
 
 
 def test_reference_logprobs_come_from_starting_model(demo_files, tmp_path) -> None:
-    # SPEC 6's reference, once the default refresh is off
+    # the reference implementation's reference, once the default refresh is off
     trainer = make_trainer(
         demo_files, tmp_path / "run", grpo_epochs=1, disable=("grpo-reference-refresh",)
     )
@@ -213,7 +213,7 @@ def test_grpo_phase_adapts_beta_and_runs_curriculum(demo_files, tmp_path) -> Non
     # every demo group holds at least 5 candidates: the curriculum keeps 3, then 5, per query
     assert tops == [3.0] * steps + [5.0] * steps
     assert len(calls) == 2 * steps
-    # the betas seen follow the SPEC rule from the previous step's KL (the spy answers None,
+    # the betas seen follow the reference rule from the previous step's KL (the spy answers None,
     # so the built-in adaptive-kl decides)
     beta = 0.1
     for _, kl, seen_beta in calls:

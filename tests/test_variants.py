@@ -210,7 +210,7 @@ def grpo_setup(demo_files, tmp_path, **kwargs: Any) -> tuple[Any, Any, Any]:
 
 
 def by_hand_grpo(trainer, batch, skip: torch.Tensor | None = None) -> dict[str, float]:
-    """The GRPO step of SPEC 6 with the default plugins, one query at a time, in plain
+    """The GRPO step of docs/algorithm.md#grpo-loss with the default plugins, one query at a time, in plain
     tensor code: keep the top 3 by normalised reward, z-score advantages, clipped
     surrogate, k3."""
     model = trainer.model
@@ -271,7 +271,7 @@ def test_grpo_step_loss_and_diagnostics_by_hand(demo_files, tmp_path) -> None:
         assert out[key].item() == pytest.approx(value, abs=1e-5), key
     assert out["loss"].item() == pytest.approx(expected["ppo"] + 0.1 * expected["kl"], abs=1e-5)
     assert out["kl_beta"].item() == pytest.approx(0.1)
-    # the same numbers as the SPEC's batched function
+    # the same numbers as the reference's batched function
     keep = L.top_k_mask(batch.rewards_norm, batch.cand_mask, 3)
     spec = L.grpo_loss(
         L.sequence_logprobs(*_tf(trainer, batch)),

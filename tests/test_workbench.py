@@ -77,7 +77,7 @@ def test_steps_jsonl_has_every_logged_step(cli, demo_files, tmp_path) -> None:
     for s in steps:
         assert {"loss", "grad_norm", "time", "steps_per_epoch"} <= set(s)
         assert s["steps_per_epoch"] == 4
-    # RCE's temperature at optimiser step i of T = 8 (SPEC 5): 2.0 - 1.5 * i / 7
+    # RCE's temperature at optimiser step i of T = 8 (docs/algorithm.md#rce-temperature): 2.0 - 1.5 * i / 7
     for s in steps[:4]:
         i = s["global_step"] - 1
         assert s["tau"] == pytest.approx(2.0 - 1.5 * i / 7, rel=1e-6)
@@ -342,6 +342,20 @@ def test_group_help_lists_commands_without_importing_torch_or_plugins() -> None:
     )
     for command in ("train", "plot", "plugins", "demo-data", "select", "prepare"):
         assert re.search(rf"^\s+{command}\s+\S", out, re.M), command
+
+
+def test_group_help_names_no_policy_architecture() -> None:
+    """Policies are plugins (the default is ``cosine-bilinear``): ``--help`` says what is
+    trained without naming one architecture as the thing it trains."""
+    from click.testing import CliRunner
+
+    from lever_trainer.cli import main
+
+    out = CliRunner().invoke(main, ["--help"]).output
+    summary = out.split("Options:")[0].lower()
+    assert "selection policy" in summary
+    for policy in ("pointer", "cosine-bilinear"):
+        assert policy not in summary, (policy, summary)
 
 
 def test_completion_without_torch_uses_the_plugin_option_cache(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Embedding tables (SPEC 2.2): ``.pt``/``.pth`` (weights_only), ``.npy``, ``.safetensors``."""
+"""Embedding tables: ``.pt``/``.pth`` (weights_only), ``.npy``, ``.safetensors``."""
 
 from __future__ import annotations
 

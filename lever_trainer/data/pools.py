@@ -2,7 +2,7 @@
 
 :func:`load_pools` reads three formats into a :class:`PoolTable`:
 
-* RL data JSON (SPEC 2.1) with or without ``pointer_candidates``: the pool is
+* RL data JSON with or without ``pointer_candidates``: the pool is
   ``candidate_pool_ids``, else the sorted set of global ids its candidates use;
 * a plain JSON object ``{"<query id>": [global ids, ...]}``;
 * JSON Lines, one query per line: ``{"query_id": 12, "candidate_pool_ids": [...]}``

@@ -1,4 +1,4 @@
-"""Parsing RL data (SPEC 2.1): filters, pools, pointer encodings, rewards, into a table.
+"""Parsing RL data (docs/algorithm.md): filters, pools, pointer encodings, rewards, into a table.
 
 Members of the top-level JSON object arrive one at a time (from
 :mod:`lever_trainer.jsonstream` or a plugin's reader) and are packed into flat typed

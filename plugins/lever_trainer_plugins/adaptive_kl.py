@@ -1,4 +1,4 @@
-"""Adapt the GRPO KL weight after every step (SPEC 6). On by default.
+"""Adapt the GRPO KL weight after every step (docs/algorithm.md#adaptive-kl). On by default.
 
 ``--no-plugin adaptive-kl`` (upstream ``--disable_adaptive_kl``) keeps the weight fixed
 at ``--kl-beta``.
@@ -16,5 +16,5 @@ DISABLE_FLAGS = ("--disable_adaptive_kl",)
 
 @hookimpl
 def adapt_kl_beta(state: TrainState, kl: float, beta: float) -> float:
-    """The SPEC's rule, from the batch KL of the step just taken."""
+    """The reference rule, from the batch KL of the step just taken."""
     return adapt(beta, kl)

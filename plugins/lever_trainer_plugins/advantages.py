@@ -1,4 +1,4 @@
-"""GRPO advantage estimators (the ``compute_advantages`` hook) beside SPEC's ``group-zscore``.
+"""GRPO advantage estimators (the ``compute_advantages`` hook) beside the default ``group-zscore``.
 
 Over each query's kept candidates with rewards ``r`` (the phase's reward), ``n`` of them:
 

@@ -1,7 +1,7 @@
 """Freeze the policy's backbone during GRPO only (the policy names its backbone).
 
 For the built-in policies the backbone is ``input_proj``, ``query_proj`` and
-``cand_proj`` (SPEC section 4); any policy says which of its modules form it through
+``cand_proj`` (see docs/algorithm.md); any policy says which of its modules form it through
 ``backbone_modules`` / ``backbone_parameters()``.
 """
 

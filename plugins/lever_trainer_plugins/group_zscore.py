@@ -1,4 +1,4 @@
-"""GRPO advantages of SPEC section 6: the group's z-score with a floor on the std. On by default.
+"""GRPO advantages: the group's z-score with a floor on the std. On by default.
 
 ``A = clamp((r - mean(r)) / max(std(r), 0.1), -c, c)`` over each query's kept
 candidates (unbiased std; a group of one has ``A = 0``), ``c = --advantage-clip``.
@@ -13,7 +13,7 @@ import torch
 from lever_trainer.api import Option, TrainState, group_advantages, hookimpl
 
 ENABLED_BY_DEFAULT = True
-DESCRIPTION = "advantages = clamp((r - mean) / max(std, 0.1), -5, 5) per group (SPEC 6)"
+DESCRIPTION = "advantages = clamp((r - mean) / max(std, 0.1), -5, 5) per group"
 
 
 @hookimpl

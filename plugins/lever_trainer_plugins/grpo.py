@@ -1,4 +1,4 @@
-"""Phase ``grpo`` (SPEC section 6): group-relative, PPO-clipped updates against reference
+"""Phase ``grpo``: group-relative, PPO-clipped updates against reference
 log-probs, with a KL penalty whose weight adapts. On by default (0 epochs unless
 ``--grpo-epochs``).
 
@@ -42,7 +42,7 @@ from lever_trainer.api import (
 )
 
 ENABLED_BY_DEFAULT = True
-DESCRIPTION = "phase `grpo` (SPEC 6): group-relative PPO against reference log-probs"
+DESCRIPTION = "phase `grpo`: group-relative PPO against reference log-probs"
 
 
 class GRPOPhase(Phase):

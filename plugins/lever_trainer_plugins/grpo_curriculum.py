@@ -1,4 +1,4 @@
-"""The GRPO curriculum of SPEC section 6: which logged candidates a step keeps. On by default.
+"""The GRPO curriculum (docs/algorithm.md): which logged candidates a step keeps. On by default.
 
 In GRPO epochs ``< --early-epochs`` each query keeps its top ``--early-top-k``
 candidates by the phase's reward, later its top ``--late-top-k``; ties go to the lower

@@ -1,4 +1,4 @@
-"""GRPO scores its groups with the group-normalised rewards (``beam_rewards``), SPEC 6.
+"""GRPO scores its groups with the group-normalised rewards (``beam_rewards``).
 
 On by default; a plugin answering ``select_reward`` for ``"grpo"`` and named with
 ``--plugin`` replaces it.

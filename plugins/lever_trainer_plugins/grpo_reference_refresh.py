@@ -1,11 +1,11 @@
 """GRPO measures its ratios against the policy as RCE left it, not the starting model.
 
-SPEC 6 takes the reference log-probs from the starting model, before RCE. After an RCE
+The reference implementation takes its log-probs from the starting model, before RCE. After an RCE
 phase that learns anything the policy has moved far from it: the ratios explode, the
 KL weight climbs to its ceiling and the loss is dominated by the KL term (on the demo
 data, KL in the thousands). This plugin recomputes the reference when GRPO starts, so
 that GRPO is a trust-region update around the RCE result. On by default;
-``--no-plugin grpo-reference-refresh`` (or ``--preset upstream``) restores the SPEC's
+``--no-plugin grpo-reference-refresh`` (or ``--preset upstream``) restores the reference's
 reference.
 """
 
@@ -20,7 +20,7 @@ from lever_trainer.api import TrainState, hookimpl
 ENABLED_BY_DEFAULT = True
 DESCRIPTION = (
     "GRPO reference log-probs = the policy as GRPO starts, after RCE "
-    "(off: the starting model, SPEC 6)"
+    "(off: the starting model, as the reference implementation)"
 )
 
 

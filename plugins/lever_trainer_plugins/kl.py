@@ -4,7 +4,7 @@ KL estimators (the ``kl_estimate`` hook), after Schulman's "Approximating KL
 Divergence" (2020), with ``r = exp(new - ref)`` the ratio of a logged sequence: each
 estimates ``KL(ref || policy)`` from sequences taken as drawn from the reference.
 
-* ``kl-k3`` (on by default, SPEC section 6): ``r - 1 - log r``; unbiased, never
+* ``kl-k3`` (on by default, the reference's): ``r - 1 - log r``; unbiased, never
   negative, low variance;
 * ``kl-k1``: ``-log r``; unbiased but high variance, and negative for a single
   sequence the policy likes more than the reference;
@@ -52,10 +52,10 @@ class K2:
 
 
 class K3:
-    """``r - 1 - log r`` (SPEC section 6)."""
+    """``r - 1 - log r`` (docs/algorithm.md#grpo-loss)."""
 
     ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "GRPO KL estimate k3 = r - 1 - log r (SPEC 6; unbiased, low variance)"
+    DESCRIPTION = "GRPO KL estimate k3 = r - 1 - log r (unbiased, low variance)"
 
     @hookimpl
     def kl_estimate(self, log_ratio: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Read the legacy beam format (SPEC 2.1). On by default.
+"""Read the legacy beam format (docs/algorithm.md#rl-data). On by default.
 
 ``{"<query id>": {"id_list": [[icd_1, ..., icd_S, query id], ...], "score_list": [...]}}``:
 each beam lists the global ids of its demonstrations followed by the query itself,

@@ -1,4 +1,4 @@
-"""Group normalisers of SPEC 3.2 (``--normalize``). On by default.
+"""Group normalisers (``--normalize``). On by default.
 
 For the two z-scores, a group of one candidate or with ``std <= 1e-12`` keeps its
 raw rewards unchanged, as the reference implementation does. Mean and std are taken
@@ -21,7 +21,7 @@ from lever_trainer.api import (
 )
 
 ENABLED_BY_DEFAULT = True
-DESCRIPTION = "group normalisers of SPEC 3.2: z_score_clamp (default), z_score, rank"
+DESCRIPTION = "group normalisers: z_score_clamp (default), z_score, rank"
 
 
 def _flat(rewards: torch.Tensor) -> bool:

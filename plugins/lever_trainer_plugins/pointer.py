@@ -1,4 +1,4 @@
-"""The default policy, ``pointer``: SPEC section 4's gated pointer decoder.
+"""The reference policy, ``pointer``: the gated pointer decoder of docs/algorithm.md.
 
 After each step the state moves toward the chosen item through a learned gate:
 ``gate = sigmoid(W_g [z; e] + b_g)``, ``z = normalise(gate * z + (1 - gate) * e)``.
@@ -18,7 +18,7 @@ from lever_trainer.api import PointerTrunk, TrunkConfig, decode_steps, hookimpl
 
 ENABLED_BY_DEFAULT = True
 POLICIES = ("pointer",)
-DESCRIPTION = "policy `pointer` (default): SPEC 4's cross-attention trunk + gated state update"
+DESCRIPTION = "policy `pointer`: the reference cross-attention trunk + gated state update"
 
 #: The trunk's hyper-parameters are the whole of this policy's options.
 PolicyConfig = TrunkConfig

@@ -1,4 +1,4 @@
-"""Phase ``rce`` (SPEC section 5): reward-weighted cross-entropy over each query's logged
+"""Phase ``rce``: reward-weighted cross-entropy over each query's logged
 sequences, with the temperature annealed linearly over the phase's steps. On by default.
 
 For one query the loss is ``sum_j w_j * CE_j`` with ``CE_j`` the teacher-forced
@@ -30,7 +30,7 @@ from lever_trainer.api import (
 )
 
 ENABLED_BY_DEFAULT = True
-DESCRIPTION = "phase `rce` (SPEC 5): reward-weighted cross-entropy warm-up"
+DESCRIPTION = "phase `rce`: reward-weighted cross-entropy warm-up"
 
 
 class RCEPhase(Phase):
@@ -103,7 +103,7 @@ class RCEPhase(Phase):
 def add_options() -> Sequence[Option]:
     """Epochs, learning rate and the temperature schedule of RCE."""
     return [
-        # Defaults: the quality task's best offline recipe (SPEC 5: 5 epochs, 1e-4, 2.0 -> 0.5;
+        # Defaults: the quality task's best offline recipe (reference: 5 epochs, 1e-4, 2.0 -> 0.5;
         # `--preset upstream`).
         Option(("--rce-epochs", "--rce_epochs"), "int", 10, "Epochs of the RCE phase.", min=0),
         Option(

@@ -1,6 +1,6 @@
 """How RCE weighs each query's logged sequences (the ``rce_weights`` hook).
 
-* ``rce-softmax`` (on by default): SPEC section 5, ``w = softmax(r / tau)`` over the
+* ``rce-softmax`` (on by default): the reference's ``w = softmax(r / tau)`` over the
   query's candidates.
 * ``top1-only`` (upstream ``--use_top1_only``): plain cross-entropy on the query's first
   logged sequence, averaged over its S steps, whatever the rewards: weight ``1/S`` on
@@ -19,11 +19,11 @@ class SoftmaxWeights:
     """``softmax(r / tau)`` over each query's candidates."""
 
     ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "RCE weights softmax(r / tau) over each query's logged sequences (SPEC 5)"
+    DESCRIPTION = "RCE weights softmax(r / tau) over each query's logged sequences"
 
     @hookimpl
     def rce_weights(self, batch: Batch, rewards: torch.Tensor, temperature: float) -> torch.Tensor:
-        """SPEC section 5's weights."""
+        """The weights of docs/algorithm.md#rce-loss-formula."""
         return softmax_weights(rewards, batch.cand_mask, temperature)
 
 

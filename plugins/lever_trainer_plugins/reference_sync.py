@@ -1,6 +1,6 @@
 """Move GRPO's reference log-probs towards the current policy every N steps.
 
-By default the reference stays fixed for the whole phase (SPEC section 6), so a long
+By default the reference stays fixed for the whole phase, so a long
 phase measures ever larger ratios and the clip binds on more and more candidates. Every
 ``--ref-sync-steps`` optimiser steps of a phase that measures ratios against a
 reference, this plugin recomputes the current policy's eval-mode log-probs of every

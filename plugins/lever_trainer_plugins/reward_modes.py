@@ -1,4 +1,4 @@
-"""The nine raw-reward modes of SPEC 3.1 (``--reward-mode``). On by default.
+"""The nine raw-reward modes (``--reward-mode``). On by default.
 
 Fields a candidate lacks count as 0: ``h = vqa_correct``, ``s = vqa_acc_score``,
 ``g = vqa_gt_prob``, ``l = vqa_rel_score``; weights ``wh``, ``ws``, ``wl`` are
@@ -13,7 +13,7 @@ from typing import Any
 from lever_trainer.api import DATA_COMMANDS, Option, RawRewardFn, RewardParams, hookimpl
 
 ENABLED_BY_DEFAULT = True
-DESCRIPTION = "raw-reward modes of SPEC 3.1: hard_plus_soft (default), ..., legacy"
+DESCRIPTION = "raw-reward modes: hard_plus_soft (default), ..., legacy"
 
 Candidate = Mapping[str, Any]
 

@@ -2,7 +2,7 @@
 
 With ``r`` the ratio ``exp(new - ref)`` and ``A`` the advantage of a kept candidate:
 
-* ``ppo-clip`` (on by default): SPEC section 6, ``min(r A, clamp(r, 1 - eps, 1 + eps) A)``
+* ``ppo-clip`` (on by default): the reference's ``min(r A, clamp(r, 1 - eps, 1 + eps) A)``
   with ``eps = --clip-epsilon``;
 * ``clip-higher`` (DAPO): the same with a separate upper bound, ``clamp(r, 1 - eps,
   1 + eps_high)`` (``--clip-epsilon-high``, default 0.28), so that unlikely sequences
@@ -38,10 +38,10 @@ def clipped_objective(
 
 
 class PPOClip:
-    """SPEC section 6's clipped surrogate."""
+    """The clipped surrogate of docs/algorithm.md#grpo-loss."""
 
     ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "GRPO surrogate min(r A, clamp(r, 1 - eps, 1 + eps) A) (SPEC 6)"
+    DESCRIPTION = "GRPO surrogate min(r A, clamp(r, 1 - eps, 1 + eps) A)"
 
     @hookimpl
     def policy_objective(

@@ -1,0 +1,237 @@
+"""MkDocs hook: the generated reference pages (options and hooks).
+
+``docs/options.md`` and ``docs/hooks.md`` each hold a marker line; at build time it is
+replaced by tables generated from the code itself, so the pages cannot drift from it:
+
+* ``<!-- generated: options -->``: every ``lever-train`` command and its options, read
+  from the click commands (core options by help group, then each built-in plugin's);
+* ``<!-- generated: hooks -->``: every hook of ``lever_trainer.hookspecs`` with its
+  signature, its kind (single answer or broadcast) and its docstring.
+
+The options come from :func:`option_records`, the one function to repoint when the
+options move to a single table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+OPTIONS_MARKER = "<!-- generated: options -->"
+HOOKS_MARKER = "<!-- generated: hooks -->"
+#: The distribution whose plugins are documented; third-party plugins installed in the
+#: build environment (the digits example, a test plugin) are left out.
+BUILTIN_DISTRIBUTION = "lever-trainer"
+
+
+@dataclass(frozen=True)
+class OptionRecord:
+    """One option of one command, as the reference shows it."""
+
+    command: str
+    group: str  # "Data", "Run", ... or "Plugin NAME"
+    flags: tuple[str, ...]
+    type: str
+    default: str
+    help: str
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One ``lever-train`` command: its name, help and options."""
+
+    name: str
+    help: str
+    usage: str
+    options: tuple[OptionRecord, ...]
+
+
+def _number(value: float) -> str:
+    """A bound as written: integers in full (2**63 - 1 stays exact), floats short."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _type_name(param: Any) -> str:
+    import click
+
+    if getattr(param, "is_flag", False):
+        return "flag"
+    kind = param.type
+    if isinstance(kind, click.Choice):
+        return " \\| ".join(f"`{c}`" for c in kind.choices)
+    name = getattr(kind, "name", type(kind).__name__).lower()
+    text = {"integer": "int", "integer range": "int", "float range": "float"}.get(name, name)
+    bounds = []
+    low, high = getattr(kind, "min", None), getattr(kind, "max", None)
+    if low is not None:
+        bounds.append(f"{'>' if getattr(kind, 'min_open', False) else '≥'} {_number(low)}")
+    if high is not None:
+        bounds.append(f"{'<' if getattr(kind, 'max_open', False) else '≤'} {_number(high)}")
+    if bounds:
+        text += f" ({', '.join(bounds)})"
+    if getattr(param, "multiple", False):
+        text += ", repeatable"
+    return text
+
+
+def _unset(value: Any) -> bool:
+    """True for "no default": None, empty, or click's own ``UNSET`` sentinel."""
+    return value is None or value == () or type(value).__name__ == "Sentinel"
+
+
+def _default(param: Any) -> str:
+    default = param.default
+    if getattr(param, "is_flag", False):
+        return "off" if _unset(default) or default is False else "on"
+    if _unset(default) or callable(default):
+        return "—"
+    if isinstance(default, tuple | list):
+        return ", ".join(f"`{d}`" for d in default)
+    return f"`{default}`"
+
+
+def option_records() -> list[CommandRecord]:
+    """Every command and its options, read from ``lever_trainer.cli``'s click group.
+
+    The single source of the options reference: to document options from another
+    declaration, change this function and nothing else.
+    """
+    import click
+
+    from lever_trainer import cli
+
+    builtin = {
+        f"Plugin {info.name}"
+        for info in cli.installed_plugins()
+        if info.distribution == BUILTIN_DISTRIBUTION
+    }
+    commands = []
+    with click.Context(cli.main, info_name="lever-train") as ctx:
+        for name in cli.main.list_commands(ctx):
+            command = cli.main.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            options = []
+            for param in command.params:
+                if not isinstance(param, click.Option) or param.hidden:
+                    continue
+                group = getattr(param, "lever_group", "Options")
+                if group.startswith("Plugin ") and group not in builtin:
+                    continue
+                options.append(
+                    OptionRecord(
+                        command=name,
+                        group=group,
+                        flags=tuple(param.opts) + tuple(param.secondary_opts),
+                        type=_type_name(param),
+                        default=_default(param),
+                        help=param.help or "",
+                    )
+                )
+            with click.Context(command, info_name=name, parent=ctx) as sub:
+                usage = " ".join(command.collect_usage_pieces(sub))
+            commands.append(
+                CommandRecord(name, inspect.cleandoc(command.help or ""), usage, tuple(options))
+            )
+    return commands
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _help_cell(text: str) -> str:
+    # click's help may quote flags with backticks already; bare [brackets] are kept
+    return _cell(text.replace("<", "&lt;").replace(">", "&gt;"))
+
+
+def render_options(commands: list[CommandRecord]) -> str:
+    """The options reference in Markdown: one section per command, one table per group."""
+    out: list[str] = []
+    for command in commands:
+        out += [f"## `lever-train {command.name}`", ""]
+        out += [_help_cell(command.help.partition("\n\n")[0]), ""]
+        out += ["```text", f"lever-train {command.name} {command.usage}".rstrip(), "```", ""]
+        groups: dict[str, list[OptionRecord]] = {}
+        for option in command.options:
+            groups.setdefault(option.group, []).append(option)
+        core = [g for g in groups if not g.startswith("Plugin ")]
+        plugins = sorted(g for g in groups if g.startswith("Plugin "))
+        for group in core + plugins:
+            title = f"Plugin `{group.removeprefix('Plugin ')}`" if group in plugins else group
+            out += [f"**{title}**", "", "| option | type | default | meaning |"]
+            out.append("| --- | --- | --- | --- |")
+            for option in groups[group]:
+                flags = ", ".join(f"`{f}`" for f in option.flags)
+                out.append(
+                    f"| {flags} | {option.type} | {_cell(option.default)} | "
+                    f"{_help_cell(option.help)} |"
+                )
+            out.append("")
+        if not command.options:
+            out += ["No options besides `--help`.", ""]
+    return "\n".join(out)
+
+
+_ROLE = re.compile(r":(?:class|func|data|mod|meth|attr):`~?([^`]+)`")
+
+
+def _markdown_doc(doc: str) -> str:
+    """A reStructuredText-flavoured docstring as Markdown: roles become code."""
+
+    def role(match: re.Match[str]) -> str:
+        target = match.group(1)
+        return f"`{target.rsplit('.', 1)[-1]}`"
+
+    return _ROLE.sub(role, doc).replace("``", "`")
+
+
+def render_hooks() -> str:
+    """The hooks reference: each hook's signature, kind and documentation."""
+    from lever_trainer import hookspecs
+
+    single = hookspecs.single_answer_hooks()
+    out = [
+        "| hook | kind |",
+        "| --- | --- |",
+    ]
+    names = hookspecs.all_hook_names()
+    for name in names:
+        kind = "single answer" if name in single else "broadcast"
+        out.append(f"| [`{name}`](#{name}) | {kind} |")
+    out.append("")
+    for name in names:
+        fn = getattr(hookspecs, name)
+        # annotations are strings (postponed evaluation): show them without quotes
+        params = ", ".join(
+            f"{p.name}: {p.annotation}" if p.annotation is not p.empty else p.name
+            for p in inspect.signature(fn).parameters.values()
+        )
+        returns = inspect.signature(fn).return_annotation
+        signature = f"({params}) -> {returns}"
+        kind = "single answer (`firstresult`)" if name in single else "broadcast"
+        out += [
+            f"### `{name}` {{#{name}}}",
+            "",
+            "```python",
+            f"@hookimpl\ndef {name}{signature}: ...",
+            "```",
+            "",
+            f"*{kind}*",
+            "",
+            _markdown_doc(inspect.getdoc(fn) or ""),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """MkDocs event: fill in the generated parts of a page."""
+    if OPTIONS_MARKER in markdown:
+        markdown = markdown.replace(OPTIONS_MARKER, render_options(option_records()))
+    if HOOKS_MARKER in markdown:
+        markdown = markdown.replace(HOOKS_MARKER, render_hooks())
+    return markdown
