@@ -5,7 +5,7 @@ command does) side by side with reading every query first (what it did before).
     python bench/select_memory.py --queries 2000 20000   # quicker
 
 Writes one embedding table (rows for the largest query count plus a bank of 20,000
-demonstrations, d = 64) and, per count, a query file in RL data form (SPEC 2.1:
+demonstrations, d = 64) and, per count, a query file in RL data form (docs/algorithm.md#rl-data:
 ``candidate_pool_ids`` of 64 ids and 12 logged candidates with their verdict fields, as
 a real file carries them), then measures, each in a fresh process:
 

@@ -134,6 +134,7 @@ def test_tutorial_plugins_install_list_and_train(installed: Path, tmp_path: Path
     )
     data = ["--beam-data", "demo/rl_data.json", "--img-emb", "demo/embeddings.safetensors"]
     run = [*data, "--output-dir", "runs/tutorial", "--rce-epochs", "2", "--batch-size", "8"]
+    run += ["--val-split", "last"]  # the validation queries below are the highest ids
     run += ["--plugin", "epoch-log", "--epoch-log", "epochs.jsonl", "--reward-mode", "acc_squared"]
     run += ["--judge", "parity", "--parity-batch", "7", "--no-store"]
     out = ok(lever(run, installed, tmp_path))

@@ -142,7 +142,7 @@ def test_rl_data_parses_or_refuses_in_one_line(data: bytes) -> None:
 @PROPERTY
 @given(queries=st.lists(rl_query(), min_size=1, max_size=4))
 def test_valid_rl_data_keeps_every_candidate(queries: list[dict[str, Any]]) -> None:
-    """The correct result: every query, every candidate, its reward by SPEC 3.1."""
+    """The correct result: every query, every candidate, its reward by the raw-reward formula (docs/algorithm.md#raw-rewards)."""
     doc = {str(i): q for i, q in enumerate(queries)}
     path = fresh_dir() / "rl.json"
     table, _ = check_parse(
