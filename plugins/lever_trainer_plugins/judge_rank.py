@@ -5,9 +5,12 @@ A sequence's verdict mixes the effects of all its demonstrations. To see what on
 candidate is worth on its own, the phase judges it in the slot the downstream model
 weighs most (the last) behind **anchors**: the pool items least cosine-similar to the
 query, which a sensible model ignores (for a 2-shot task, the sequence
-``[farthest item, candidate]``). Once, when the phase starts, every training query's
+``[farthest item, candidate]``). When the phase starts, every training query's
 ``--rank-candidates`` best candidates under the current policy (its scores for the last
-position) are judged that way: that many verdicts per query, no more.
+position) are judged that way: that many verdicts per query. With ``--rank-rounds R``,
+R rounds spread over the epochs each judge the then-current policy's top candidates
+that were not judged before, so the judge is asked where the policy's ranking has
+moved (at most R times that many verdicts per query).
 
 Every epoch then fits the policy to those verdicts as a ranking. For each query, the
 policy's logit of each candidate in the last position (given the anchors before it)
@@ -60,6 +63,7 @@ class JudgeRankPhase(Phase):
 
     def __init__(self) -> None:
         self.round: EpochData | None = None
+        self.rounds_done = 0
         self.anchor: dict[str, torch.Tensor] = {}
         self.calls_per_query = 0.0
 
@@ -110,51 +114,78 @@ class JudgeRankPhase(Phase):
         return torch.cat(anchors), torch.cat(tops)
 
     def judge_round(self, state: TrainState) -> EpochData:
-        """Judge ``[anchors..., candidate]`` for every top candidate of every query."""
+        """Judge ``[anchors..., candidate]`` for every top candidate of every query, and
+        add them to the candidates judged in earlier rounds (each query's group: every
+        candidate it had judged, in the order first judged)."""
         assert state.judge is not None
         table = state.train
         anchors, tops = self.candidates(state)
-        q_count, k = tops.shape
-        keep = tops >= 0
-        seqs = torch.cat(
-            [anchors.unsqueeze(1).expand(-1, k, -1), tops.clamp_min(0).unsqueeze(-1)], -1
-        )
-        ids = table.pool_ids.gather(1, seqs.flatten(1)).view(seqs.shape)
         query_ids = table.query_ids.tolist()
-        rows, cols = keep.nonzero(as_tuple=True)
-        asked_q = [query_ids[r] for r in rows.tolist()]
-        asked = [ids[r, c].tolist() for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
         pools = {
             q: p[:n]
             for q, p, n in zip(
                 query_ids, table.pool_ids.tolist(), table.pool_len.tolist(), strict=True
             )
         }
+        groups: list[dict[int, tuple[float, float]]] = [{} for _ in query_ids]
+        if self.round is not None:  # the earlier rounds' verdicts
+            old = self.round.table
+            for row, n in enumerate(old.group_len.tolist()):
+                for j in range(n):
+                    pos = int(old.sequences[row, j, -1])
+                    groups[row][pos] = (float(old.rewards_raw[row, j]), float(old.correct[row, j]))
+        asked_rows: list[int] = []
+        asked_pos: list[int] = []
+        for row, top in enumerate(tops.tolist()):
+            for pos in top:
+                if pos >= 0 and pos not in groups[row]:
+                    asked_rows.append(row)
+                    asked_pos.append(pos)
+        ids = table.pool_ids
+        asked_q = [query_ids[r] for r in asked_rows]
+        asked = [
+            [int(ids[r, a]) for a in anchors[r].tolist()] + [int(ids[r, p])]
+            for r, p in zip(asked_rows, asked_pos, strict=True)
+        ]
         before = state.judge.calls_per_query(query_ids)
         rewards, correct = state.judge.rewards(asked_q, asked, pools)
-        self.calls_per_query = state.judge.calls_per_query(query_ids) - before
-        reward_t = torch.zeros(q_count, k)
-        correct_t = torch.zeros(q_count, k)
-        if len(rows):
-            reward_t[rows, cols] = torch.tensor(rewards, dtype=reward_t.dtype)
-            correct_t[rows, cols] = torch.tensor(correct, dtype=correct_t.dtype)
+        self.calls_per_query += state.judge.calls_per_query(query_ids) - before
+        for r, p, rew, cor in zip(asked_rows, asked_pos, rewards, correct, strict=True):
+            groups[r][p] = (float(rew), float(cor))
+        width = max(max((len(g) for g in groups), default=1), 1)
+        q_count, steps = len(query_ids), anchors.shape[1] + 1
+        seqs = torch.zeros(q_count, width, steps, dtype=torch.long)
+        reward_t = torch.zeros(q_count, width)
+        correct_t = torch.zeros(q_count, width)
+        for row, group in enumerate(groups):
+            for j, (pos, (rew, cor)) in enumerate(group.items()):
+                seqs[row, j, :-1] = anchors[row]
+                seqs[row, j, -1] = pos
+                reward_t[row, j], correct_t[row, j] = rew, cor
         round_table = QueryTable(
             query_ids=table.query_ids,
             pool_ids=table.pool_ids,
             pool_len=table.pool_len,
             sequences=seqs,
-            group_len=keep.sum(1),
+            group_len=torch.tensor([len(g) for g in groups], dtype=torch.long),
             rewards_raw=reward_t,
             rewards_norm=reward_t,
             correct=correct_t,
-            cand_index=torch.arange(k).expand(q_count, -1).clone(),
+            cand_index=torch.arange(width).expand(q_count, -1).clone(),
         )
         return EpochData(round_table, None, 1)
 
     def epoch_data(self, state: TrainState, epoch: int, resumed: bool) -> EpochData:
-        """The verdicts, asked once when the phase starts and learned from every epoch."""
-        if self.round is None:
+        """The verdicts: ``--rank-rounds`` rounds spread evenly over the phase's epochs,
+        each judging the current policy's top candidates not judged before; every epoch
+        learns from all the verdicts so far."""
+        rounds = max(1, min(int(state.options["rank_rounds"]), state.epochs))
+        per_round = -(-state.epochs // rounds)
+        due = min((epoch - 1) // per_round + 1, rounds)
+        while self.rounds_done < due:
             self.round = self.judge_round(state)
+            self.rounds_done += 1
+        assert self.round is not None
         return self.round
 
     # -- the update ----------------------------------------------------------------
@@ -184,7 +215,7 @@ class JudgeRankPhase(Phase):
         }
 
     def epoch_metrics(self, state: TrainState) -> dict[str, float]:
-        """Verdicts asked per training query (once, at the phase's start)."""
+        """Verdicts asked per training query so far (all rounds)."""
         return {"judge_calls_per_query": self.calls_per_query}
 
     def state_dict(self) -> dict[str, Any]:
@@ -192,6 +223,7 @@ class JudgeRankPhase(Phase):
         out: dict[str, Any] = {
             "rank_anchor": dict(self.anchor),
             "rank_calls_per_query": self.calls_per_query,
+            "rank_rounds_done": self.rounds_done,
         }
         if self.round is not None:
             out["rank_round"] = {f: getattr(self.round.table, f) for f in TABLE_FIELDS}
@@ -203,6 +235,7 @@ class JudgeRankPhase(Phase):
         self.calls_per_query = float(saved.get("rank_calls_per_query", 0.0))
         if "rank_round" in saved:
             self.round = EpochData(QueryTable(**saved["rank_round"]), None, 1)
+        self.rounds_done = int(saved.get("rank_rounds_done", int(self.round is not None)))
 
 
 @hookimpl
@@ -223,8 +256,15 @@ def add_options() -> Sequence[Option]:
             ("--rank-candidates",),
             "int",
             16,
-            "Candidates judged per training query (each once, behind the anchors).",
+            "Top candidates judged per training query and round (behind the anchors).",
             min=2,
+        ),
+        Option(
+            ("--rank-rounds",),
+            "int",
+            1,
+            "Rounds of judging, spread over the epochs (new top candidates only).",
+            min=1,
         ),
         Option(
             ("--rank-penalty",),
