@@ -9,11 +9,14 @@ splits, embedding widths, pool sizes and judge parameters) and every seed, each 
 trains through the real command line on the task's 700 training queries:
 
 * ``default``  - the project's default offline recipe (logged sequences only);
-* ``online``   - the default recipe, then the ``online`` phase with the task's judge;
+* ``online``   - the ``judge-rank`` phase with the task's judge, from the untrained
+  policy (no RCE: chosen by ``bench/cv.py`` on the training queries);
+* ``online-grpo`` - the default recipe, then the group-relative ``online`` phase;
 * ``upstream`` - the reference algorithm's settings (``--preset upstream``);
 
-then ``lever-train evaluate`` scores every checkpoint (``best.safetensors`` where the run
-wrote one, else its last epoch) with the baselines on the task's 297 held-out test
+then ``lever-train evaluate`` scores every run's final policy (its last epoch), and its
+``best.safetensors`` (the validation choice, which may be the starting policy), with the
+baselines on the task's 297 held-out test
 queries, which no choice ever looks at: random pair (exact expectation), cosine top-2 in
 both orders and the best pair of each pool. The **best heuristic** of a task is the better
 of the two cosine orders there.
@@ -41,12 +44,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lever_trainer.checkpoint import header_metadata
 from lever_trainer.stats import bootstrap_means, interval, paired_difference
 
 #: Extra training options of each recipe, on top of the project's defaults.
 RECIPES: dict[str, list[str]] = {
     "default": [],
-    "online": ["--judge", "digits", "--plugin", "online"],
+    "online": ["--judge", "digits", "--plugin", "judge-rank", "--rce-epochs", "0"],
+    "online-grpo": ["--judge", "digits", "--plugin", "online"],
     "upstream": ["--preset", "upstream"],
 }
 TASKS = ("t0", "t1", "t2", "t3", "t4", "t5")
@@ -61,11 +66,8 @@ def lever_train(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def chosen_checkpoint(run: Path) -> Path:
-    """``best.safetensors`` when the run kept one, else its last epoch checkpoint."""
-    best = run / "best.safetensors"
-    if best.is_file():
-        return best
+def last_checkpoint(run: Path) -> Path:
+    """The run's final policy: its last epoch checkpoint."""
     return max(run.glob("*_epoch*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
 
 
@@ -78,9 +80,11 @@ def train(
     args += ["--digits-task", task, "--output-dir", str(run), "--seed", str(seed)]
     t0 = time.perf_counter()
     lever_train(*args, *RECIPES[recipe], env=env)
+    best = run / "best.safetensors"
     out: dict[str, Any] = {
+        "best": str(best) if best.is_file() else None,
         "seconds": time.perf_counter() - t0,
-        "checkpoint": str(chosen_checkpoint(run)),
+        "checkpoint": str(last_checkpoint(run)),
     }
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     calls = [h["judge_calls_per_query"] for h in history if "judge_calls_per_query" in h]
@@ -141,6 +145,7 @@ def main() -> None:
         lever_train(
             "evaluate",
             *[runs[j]["checkpoint"] for j in jobs],
+            *[runs[j]["best"] for j in jobs if runs[j]["best"]],
             "--queries", str(files["test"]),
             "--img-emb", str(files["embeddings"]),
             "--judge", "digits", "--digits-task", task,
@@ -172,6 +177,14 @@ def main() -> None:
                 ),
                 "train_seconds": statistics.mean(runs[(recipe, s)]["seconds"] for s in seeds),
             }
+            bests = [runs[(recipe, s)]["best"] for s in seeds]
+            if all(bests):
+                entry["best_checkpoint_accuracy"] = statistics.mean(
+                    sel[b]["judge_correct"] for b in bests
+                )
+                entry["best_checkpoint_is_start"] = sum(
+                    header_metadata(b).get("phase") == "start" for b in bests
+                )
             calls = [runs[(recipe, s)].get("judge_calls_per_query") for s in seeds]
             if all(c is not None for c in calls):
                 entry["judge_calls_per_query"] = statistics.mean(calls)  # type: ignore[arg-type]
@@ -200,6 +213,11 @@ def print_task(task: str, out: dict[str, Any], seeds: list[int]) -> None:
         note = f"   train {e['train_seconds']:.1f} s/seed"
         if "judge_calls_per_query" in e:
             note += f", {e['judge_calls_per_query']:.1f} judge calls per training query"
+        if "best_checkpoint_accuracy" in e:
+            note += (
+                f"; best.safetensors {e['best_checkpoint_accuracy']:.4f} (the start in "
+                f"{e['best_checkpoint_is_start']} of {len(seeds)} runs)"
+            )
         print(
             f"  {recipe:<10}{e['accuracy']:>9.4f}{spread:>17}   "
             f"{points(e['vs_best_heuristic'])}{note}"

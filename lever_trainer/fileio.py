@@ -51,19 +51,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     umask), not the ``0o600`` of a temporary file, so colleagues sharing the machine can
     read checkpoints, selections and prepared caches when the umask lets them.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _atomic_file(path) as fh:
+        fh.write(data)
 
 
 #: What :func:`output_kind` says about a path a user named for output.

@@ -495,8 +495,8 @@ def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]
 
 
 def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any]:
-    """The stored verdicts of one environment version as RL data (docs/algorithm.md#rl-data): one query per
-    judged query, one logged candidate per judged sequence.
+    """The stored verdicts of one environment version as RL data (docs/algorithm.md#rl-data):
+    one query per judged query, one logged candidate per judged sequence.
 
     A query judged with one pool gets that pool as ``candidate_pool_ids``; one judged with
     several (runs with different pools sharing the store) gets their union, in the order
