@@ -94,6 +94,11 @@ def test_judge_rank_asks_each_top_candidate_once_behind_the_farthest_item(cli, t
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ranked = [h for h in history if h.get("phase") == "judge-rank"]
     assert len(ranked) == 2 and all(h["judge_calls_per_query"] == 5 for h in ranked)
+    # a second run on the same store asks nothing new, yet counts the verdicts it used
+    again = cli(*[str(a) if a != run else str(tmp_path / "run2") for a in args])
+    assert again.exit_code == 0, again.output
+    lines = (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("judge_calls_per_query") for x in lines][-1] == 5
     emb = load_file(str(FILES["embeddings"]))["embeddings"].numpy()
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     with sqlite3.connect(store) as db:

@@ -147,9 +147,9 @@ class JudgeRankPhase(Phase):
             [int(ids[r, a]) for a in anchors[r].tolist()] + [int(ids[r, p])]
             for r, p in zip(asked_rows, asked_pos, strict=True)
         ]
-        before = state.judge.calls_per_query(query_ids)
         rewards, correct = state.judge.rewards(asked_q, asked, pools)
-        self.calls_per_query += state.judge.calls_per_query(query_ids) - before
+        # every verdict the phase learns from counts, whether the store had it or not
+        self.calls_per_query += len(asked) / max(len(query_ids), 1)
         for r, p, rew, cor in zip(asked_rows, asked_pos, rewards, correct, strict=True):
             groups[r][p] = (float(rew), float(cor))
         width = max(max((len(g) for g in groups), default=1), 1)
@@ -215,7 +215,8 @@ class JudgeRankPhase(Phase):
         }
 
     def epoch_metrics(self, state: TrainState) -> dict[str, float]:
-        """Verdicts asked per training query so far (all rounds)."""
+        """Verdicts the phase has used per training query so far (all rounds; those the
+        store already held count too)."""
         return {"judge_calls_per_query": self.calls_per_query}
 
     def state_dict(self) -> dict[str, Any]:
