@@ -52,7 +52,8 @@ RECIPES: dict[str, list[str]] = {
     "default": [],
     "online": ["--judge", "digits", "--plugin", "judge-rank", "--rce-epochs", "0"],
     "online-grpo": ["--judge", "digits", "--plugin", "online"],
-    "upstream": ["--preset", "upstream"],
+    # The preset pins the reference's --max-pool 64 (its pools' size); t5's pools hold 128.
+    "upstream": ["--preset", "upstream", "--max-pool", "128"],
 }
 TASKS = ("t0", "t1", "t2", "t3", "t4", "t5")
 HEURISTICS = ("cosine", "cosine-reversed")
