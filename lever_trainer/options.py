@@ -15,6 +15,8 @@ from typing import Any
 
 #: Value types an option may take.
 OPTION_TYPES = ("int", "float", "str", "bool", "choice", "path")
+#: What ``--resume`` may do with an option (see :attr:`Option.resume`).
+RESUME_RULES = ("", "apply", "fixed")
 #: ``commands`` of an option that decides how RL data is read and scored.
 DATA_COMMANDS = ("train", "prepare", "select", "evaluate")
 
@@ -49,6 +51,20 @@ class Option:
     #: scored (reward settings), which ``prepare``, ``select`` and ``evaluate`` need too.
     commands: tuple[str, ...] = ("train",)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The section of ``--help`` and of the options reference that lists it (plugin
+    #: options: ``Plugin NAME``, filled in by the command line).
+    group: str = ""
+    #: What ``--resume`` does with a new value: ``apply`` (it changes where or how the
+    #: run computes, not what), ``fixed`` (refused, saying ``resume_reason``), or ``""``
+    #: (a plugin's option: applied while none of the plugin's phases has started).
+    resume: str = ""
+    #: Why ``--resume`` applies or refuses it, in words.
+    resume_reason: str = ""
+    #: For ``path`` options: ``file`` or ``dir`` when only one of them is accepted.
+    path_kind: str = ""
+    #: Recorded in ``run_config.json`` (options that steer how the values are read,
+    #: ``--config`` say, are not).
+    recorded: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.flags, str):
@@ -61,6 +77,10 @@ class Option:
             raise ValueError(f"option {self.flags[0]}: a choice option needs choices")
         if not self.dest:
             object.__setattr__(self, "dest", self.flags[0].lstrip("-").replace("-", "_"))
+        if self.resume not in RESUME_RULES:
+            raise ValueError(f"option {self.flags[0]}: resume must be one of {RESUME_RULES}")
+        if self.path_kind not in ("", "file", "dir"):
+            raise ValueError(f"option {self.flags[0]}: path_kind must be file or dir")
 
     @property
     def name(self) -> str:
@@ -95,4 +115,4 @@ def flatten(options: Sequence[Option]) -> dict[str, Option]:
     return {o.dest: o for o in options}
 
 
-__all__ = ["DATA_COMMANDS", "OPTION_TYPES", "Option", "check_value", "flatten"]
+__all__ = ["DATA_COMMANDS", "OPTION_TYPES", "RESUME_RULES", "Option", "check_value", "flatten"]

@@ -1,6 +1,7 @@
 """Building policies through the ``build_policy`` hook, fresh or from a checkpoint.
 
-A policy is named (``--policy NAME``, default ``pointer``) and built by the one active
+A policy is named (``--policy NAME``, default
+:data:`~lever_trainer.coreoptions.DEFAULT_POLICY`) and built by the one active
 plugin that answers ``build_policy`` for that name. Checkpoints record the name, the
 embedding width and the policy's own options (``policy_options()``), so ``--sft-ckpt``,
 ``--resume``, ``select`` and ``convert-checkpoint`` rebuild the same module. Foreign
@@ -25,13 +26,11 @@ from .checkpoint import (
     read_metadata,
     read_state_dict,
 )
+from .coreoptions import DEFAULT_POLICY
 from .errors import LeverError, PluginError
 from .plugins import PluginSet
 from .policy import Policy
 
-#: The policy a run uses when ``--policy`` is not given (the quality task's best offline
-#: recipe; see docs/quality.md).
-DEFAULT_POLICY = "cosine-bilinear"
 #: The policy of a checkpoint that records none (foreign formats, older metadata): the
 #: reference implementation's.
 FOREIGN_POLICY = "pointer"

@@ -17,6 +17,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 LAYERS = [
     {"errors"},
     {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
+    {"coreoptions"},
     {"stats"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
@@ -35,7 +36,7 @@ LAYERS = [
 def module_name(path: Path) -> str:
     rel = path.relative_to(CORE).with_suffix("")
     parts = rel.parts
-    return parts[0] if parts[0] == "data" else ".".join(parts)
+    return parts[0] if parts[0] in ("data", "cli") else ".".join(parts)
 
 
 def layer_of(name: str) -> int:

@@ -4,12 +4,13 @@
 replaced by tables generated from the code itself, so the pages cannot drift from it:
 
 * ``<!-- generated: options -->``: every ``lever-train`` command and its options, read
-  from the click commands (core options by help group, then each built-in plugin's);
+  from the option table (core options by help group, then each built-in plugin's);
 * ``<!-- generated: hooks -->``: every hook of ``lever_trainer.hookspecs`` with its
   signature, its kind (single answer or broadcast) and its docstring.
 
-The options come from :func:`option_records`, the one function to repoint when the
-options move to a single table.
+The options come from :func:`option_records`: the option table
+(:mod:`lever_trainer.coreoptions` and the plugins' ``add_options`` records) for the
+commands that take it.
 """
 
 from __future__ import annotations
@@ -92,44 +93,113 @@ def _default(param: Any) -> str:
     return f"`{default}`"
 
 
-def option_records() -> list[CommandRecord]:
-    """Every command and its options, read from ``lever_trainer.cli``'s click group.
+def _option_type(option: Any) -> str:
+    """The type column of a table record: ``flag``, the choices, or the type and bounds."""
+    if option.type == "bool":
+        return "flag"
+    if option.type == "choice":
+        return " \\| ".join(f"`{c}`" for c in option.choices)
+    text = {"str": "text"}.get(option.type, option.type)
+    bounds = []
+    if option.min is not None:
+        bounds.append(f"{'>' if option.min_open else '≥'} {_number(option.min)}")
+    if option.max is not None:
+        bounds.append(f"{'<' if option.max_open else '≤'} {_number(option.max)}")
+    if bounds:
+        text += f" ({', '.join(bounds)})"
+    if option.multiple:
+        text += ", repeatable"
+    return text
 
-    The single source of the options reference: to document options from another
-    declaration, change this function and nothing else.
+
+def _option_default(option: Any) -> str:
+    if option.type == "bool":
+        return "on" if option.default else "off"
+    if _unset(option.default):
+        return "—"
+    return f"`{option.default}`"
+
+
+def _table_records(name: str, builtin: list[Any]) -> list[OptionRecord]:
+    """The options of a table command: the core's records, then the built-in plugins'."""
+    from lever_trainer.coreoptions import options_of
+
+    records = []
+    for option in options_of(name):
+        records.append(
+            OptionRecord(
+                name,
+                option.group,
+                option.flags,
+                _option_type(option),
+                _option_default(option),
+                option.help,
+            )
+        )
+    for info in builtin:
+        for option in info.options:
+            if name in option.commands:
+                records.append(
+                    OptionRecord(
+                        name,
+                        f"Plugin {info.name}",
+                        option.flags,
+                        _option_type(option),
+                        _option_default(option),
+                        option.help,
+                    )
+                )
+        if name != "train":
+            continue
+        for flags, what in ((info.enable_flags, "--plugin"), (info.disable_flags, "--no-plugin")):
+            for flag in flags:
+                records.append(
+                    OptionRecord(
+                        name, "Plugins", (flag,), "flag", "off", f"Same as {what} {info.name}."
+                    )
+                )
+    return records
+
+
+def option_records() -> list[CommandRecord]:
+    """Every command and its options.
+
+    The commands that take the option table (``train``, ``prepare``, ``select``,
+    ``evaluate``) are documented from the table itself (the core's records and the
+    built-in plugins' ``add_options`` records); the small commands with a few flags of
+    their own from their click declarations.
     """
     import click
 
     from lever_trainer import cli
+    from lever_trainer.coreoptions import TABLE_COMMANDS
 
-    builtin = {
-        f"Plugin {info.name}"
+    builtin = [
+        info
         for info in cli.installed_plugins()
-        if info.distribution == BUILTIN_DISTRIBUTION
-    }
+        if info.distribution == BUILTIN_DISTRIBUTION and not info.broken
+    ]
     commands = []
     with click.Context(cli.main, info_name="lever-train") as ctx:
         for name in cli.main.list_commands(ctx):
             command = cli.main.get_command(ctx, name)
             if command is None or command.hidden:
                 continue
-            options = []
-            for param in command.params:
-                if not isinstance(param, click.Option) or param.hidden:
-                    continue
-                group = getattr(param, "lever_group", "Options")
-                if group.startswith("Plugin ") and group not in builtin:
-                    continue
-                options.append(
+            if name in TABLE_COMMANDS:
+                options = _table_records(name, builtin)
+            else:
+                options = [
                     OptionRecord(
                         command=name,
-                        group=group,
+                        group=getattr(param, "lever_group", "Options"),
                         flags=tuple(param.opts) + tuple(param.secondary_opts),
                         type=_type_name(param),
                         default=_default(param),
                         help=param.help or "",
                     )
-                )
+                    for param in command.params
+                    if isinstance(param, click.Option) and not param.hidden
+                ]
             with click.Context(command, info_name=name, parent=ctx) as sub:
                 usage = " ".join(command.collect_usage_pieces(sub))
             commands.append(

@@ -1,0 +1,675 @@
+"""The core's options: one table, from which everything else about them is derived.
+
+Each core option is one :class:`~lever_trainer.options.Option` record, the same form a
+plugin's ``add_options`` hook returns: its spellings, type, default, help, the
+``lever-train`` commands that take it, what ``--resume`` may do with it and whether it
+is a path. The command line's flags (every command's), ``--print-config``, config files
+and ``LEVER_TRAIN_*`` variables, the resume rules, shell completion and the options
+reference in the docs are all generated from this table and the plugins' records.
+
+An option that means something different in two commands (``--output`` is the picks
+of ``select`` but the report of ``evaluate``) is two records with disjoint
+``commands``; within one command a ``dest`` names one record.
+
+This module imports neither torch nor click.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .options import Option
+
+#: The policy a run trains when ``--policy`` is not given (the quality task's best
+#: offline recipe; see docs/quality.md).
+DEFAULT_POLICY = "cosine-bilinear"
+
+#: The commands whose options come from the table (others take only their arguments
+#: and a few flags of their own).
+TRAIN, PREPARE, SELECT, EVALUATE = "train", "prepare", "select", "evaluate"
+TABLE_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE)
+_DATA = (TRAIN, PREPARE)
+_EMB = (TRAIN, SELECT, EVALUATE)
+_REWARDS = (TRAIN, PREPARE, EVALUATE)
+_PLUGINS = (TRAIN, PREPARE, SELECT, EVALUATE)
+_USE = (SELECT, EVALUATE)
+
+#: Reasons ``--resume`` gives when it refuses or applies an option.
+DATA_FIXED = (
+    "the run's data is fixed (a resumed run reads the same data; its fingerprint is checked)"
+)
+POLICY_FIXED = "the policy is fixed (its weights and shape are in the snapshot)"
+PLUGINS_FIXED = "the run's plugins are fixed"
+STEPS_FIXED = (
+    "it would change how the remaining steps are computed; start a new run from one "
+    "of this run's checkpoints (--sft-ckpt) to change it"
+)
+BEST_FIXED = "the best checkpoint so far was chosen by the run's own --best-metric and --best-mode"
+
+
+def _data(*flags: str, **kw: object) -> Option:
+    return _core(flags, resume="fixed", resume_reason=DATA_FIXED, **kw)
+
+
+def _policy(*flags: str, **kw: object) -> Option:
+    kw.setdefault("group", "Policy")
+    return _core(flags, resume="fixed", resume_reason=POLICY_FIXED, **kw)
+
+
+def _core(flags: Iterable[str], **kw: object) -> Option:
+    kw.setdefault("resume", "fixed")
+    return Option(flags=tuple(flags), **kw)  # type: ignore[arg-type]
+
+
+CORE_OPTIONS: tuple[Option, ...] = (
+    # ------------------------------------------------------------ configuration
+    _core(
+        ("--config",),
+        type="path",
+        path_kind="file",
+        metavar="FILE",
+        group="Configuration",
+        recorded=False,
+        resume="",
+        help="Read option values from a TOML or JSON file (a run's run_config.json works: "
+        "it repeats that run). Precedence: command line > LEVER_TRAIN_* environment > "
+        "--config > --preset > defaults.",
+    ),
+    _core(
+        ("--preset",),
+        metavar="NAME",
+        group="Configuration",
+        recorded=False,
+        resume="",
+        help="Start from a bundled configuration (`upstream`: the reference algorithm of "
+        "the project started from, every setting pinned).",
+    ),
+    _core(
+        ("--print-config",),
+        type="bool",
+        group="Configuration",
+        recorded=False,
+        resume="",
+        help="Print the resolved configuration as TOML (a valid --config file, each value "
+        "with where it came from) and exit without training.",
+    ),
+    # ------------------------------------------------------------ data
+    _data(
+        "--beam-data",
+        "--beam_data",
+        type="path",
+        path_kind="file",
+        group="Data",
+        commands=_DATA,
+        help="RL data JSON (format: docs/algorithm.md#rl-data).  [required]",
+    ),
+    _data(
+        "--queries",
+        "--beam-data",
+        "--beam_data",
+        type="path",
+        path_kind="file",
+        group="Data",
+        commands=_USE,
+        help="Queries with candidate pools: RL data JSON (with or without logged sequences), "
+        "a {query id: [pool ids]} JSON object, or JSON Lines.  [required]",
+    ),
+    _data(
+        "--max-pool",
+        "--max_pool",
+        type="int",
+        min=1,
+        metavar="N",
+        group="Data",
+        commands=(TRAIN, PREPARE, SELECT, EVALUATE),
+        help="Cut each query's pool to its first N ids (default: keep every pool whole; "
+        "refused, naming this flag, when padding to the largest pool would not fit in "
+        "memory).",
+    ),
+    _data(
+        "--keep-fallback",
+        "--no_skip_fallback_reward",
+        type="bool",
+        group="Data",
+        commands=_DATA,
+        help="Keep candidates whose evaluation fell back.",
+    ),
+    _data(
+        "--require-positive-query",
+        "--require_positive_query",
+        dest="require_positive",
+        type="bool",
+        group="Data",
+        commands=_DATA,
+        help="Keep only queries with at least one vqa_correct == 1 candidate.",
+    ),
+    _core(
+        ("--cache-dir",),
+        type="path",
+        path_kind="dir",
+        metavar="DIR",
+        group="Data",
+        commands=_DATA,
+        resume="apply",
+        resume_reason="only decides where the prepared cache lives",
+        help="Keep the prepared cache of --beam-data in DIR instead of beside the file "
+        "(for read-only or shared datasets).",
+    ),
+    _data(
+        "--gen-methods",
+        "--gen_methods",
+        metavar="LIST",
+        group="Data",
+        commands=_DATA,
+        help="Keep only candidates of these gen_method values, comma-separated (e.g. beam,sample).",
+    ),
+    _data(
+        "--reward-mode",
+        "--reward_mode",
+        default="hard_plus_soft",
+        group="Rewards",
+        commands=_REWARDS,
+        help="Raw-reward formula, from a plugin.",
+    ),
+    _data(
+        "--hard-weight",
+        "--hard_weight",
+        type="float",
+        default=1.0,
+        group="Rewards",
+        commands=_REWARDS,
+        help="wh: weight of vqa_correct.",
+    ),
+    _data(
+        "--soft-weight",
+        "--soft_weight",
+        type="float",
+        default=1.0,
+        group="Rewards",
+        commands=_REWARDS,
+        help="ws: weight of vqa_acc_score / vqa_gt_prob.",
+    ),
+    _data(
+        "--rel-weight",
+        "--rel_weight",
+        type="float",
+        default=0.1,
+        group="Rewards",
+        commands=_REWARDS,
+        help="wl: weight of vqa_rel_score.",
+    ),
+    _data(
+        "--normalize",
+        "--normalize_method",
+        default="z_score_clamp",
+        group="Rewards",
+        commands=_DATA,
+        help="Group normaliser, from a plugin.",
+    ),
+    _data(
+        "--val-ratio",
+        "--val_ratio",
+        type="float",
+        default=0.2,
+        min=0,
+        max=1,
+        max_open=True,
+        group="Data",
+        help="Share of queries kept for validation (see --val-split).",
+    ),
+    _data(
+        "--val-split",
+        type="choice",
+        choices=("random", "last"),
+        default="random",
+        group="Data",
+        help="Which queries validate: random (drawn with --split-seed) or last (the highest "
+        "query ids, the same split for every seed).",
+    ),
+    _data(
+        "--split-seed",
+        type="int",
+        min=0,
+        max=2**63 - 1,
+        metavar="N",
+        group="Data",
+        help="Seed of the random validation split (default: --seed, so each seed also "
+        "draws its own split).",
+    ),
+    _core(
+        ("--no-cache",),
+        type="bool",
+        group="Data",
+        resume="apply",
+        resume_reason="only decides whether the prepared cache is used",
+        help="Neither read nor write the prepared cache next to --beam-data.",
+    ),
+    _data(
+        "--img-emb",
+        "--img_emb",
+        type="path",
+        path_kind="file",
+        group="Data",
+        commands=_EMB,
+        help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.  [required]",
+    ),
+    _data(
+        "--cand-emb",
+        type="path",
+        path_kind="file",
+        group="Data",
+        commands=_EMB,
+        help="Separate candidate embedding table (default: --img-emb).",
+    ),
+    _data(
+        "--emb-key",
+        group="Data",
+        commands=_EMB,
+        help="Tensor name inside a multi-tensor embedding file.",
+    ),
+    # ------------------------------------------------------------ policy
+    _policy(
+        "--policy",
+        default=DEFAULT_POLICY,
+        metavar="NAME",
+        help="The policy to train, built by a plugin (see `lever-train plugins`).",
+    ),
+    _policy(
+        "--hidden-dim",
+        "--hidden_dim",
+        type="int",
+        min=1,
+        help="Policy width (default 256, or the --sft-ckpt's).",
+    ),
+    _policy(
+        "--num-layers",
+        "--num_layers",
+        type="int",
+        min=1,
+        max=64,
+        help="Cross-attention layers (default 1, or the --sft-ckpt's).",
+    ),
+    _policy(
+        "--num-heads",
+        "--num_heads",
+        type="int",
+        min=1,
+        help="Attention heads (default 1); must divide the width.",
+    ),
+    _policy(
+        "--dropout",
+        type="float",
+        min=0,
+        max=1,
+        max_open=True,
+        help="Dropout on the query state and item keys in training (default 0.5).",
+    ),
+    _policy(
+        "--attn-dropout",
+        "--attn_dropout",
+        type="float",
+        min=0,
+        max=1,
+        max_open=True,
+        help="Dropout on the attention weights in training (default 0.1).",
+    ),
+    _policy(
+        "--policy-temperature",
+        dest="temperature",
+        type="float",
+        min=0,
+        min_open=True,
+        help="Logit temperature tau_p of the pointer scores (default 0.1).",
+    ),
+    _policy(
+        "--sft-ckpt",
+        "--sft_ckpt",
+        type="path",
+        path_kind="file",
+        help="Starting checkpoint (safetensors, torch.save dict, Lightning .ckpt).",
+    ),
+    _policy(
+        "--ckpt",
+        type="path",
+        path_kind="file",
+        commands=(SELECT,),
+        help="A checkpoint of this project (or any --sft-ckpt format).  [required]",
+    ),
+    _policy(
+        "--trust-checkpoint",
+        type="bool",
+        commands=(TRAIN, SELECT, EVALUATE),
+        help="Allow a full (unsafe) pickle load of the checkpoints this command reads "
+        "(--sft-ckpt, --ckpt, evaluate's CHECKPOINTS).",
+    ),
+    _policy(
+        "--partial-load",
+        type="bool",
+        help="Start from an --sft-ckpt that lacks some of the policy's weights: those start "
+        "from the --seed initialisation (listed in the log). Not needed for a checkpoint of "
+        "another policy (its missing modules are expected).",
+    ),
+    # ------------------------------------------------------------ run
+    _core(
+        ("--output-dir", "--output_dir"),
+        type="path",
+        path_kind="dir",
+        group="Run",
+        resume_reason="a resumed run writes into its own directory",
+        help="Where checkpoints and metrics go.  [required]",
+    ),
+    _core(
+        ("--output",),
+        type="path",
+        path_kind="file",
+        group="Run",
+        commands=(SELECT,),
+        help="Where the picks go: {query id: [global ids]} JSON, or JSON Lines (*.jsonl).  "
+        "[required]",
+    ),
+    _core(
+        ("--output",),
+        type="path",
+        path_kind="file",
+        group="Run",
+        commands=(EVALUATE,),
+        help="Also write the results as JSON here.",
+    ),
+    _core(
+        ("--baselines",),
+        default="random,cosine,cosine-reversed,start,best",
+        metavar="LIST",
+        group="Run",
+        commands=(EVALUATE,),
+        help="Comma-separated: random, cosine, cosine-reversed, start (the first "
+        "checkpoint's starting policy), best; '' for none.",
+    ),
+    _core(
+        ("--shots",),
+        type="int",
+        min=1,
+        group="Run",
+        commands=(SELECT,),
+        help="Demonstrations to pick per query (default: the checkpoint's S, else 2).",
+    ),
+    _core(
+        ("--shots",),
+        type="int",
+        min=1,
+        group="Run",
+        commands=(EVALUATE,),
+        help="Demonstrations per query (default: the data's S, else the checkpoint's).",
+    ),
+    _core(
+        ("--scores",),
+        type="bool",
+        group="Run",
+        commands=(SELECT,),
+        help="Also write each pick's probability at its step.",
+    ),
+    _core(
+        ("--overwrite",),
+        type="bool",
+        group="Run",
+        resume_reason="it would remove the run being resumed",
+        help="Remove the files of a previous run in --output-dir (checkpoints, metrics, "
+        "snapshot, run_config.json; nothing else) before this run writes.",
+    ),
+    _core(
+        ("--batch-size", "--batch_size"),
+        type="int",
+        min=1,
+        default=32,
+        group="Run",
+        resume_reason=STEPS_FIXED,
+        help="Queries per optimiser step.",
+    ),
+    _core(
+        ("--batch-size",),
+        type="int",
+        min=1,
+        default=512,
+        group="Run",
+        commands=_USE,
+        help="Queries per forward pass.",
+    ),
+    _core(
+        ("--weight-decay", "--weight_decay"),
+        type="float",
+        min=0,
+        default=0.01,
+        group="Run",
+        resume_reason=STEPS_FIXED,
+        help="AdamW weight decay of every phase.",
+    ),
+    _core(
+        ("--grad-clip", "--grad_clip"),
+        type="float",
+        min=0,
+        min_open=True,
+        default=1.0,
+        group="Run",
+        resume_reason=STEPS_FIXED,
+        help="Gradient-norm clip of every step.",
+    ),
+    _core(
+        ("--seed",),
+        type="int",
+        min=0,
+        max=2**63 - 1,
+        default=42,
+        group="Run",
+        resume_reason=STEPS_FIXED,
+        help="Seed of the initialisation, dropout, the query order, sampling, and the "
+        "random validation split (unless --split-seed).",
+    ),
+    _core(
+        ("--device",),
+        default="auto",
+        group="Run",
+        commands=(TRAIN, SELECT, EVALUATE),
+        resume="apply",
+        resume_reason="runs on the new device",
+        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; asking for CUDA "
+        "without it is an error.",
+    ),
+    _core(
+        ("--log-every",),
+        type="int",
+        min=1,
+        default=10,
+        metavar="N",
+        group="Run",
+        help="Log the step values (steps.jsonl, trackers) every N optimiser steps, and at "
+        "the last step of every epoch.",
+    ),
+    _core(
+        ("--deterministic",),
+        type="bool",
+        group="Run",
+        resume="apply",
+        resume_reason="applies from now on",
+        help="Deterministic algorithms only (also on CUDA); slower on GPU.",
+    ),
+    _core(
+        ("--max-bad-steps",),
+        type="int",
+        min=1,
+        default=10,
+        group="Run",
+        resume="apply",
+        resume_reason="applies from now on",
+        help="Stop after this many consecutive steps with a non-finite loss or gradient.",
+    ),
+    _core(
+        ("--keep-last",),
+        type="int",
+        min=1,
+        group="Run",
+        resume="apply",
+        resume_reason="applies to the checkpoints written from now on",
+        help="Keep only the newest N epoch checkpoints (default: all).",
+    ),
+    _core(
+        ("--best-metric",),
+        metavar="NAME",
+        group="Run",
+        resume_reason=BEST_FIXED,
+        help="The metric that chooses best.safetensors among the starting policy and the "
+        "epochs (default: judge_correct@greedy with --judge, else policy_reward@1).",
+    ),
+    _core(
+        ("--best-mode",),
+        type="choice",
+        choices=("max", "min"),
+        default="max",
+        group="Run",
+        resume_reason=BEST_FIXED,
+        help="Whether a larger or smaller --best-metric is better.",
+    ),
+    _core(
+        ("--best-rule",),
+        type="choice",
+        choices=("paired", "value"),
+        default="paired",
+        group="Run",
+        resume_reason=BEST_FIXED,
+        help="paired: an epoch becomes best.safetensors only when it beats the best so far "
+        "beyond the noise (paired 95 % interval over the validation queries); value: "
+        "whenever its --best-metric value is better.",
+    ),
+    _core(
+        ("--resume",),
+        type="path",
+        path_kind="dir",
+        metavar="RUN_DIR",
+        group="Run",
+        resume="",
+        help="Continue the run in RUN_DIR from its newest snapshot, with its options; more "
+        "epochs (e.g. --rce-epochs 8) extend it, and other options are applied where sound "
+        "or refused.",
+    ),
+    # ------------------------------------------------------------ judge
+    _core(
+        ("--judge",),
+        metavar="NAME",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        help="Downstream judge (an environment plugin): validation then also judges "
+        "the policy's free greedy selection; online phases use it.",
+    ),
+    _core(
+        ("--store",),
+        type="path",
+        path_kind="file",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        help="SQLite verdict store shared by runs (default: "
+        "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
+    ),
+    _core(
+        ("--no-store",),
+        type="bool",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        help="Keep verdicts in memory only.",
+    ),
+    _core(
+        ("--judge-timeout",),
+        type="float",
+        min=0,
+        default=0.0,
+        metavar="SECONDS",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="applies to the judge's calls from now on",
+        help="Fail the run (with a snapshot to resume from) when one call to the judge "
+        "takes longer; 0: no limit. A stop signal ends the wait at once either way.",
+    ),
+    # ------------------------------------------------------------ plugins
+    _core(
+        ("--plugin",),
+        dest="plugins_on",
+        multiple=True,
+        metavar="NAME",
+        group="Plugins",
+        commands=_PLUGINS,
+        resume_reason=PLUGINS_FIXED,
+        help="Enable an installed plugin (repeatable).",
+    ),
+    _core(
+        ("--no-plugin",),
+        dest="plugins_off",
+        multiple=True,
+        metavar="NAME",
+        group="Plugins",
+        commands=_PLUGINS,
+        resume_reason=PLUGINS_FIXED,
+        help="Disable a plugin that is on by default (repeatable).",
+    ),
+    _core(
+        ("--rce_use_raw_reward",),
+        type="bool",
+        group="Plugins",
+        resume_reason=PLUGINS_FIXED,
+        help="Same as --plugin raw-reward.",
+    ),
+    _core(
+        ("--rce_use_normalized_reward",),
+        type="bool",
+        group="Plugins",
+        resume_reason=PLUGINS_FIXED,
+        help="Same as --plugin normalized-reward.",
+    ),
+    _core(
+        ("--freeze_backbone_in_grpo",),
+        type="bool",
+        group="Plugins",
+        resume_reason=PLUGINS_FIXED,
+        help="Same as --plugin freeze-backbone.",
+    ),
+)
+
+
+def options_of(command: str, table: Iterable[Option] = CORE_OPTIONS) -> list[Option]:
+    """The records ``command`` takes, in table order."""
+    return [o for o in table if command in o.commands]
+
+
+def by_dest(command: str = TRAIN) -> dict[str, Option]:
+    """``{dest: record}`` of ``command``'s core options."""
+    return {o.dest: o for o in options_of(command)}
+
+
+def defaults(command: str = TRAIN) -> dict[str, object]:
+    """``{dest: default}`` of ``command``'s core options."""
+    return {o.dest: (() if o.multiple else o.default) for o in options_of(command)}
+
+
+def path_dests(options: Iterable[Option]) -> set[str]:
+    """The dests of ``options`` whose values are file or folder paths."""
+    return {o.dest for o in options if o.type == "path"}
+
+
+def control_dests(command: str = TRAIN) -> tuple[str, ...]:
+    """Options that steer how values are read (never recorded, never in a config)."""
+    return tuple(o.dest for o in options_of(command) if not o.recorded)
+
+
+def resume_rules(command: str = TRAIN) -> Mapping[str, Option]:
+    """``{dest: record}`` of the core options ``--resume`` applies or refuses."""
+    return {o.dest: o for o in options_of(command) if o.resume}
+
+
+__all__ = [
+    "CORE_OPTIONS",
+    "DEFAULT_POLICY",
+    "TABLE_COMMANDS",
+    "by_dest",
+    "control_dests",
+    "defaults",
+    "options_of",
+    "path_dests",
+    "resume_rules",
+]
