@@ -14,7 +14,10 @@ with ``--resume`` that differs from the recorded value is
   plugins, the seed, batch size and optimiser settings, the options of a phase that
   has started, ...).
 
-Nothing is dropped silently; an option given with its recorded value is accepted.
+Nothing is dropped silently; an option given with its recorded value is accepted. Each
+core option's rule and reason are its record's ``resume`` and ``resume_reason`` in the
+option table (:mod:`lever_trainer.coreoptions`); a plugin's option may declare its own
+(``resume="apply"`` or ``"fixed"``), and otherwise follows the rules above.
 """
 
 from __future__ import annotations
@@ -25,90 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from .coreoptions import DATA_FIXED, POLICY_FIXED, TRAIN, options_of, path_dests, resume_rules
 from .errors import LeverError
-from .options import DATA_COMMANDS
+from .options import DATA_COMMANDS, Option
 from .phase import Phase
 from .plugins import PluginSet
 from .state import TrainConfig, TrainState
 from .trainer import remaining_phases
 
-#: Core options a resumed run applies as given: they change where or how fast the run
-#: computes, or what it keeps, not what it computes.
-APPLIED = {
-    "device": "runs on the new device",
-    "keep_last": "applies to the checkpoints written from now on",
-    "max_bad_steps": "applies from now on",
-    "deterministic": "applies from now on",
-    "no_cache": "only decides whether the prepared cache is used",
-    "cache_dir": "only decides where the prepared cache lives",
-    "judge_timeout": "applies to the judge's calls from now on",
-}
-#: Core options a resumed run keeps as recorded, by the reason why.
-_FIXED_GROUPS: dict[str, tuple[str, ...]] = {
-    "the run's data is fixed (a resumed run reads the same data; its fingerprint is checked)": (
-        "beam_data",
-        "img_emb",
-        "cand_emb",
-        "emb_key",
-        "max_pool",
-        "keep_fallback",
-        "require_positive",
-        "gen_methods",
-        "reward_mode",
-        "hard_weight",
-        "soft_weight",
-        "rel_weight",
-        "normalize",
-        "val_ratio",
-        "val_split",
-        "split_seed",
-    ),
-    "the policy is fixed (its weights and shape are in the snapshot)": (
-        "policy",
-        "hidden_dim",
-        "num_layers",
-        "num_heads",
-        "dropout",
-        "attn_dropout",
-        "temperature",
-        "sft_ckpt",
-        "trust_checkpoint",
-        "partial_load",
-    ),
-    "the run's plugins are fixed": (
-        "plugins_on",
-        "plugins_off",
-        "rce_use_raw_reward",
-        "rce_use_normalized_reward",
-        "freeze_backbone_in_grpo",
-    ),
-    "it would change how the remaining steps are computed; start a new run from one "
-    "of this run's checkpoints (--sft-ckpt) to change it": (
-        "seed",
-        "batch_size",
-        "weight_decay",
-        "grad_clip",
-    ),
-    "the best checkpoint so far was chosen by the run's own --best-metric and --best-mode": (
-        "best_metric",
-        "best_mode",
-        "best_rule",
-    ),
-    "a resumed run writes into its own directory": ("output_dir",),
-    "it would remove the run being resumed": ("overwrite",),
-}
-FIXED = {dest: reason for reason, dests in _FIXED_GROUPS.items() for dest in dests}
+#: What ``--resume`` does with each core option, from the option table: applied as
+#: given (it changes where or how fast the run computes, or what it keeps, not what it
+#: computes) or kept as recorded, each with the reason said to the user.
+_RULES = resume_rules(TRAIN)
+APPLIED = {dest: o.resume_reason for dest, o in _RULES.items() if o.resume == "apply"}
+FIXED = {dest: o.resume_reason for dest, o in _RULES.items() if o.resume == "fixed"}
 #: The core options that hold file or folder paths: recorded absolute in
 #: ``run_config.json``, and equal on ``--resume`` when they name the same file.
-PATH_OPTIONS = (
-    "beam_data",
-    "img_emb",
-    "cand_emb",
-    "sft_ckpt",
-    "output_dir",
-    "cache_dir",
-    "resume",
-)
+PATH_OPTIONS = tuple(sorted(path_dests(options_of(TRAIN))))
 
 
 def path_options(plugins: PluginSet) -> set[str]:
@@ -197,59 +133,86 @@ def plan_resume(
             f"--resume: the snapshot stopped in phase {snap['phase']!r}, which this run does "
             f"not have (its phases: {', '.join(names) or 'none'})"
         )
-    at = names.index(snap["phase"]) if snap["phase"] in names else len(names)
-    started = set(names[: at + 1])
-    epoch_options = {p.epochs_option: p for p in phases if p.epochs_option}
-    owners = phase_plugins(plugins)
-    plugin_options = plugins.options()
-    paths = path_options(plugins)
+    at = names.index(snap["phase"])
+    rules = _Rules(plugins, phases, set(names[: at + 1]))
     if now.get("overwrite") and "overwrite" in given:
         raise LeverError(f"--resume: cannot use {given['overwrite']}: {FIXED['overwrite']}")
     for dest, flag in given.items():
         if dest == "resume" or dest not in now:
             continue
         old, new = recorded.get(dest), now[dest]
-        if same_value(dest, old, new, paths):
+        if same_value(dest, old, new, rules.paths):
             continue
         shown = f"{flag} {new}" if not isinstance(new, bool) else flag
-        if dest in epoch_options:
-            phase = epoch_options[dest]
-            _check_epochs(phase, names, at, snap, flag, old, new)
+        if dest in rules.epoch_options:
+            _check_epochs(rules.epoch_options[dest], names, at, snap, flag, old, new)
             plan.extended = plan.extended or new > (old or 0)
-        elif dest in APPLIED:
-            pass
-        elif dest in FIXED:
-            raise LeverError(f"--resume: cannot change {shown}: {FIXED[dest]}")
-        elif dest in plugin_options:
-            plugin, option = plugin_options[dest]
-            own_phases = [name for name, owner in owners.items() if owner == plugin]
-            if set(option.commands) & (set(DATA_COMMANDS) - {"train"}):
-                raise LeverError(
-                    f"--resume: cannot change {shown}: {FIXED['beam_data']} (an option of "
-                    f"plugin {plugin} that shapes the data)"
-                )
-            info = next((p for p in plugins.active if p.name == plugin), None)
-            if info is not None and getattr(info.obj, "POLICIES", None):
-                raise LeverError(
-                    f"--resume: cannot change {shown}: {FIXED['policy']} (an option of "
-                    f"plugin {plugin}, which builds policies)"
-                )
-            if not own_phases:
-                raise LeverError(
-                    f"--resume: cannot change {shown}: an option of plugin {plugin}, which "
-                    "shapes how the run trains, stays as the run started it"
-                )
-            begun = [n for n in own_phases if n in started]
-            if begun:
-                raise LeverError(
-                    f"--resume: cannot change {shown}: phase {begun[0]} has started; its "
-                    "options stay as the run started it"
-                )
         else:
-            raise LeverError(f"--resume: cannot change {shown} when resuming a run")
+            rules.check(dest, shown)
         options[dest] = new
         plan.changed[dest] = (old, new)
         plan.lines.append(f"resume: {flag} {_show(old)} -> {_show(new)}")
+    _finish(plan, plugins, phases, snap, run_dir)
+    return plan
+
+
+class _Rules:
+    """Whether a changed option other than a phase's epochs may change on ``--resume``."""
+
+    def __init__(self, plugins: PluginSet, phases: Sequence[Phase], started: set[str]) -> None:
+        self.plugins, self.started = plugins, started
+        self.epoch_options = {p.epochs_option: p for p in phases if p.epochs_option}
+        self.owners = phase_plugins(plugins)
+        self.plugin_options = plugins.options()
+        self.paths = path_options(plugins)
+
+    def check(self, dest: str, shown: str) -> None:
+        """Raise a :class:`LeverError` naming ``shown`` and why, when ``dest`` may not change."""
+        if dest in APPLIED:
+            return
+        if dest in FIXED:
+            why = f": {FIXED[dest]}" if FIXED[dest] else " when resuming a run"
+            raise LeverError(f"--resume: cannot change {shown}{why}")
+        if dest not in self.plugin_options:
+            raise LeverError(f"--resume: cannot change {shown} when resuming a run")
+        plugin, option = self.plugin_options[dest]
+        problem = self.plugin_rule(plugin, option)
+        if problem is not None:
+            raise LeverError(f"--resume: cannot change {shown}: {problem}")
+
+    def plugin_rule(self, plugin: str, option: Option) -> str | None:
+        """Why a plugin's option may not change (None when it may): options that shape
+        the data or the policy never do; a phase's, until that phase starts."""
+        if option.resume == "apply":
+            return None
+        if option.resume == "fixed":
+            return option.resume_reason or "it stays as the run started it"
+        if set(option.commands) & (set(DATA_COMMANDS) - {"train"}):
+            return f"{DATA_FIXED} (an option of plugin {plugin} that shapes the data)"
+        info = next((p for p in self.plugins.active if p.name == plugin), None)
+        if info is not None and getattr(info.obj, "POLICIES", None):
+            return f"{POLICY_FIXED} (an option of plugin {plugin}, which builds policies)"
+        own_phases = [name for name, owner in self.owners.items() if owner == plugin]
+        if not own_phases:
+            return (
+                f"an option of plugin {plugin}, which shapes how the run trains, stays as "
+                "the run started it"
+            )
+        begun = [n for n in own_phases if n in self.started]
+        if begun:
+            return f"phase {begun[0]} has started; its options stay as the run started it"
+        return None
+
+
+def _finish(
+    plan: ResumePlan,
+    plugins: PluginSet,
+    phases: Sequence[Phase],
+    snap: Mapping[str, Any],
+    run_dir: Path,
+) -> None:
+    """Whether the resumed run has anything left to do (``plan.complete`` says when not)."""
+    options = plan.options
     state = options_state(options, plugins, phases)
     stop = snap.get("stop_request")
     if stop is not None and plan.extended:
@@ -264,11 +227,11 @@ def plan_resume(
             f"the run in {run_dir} was stopped early by {who} ({stop[0]}); nothing to "
             "resume (give more epochs to continue it anyway)"
         )
-        return plan
+        return
     try:
         left = remaining_phases(list(phases), state, dict(snap))
     except (AttributeError, TypeError):  # a phase that needs the data to say its epochs
-        return plan
+        return
     if not left:
         done = ", ".join(f"{p.name} {p.epochs(state)}" for p in phases)
         flags = _epoch_flags(plugins, phases)
@@ -277,7 +240,6 @@ def plan_resume(
             f"the run in {run_dir} is complete (epochs: {done}); nothing to resume "
             f"(to train more: lever-train --resume {run_dir}{hint})"
         )
-    return plan
 
 
 def _epoch_flags(plugins: PluginSet, phases: Sequence[Phase]) -> list[tuple[str, str]]:

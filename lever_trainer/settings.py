@@ -27,12 +27,13 @@ import click
 from click.core import ParameterSource
 
 from .config import ConfigLayer, OptionNames, load_config, load_preset, merge_lists, to_toml
+from .coreoptions import control_dests
 from .errors import LeverError
 
 #: Prefix of the environment variables that set ``train`` options.
 ENV_PREFIX = "LEVER_TRAIN"
 #: Options that steer the resolution itself; never recorded, never in a config.
-CONTROL_OPTIONS = ("config", "preset", "print_config")
+CONTROL_OPTIONS = control_dests()
 
 _META = "lever_trainer.settings"
 

@@ -129,3 +129,26 @@ def test_every_core_record_becomes_a_flag_of_its_commands(command: str) -> None:
         assert param.help == option.help
         assert param.multiple == option.multiple
         assert param.is_flag == (option.type == "bool")
+
+
+def test_resume_rules_are_the_tables() -> None:
+    """Each core option of train is applied or refused on --resume as its record says,
+    with the record's reason in the message."""
+    from lever_trainer.coreoptions import options_of
+    from lever_trainer.errors import LeverError
+    from lever_trainer.plugins import load_plugins
+    from lever_trainer.resuming import _Rules
+
+    plugins = load_plugins([], [])
+    rules = _Rules(plugins, [], set())
+    checked = 0
+    for option in options_of("train"):
+        if option.resume == "apply":
+            rules.check(option.dest, option.name)  # no error
+        elif option.resume == "fixed":
+            with pytest.raises(LeverError) as caught:
+                rules.check(option.dest, option.name)
+            assert f"cannot change {option.name}" in str(caught.value)
+            assert option.resume_reason in str(caught.value)
+        checked += 1
+    assert checked == len(options_of("train"))
