@@ -9,6 +9,10 @@ keyed on the installed entry points (names, distributions, versions and the
 modification times of the plugin modules), so installing, removing or editing a plugin
 makes it stale; a stale or missing cache completes the core options only, until the
 next command refreshes it.
+
+The commands read the cache too: when it matches the installed plugins, ``lever-train
+train`` builds its plugin flags from it, so a mistyped option value, an unknown plugin
+or a missing file is reported before any plugin (or torch) is imported.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,19 @@ from . import entrypoints
 from .options import Option
 
 CACHE_FILE = "plugin-options.json"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What one installed plugin adds to the command line: its options and the alias
+    flags that mean ``--plugin NAME`` / ``--no-plugin NAME``."""
+
+    plugin: str
+    options: tuple[Option, ...]
+    enable_flags: tuple[str, ...] = ()
+    disable_flags: tuple[str, ...] = ()
+    #: Why naming this plugin with ``--plugin`` is refused (it is broken); None if not.
+    refusal: str | None = None
 
 
 def cache_path() -> Path:
@@ -46,7 +63,9 @@ def fingerprint() -> str:
         ep = item.entry_point
         name, version = item.distribution or "", item.version or ""
         parts.append(f"{ep.name}={ep.value} {name} {version} {_mtime(ep.module)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    # the same distribution seen twice on sys.path (run from its source folder, say)
+    # is one plugin, as discovery counts it
+    return hashlib.sha256("\n".join(sorted(set(parts))).encode()).hexdigest()
 
 
 def _mtime(module: str) -> str:
@@ -62,12 +81,43 @@ def _mtime(module: str) -> str:
         return "?"
 
 
+def _refusal(info: Any) -> str | None:
+    """The error that activating the plugin ``info`` (``PluginInfo``) by name gives."""
+    from .errors import LeverError
+    from .plugins import select_active
+
+    try:
+        select_active([info], [info.name], [])
+    except LeverError as exc:
+        return str(exc)
+    return None
+
+
+def declared(plugins: Sequence[Any]) -> list[Declared]:
+    """The :class:`Declared` of each plugin (``PluginInfo``) that adds flags, and of each
+    broken one (with the error naming it gives)."""
+    out = []
+    for p in plugins:
+        if p.broken:
+            out.append(Declared(p.name, (), refusal=_refusal(p) or p.error))
+        elif p.options or p.enable_flags or p.disable_flags:
+            out.append(
+                Declared(p.name, tuple(p.options), tuple(p.enable_flags), tuple(p.disable_flags))
+            )
+    return out
+
+
 def save(plugins: Sequence[Any]) -> None:
-    """Record the options of the discovered ``plugins`` (``PluginInfo``); best effort."""
+    """Record what the discovered ``plugins`` (``PluginInfo``) add; best effort."""
     entries = [
-        {"plugin": p.name, "options": [asdict(o) for o in p.options]}
-        for p in plugins
-        if not p.broken and p.options
+        {
+            "plugin": d.plugin,
+            "options": [asdict(o) for o in d.options],
+            "enable_flags": list(d.enable_flags),
+            "disable_flags": list(d.disable_flags),
+            "refusal": d.refusal,
+        }
+        for d in declared(plugins)
     ]
     path = cache_path()
     try:
@@ -83,12 +133,13 @@ def save(plugins: Sequence[Any]) -> None:
         pass  # completion then knows the core options only
 
 
-def load() -> list[tuple[str, list[Option]]]:
-    """``(plugin, options)`` from a cache that matches the installed plugins, else []."""
+def load() -> list[Declared] | None:
+    """What the installed plugins add, from a cache that matches them; None when the
+    cache is missing, unreadable or stale."""
     try:
         record = json.loads(cache_path().read_text())
         if record.get("fingerprint") != fingerprint():
-            return []
+            return None
         out = []
         for entry in record["plugins"]:
             options = []
@@ -96,10 +147,18 @@ def load() -> list[tuple[str, list[Option]]]:
                 for key in ("flags", "choices", "commands"):
                     fields[key] = tuple(fields[key])
                 options.append(Option(**fields))
-            out.append((str(entry["plugin"]), options))
+            out.append(
+                Declared(
+                    str(entry["plugin"]),
+                    tuple(options),
+                    tuple(entry.get("enable_flags") or ()),
+                    tuple(entry.get("disable_flags") or ()),
+                    entry.get("refusal"),
+                )
+            )
         return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
+        return None
 
 
-__all__ = ["cache_path", "fingerprint", "load", "save"]
+__all__ = ["Declared", "cache_path", "declared", "fingerprint", "load", "save"]

@@ -33,6 +33,8 @@ _EMB = (TRAIN, SELECT, EVALUATE)
 _REWARDS = (TRAIN, PREPARE, EVALUATE)
 _PLUGINS = (TRAIN, PREPARE, SELECT, EVALUATE)
 _USE = (SELECT, EVALUATE)
+#: The help group of the options that steer how values are read.
+CONFIGURATION = "Configuration"
 
 #: Reasons ``--resume`` gives when it refuses or applies an option.
 DATA_FIXED = (
@@ -69,7 +71,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
         path_kind="file",
         metavar="FILE",
         group="Configuration",
-        recorded=False,
         resume="",
         help="Read option values from a TOML or JSON file (a run's run_config.json works: "
         "it repeats that run). Precedence: command line > LEVER_TRAIN_* environment > "
@@ -79,7 +80,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
         ("--preset",),
         metavar="NAME",
         group="Configuration",
-        recorded=False,
         resume="",
         help="Start from a bundled configuration (`upstream`: the reference algorithm of "
         "the project started from, every setting pinned).",
@@ -653,8 +653,9 @@ def path_dests(options: Iterable[Option]) -> set[str]:
 
 
 def control_dests(command: str = TRAIN) -> tuple[str, ...]:
-    """Options that steer how values are read (never recorded, never in a config)."""
-    return tuple(o.dest for o in options_of(command) if not o.recorded)
+    """Options that steer how the values are read (the ``Configuration`` group): never
+    counted as given, never in a config."""
+    return tuple(o.dest for o in options_of(command) if o.group == CONFIGURATION)
 
 
 def resume_rules(command: str = TRAIN) -> Mapping[str, Option]:

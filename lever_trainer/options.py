@@ -62,8 +62,7 @@ class Option:
     resume_reason: str = ""
     #: For ``path`` options: ``file`` or ``dir`` when only one of them is accepted.
     path_kind: str = ""
-    #: Recorded in ``run_config.json`` (options that steer how the values are read,
-    #: ``--config`` say, are not).
+    #: Recorded in ``run_config.json`` (``--print-config``, which only prints, is not).
     recorded: bool = True
 
     def __post_init__(self) -> None:

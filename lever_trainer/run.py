@@ -1,8 +1,8 @@
-"""Assembling a run: plugins, device, data, embeddings, policy, output directory, run_config.
+"""Starting a run: plugins, device, data, embeddings, policy, output directory, run_config.
 
-Everything a training run needs is built here, once, from the parsed options (a flat
-``{dest: value}`` dict, the core's and every plugin's) and the set of options the user
-gave explicitly; the command line only parses and reports.
+A run is planned first (:mod:`lever_trainer.plan`: settings in, a description of the run
+out, no torch), then started here: :func:`start` builds everything the plan describes,
+once, and hands back the trainer; the command line only parses and reports.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from . import __version__, snapshot
 from .checkpoint import checkpoint_name
 from .data import (
     DataOptions,
+    Embeddings,
     LoadReport,
     QueryTable,
     check_ids_in_range,
@@ -37,23 +38,17 @@ from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .options import check_value
+from .plan import RunPlan, Settings, plan_run, plugin_choices, recorded_settings
+from .plan import split_seed as settings_split_seed
 from .plugins import PluginSet, load_plugins
-from .policies import DEFAULT_POLICY, build_policy, start_policy
-from .policy import TrunkConfig
+from .policies import build_policy, start_policy
+from .policy import Policy
 from .resuming import ResumePlan, path_options, plan_resume
 from .rewards import RewardParams, clip_reward, registry_from_plugins
 from .rundir import RunLock, check_output_dir, clear_previous_run, occupied_error, run_files
 from .state import TrainConfig
 from .trainer import Trainer, collect_phases
 
-#: Seed-script flags that stand for a plugin choice.
-ALIAS_FLAGS = {
-    "rce_use_raw_reward": ("--rce_use_raw_reward", "raw-reward"),
-    "rce_use_normalized_reward": ("--rce_use_normalized_reward", "normalized-reward"),
-    "freeze_backbone_in_grpo": ("--freeze_backbone_in_grpo", "freeze-backbone"),
-}
-#: The trunk's options (core flags), which every policy may read.
-POLICY_OPTIONS = tuple(n for n in TrunkConfig.field_names() if n != "input_dim")
 #: File name of a run's configuration in its output directory.
 RUN_CONFIG = "run_config.json"
 
@@ -62,35 +57,20 @@ Echo = Callable[[str], None]
 OptionCheck = Callable[[str, Any], "str | None"]
 
 
-def plugin_choices(enable: Iterable[str], aliases: Mapping[str, Any]) -> list[str]:
-    """--plugin names plus those implied by the seed script's flags."""
-    names = list(enable)
-    on = [flag for key, (flag, _) in ALIAS_FLAGS.items() if aliases.get(key)]
-    if "--rce_use_raw_reward" in on and "--rce_use_normalized_reward" in on:
-        raise LeverError(
-            "--rce_use_raw_reward and --rce_use_normalized_reward both choose "
-            "the RCE reward (raw and normalized); give only one"
-        )
-    for key, (_, plugin) in ALIAS_FLAGS.items():
-        if aliases.get(key) and plugin not in names:
-            names.append(plugin)
-    if "raw-reward" in names and "normalized-reward" in names:
-        raise LeverError(
-            "--plugin raw-reward and --plugin normalized-reward both choose "
-            "the RCE reward; give only one"
-        )
-    return names
-
-
-def activate_plugins(opts: Mapping[str, Any], given: Mapping[str, str], warn: Echo) -> PluginSet:
-    """The run's plugins; an explicitly given option of an inactive plugin is an error."""
+def activate_plugins(
+    settings: Settings, given: Mapping[str, str], warn: Echo, enable: Iterable[str] | None = None
+) -> PluginSet:
+    """The run's plugins (``enable``: the plan's choice, else ``--plugin`` and the alias
+    flags); an explicitly given option of an inactive plugin is an error."""
     from .plugins import alias_choices, discover
 
     installed = discover()
-    alias_on, alias_off = alias_choices(installed, opts)
-    enable = plugin_choices([*(opts.get("plugins_on") or ()), *alias_on], opts)
-    disable = [*(opts.get("plugins_off") or ()), *alias_off]
-    plugins = load_plugins(list(dict.fromkeys(enable)), list(dict.fromkeys(disable)), warn=warn)
+    alias_on, alias_off = alias_choices(installed, settings.plugin_values)
+    chosen = plugin_choices(settings.plugins_on, settings) if enable is None else list(enable)
+    disable = [*settings.plugins_off, *alias_off]
+    plugins = load_plugins(
+        list(dict.fromkeys([*chosen, *alias_on])), list(dict.fromkeys(disable)), warn=warn
+    )
     active = plugins.options()
     # the declaring plugin, to say which one to enable
     owners = {o.dest: p.name for p in installed for o in p.options}
@@ -133,53 +113,50 @@ def resolve_device(name: str, warn: Echo) -> str:
     return str(device)
 
 
-def make_data_options(opts: Mapping[str, Any], plugins: PluginSet) -> DataOptions:
-    """DataOptions from parsed options; the reward settings carry the option values of
-    the plugins that provide the chosen reward mode and normaliser."""
-    methods = None
-    if opts.get("gen_methods") is not None:
-        methods = frozenset(m.strip() for m in opts["gen_methods"].split(",") if m.strip())
-        if not methods:
-            raise LeverError("--gen-methods: expected a comma-separated list such as beam,sample")
+def make_data_options(settings: Settings, plugins: PluginSet) -> DataOptions:
+    """DataOptions from the settings; the reward settings carry the option values of the
+    plugins that provide the chosen reward mode and normaliser."""
+    from .plan import gen_methods
+
     registry = registry_from_plugins(plugins)
     providers = {
-        registry.providers.get(f"mode:{opts['reward_mode']}"),
-        registry.providers.get(f"normalizer:{opts['normalize']}"),
+        registry.providers.get(f"mode:{settings.reward_mode}"),
+        registry.providers.get(f"normalizer:{settings.normalize}"),
     }
     plugin_opts = {
-        dest: opts.get(dest, option.default)
+        dest: settings.plugin_values.get(dest, option.default)
         for dest, (plugin, option) in plugins.options().items()
         if plugin in providers
     }
     params = RewardParams(
-        hard=opts["hard_weight"],
-        soft=opts["soft_weight"],
-        rel=opts["rel_weight"],
+        hard=settings.hard_weight,
+        soft=settings.soft_weight,
+        rel=settings.rel_weight,
         options=plugin_opts,
     )
     return DataOptions(
-        max_pool=opts["max_pool"],
-        keep_fallback=opts["keep_fallback"],
-        gen_methods=methods,
-        require_positive=opts["require_positive"],
-        val_ratio=opts.get("val_ratio", 0.2),
-        reward_mode=opts["reward_mode"],
+        max_pool=settings.max_pool,
+        keep_fallback=settings.keep_fallback,
+        gen_methods=gen_methods(settings),
+        require_positive=settings.require_positive,
+        val_ratio=settings.val_ratio,
+        reward_mode=settings.reward_mode,
         reward_params=params,
-        normalize=opts["normalize"],
+        normalize=settings.normalize,
     )
 
 
 def load_data(
-    opts: Mapping[str, Any], plugins: PluginSet, echo: Echo, warn: Echo
+    settings: Settings, plugins: PluginSet, echo: Echo, warn: Echo
 ) -> tuple[QueryTable, LoadReport]:
-    """Load --beam-data with the plugins' reward modes, normalisers and readers.
+    """Load ``settings.beam_data`` with the plugins' reward modes, normalisers and readers.
 
     The prepared cache is keyed on the plugins (and their versions) that read the
     file and supply the chosen formulas, so switching one of them rebuilds it.
     """
     registry = registry_from_plugins(plugins)
-    data_opts = make_data_options(opts, plugins)
-    path = Path(opts["beam_data"])
+    data_opts = make_data_options(settings, plugins)
+    path = Path(settings.beam_data or "")
     decision = plugins.call_single("read_rl_data", path=path) if path.is_file() else None
     versions = plugins.versions()
 
@@ -187,11 +164,14 @@ def load_data(
         plugin = registry.providers.get(key, "")
         return f"{plugin} {versions.get(plugin, '')}".strip()
 
+    reader = (
+        version_of("")
+        if decision is None
+        else f"{decision.plugin} {versions.get(decision.plugin, '')}"
+    )
     producers = json.dumps(
         {
-            "reader": version_of("")
-            if decision is None
-            else f"{decision.plugin} {versions.get(decision.plugin, '')}",
+            "reader": reader,
             "reward_mode": version_of(f"mode:{data_opts.reward_mode}"),
             "normalize": version_of(f"normalizer:{data_opts.normalize}"),
         },
@@ -208,11 +188,11 @@ def load_data(
             path,
             data_opts,
             registry,
-            cache=not opts.get("no_cache", False),
+            cache=not settings.no_cache,
             warn=warn,
             reader=None if decision is None else plugin_reader,
             producers=producers,
-            cache_dir=opts.get("cache_dir"),
+            cache_dir=settings.cache_dir,
         )
     finally:
         close = getattr(decision.value if decision is not None else None, "close", None)
@@ -220,10 +200,10 @@ def load_data(
             close()  # a reader that was not needed (cache hit) releases its file
 
 
-def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge | None:
+def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | None:
     """The judge named by ``--judge`` (None without), behind the verdict store ``--store``
     (``--no-store``: verdicts kept in memory only). Its rewards use the run's reward mode."""
-    name = opts.get("judge")
+    name = settings.judge
     if not name:
         return None
     envs = environments_from_plugins(plugins)
@@ -234,7 +214,7 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
         )
     plugin, env = envs[name]
     try:
-        env.configure(opts)
+        env.configure(settings.as_options())
     except LeverError:
         raise
     except Exception as exc:
@@ -242,26 +222,21 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
             f"plugin {plugin}: environment {name} could not be configured: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    data_opts = make_data_options(opts, plugins)
+    data_opts = make_data_options(settings, plugins)
     raw_fn = registry_from_plugins(plugins).raw_fn(data_opts.reward_mode)
 
     def reward(verdict: Mapping[str, float]) -> float:
         return clip_reward(float(raw_fn(verdict, data_opts.reward_params)))
 
-    store = None
-    if not opts.get("no_store"):
-        store = VerdictStore(opts.get("store") or default_store_path())
-    return Judge(env, plugin, store, reward, warn, float(opts.get("judge_timeout") or 0) or None)
+    store = None if settings.no_store else VerdictStore(settings.store or default_store_path())
+    return Judge(env, plugin, store, reward, warn, settings.judge_timeout or None)
 
 
-def split_seed(opts: Mapping[str, Any]) -> int | None:
-    """The seed that draws the validation split (``--val-split random``: ``--split-seed``,
-    else ``--seed``), or None for the highest query ids (``--val-split last``; also a run
-    recorded before the option existed, whose split was that)."""
-    if (opts.get("val_split") or "last") == "last":
-        return None
-    chosen = opts.get("split_seed")
-    return int(opts["seed"] if chosen is None else chosen)
+def split_seed(options: Mapping[str, Any]) -> int | None:
+    """The validation split's seed of a recorded run's options (see
+    :func:`lever_trainer.plan.split_seed`; a run recorded before ``--val-split`` existed
+    split off the highest query ids)."""
+    return settings_split_seed(recorded_settings(options))
 
 
 def make_deterministic() -> None:
@@ -270,22 +245,6 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-def train_config(opts: Mapping[str, Any], device: str) -> TrainConfig:
-    """The core's settings from the parsed options."""
-    return TrainConfig(
-        batch_size=opts["batch_size"],
-        weight_decay=opts["weight_decay"],
-        grad_clip=opts["grad_clip"],
-        seed=opts["seed"],
-        device=device,
-        max_bad_steps=opts["max_bad_steps"],
-        keep_last=opts["keep_last"],
-        best_metric=opts["best_metric"],
-        best_mode=opts["best_mode"],
-        best_rule=opts.get("best_rule") or "paired",
-    )
 
 
 def read_run(
@@ -389,68 +348,93 @@ def check_plugin_values(opts: Mapping[str, Any], plugins: PluginSet, where: str)
             raise LeverError(f"{where}{option.name} {opts[dest]!r}: {problem} (plugin {plugin})")
 
 
-def assemble(
-    opts: dict[str, Any],
-    given: Mapping[str, str],
-    echo: Echo,
-    warn: Echo,
-    check: OptionCheck | None = None,
-) -> Run:
-    """Build a run from parsed options (``given``: the options set explicitly, by dest).
+#: Arguments that let a hook implementation answer for some calls and not others (the
+#: phase, the run's state, a policy name, a file): one that takes none of them answers
+#: every call the same way.
+_SELECTING_ARGS = frozenset({"state", "phase", "name", "path"})
 
-    With ``opts["resume"]`` the run's own options come from its ``run_config.json``;
-    options given with it are applied or refused (:mod:`lever_trainer.resuming`).
-    Nothing is written before every input has been read and checked; then the output
-    directory is locked for the run's lifetime (``Run.lock``), a previous run's files
-    are removed (``--overwrite``) and ``run_config.json`` is written.
-    """
-    recorded: dict[str, Any] | None = None
-    resume = None
-    plan: ResumePlan | None = None
-    if opts.get("resume"):
-        run_dir = Path(opts["resume"])
-        recorded, resume = read_run(run_dir, check)
-        recorded_given = {k: str(v) for k, v in (recorded.get("given") or {}).items()}
-        plugins = activate_plugins(recorded["options"], recorded_given, warn)
-        check_plugin_values(recorded["options"], plugins, f"{run_dir / RUN_CONFIG}: ")
-        plan = plan_resume(
-            recorded["options"], opts, given, plugins, collect_phases(plugins), resume, run_dir
-        )
-        if plan.complete is not None:
-            return Run(None, run_dir, resume, complete=plan.complete)
-        for line in plan.lines:
-            echo(line)
-        if plan.extended:
-            resume["stop_request"] = None
-        opts = dict(plan.options)
-        opts.update(output_dir=str(run_dir), overwrite=False, resume=str(run_dir))
-        given = recorded_given
-    for name, flag in (
-        ("beam_data", "--beam-data"),
-        ("img_emb", "--img-emb"),
-        ("output_dir", "--output-dir"),
-    ):
-        if not opts.get(name):
-            raise LeverError(f"missing option {flag}")
-    if recorded is None:
-        plugins = activate_plugins(opts, given, warn)
-    device = resolve_device(opts["device"], warn)
-    if opts.get("deterministic"):
-        make_deterministic()
-    output_dir = Path(opts["output_dir"])
-    check_output_dir(output_dir, bool(opts.get("overwrite")), resume=recorded is not None)
 
-    table, report = load_data(opts, plugins, echo, warn)
+def check_hook_conflicts(plugins: PluginSet) -> None:
+    """Refuse, before anything trains, two active plugins that would both answer a
+    single-answer hook on every call (neither looks at the phase, the state or a name),
+    unless exactly one of them was named with ``--plugin``; this is the conflict a call
+    would raise later, found at start. Implementations that may answer for some phases
+    only are left to the call itself."""
+    from .hookspecs import single_answer_hooks
+
+    for hook in sorted(single_answer_hooks()):
+        always = [
+            impl.plugin_name
+            for impl in getattr(plugins.pm.hook, hook).get_hookimpls()
+            if not _SELECTING_ARGS & set(impl.argnames)
+        ]
+        if len(always) < 2:
+            continue
+        explicit = [name for name in always if name in plugins.explicit]
+        if len(explicit) != 1:
+            tied = sorted(explicit or always)
+            raise PluginError(
+                f"plugins {' and '.join(tied)} both answer hook {hook} in every phase; "
+                "enable only one of them (--plugin / --no-plugin)"
+            )
+
+
+@dataclass
+class _Resumed:
+    """A resumed run's record: its run_config, its snapshot and what the resume changed."""
+
+    recorded: dict[str, Any]
+    snap: dict[str, Any]
+    merge: ResumePlan
+    plugins: PluginSet
+
+
+def _resume(
+    plan: RunPlan, echo: Echo, warn: Echo, check: OptionCheck | None
+) -> Run | tuple[RunPlan, _Resumed]:
+    """``--resume``: the run's own options (``run_config.json``) with those given now
+    applied or refused (:mod:`lever_trainer.resuming`); a :class:`Run` with only
+    ``complete`` when nothing is left to do."""
+    assert plan.resume_dir is not None
+    run_dir = plan.resume_dir
+    recorded, snap = read_run(run_dir, check)
+    recorded_given = {k: str(v) for k, v in (recorded.get("given") or {}).items()}
+    settings = recorded_settings(recorded["options"])
+    plugins = activate_plugins(settings, recorded_given, warn)
+    check_plugin_values(recorded["options"], plugins, f"{run_dir / RUN_CONFIG}: ")
+    now = {**plan.settings.as_options(), "resume": str(run_dir)}
+    merge = plan_resume(
+        recorded["options"], now, plan.given, plugins, collect_phases(plugins), snap, run_dir
+    )
+    if merge.complete is not None:
+        return Run(None, run_dir, snap, complete=merge.complete)
+    for line in merge.lines:
+        echo(line)
+    if merge.extended:
+        snap["stop_request"] = None
+    options = {**merge.options, "output_dir": str(run_dir), "overwrite": False}
+    options["resume"] = str(run_dir)
+    resumed_plan = plan_run(recorded_settings(options), recorded_given, resumed=True)
+    return resumed_plan, _Resumed(recorded, snap, merge, plugins)
+
+
+def _load_inputs(
+    plan: RunPlan, plugins: PluginSet, device: str, echo: Echo, warn: Echo
+) -> tuple[QueryTable, QueryTable, Embeddings, str]:
+    """The data (split into training and validation), the embeddings, and the
+    fingerprint of both files."""
+    s = plan.settings
+    table, report = load_data(s, plugins, echo, warn)
     for line in report.lines():
         echo(line)
+    assert s.img_emb is not None
+    img_emb = s.img_emb
     emb, emb_hash = load_verified(
-        lambda: load_embeddings(opts["img_emb"], opts.get("cand_emb"), opts.get("emb_key")),
-        opts["img_emb"],
-        opts.get("cand_emb"),
+        lambda: load_embeddings(img_emb, s.cand_emb, s.emb_key), img_emb, s.cand_emb
     )
     check_ids_in_range(table, emb)
     check_batches(
-        max(opts["batch_size"], MIN_EVAL_BATCH),
+        max(s.batch_size, MIN_EVAL_BATCH),
         table.pool_ids.shape[1],
         emb.dim,
         table.sequences.shape[1],
@@ -459,65 +443,94 @@ def assemble(
     )
     for line in embedding_warnings(table, emb):
         warn(line)
-    seed = split_seed(opts)
-    train_table, val_table = split_train_val(table, opts["val_ratio"], seed)
-    how = "highest query ids" if seed is None else f"drawn with seed {seed}"
+    train_table, val_table = split_train_val(table, s.val_ratio, plan.split_seed)
+    how = "highest query ids" if plan.split_seed is None else f"drawn with seed {plan.split_seed}"
     echo(
         f"split: {len(train_table)} train / {len(val_table)} validation queries "
         f"({how}), S = {table.seq_len}, d = {emb.dim}"
     )
+    fingerprint = hashlib.sha256(f"{report.source_sha256}:{emb_hash}".encode()).hexdigest()
+    return train_table, val_table, emb, fingerprint
 
-    torch.manual_seed(opts["seed"])
-    name = opts.get("policy") or DEFAULT_POLICY
-    if opts.get("sft_ckpt") and "policy" not in given and recorded is None:
-        # continuing from a checkpoint: its own policy unless --policy says otherwise
-        name = sft_policy_name(opts["sft_ckpt"], bool(opts.get("trust_checkpoint")))
-    policy_opts = {**opts, "shots": table.seq_len}
-    if recorded is not None and isinstance(recorded.get("policy"), dict):
+
+def _make_policy(
+    plan: RunPlan,
+    plugins: PluginSet,
+    dim: int,
+    shots: int,
+    resumed: _Resumed | None,
+    echo: Echo,
+    warn: Echo,
+) -> Policy:
+    """The policy the plan names: as the resumed run built it, else fresh or from
+    ``--sft-ckpt``."""
+    s = plan.settings
+    torch.manual_seed(s.seed)
+    recorded = resumed.recorded.get("policy") if resumed is not None else None
+    if isinstance(recorded, dict):
         # resume: the policy exactly as the run built it (its weights are in the snapshot)
-        spec = recorded["policy"]
-        policy = build_policy(plugins, spec["name"], emb.dim, spec["options"])
-        lines: list[str] = []
-    else:
-        policy, lines = start_policy(
-            plugins,
-            name,
-            emb.dim,
-            policy_opts,
-            {k: v for k, v in given.items() if k in POLICY_OPTIONS},
-            opts.get("sft_ckpt"),
-            bool(opts.get("trust_checkpoint")),
-            warn,
-            partial=bool(opts.get("partial_load")),
-            seed=opts["seed"],
-        )
+        return build_policy(plugins, recorded["name"], dim, recorded["options"])
+    name = plan.policy
+    if name is None:
+        assert s.sft_ckpt is not None
+        name = sft_policy_name(s.sft_ckpt, s.trust_checkpoint)
+    policy, lines = start_policy(
+        plugins,
+        name,
+        dim,
+        {**s.as_options(), "shots": shots},
+        plan.policy_given,
+        s.sft_ckpt,
+        s.trust_checkpoint,
+        warn,
+        partial=s.partial_load,
+        seed=s.seed,
+    )
     for line in lines:
         echo(line)
-    unread = [
-        flag
-        for dest, flag in given.items()
-        if dest in POLICY_OPTIONS and dest not in policy.policy_options()
-    ]
-    for flag in unread:
-        warn(f"warning: {flag} is not an option of policy {policy.policy_name}; it has no effect")
-    config = train_config(opts, device)
+    for dest, flag in plan.policy_given.items():
+        if dest not in policy.policy_options():
+            warn(
+                f"warning: {flag} is not an option of policy {policy.policy_name}; it has no effect"
+            )
+    return policy
+
+
+def start(plan: RunPlan, echo: Echo, warn: Echo, check: OptionCheck | None = None) -> Run:
+    """Build the run ``plan`` describes (``plan.resume_dir``: continue that run).
+
+    Nothing is written before every input has been read and checked; then the output
+    directory is locked for the run's lifetime (``Run.lock``), a previous run's files
+    are removed (``--overwrite``) and ``run_config.json`` is written.
+    """
+    resumed = None
+    if plan.resume_dir is not None:
+        outcome = _resume(plan, echo, warn, check)
+        if isinstance(outcome, Run):
+            return outcome
+        plan, resumed = outcome
+    s = plan.settings
+    assert plan.output_dir is not None
+    plugins = resumed.plugins if resumed else activate_plugins(s, plan.given, warn, plan.enable)
+    check_hook_conflicts(plugins)
+    device = resolve_device(s.device, warn)
+    if s.deterministic:
+        make_deterministic()
+    check_output_dir(plan.output_dir, s.overwrite, resume=resumed is not None)
+    train_table, val_table, emb, fingerprint = _load_inputs(plan, plugins, device, echo, warn)
+    policy = _make_policy(plan, plugins, emb.dim, train_table.seq_len, resumed, echo, warn)
+    config = plan.train_config(device)
     echo(
         f"plugins: {', '.join(plugins.names) or 'none'}; device {device}; policy "
         f"{policy.policy_name}, {sum(p.numel() for p in policy.parameters()):,} parameters"
     )
-    fingerprint = hashlib.sha256(f"{report.source_sha256}:{emb_hash}".encode()).hexdigest()
-    run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(opts["beam_data"])}
+    run_metadata = {"data_fingerprint": fingerprint, "beam_data": str(s.beam_data)}
     plugin_values = {
-        dest: opts.get(dest, option.default) for dest, (_, option) in plugins.options().items()
+        dest: s.plugin_values.get(dest, option.default)
+        for dest, (_, option) in plugins.options().items()
     }
-    options = {**opts, **plugin_values}
-    judge = make_judge(opts, plugins, warn)
-    if judge is not None:
-        where = judge.store.path if judge.store is not None else "memory only (--no-store)"
-        echo(
-            f"judge: environment {judge.name} {judge.version} (plugin {judge.plugin}); "
-            f"verdicts: {where}"
-        )
+    options = {**s.as_options(), **plugin_values}
+    judge = _judge(s, plugins, echo, warn)
     trainer = Trainer(
         config,
         policy,
@@ -525,59 +538,95 @@ def assemble(
         val_table,
         emb,
         plugins,
-        output_dir,
+        plan.output_dir,
         options=options,
         run_metadata=run_metadata,
         log=echo,
         judge=judge,
     )
     trainer.resolve_rewards()  # a plugin conflict stops the run before anything is written
-    if resume is not None:
-        assert recorded is not None and plan is not None
-        if recorded.get("data_fingerprint") != fingerprint:
-            raise LeverError(
-                f"--resume: the data files changed since the run in {output_dir} "
-                "started (their fingerprint differs); resume needs the same data"
-            )
-        snapshot.check_fits(trainer, resume, output_dir / snapshot.SNAPSHOT_NAME)
-    trainer.check_settings(trainer.phases_to_run(resume))
+    if resumed is not None:
+        _check_resumed(trainer, resumed, fingerprint, plan.output_dir)
+    trainer.check_settings(trainer.phases_to_run(resumed.snap if resumed else None))
+    record = {
+        **_run_record(policy, plugins, options),
+        "train_config": config.to_dict(),
+        **run_metadata,
+        "given": dict(plan.given),
+    }
+    return _take_directory(plan, trainer, record, config, resumed, echo, warn)
 
-    # every input is checked: take the directory, then write
+
+def _check_resumed(trainer: Trainer, resumed: _Resumed, fingerprint: str, output_dir: Path) -> None:
+    """A resumed run reads the same data, and its snapshot fits the rebuilt trainer."""
+    if resumed.recorded.get("data_fingerprint") != fingerprint:
+        raise LeverError(
+            f"--resume: the data files changed since the run in {output_dir} "
+            "started (their fingerprint differs); resume needs the same data"
+        )
+    snapshot.check_fits(trainer, resumed.snap, output_dir / snapshot.SNAPSHOT_NAME)
+
+
+def _run_record(policy: Policy, plugins: PluginSet, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of ``run_config.json`` that describe the policy, plugins and options."""
+    return {
+        "policy": {
+            "name": policy.policy_name,
+            "input_dim": policy.input_dim,
+            "options": policy.policy_options(),
+        },
+        "options": absolute_paths(options, plugins),
+        "lever_trainer_version": __version__,
+        "plugins": plugins.versions(),
+        "plugin_options": {
+            p.name: {o.dest: options.get(o.dest) for o in p.options}
+            for p in plugins.active
+            if p.options
+        },
+    }
+
+
+def _judge(s: Settings, plugins: PluginSet, echo: Echo, warn: Echo) -> Judge | None:
+    """The run's judge (``--judge``), announced in the log."""
+    judge = make_judge(s, plugins, warn)
+    if judge is not None:
+        where = judge.store.path if judge.store is not None else "memory only (--no-store)"
+        echo(
+            f"judge: environment {judge.name} {judge.version} (plugin {judge.plugin}); "
+            f"verdicts: {where}"
+        )
+    return judge
+
+
+def _take_directory(
+    plan: RunPlan,
+    trainer: Trainer,
+    record: dict[str, Any],
+    config: TrainConfig,
+    resumed: _Resumed | None,
+    echo: Echo,
+    warn: Echo,
+) -> Run:
+    """Every input is checked: lock the output directory, then write ``run_config.json``
+    (a resumed run: only what the resume changed)."""
+    output_dir = plan.output_dir
+    assert output_dir is not None
     lock = RunLock(output_dir, warn).acquire()
     try:
-        if resume is not None:
-            assert recorded is not None and plan is not None
-            if plan.changed:
-                record_resume(output_dir / RUN_CONFIG, recorded, plan, config, resume)
-            return Run(trainer, output_dir, resume, lock)
+        if resumed is not None:
+            if resumed.merge.changed:
+                record_resume(
+                    output_dir / RUN_CONFIG, resumed.recorded, resumed.merge, config, resumed.snap
+                )
+            return Run(trainer, output_dir, resumed.snap, lock)
         existing = run_files(output_dir)
-        if existing and not opts.get("overwrite"):
+        if existing and not plan.settings.overwrite:
             raise occupied_error(output_dir, existing)  # a run that finished meanwhile
-        if opts.get("overwrite"):
+        if plan.settings.overwrite:
             removed = clear_previous_run(output_dir)
             if removed:
                 echo(f"--overwrite: removed {len(removed)} files of the previous run")
-        write_run_config(
-            output_dir / RUN_CONFIG,
-            {
-                "train_config": config.to_dict(),
-                "policy": {
-                    "name": policy.policy_name,
-                    "input_dim": policy.input_dim,
-                    "options": policy.policy_options(),
-                },
-                "plugins": plugins.versions(),
-                "plugin_options": {
-                    plugin: {o.dest: options.get(o.dest) for o in info.options}
-                    for plugin, info in ((p.name, p) for p in plugins.active)
-                    if info.options
-                },
-                **run_metadata,
-                "options": absolute_paths(options, plugins),
-                "given": dict(given),
-                "lever_trainer_version": __version__,
-            },
-        )
+        write_run_config(output_dir / RUN_CONFIG, record)
     except BaseException:
         lock.release()
         raise
@@ -624,14 +673,13 @@ def record_resume(
 
 
 __all__ = [
-    "ALIAS_FLAGS",
     "RUN_CONFIG",
     "Run",
-    "assemble",
     "check_output_dir",
     "check_run_config",
     "checkpoint_name",
     "load_data",
     "make_data_options",
     "resolve_device",
+    "start",
 ]

@@ -20,7 +20,7 @@ LAYERS = [
     {"coreoptions"},
     {"stats"},
     {"rewards", "policy", "phase", "state"},
-    {"hookspecs"},
+    {"hookspecs", "plan"},
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
     {"policies", "select", "selectors"},

@@ -22,44 +22,69 @@ def installed_plugins() -> tuple[Any, ...]:
     return found
 
 
-def add_plugin_options(command: click.Command, name: str) -> click.Command:
-    """Add every installed plugin's options that ``name`` takes, grouped by plugin, and
+def plugin_declarations(completing: bool = False) -> list[Any]:
+    """What the installed plugins add to the command line (``completion.Declared``):
+    from the cache when it matches the installed plugins, so that options are parsed
+    and checked without importing any plugin (or torch); else from discovery, which
+    refreshes the cache. Shell completion (``completing``) never discovers."""
+    from .. import completion
+
+    cached = completion.load()
+    if cached is not None:
+        return cached
+    if completing:
+        return []
+    return completion.declared(installed_plugins())
+
+
+def add_plugin_options(command: click.Command, name: str, declared: list[Any]) -> None:
+    """Add the ``declared`` plugin options that ``name`` takes, grouped by plugin, and
     (to ``train``) the plugins' alias flags."""
     from ..plugins import alias_dest
 
-    for info in installed_plugins():
-        for option in info.options:
-            if name in option.commands:
-                command.params.append(click_option(option, f"Plugin {info.name}"))
-        if name != "train" or info.broken:
+    taken = {flag for p in command.params for flag in p.opts}
+    for item in declared:
+        if item.refusal:
+            continue  # broken: it adds nothing
+        for option in item.options:
+            if name in option.commands and not taken & set(option.flags):
+                command.params.append(click_option(option, f"Plugin {item.plugin}"))
+        if name != "train":
             continue
-        for flags, what in ((info.enable_flags, "--plugin"), (info.disable_flags, "--no-plugin")):
+        for flags, what in ((item.enable_flags, "--plugin"), (item.disable_flags, "--no-plugin")):
             for flag in flags:
+                if flag in taken:
+                    continue
                 param = click.Option(
-                    [flag, alias_dest(flag)], is_flag=True, help=f"Same as {what} {info.name}."
+                    [flag, alias_dest(flag)], is_flag=True, help=f"Same as {what} {item.plugin}."
                 )
                 param.lever_group = "Plugins"  # type: ignore[attr-defined]
                 command.params.append(param)
-    return command
 
 
-def add_cached_plugin_options(command: click.Command, name: str) -> click.Command:
-    """Shell completion: add the plugin options the completion cache knows, importing no
-    plugin (see :mod:`lever_trainer.completion`)."""
-    from .. import completion
+class OneLineError(click.ClickException):
+    """A command-line mistake: one ``error:`` line on stderr and exit status 2."""
 
-    taken = {flag for p in command.params for flag in p.opts}
-    for plugin, options in completion.load():
-        for option in options:
-            if name in option.commands and not taken & set(option.flags):
-                command.params.append(click_option(option, f"Plugin {plugin}"))
-    return command
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        """Print ``error: MESSAGE``."""
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """Click's message for a bad command line, as one line naming the flag."""
+    if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param.opts:
+        message = exc.message.rstrip(".")
+        return f"{exc.param.opts[0]}: {message}"
+    return " ".join(exc.format_message().split())
 
 
 class LeverGroup(click.Group):
     """The command group: ``lever-train --beam-data ...`` means ``lever-train train ...``;
-    commands that take plugin options get them when first looked up (shell completion
-    takes them from a cache instead, so that it never imports a plugin or torch)."""
+    commands that take plugin options get them when first looked up, from the cache of
+    plugin options when it matches the installed plugins (so that parsing imports no
+    plugin and no torch), else by discovering the plugins."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -69,12 +94,16 @@ class LeverGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is not None and not getattr(command, "lever_ready", False):
-            if ctx is not None and ctx.resilient_parsing:  # shell completion
-                add_cached_plugin_options(command, cmd_name)
-            else:
-                add_plugin_options(command, cmd_name)
+            completing = ctx is not None and ctx.resilient_parsing
+            add_plugin_options(command, cmd_name, plugin_declarations(completing))
             command.lever_ready = True  # type: ignore[attr-defined]
         return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # one line, as every user error
+            raise OneLineError(usage_message(exc)) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of ``lever-train --help``, from the commands' own short help:

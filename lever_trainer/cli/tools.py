@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import LeverError
+from ..plan import Settings
 from .group import installed_plugins
 from .params import given_options, table_command, user_errors, warn
 
@@ -121,10 +122,11 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
     """
     from ..run import activate_plugins, load_data
 
-    if not opts.get("beam_data"):
+    s = Settings.from_options("prepare", opts)
+    if not s.beam_data:
         raise LeverError("missing option --beam-data")
-    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    _, report = load_data(opts, plugins, click.echo, warn)
+    plugins = activate_plugins(s, given_options(ctx, opts), warn)
+    _, report = load_data(s, plugins, click.echo, warn)
     for line in report.lines():
         click.echo(line)
     if not report.cache:

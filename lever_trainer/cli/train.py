@@ -10,7 +10,8 @@ import click
 
 from .. import settings
 from ..errors import Interrupted, LeverError
-from .group import installed_plugins
+from ..plan import Settings, plan_run, preflight
+from .group import installed_plugins, plugin_declarations
 from .params import given_options, option_checker, table_command, user_errors, warn
 
 #: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
@@ -31,13 +32,22 @@ def train(ctx: click.Context, **opts: Any) -> None:
     if opts.pop("print_config", False):
         print_config(ctx, opts)
         return
-    from ..run import assemble
-    from ..trainer import SNAPSHOT_NAME, StopRequested
+    plan = plan_run(Settings.from_options("train", opts), given_options(ctx, opts))
+    refusals = {d.plugin: d.refusal for d in plugin_declarations() if d.refusal}
+    preflight(plan, refusals)  # the one-line errors that need no torch come first, and fast
+    from ..run import start
 
-    run = assemble(opts, given_options(ctx, opts), click.echo, warn, check=option_checker(ctx))
+    run = start(plan, click.echo, warn, check=option_checker(ctx))
     if run.complete is not None:
         click.echo(run.complete)
         return
+    fit(run)
+
+
+def fit(run: Any) -> None:
+    """Train the started ``run``; a stop or a failure says how to resume."""
+    from ..trainer import SNAPSHOT_NAME, StopRequested
+
     trainer, output_dir = run.trainer, run.output_dir
     assert trainer is not None
     install_stop_handlers(trainer)
@@ -76,7 +86,7 @@ def print_config(ctx: click.Context, opts: dict[str, Any]) -> None:
     """``--print-config``: the resolved options of the core and the active plugins."""
     from ..run import activate_plugins
 
-    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
+    plugins = activate_plugins(Settings.from_options("train", opts), given_options(ctx, opts), warn)
     owned = {o.dest for p in installed_plugins() for o in p.options}
     active = {d for d in opts if d not in owned} | set(plugins.options())
     click.echo(

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import LeverError
+from ..plan import Settings
 from .params import given_options, table_command, user_errors, warn
 
 
@@ -41,6 +42,26 @@ class SelectionWriter:
             self.fh.write(("{}\n" if self.count == 0 else "}\n").encode())
 
 
+def _required(s: Settings, *names: tuple[str, str]) -> None:
+    for dest, flag in names:
+        if not getattr(s, dest):
+            raise LeverError(f"missing option {flag}")
+
+
+def check_not_snapshot(path: str, flag: str) -> None:
+    """A training run's resume snapshot given where a checkpoint is expected: say what
+    to pass instead."""
+    from ..snapshot import SNAPSHOT_NAME
+
+    if Path(path).name == SNAPSHOT_NAME:
+        folder = Path(path).parent
+        raise LeverError(
+            f"{flag}: {path} is the resume snapshot of a training run (for lever-train "
+            f"--resume {folder}), not a checkpoint; pass one of that run's checkpoints "
+            f"instead, e.g. {folder / 'best.safetensors'}"
+        )
+
+
 @table_command("select")
 @click.pass_context
 @user_errors
@@ -51,46 +72,50 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
     sequences needed); a policy with a STOP item may pick fewer than --shots.
     """
     from ..checkpoint import header_metadata
-    from ..data import check_pool_ids, iter_pools, load_embeddings
-    from ..fileio import STDOUT, open_output, output_kind
+    from ..data import load_embeddings
+    from ..fileio import STDOUT, output_kind
     from ..policies import policy_from_checkpoint, recorded_policy
     from ..run import activate_plugins, resolve_device
-    from ..select import select_greedy
 
-    for name, flag in (
-        ("ckpt", "--ckpt"),
-        ("queries", "--queries"),
-        ("img_emb", "--img-emb"),
-        ("output", "--output"),
-    ):
-        if not opts.get(name):
-            raise LeverError(f"missing option {flag}")
-    output = opts["output"]
-    to_stdout = output_kind(output, "--output") == STDOUT
+    s = Settings.from_options("select", opts)
+    _required(s, ("ckpt", "--ckpt"), ("queries", "--queries"), ("img_emb", "--img-emb"))
+    _required(s, ("output", "--output"))
+    assert s.ckpt and s.queries and s.img_emb and s.output
+    check_not_snapshot(s.ckpt, "--ckpt")
+    to_stdout = output_kind(s.output, "--output") == STDOUT
     say = functools.partial(click.echo, err=to_stdout)  # the picks may own stdout
-    queries = Path(opts["queries"])
-    if not queries.is_file():
-        raise LeverError(f"{queries}: file not found")
-    device = resolve_device(opts["device"], warn)
-    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
-    model, lines = policy_from_checkpoint(
-        plugins, opts["ckpt"], emb.dim, opts["trust_checkpoint"], warn
-    )
+    if not Path(s.queries).is_file():
+        raise LeverError(f"{s.queries}: file not found")
+    device = resolve_device(s.device, warn)
+    plugins = activate_plugins(s, given_options(ctx, opts), warn)
+    emb = load_embeddings(s.img_emb, s.cand_emb, s.emb_key)
+    model, lines = policy_from_checkpoint(plugins, s.ckpt, emb.dim, s.trust_checkpoint, warn)
     for line in lines:
         say(line)
-    shots = opts["shots"]
+    shots = s.shots
     if shots is None:
-        recorded = recorded_policy(header_metadata(opts["ckpt"]))
+        recorded = recorded_policy(header_metadata(s.ckpt))
         shots = int((recorded[1] if recorded else {}).get("shots") or 2)
-    model = model.to(device)
-    # Streamed: queries are read, selected and written a piece at a time, so memory
-    # stays flat in the number of queries. A regular --output file appears only once
-    # every query is done (an error midway leaves any previous file as it was).
-    with open_output(output, "--output") as fh:
-        writer = SelectionWriter(fh, output, opts["scores"])
-        for pools in iter_pools(queries, opts["max_pool"], chunk=max(opts["batch_size"], 1024)):
-            check_pool_ids(pools, emb, opts["queries"])
+    count = write_picks(s, model.to(device), emb, shots, device)
+    say(f"wrote {count} selections to {'standard output' if to_stdout else s.output}")
+
+
+def write_picks(s: Settings, model: Any, emb: Any, shots: int, device: str) -> int:
+    """Select for every query of ``s.queries`` and write the picks to ``s.output``.
+
+    Streamed: queries are read, selected and written a piece at a time, so memory
+    stays flat in the number of queries. A regular --output file appears only once
+    every query is done (an error midway leaves any previous file as it was).
+    """
+    from ..data import check_pool_ids, iter_pools
+    from ..fileio import open_output
+    from ..select import select_greedy
+
+    assert s.output is not None and s.queries is not None
+    with open_output(s.output, "--output") as fh:
+        writer = SelectionWriter(fh, s.output, s.scores)
+        for pools in iter_pools(Path(s.queries), s.max_pool, chunk=max(s.batch_size, 1024)):
+            check_pool_ids(pools, emb, s.queries)
             short = pools.pool_len < shots
             if bool(short.any()):
                 row = int(short.nonzero()[0, 0])
@@ -99,14 +124,36 @@ def select_cmd(ctx: click.Context, **opts: Any) -> None:
                     f"{int(pools.pool_len[row])} ids"
                 )
             try:
-                selection = select_greedy(
-                    model, pools, emb, shots, opts["batch_size"], device, opts["scores"]
-                )
+                selection = select_greedy(model, pools, emb, shots, s.batch_size, device, s.scores)
             except LeverError as exc:
-                raise LeverError(f"{opts['ckpt']}: {exc}") from None
+                raise LeverError(f"{s.ckpt}: {exc}") from None
             writer.write(selection)
         writer.close()
-    say(f"wrote {writer.count} selections to {'standard output' if to_stdout else output}")
+    return writer.count
+
+
+def _baselines(ctx: click.Context, s: Settings, checkpoints: tuple[str, ...]) -> list[str]:
+    """The baselines evaluate measures, checked against what there is to measure."""
+    from ..assess import BASELINES
+
+    baselines = [b.strip() for b in s.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise LeverError(
+            f"--baselines: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})"
+        )
+    if not checkpoints and not s.judge:
+        raise LeverError("nothing to measure: give checkpoints, or --judge NAME for the baselines")
+    if "start" in baselines and not checkpoints:
+        if ctx.get_parameter_source("baselines") != click.core.ParameterSource.DEFAULT:
+            raise LeverError(
+                "--baselines start: the starting policy is rebuilt from a checkpoint's "
+                "metadata; give a checkpoint, or leave start out"
+            )
+        baselines.remove("start")  # the default list: measured when there is a checkpoint
+    if not checkpoints and not baselines:
+        raise LeverError("--baselines: nothing to measure: give checkpoints or baselines")
+    return baselines
 
 
 @table_command("evaluate")
@@ -120,56 +167,40 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     (judge_correct, judge_reward); where the file has logged sequences, the offline
     metrics of the policies too. A table on screen; --output writes it as JSON.
     """
-    from ..assess import BASELINES, evaluate, has_logged_sequences
+    from ..assess import evaluate, has_logged_sequences
     from ..data import load_embeddings
-    from ..fileio import STDOUT, output_kind, write_output
+    from ..fileio import STDOUT, output_kind
     from ..run import activate_plugins, load_data, make_judge, resolve_device
 
-    for name, flag in (("queries", "--queries"), ("img_emb", "--img-emb")):
-        if not opts.get(name):
-            raise LeverError(f"missing option {flag}")
-    to_stdout = False
-    if opts["output"]:
-        to_stdout = output_kind(opts["output"], "--output") == STDOUT
+    s = Settings.from_options("evaluate", opts)
+    _required(s, ("queries", "--queries"), ("img_emb", "--img-emb"))
+    assert s.queries and s.img_emb
+    queries, img_emb = Path(s.queries), s.img_emb
+    for path in checkpoints:
+        check_not_snapshot(path, "evaluate")
+    to_stdout = bool(s.output) and output_kind(s.output or "", "--output") == STDOUT
     say = functools.partial(click.echo, err=to_stdout)  # the JSON may own stdout
-    baselines = [b.strip() for b in opts["baselines"].split(",") if b.strip()]
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise LeverError(
-            f"--baselines: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})"
-        )
-    if not checkpoints and not opts.get("judge"):
-        raise LeverError("nothing to measure: give checkpoints, or --judge NAME for the baselines")
-    if "start" in baselines and not checkpoints:
-        if ctx.get_parameter_source("baselines") != click.core.ParameterSource.DEFAULT:
-            raise LeverError(
-                "--baselines start: the starting policy is rebuilt from a checkpoint's "
-                "metadata; give a checkpoint, or leave start out"
-            )
-        baselines.remove("start")  # the default list: measured when there is a checkpoint
-    if not checkpoints and not baselines:
-        raise LeverError("--baselines: nothing to measure: give checkpoints or baselines")
-    device = resolve_device(opts["device"], warn)
-    plugins = activate_plugins(opts, given_options(ctx, opts), warn)
-    settings = {
-        **plugins.option_defaults(),
-        **opts,
-        "beam_data": opts["queries"],
-        "keep_fallback": False,
-        "gen_methods": None,
-        "require_positive": False,
-        "normalize": "z_score_clamp",
-        "no_cache": True,
-        "val_ratio": 0.0,
-    }
-    judge = make_judge(settings, plugins, warn)
-    queries = Path(opts["queries"])
+    baselines = _baselines(ctx, s, checkpoints)
+    device = resolve_device(s.device, warn)
+    plugins = activate_plugins(s, given_options(ctx, opts), warn)
+    # the query file is read as it is: no filters, no split, no prepared cache
+    s = s.replace(
+        beam_data=s.queries,
+        no_cache=True,
+        val_ratio=0.0,
+        plugin_values={**plugins.option_defaults(), **s.plugin_values},
+    )
+    judge = make_judge(s, plugins, warn)
     if not queries.is_file():
         raise LeverError(f"{queries}: file not found")
-    table = None
-    if has_logged_sequences(queries):
-        table, _ = load_data(settings, plugins, say, warn)
-    emb = load_embeddings(opts["img_emb"], opts["cand_emb"], opts["emb_key"])
+    logged = has_logged_sequences(queries)
+    if not logged and judge is None:
+        raise LeverError(
+            f"{queries} holds pools only (no logged sequences to score offline): "
+            "evaluate needs a judge to measure selections on it (--judge NAME)"
+        )
+    table = load_data(s, plugins, say, warn)[0] if logged else None
+    emb = load_embeddings(img_emb, s.cand_emb, s.emb_key)
     report = evaluate(
         plugins,
         list(checkpoints),
@@ -178,13 +209,28 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         judge,
         baselines,
         table,
-        opts["shots"],
-        opts["max_pool"],
-        opts["batch_size"],
+        s.shots,
+        s.max_pool,
+        s.batch_size,
         device,
-        opts["trust_checkpoint"],
+        s.trust_checkpoint,
         say,
     )
+    show_report(report, s, queries, baselines, judge, say, to_stdout)
+
+
+def show_report(
+    report: Any,
+    s: Settings,
+    queries: Path,
+    baselines: list[str],
+    judge: Any,
+    say: Any,
+    to_stdout: bool,
+) -> None:
+    """Print evaluate's table (and write it with --output)."""
+    from ..fileio import write_output
+
     if not report.selectors:
         raise LeverError(
             f"nothing was measured on {queries} (baselines {', '.join(baselines)}): "
@@ -198,6 +244,6 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     if judge is not None:
         calls = sum(judge.calls.values())
         say(f"judge: {judge.name} {judge.version}, {calls} new verdicts")
-    if opts["output"]:
-        write_output(opts["output"], (report.to_json() + "\n").encode(), "--output")
-        say(f"wrote {'standard output' if to_stdout else opts['output']}")
+    if s.output:
+        write_output(s.output, (report.to_json() + "\n").encode(), "--output")
+        say(f"wrote {'standard output' if to_stdout else s.output}")
