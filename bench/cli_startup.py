@@ -1,5 +1,7 @@
-"""Wall time of the commands a shell runs often: ``lever-train --help``, ``--version``
-and a completion request, and whether each imports torch.
+"""Wall time of the commands a shell runs often: ``lever-train --help``, ``--version``,
+a completion request, ``train --help`` and a mistyped option value (a one-line error),
+and whether each imports torch (the last two read the plugin-option cache, which the
+first command that discovers the plugins writes).
 
 Not a test. ``python bench/cli_startup.py [--repeat N]`` runs each command N times
 (default 10) in fresh processes and prints the median and best wall time, and whether
@@ -28,6 +30,8 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
             "COMP_CWORD": "1",
         },
     ),
+    "lever-train train --help": (["train", "--help"], {}),
+    "lever-train --rce-epochs x (error)": (["--rce-epochs", "x"], {}),
     "complete `lever-train train --rce`": (
         [],
         {

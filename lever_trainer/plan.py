@@ -257,17 +257,23 @@ def plan_run(settings: Settings, given: Mapping[str, str], resumed: bool = False
     )
 
 
+def installed_names() -> set[str]:
+    """The names of the installed plugins, read from their entry points (none imported)."""
+    from . import entrypoints
+
+    if entrypoints.autoload_disabled():
+        return set()
+    return {item.entry_point.name for item in entrypoints.installed()}
+
+
 def preflight(plan: RunPlan, refusals: Mapping[str, str] | None = None) -> None:
     """What can be checked from names and file metadata alone, before torch is imported:
     plugins named that are not installed (or, ``refusals``, that are known to be broken:
     ``{name: the error}``), input files that do not exist, an output directory that
     cannot take the run. Reads no file's contents and writes nothing."""
-    from . import entrypoints
     from .rundir import check_output_dir
 
-    installed = set()
-    if not entrypoints.autoload_disabled():
-        installed = {item.entry_point.name for item in entrypoints.installed()}
+    installed = installed_names()
     known = ", ".join(sorted(installed)) or "none installed"
     for flag, names in (("--plugin", plan.enable), ("--no-plugin", plan.disable)):
         for name in names:
@@ -303,6 +309,7 @@ __all__ = [
     "Settings",
     "core_dests",
     "gen_methods",
+    "installed_names",
     "plan_run",
     "plugin_choices",
     "preflight",

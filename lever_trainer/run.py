@@ -349,14 +349,14 @@ def check_plugin_values(opts: Mapping[str, Any], plugins: PluginSet, where: str)
 
 
 #: Arguments that let a hook implementation answer for some calls and not others (the
-#: phase, the run's state, a policy name, a file): one that takes none of them answers
-#: every call the same way.
-_SELECTING_ARGS = frozenset({"state", "phase", "name", "path"})
+#: phase, a policy name, a file): one that takes none of them answers in every phase
+#: (reading its options from ``state`` does not make it choose).
+_SELECTING_ARGS = frozenset({"phase", "name", "path"})
 
 
 def check_hook_conflicts(plugins: PluginSet) -> None:
     """Refuse, before anything trains, two active plugins that would both answer a
-    single-answer hook on every call (neither looks at the phase, the state or a name),
+    single-answer hook in every phase (neither takes the phase, a name or a path),
     unless exactly one of them was named with ``--plugin``; this is the conflict a call
     would raise later, found at start. Implementations that may answer for some phases
     only are left to the call itself."""

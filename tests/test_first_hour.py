@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lever_digits_env
+import pytest
 from conftest import assert_user_error, write_json
 
 from lever_trainer.checkpoint import save_checkpoint
@@ -65,21 +66,28 @@ def test_option_mistakes_are_one_line_before_torch_is_imported(tmp_path, demo_fi
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "hook"),
+    [
+        ("group-center", "rloo", "compute_advantages"),
+        ("clip-higher", "dual-clip", "policy_objective"),  # both read options from state
+    ],
+)
 def test_plugins_that_always_answer_one_hook_are_refused_before_training(
-    cli, demo_files, tmp_path
+    cli, demo_files, tmp_path, first, second, hook
 ) -> None:
     data, emb = demo_files
     out = tmp_path / "out"
     result = cli(
         "--beam-data", data, "--img-emb", emb, "--output-dir", out,
-        "--plugin", "group-center", "--plugin", "rloo",
+        "--plugin", first, "--plugin", second,
     )  # fmt: skip
-    assert_user_error(result, "group-center and rloo", "compute_advantages")
+    assert_user_error(result, f"{first} and {second}", hook, "every phase")
     assert "rce epoch" not in result.output  # nothing trained
     assert not out.exists()  # nothing written, so there is nothing to resume
-    # one of them explicitly over the default one: fine
+    # one of them named, over the default one: fine
     result = cli(
-        "--beam-data", data, "--img-emb", emb, "--output-dir", out, "--plugin", "rloo",
+        "--beam-data", data, "--img-emb", emb, "--output-dir", out, "--plugin", second,
         "--rce-epochs", "1", "--grpo-epochs", "1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

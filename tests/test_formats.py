@@ -22,6 +22,7 @@ from click.testing import Result
 from conftest import assert_user_error, builtin_registry, candidate, write_emb, write_json
 from safetensors.torch import load_file, save_file
 
+import lever_trainer.plan as plan_module
 import lever_trainer.run as run_module
 from lever_trainer import hookimpl
 from lever_trainer.data import (
@@ -306,6 +307,9 @@ def with_csv_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_load(enable, disable, extra=[("csv-reader", CsvReader())], warn=warn)
 
     monkeypatch.setattr(run_module, "load_plugins", load)
+    # the names train checks before importing any plugin
+    real_names = plan_module.installed_names
+    monkeypatch.setattr(plan_module, "installed_names", lambda: {*real_names(), "csv-reader"})
 
 
 @pytest.mark.usefixtures("with_csv_plugin")
