@@ -6,8 +6,8 @@ that discovers the plugins (``lever-train plugins``, ``train``, ``train --help``
 also writes their options to a small cache, ``$XDG_CACHE_HOME/lever-trainer/
 plugin-options.json`` (``~/.cache`` by default), and completion reads it. The cache is
 keyed on the installed entry points (names, distributions, versions and the
-modification times of the plugin modules), so installing, removing or editing a plugin
-makes it stale; a stale or missing cache completes the core options only, until the
+modification times of the plugins' source files), so installing, removing or editing a
+plugin makes it stale; a stale or missing cache completes the core options only, until the
 next command refreshes it.
 
 The commands read the cache too: when it matches the installed plugins, ``lever-train
@@ -53,32 +53,53 @@ def cache_path() -> Path:
 
 def fingerprint() -> str:
     """A digest of the installed plugins: entry points, distributions, versions and the
-    modification time of each plugin's module file (found without importing it)."""
+    newest modification time among each plugin's source files (its module, and the other
+    modules of its package, which it may take options from), found without importing
+    it; and this core's version and option module, which the cached records follow."""
     if entrypoints.autoload_disabled():
         return "autoload-disabled"
-    parts = []
+    from . import __version__
+
+    stamps: dict[str, str] = {}
+    parts = [f"lever_trainer {__version__} {_stamp(Path(__file__).with_name('options.py'))}"]
     for item in sorted(
         entrypoints.installed(), key=lambda i: (i.entry_point.name, i.entry_point.value)
     ):
         ep = item.entry_point
         name, version = item.distribution or "", item.version or ""
-        parts.append(f"{ep.name}={ep.value} {name} {version} {_mtime(ep.module)}")
+        parts.append(f"{ep.name}={ep.value} {name} {version} {_source_stamp(ep.module, stamps)}")
     # the same distribution seen twice on sys.path (run from its source folder, say)
     # is one plugin, as discovery counts it
     return hashlib.sha256("\n".join(sorted(set(parts))).encode()).hexdigest()
 
 
-def _mtime(module: str) -> str:
+def _stamp(path: Path) -> str:
+    try:
+        return str(os.stat(path).st_mtime_ns)
+    except OSError:
+        return "?"
+
+
+def _source_stamp(module: str, seen: dict[str, str]) -> str:
+    """The newest modification time of ``module``'s file, or of every ``.py`` file of the
+    package it belongs to (``seen`` caches each folder)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return "?"
     if spec is None or not spec.origin:
         return "?"
-    try:
-        return str(os.stat(spec.origin).st_mtime_ns)
-    except OSError:
-        return "?"
+    origin = Path(spec.origin)
+    if "." not in module and origin.name != "__init__.py":
+        return _stamp(origin)  # a single-module distribution: its folder is site-packages
+    folder = str(origin.parent)
+    if folder not in seen:
+        try:
+            times = [e.stat().st_mtime_ns for e in os.scandir(folder) if e.name.endswith(".py")]
+        except OSError:
+            times = []
+        seen[folder] = str(max(times)) if times else "?"
+    return seen[folder]
 
 
 def _refusal(info: Any) -> str | None:

@@ -138,3 +138,27 @@ def test_completion_of_plugin_options_survives_a_training_run(tmp_path, demo_fil
         check=False,
     )
     assert done.stdout.split() == ["plain,--rce-epochs"], done.stderr
+
+
+def test_the_option_cache_goes_stale_when_any_module_of_a_plugins_package_changes(
+    tmp_path, monkeypatch
+) -> None:
+    """Commands trust the cache for their flags, so it must not outlive an edit to a
+    module a plugin takes its options from."""
+    import importlib.metadata as md
+
+    from lever_trainer import completion, entrypoints
+
+    package = tmp_path / "site" / "somepkg"
+    package.mkdir(parents=True)
+    for name in ("__init__.py", "plugin.py", "shared.py"):
+        (package / name).write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    ep = md.EntryPoint("some", "somepkg.plugin:obj", entrypoints.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(entrypoints, "installed", lambda: [entrypoints.Installed(ep, "d", "1")])
+    before = completion.fingerprint()
+    assert completion.fingerprint() == before  # stable while nothing changes
+    shared = package / "shared.py"
+    stat = shared.stat()
+    os.utime(shared, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited a second later
+    assert completion.fingerprint() != before
