@@ -27,7 +27,12 @@ DEFAULT_POLICY = "cosine-bilinear"
 #: The commands whose options come from the table (others take only their arguments
 #: and a few flags of their own).
 TRAIN, PREPARE, SELECT, EVALUATE = "train", "prepare", "select", "evaluate"
-TABLE_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE)
+DEMO, PLOT, EXPORT, CONVERT = "demo-data", "plot", "export-verdicts", "convert-checkpoint"
+#: The commands that read RL data and run policies; :class:`~lever_trainer.plan.Settings`
+#: holds their options.
+RUN_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE)
+#: Every command with options, each generated from this table.
+TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT)
 _DATA = (TRAIN, PREPARE)
 _EMB = (TRAIN, SELECT, EVALUATE)
 _REWARDS = (TRAIN, PREPARE, EVALUATE)
@@ -338,9 +343,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     _policy(
         "--trust-checkpoint",
         type="bool",
-        commands=(TRAIN, SELECT, EVALUATE),
+        commands=(TRAIN, SELECT, EVALUATE, CONVERT),
         help="Allow a full (unsafe) pickle load of the checkpoints this command reads "
-        "(--sft-ckpt, --ckpt, evaluate's CHECKPOINTS).",
+        "(--sft-ckpt, --ckpt, evaluate's CHECKPOINTS, convert-checkpoint's SRC).",
     ),
     _policy(
         "--partial-load",
@@ -563,7 +568,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         type="path",
         path_kind="file",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=(TRAIN, EVALUATE, EXPORT),
         help="SQLite verdict store shared by runs (default: "
         "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
     ),
@@ -631,6 +636,80 @@ CORE_OPTIONS: tuple[Option, ...] = (
     ),
 )
 
+# ------------------------------------------------------------ the smaller commands
+_SMALL: tuple[Option, ...] = (
+    Option(
+        ("--queries",), "int", 400, "Number of queries.", dest="n_queries", min=5, commands=(DEMO,)
+    ),
+    Option(("--pool",), "int", 32, "Candidate demonstrations per query.", min=4, commands=(DEMO,)),
+    Option(("--dim",), "int", 64, "Embedding width.", min=2, commands=(DEMO,)),
+    Option(("--seed",), "int", 0, "Seed of the dataset.", dest="data_seed", commands=(DEMO,)),
+    Option(
+        ("--output", "-o"),
+        "path",
+        None,
+        "Picture to write: .png, .svg or .pdf (default: RUN_DIR/curves.png for one run).",
+        dest="picture",
+        path_kind="file",
+        commands=(PLOT,),
+    ),
+    Option(("--title",), "str", None, "A title above the panels.", commands=(PLOT,)),
+    Option(
+        ("--judge",),
+        "str",
+        None,
+        "Environment whose verdicts to export.",
+        dest="judge_name",
+        metavar="NAME",
+        required=True,
+        commands=(EXPORT,),
+    ),
+    Option(
+        ("--version",),
+        "str",
+        None,
+        "Its version (default: the only one stored).",
+        dest="env_version",
+        commands=(EXPORT,),
+    ),
+    Option(
+        ("--output",),
+        "path",
+        None,
+        "RL data JSON to write.",
+        dest="rl_output",
+        path_kind="file",
+        required=True,
+        commands=(EXPORT,),
+    ),
+    Option(
+        ("--input-dim",),
+        "int",
+        None,
+        "Embedding width d; must agree with SRC (default: read from SRC's weights).",
+        min=1,
+        commands=(CONVERT,),
+    ),
+    Option(
+        ("--num-heads",),
+        "int",
+        None,
+        "Attention heads to record in the metadata (default: SRC's metadata, else 1).",
+        dest="record_heads",
+        min=1,
+        commands=(CONVERT,),
+    ),
+    Option(
+        ("--overwrite",),
+        "bool",
+        False,
+        "Replace DST if it exists.",
+        dest="replace",
+        commands=(CONVERT,),
+    ),
+)
+CORE_OPTIONS = CORE_OPTIONS + _SMALL
+
 
 def options_of(command: str, table: Iterable[Option] = CORE_OPTIONS) -> list[Option]:
     """The records ``command`` takes, in table order."""
@@ -666,6 +745,7 @@ def resume_rules(command: str = TRAIN) -> Mapping[str, Option]:
 __all__ = [
     "CORE_OPTIONS",
     "DEFAULT_POLICY",
+    "RUN_COMMANDS",
     "TABLE_COMMANDS",
     "by_dest",
     "control_dests",

@@ -25,7 +25,8 @@ DATA_COMMANDS = ("train", "prepare", "select", "evaluate")
 class Option:
     """One command-line option contributed by a plugin.
 
-    ``flags``: the spellings, long form first (``("--mmr-reduction", "--mmr_reduction")``);
+    ``flags``: the spellings, long form first (``("--mmr-reduction", "--mmr_reduction")``;
+    a one-letter short form such as ``-o`` may follow);
     ``dest``: the key in ``state.options`` (default: the first flag without dashes,
     ``-`` -> ``_``); ``type``: one of ``int``, ``float``, ``str``, ``bool`` (an on/off
     flag, default False), ``choice`` (one of ``choices``) or ``path`` (a file or folder:
@@ -64,12 +65,18 @@ class Option:
     path_kind: str = ""
     #: Recorded in ``run_config.json`` (``--print-config``, which only prints, is not).
     recorded: bool = True
+    #: The command refuses to run without it.
+    required: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.flags, str):
             object.__setattr__(self, "flags", (self.flags,))
-        if not self.flags or not all(f.startswith("--") for f in self.flags):
+        if not self.flags or not self.flags[0].startswith("--"):
             raise ValueError(f"option flags must start with '--': {self.flags!r}")
+        if not all(f.startswith("-") for f in self.flags):
+            raise ValueError(
+                f"option flags must start with '-' (a short one: '-o'): {self.flags!r}"
+            )
         if self.type not in OPTION_TYPES:
             raise ValueError(f"option {self.flags[0]}: type must be one of {OPTION_TYPES}")
         if self.type == "choice" and not self.choices:

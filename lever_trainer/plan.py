@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .coreoptions import CORE_OPTIONS, TRAIN, options_of
+from .coreoptions import CORE_OPTIONS, RUN_COMMANDS, TRAIN, options_of
 from .errors import LeverError
 from .state import TrainConfig
 
@@ -32,6 +32,7 @@ ALIAS_FLAGS = {
 #: Values a run recorded before an option existed ran with, where that differs from the
 #: option's default today: such a run split off the highest query ids.
 LEGACY_VALUES = {"val_split": "last"}
+RUN = frozenset(RUN_COMMANDS)
 #: The trunk's options, which every policy may read (``TrunkConfig``'s fields).
 POLICY_OPTIONS = ("hidden_dim", "num_layers", "num_heads", "dropout", "attn_dropout", "temperature")
 
@@ -115,7 +116,9 @@ class Settings:
         own = {o.dest: o for o in options_of(command)}
         kwargs: dict[str, Any] = {}
         for dest in core:
-            record = own.get(dest) or next(o for o in CORE_OPTIONS if o.dest == dest)
+            record = own.get(dest) or next(
+                o for o in CORE_OPTIONS if o.dest == dest and set(o.commands) & RUN
+            )
             default: Any = () if record.multiple else record.default
             if record.type == "bool":
                 default = bool(default)
@@ -143,8 +146,9 @@ class Settings:
 
 
 def core_dests() -> list[str]:
-    """Every ``dest`` of the option table, in table order."""
-    return list(dict.fromkeys(o.dest for o in CORE_OPTIONS))
+    """Every ``dest`` of the option table's records for the commands that read data and
+    run policies (``RUN_COMMANDS``), in table order."""
+    return list(dict.fromkeys(o.dest for o in CORE_OPTIONS if set(o.commands) & RUN))
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,27 @@ from lever_trainer.options import Option
 
 #: Flags that name a different option in different commands, on purpose: each is two
 #: records with disjoint commands. ``--output`` is what a command writes (select's picks,
-#: evaluate's report); ``--shots`` defaults to the checkpoint's S in select but to the
-#: data's in evaluate; ``--batch-size`` is queries per optimiser step in training but per
-#: forward pass in select/evaluate; ``--beam-data`` is an alias of ``--queries`` there,
-#: which reads more formats than training's RL data.
-PER_COMMAND = {"--output", "--shots", "--batch-size", "--batch_size", "--beam-data", "--beam_data"}
+#: evaluate's report, plot's picture, export-verdicts' RL data); ``--shots`` defaults to
+#: the checkpoint's S in select but to the data's in evaluate; ``--batch-size`` is queries
+#: per optimiser step in training but per forward pass in select/evaluate; ``--beam-data``
+#: is an alias of ``--queries`` there, which reads more formats than training's RL data;
+#: demo-data's ``--queries`` and ``--seed`` are the size and seed of the dataset it makes;
+#: export-verdicts' ``--judge`` names the environment whose stored verdicts it writes (no
+#: judging); convert-checkpoint's ``--num-heads`` is only recorded in the metadata and its
+#: ``--overwrite`` replaces one file, not a run's directory.
+PER_COMMAND = {
+    "--output",
+    "--shots",
+    "--batch-size",
+    "--batch_size",
+    "--beam-data",
+    "--beam_data",
+    "--queries",
+    "--seed",
+    "--judge",
+    "--num-heads",
+    "--overwrite",
+}
 
 
 def records_by_flag() -> dict[str, list[Option]]:
@@ -54,6 +70,24 @@ def built_commands() -> dict[str, click.Command]:
 
     with click.Context(main, info_name="lever-train") as ctx:
         return {name: main.get_command(ctx, name) for name in TABLE_COMMANDS}  # type: ignore[misc]
+
+
+def test_every_command_with_options_takes_them_from_the_table() -> None:
+    from lever_trainer.cli import main
+
+    with click.Context(main, info_name="lever-train") as ctx:
+        for name in main.list_commands(ctx):
+            command = main.get_command(ctx, name)
+            assert command is not None
+            options = [p for p in command.params if isinstance(p, click.Option)]
+            if name not in TABLE_COMMANDS:
+                assert options == [], name  # `plugins` takes none
+            for param in options:
+                # a record of the core's or a plugin's, or a plugin's alias flag
+                assert hasattr(param, "lever_option") or hasattr(param, "lever_alias"), (
+                    name,
+                    param.opts,
+                )
 
 
 def kind(value: click.ParamType) -> tuple[Any, ...]:

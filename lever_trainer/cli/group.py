@@ -59,6 +59,7 @@ def add_plugin_options(command: click.Command, name: str, declared: list[Any]) -
                     [flag, alias_dest(flag)], is_flag=True, help=f"Same as {what} {item.plugin}."
                 )
                 param.lever_group = "Plugins"  # type: ignore[attr-defined]
+                param.lever_alias = item.plugin  # type: ignore[attr-defined]
                 command.params.append(param)
 
 
@@ -74,9 +75,13 @@ class OneLineError(click.ClickException):
 
 def usage_message(exc: click.UsageError) -> str:
     """Click's message for a bad command line, as one line naming the flag."""
+    if isinstance(exc, click.MissingParameter) and isinstance(exc.param, click.Argument):
+        return f"missing argument {exc.param.human_readable_name}"
+    if isinstance(exc, click.MissingParameter) and exc.param is not None and exc.param.opts:
+        return f"missing option {exc.param.opts[0]}"
     if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param.opts:
-        message = exc.message.rstrip(".")
-        return f"{exc.param.opts[0]}: {message}"
+        if exc.message:
+            return f"{exc.param.opts[0]}: {exc.message.rstrip('.')}"
     return " ".join(exc.format_message().split())
 
 

@@ -120,12 +120,16 @@ def click_type(option: Option) -> Any:
 def click_option(option: Option, group: str = "") -> click.Option:
     """The click parameter of an :class:`Option`, tagged with its help group."""
     kwargs: dict[str, Any] = {"help": option.help, "multiple": option.multiple}
+    if option.required:
+        kwargs["required"] = True
     if option.metavar:
         kwargs["metavar"] = option.metavar
     if option.type == "bool":
         kwargs.update(is_flag=True, default=bool(option.default))
     else:
         kwargs.update(default=option.default, show_default=option.default is not None)
+        if option.required and option.default is None:
+            del kwargs["default"]  # click counts an explicit None as given
         kind = click_type(option)
         if kind is not None:
             kwargs["type"] = kind
@@ -159,6 +163,8 @@ class GroupedCommand(click.Command):
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         groups: dict[str, list[tuple[str, str]]] = {}
         for param in self.get_params(ctx):
+            if isinstance(param, click.Argument):
+                continue  # shown in the usage line
             record = param.get_help_record(ctx)
             if record is not None:
                 groups.setdefault(getattr(param, "lever_group", "Options"), []).append(record)

@@ -45,50 +45,26 @@ def plugins_cmd() -> None:
             click.echo(f"    options: {shown}")
 
 
-@click.command("demo-data")
+@table_command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--queries",
-    type=click.IntRange(min=5),
-    default=400,
-    show_default=True,
-    help="Number of queries.",
-)
-@click.option(
-    "--pool",
-    type=click.IntRange(min=4),
-    default=32,
-    show_default=True,
-    help="Candidate demonstrations per query.",
-)
-@click.option(
-    "--dim", type=click.IntRange(min=2), default=64, show_default=True, help="Embedding width."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dataset.")
 @user_errors
-def demo_data(out_dir: str, queries: int, pool: int, dim: int, seed: int) -> None:
+def demo_data(out_dir: str, n_queries: int, pool: int, dim: int, data_seed: int) -> None:
     """Write a synthetic RL dataset with a learnable signal into OUT_DIR."""
     from ..demo import DemoSpec, demo_train_command, write_demo
 
-    spec = DemoSpec(queries=queries, demos=max(3 * queries, pool), pool=pool, dim=dim, seed=seed)
+    spec = DemoSpec(
+        queries=n_queries, demos=max(3 * n_queries, pool), pool=pool, dim=dim, seed=data_seed
+    )
     data_path, emb_path = write_demo(Path(out_dir), spec)
     click.echo(f"wrote {data_path} and {emb_path}")
     click.echo(f"train with: {demo_train_command(data_path, emb_path)}")
     click.echo("then draw the curves: lever-train plot runs/demo")
 
 
-@click.command("plot")
+@table_command("plot")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Picture to write: .png, .svg or .pdf (default: RUN_DIR/curves.png for one run).",
-)
-@click.option("--title", default=None, help="A title above the panels.")
 @user_errors
-def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -> None:
+def plot_cmd(run_dirs: tuple[str, ...], picture: str | None, title: str | None) -> None:
     """Draw the curves of one or more runs (overlaid) from their metrics.jsonl and
     steps.jsonl: training and validation loss, KL and its weight, policy_reward@1
     against random and oracle, normalized_gain, and downstream judge_* metrics.
@@ -98,6 +74,7 @@ def plot_cmd(run_dirs: tuple[str, ...], output: str | None, title: str | None) -
     from ..plot import draw, read_run, run_names
 
     paths = [Path(d) for d in run_dirs]
+    output = picture
     if output is None:
         if len(paths) > 1:
             raise LeverError("--output: name the picture to write when plotting several runs")
@@ -133,35 +110,17 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
         raise LeverError(f"{report.cache_path}: could not write the prepared form")
 
 
-@click.command("export-verdicts")
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="The verdict store (default: the shared one).",
-)
-@click.option(
-    "--judge",
-    "judge_name",
-    required=True,
-    metavar="NAME",
-    help="Environment whose verdicts to export.",
-)
-@click.option(
-    "--version", "env_version", default=None, help="Its version (default: the only one stored)."
-)
-@click.option(
-    "--output", required=True, type=click.Path(dir_okay=False), help="RL data JSON to write."
-)
+@table_command("export-verdicts")
 @user_errors
 def export_verdicts(
-    store: str | None, judge_name: str, env_version: str | None, output: str
+    store: str | None, judge_name: str, env_version: str | None, rl_output: str
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
     from ..fileio import STDOUT, output_kind, write_output
     from ..judge import VerdictStore, default_store_path, export_rl_data
 
+    output = rl_output
     to_stdout = output_kind(output, "--output") == STDOUT
     path = Path(store) if store else default_store_path()
     if not path.is_file():
@@ -189,31 +148,17 @@ def export_verdicts(
     )
 
 
-@click.command("convert-checkpoint")
+@table_command("convert-checkpoint")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option(
-    "--input-dim",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Embedding width d; must agree with SRC (default: read from SRC's weights).",
-)
-@click.option(
-    "--num-heads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Attention heads to record in the metadata (default: SRC's metadata, else 1).",
-)
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a full (unsafe) pickle load of SRC.")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @user_errors
 def convert_checkpoint_cmd(
     src: str,
     dst: str,
     input_dim: int | None,
-    num_heads: int | None,
+    record_heads: int | None,
     trust_checkpoint: bool,
-    overwrite: bool,
+    replace: bool,
 ) -> None:
     """Convert a starting checkpoint SRC into this project's safetensors DST.
 
@@ -231,9 +176,9 @@ def convert_checkpoint_cmd(
         src,
         dst,
         input_dim=input_dim,
-        num_heads=num_heads,
+        num_heads=record_heads,
         trust=trust_checkpoint,
-        overwrite=overwrite,
+        overwrite=replace,
         warn=warn,
         build=lambda d, options: build_policy(plugins, FOREIGN_POLICY, d, options),
     )
