@@ -25,15 +25,17 @@ def installed_plugins() -> tuple[Any, ...]:
 def plugin_declarations(completing: bool = False) -> list[Any]:
     """What the installed plugins add to the command line (``completion.Declared``):
     from the cache when it matches the installed plugins, so that options are parsed
-    and checked without importing any plugin (or torch); else from discovery, which
-    refreshes the cache. Shell completion (``completing``) never discovers."""
+    and checked without importing any plugin (or torch); else (no cache, a stale one, or
+    one that records a broken plugin) from discovery, which refreshes the cache. Shell
+    completion (``completing``) never discovers."""
     from .. import completion
 
     cached = completion.load()
-    if cached is not None:
-        return cached
     if completing:
-        return []
+        return cached or []
+    # a plugin that was broken may work now (a dependency installed since): rediscover
+    if cached is not None and not any(d.refusal for d in cached):
+        return cached
     return completion.declared(installed_plugins())
 
 
