@@ -64,6 +64,11 @@ def test_option_mistakes_are_one_line_before_torch_is_imported(tmp_path, demo_fi
         # no plugin module (the package itself is found, not run: its __init__ holds only a docstring)
         assert not any(m.startswith("lever_trainer_plugins.") for m in modules), args
     assert not (tmp_path / "out").exists()
+    rc, err, modules = lever_train(*run, env={**env, "LEVER_TRAIN_RCE_EPOCHS": "x"})
+    assert rc == 2 and "torch" not in modules
+    assert err.strip() == (
+        "error: environment variable LEVER_TRAIN_RCE_EPOCHS (--rce-epochs): 'x' is not a valid int"
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ import functools
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from .. import __version__
+from .. import __version__, settings
 from .params import click_option
 
 
@@ -65,6 +66,9 @@ def add_plugin_options(command: click.Command, name: str, declared: list[Any]) -
                 command.params.append(param)
 
 
+ENVIRONMENT = ParameterSource.ENVIRONMENT
+
+
 class OneLineError(click.ClickException):
     """A command-line mistake: one ``error:`` line on stderr and exit status 2."""
 
@@ -82,8 +86,12 @@ def usage_message(exc: click.UsageError) -> str:
     if isinstance(exc, click.MissingParameter) and exc.param is not None and exc.param.opts:
         return f"missing option {exc.param.opts[0]}"
     if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param.opts:
+        where = exc.param.opts[0]
+        ctx, name = exc.ctx, exc.param.name
+        if ctx is not None and name and ctx.get_parameter_source(name) == ENVIRONMENT:
+            where = f"environment variable {settings.envvar_name(ctx, name)} ({where})"
         if exc.message:
-            return f"{exc.param.opts[0]}: {exc.message.rstrip('.')}"
+            return f"{where}: {exc.message.rstrip('.')}"
     return " ".join(exc.format_message().split())
 
 
