@@ -770,19 +770,6 @@ def main() -> None:
 )
 @judge_options
 @plugin_options
-@opt("--rce_use_raw_reward", group="Plugins", is_flag=True, help="Same as --plugin raw-reward.")
-@opt(
-    "--rce_use_normalized_reward",
-    group="Plugins",
-    is_flag=True,
-    help="Same as --plugin normalized-reward.",
-)
-@opt(
-    "--freeze_backbone_in_grpo",
-    group="Plugins",
-    is_flag=True,
-    help="Same as --plugin freeze-backbone.",
-)
 @click.pass_context
 @user_errors
 def train(ctx: click.Context, **opts: Any) -> None:
@@ -895,9 +882,8 @@ def plugins_cmd() -> None:
         if p.description:
             click.echo(f"    {p.description}")
         click.echo(f"    hooks: {', '.join(p.hooks) or 'none'}")
-        policies = getattr(p.obj, "POLICIES", ())
-        if policies:
-            click.echo(f"    policies: {', '.join(policies)}")
+        if p.policies:
+            click.echo(f"    policies: {', '.join(p.policies)}")
         aliases = [*p.enable_flags, *(f"{f} (= --no-plugin)" for f in p.disable_flags)]
         if aliases:
             click.echo(f"    aliases: {', '.join(aliases)}")

@@ -28,7 +28,7 @@ from typing import Any, cast
 from .errors import LeverError
 from .options import DATA_COMMANDS
 from .phase import Phase
-from .plugins import PluginSet
+from .plugins import ALIAS_PREFIX, PluginSet
 from .state import TrainConfig, TrainState
 from .trainer import remaining_phases
 
@@ -78,9 +78,6 @@ _FIXED_GROUPS: dict[str, tuple[str, ...]] = {
     "the run's plugins are fixed": (
         "plugins_on",
         "plugins_off",
-        "rce_use_raw_reward",
-        "rce_use_normalized_reward",
-        "freeze_backbone_in_grpo",
     ),
     "it would change how the remaining steps are computed; start a new run from one "
     "of this run's checkpoints (--sft-ckpt) to change it": (
@@ -218,8 +215,10 @@ def plan_resume(
             plan.extended = plan.extended or new > (old or 0)
         elif dest in APPLIED:
             pass
-        elif dest in FIXED:
-            raise LeverError(f"--resume: cannot change {shown}: {FIXED[dest]}")
+        elif dest in FIXED or dest.startswith(ALIAS_PREFIX):  # a plugin's alias flag
+            raise LeverError(
+                f"--resume: cannot change {shown}: {FIXED.get(dest, FIXED['plugins_on'])}"
+            )
         elif dest in plugin_options:
             plugin, option = plugin_options[dest]
             own_phases = [name for name, owner in owners.items() if owner == plugin]
@@ -229,7 +228,7 @@ def plan_resume(
                     f"plugin {plugin} that shapes the data)"
                 )
             info = next((p for p in plugins.active if p.name == plugin), None)
-            if info is not None and getattr(info.obj, "POLICIES", None):
+            if info is not None and info.policies:
                 raise LeverError(
                     f"--resume: cannot change {shown}: {FIXED['policy']} (an option of "
                     f"plugin {plugin}, which builds policies)"

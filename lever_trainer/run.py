@@ -46,12 +46,6 @@ from .rundir import RunLock, check_output_dir, clear_previous_run, occupied_erro
 from .state import TrainConfig
 from .trainer import Trainer, collect_phases
 
-#: Seed-script flags that stand for a plugin choice.
-ALIAS_FLAGS = {
-    "rce_use_raw_reward": ("--rce_use_raw_reward", "raw-reward"),
-    "rce_use_normalized_reward": ("--rce_use_normalized_reward", "normalized-reward"),
-    "freeze_backbone_in_grpo": ("--freeze_backbone_in_grpo", "freeze-backbone"),
-}
 #: The trunk's options (core flags), which every policy may read.
 POLICY_OPTIONS = tuple(n for n in TrunkConfig.field_names() if n != "input_dim")
 #: File name of a run's configuration in its output directory.
@@ -62,33 +56,13 @@ Echo = Callable[[str], None]
 OptionCheck = Callable[[str, Any], "str | None"]
 
 
-def plugin_choices(enable: Iterable[str], aliases: Mapping[str, Any]) -> list[str]:
-    """--plugin names plus those implied by the seed script's flags."""
-    names = list(enable)
-    on = [flag for key, (flag, _) in ALIAS_FLAGS.items() if aliases.get(key)]
-    if "--rce_use_raw_reward" in on and "--rce_use_normalized_reward" in on:
-        raise LeverError(
-            "--rce_use_raw_reward and --rce_use_normalized_reward both choose "
-            "the RCE reward (raw and normalized); give only one"
-        )
-    for key, (_, plugin) in ALIAS_FLAGS.items():
-        if aliases.get(key) and plugin not in names:
-            names.append(plugin)
-    if "raw-reward" in names and "normalized-reward" in names:
-        raise LeverError(
-            "--plugin raw-reward and --plugin normalized-reward both choose "
-            "the RCE reward; give only one"
-        )
-    return names
-
-
 def activate_plugins(opts: Mapping[str, Any], given: Mapping[str, str], warn: Echo) -> PluginSet:
     """The run's plugins; an explicitly given option of an inactive plugin is an error."""
     from .plugins import alias_choices, discover
 
     installed = discover()
     alias_on, alias_off = alias_choices(installed, opts)
-    enable = plugin_choices([*(opts.get("plugins_on") or ()), *alias_on], opts)
+    enable = [*(opts.get("plugins_on") or ()), *alias_on]
     disable = [*(opts.get("plugins_off") or ()), *alias_off]
     plugins = load_plugins(list(dict.fromkeys(enable)), list(dict.fromkeys(disable)), warn=warn)
     active = plugins.options()
@@ -624,7 +598,6 @@ def record_resume(
 
 
 __all__ = [
-    "ALIAS_FLAGS",
     "RUN_CONFIG",
     "Run",
     "assemble",

@@ -44,6 +44,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class About:
+    """What a plugin says of itself: its ``about`` hook's answer.
+
+    Attributes:
+        description: one line, shown by ``lever-train plugins`` (default: the first line
+            of the plugin's docstring).
+        enabled_by_default: the plugin takes part in every run unless ``--no-plugin
+            NAME`` (otherwise it waits for ``--plugin NAME``).
+        enable_flags, disable_flags: flags such as ``"--use_top1_only"`` that ``train``
+            accepts as ``--plugin NAME`` / ``--no-plugin NAME`` (the spellings of the
+            script a plugin replaces).
+        chooses: what the plugin decides, in a few words ("the RCE reward"): two
+            plugins that choose the same thing cannot both be asked for by name; the run
+            is refused before it starts, naming both.
+    """
+
+    description: str = ""
+    enabled_by_default: bool = False
+    enable_flags: tuple[str, ...] = ()
+    disable_flags: tuple[str, ...] = ()
+    chooses: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("enable_flags", "disable_flags"):
+            flags = getattr(self, name)
+            if isinstance(flags, str) or not all(
+                isinstance(f, str) and f.startswith("--") for f in flags
+            ):
+                raise TypeError(f"About.{name} must be a tuple of '--flags', got {flags!r}")
+            object.__setattr__(self, name, tuple(flags))
+
+
+@dataclass(frozen=True)
 class RewardChoice:
     """A ``select_reward`` answer: which reward tensor a phase's loss consumes.
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lever_trainer.api import Batch
 from lever_trainer_plugins.judge_rank import JudgeRankPhase
-from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy, build_policy
+from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy, build
 
 FILES = lever_digits_env.files()
 
@@ -63,8 +63,8 @@ def test_the_ranking_loss_by_hand() -> None:
 
 
 def test_the_candidate_term_starts_at_zero_and_older_checkpoints_load_without_it() -> None:
-    with_term = build_policy("cosine-bilinear", 8, {"bilinear_candidate_term": "on"})
-    without = build_policy("cosine-bilinear", 8, {})
+    with_term = build(8, {"bilinear_candidate_term": "on"})
+    without = build(8, {})
     assert with_term is not None and without is not None
     assert "candidate_quadratic" in dict(with_term.named_parameters())
     assert "candidate_quadratic" not in dict(without.named_parameters())

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from lever_trainer.api import Policy, TrainState, hookimpl
+from lever_trainer.api import About, Policy, TrainState, hookimpl
 
-DESCRIPTION = (
-    "freeze the policy's backbone (input_proj, query_proj, cand_proj) at the start of GRPO"
-)
+
+@hookimpl
+def about() -> About:
+    """``--freeze_backbone_in_grpo`` (the seed script's flag) asks for it."""
+    return About(
+        description="freeze the policy's backbone (input_proj, query_proj, cand_proj) at the "
+        "start of GRPO",
+        enable_flags=("--freeze_backbone_in_grpo",),
+    )
 
 
 @hookimpl
