@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -395,10 +395,16 @@ class PluginSet:
         finally:
             self.current_plugin = outer
 
-    def _answers(self, hook_name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    def _answers(
+        self, hook_name: str, kwargs: dict[str, Any], only: Collection[str] | None = None
+    ) -> list[tuple[str, Any]]:
         out = []
         # pluggy calls implementations last-registered first; keep its order.
-        impls = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        impls = [
+            impl
+            for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+            if only is None or impl.plugin_name in only
+        ]
         for i, impl in enumerate(impls):
             args = {a: kwargs[a] for a in impl.argnames}
             # the plugins that will not have answered if this one fails
@@ -416,27 +422,14 @@ class PluginSet:
             out.append((impl.plugin_name, result))
         return out
 
-    def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call a broadcast hook on every active plugin; returns ``(plugin, result)`` pairs."""
+    def call_all(
+        self, hook_name: str, *, only: Collection[str] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call a broadcast hook on every active plugin (or on those named in ``only``);
+        returns ``(plugin, result)`` pairs, in call order."""
         if hook_name in hookspecs.single_answer_hooks():
             raise ValueError(f"hook {hook_name} takes a single answer: use call_single")
-        return self._answers(hook_name, kwargs)
-
-    def call_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
-        """Call ``hook_name`` of one active plugin only (None if it does not implement it)."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            if impl.plugin_name != plugin:
-                continue
-            try:
-                with self._calling(plugin):
-                    return impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except (LeverError, Interrupted):
-                raise
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
-                raise PluginError(
-                    f"plugin {plugin} failed in hook {hook_name}: {type(exc).__name__}: {exc}"
-                ) from exc
-        return None
+        return self._answers(hook_name, kwargs, only)
 
     def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
         """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""

@@ -468,7 +468,7 @@ def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
                 "not active in this run"
             )
             continue
-        trainer.plugins.call_plugin(name, "load_plugin_state", state=state, saved=saved)
+        trainer.plugins.call_all("load_plugin_state", only=[name], state=state, saved=saved)
     try:
         restore_rng(snap, trainer.generator)
     except (RuntimeError, ValueError, TypeError) as exc:

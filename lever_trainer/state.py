@@ -200,6 +200,12 @@ class TrainState:
     emb: Embeddings | None = None
     logger: Callable[[str], None] = print
     logprobs_fn: Callable[[QueryTable], torch.Tensor] | None = field(default=None, repr=False)
+    #: Every metric name an epoch of the phases still to run can report (set by the
+    #: trainer before ``on_train_start`` from the phases' ``metric_names``, its own and
+    #: validation's); see :meth:`knows_metric`.
+    metric_names: set[str] = field(default_factory=set, repr=False)
+    #: Some phase declares no ``metric_names``: any ``train_*`` name may be one of its.
+    metrics_open: bool = False
     _decided: set[str] = field(default_factory=set, repr=False)
 
     def log(self, message: str) -> None:
@@ -216,6 +222,11 @@ class TrainState:
         if self.logprobs_fn is None:
             raise RuntimeError("eval_logprobs needs a trainer (state.logprobs_fn is unset)")
         return self.logprobs_fn(self.train if table is None else table)
+
+    def knows_metric(self, name: str) -> bool:
+        """Whether an epoch of this run can report the metric ``name`` (what a plugin that
+        watches a metric, like ``early-stopping``, checks before the first epoch)."""
+        return name in self.metric_names or (self.metrics_open and name.startswith("train_"))
 
     def phase_epochs(self, phase: str | None = None) -> int:
         """Number of epochs of ``phase`` (default: the current one; 0 if it is not run)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from .evaluation import (
     format_metrics,
 )
 from .judge import Judge
-from .metrics import clearly_better
+from .metrics import TRAINER_METRICS, clearly_better
 from .phase import Phase
 from .plugins import Decision, PluginSet
 from .policy import Policy
@@ -222,6 +222,7 @@ class Trainer:
         state = self.state
         to_run = self.phases_to_run(resume)
         self.check_settings(to_run)
+        state.metric_names, state.metrics_open = self.declared_metrics(to_run)
         if not self.rewards:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
@@ -376,6 +377,24 @@ class Trainer:
         :func:`remaining_phases`)."""
         return remaining_phases(self.phases, self.state, resume)
 
+    def declared_metrics(self, phases: Sequence[Phase] | None = None) -> tuple[set[str], bool]:
+        """``(names, open)``: every metric an epoch of ``phases`` (default: all the run's)
+        can report, from the phases' declarations (``Phase.metric_names``), the trainer's
+        own (:data:`TRAINER_METRICS`) and validation's; ``open`` when a phase declares
+        none, so that any ``train_*`` name may be one of its."""
+        names = set(TRAINER_METRICS)
+        if len(self.state.val):
+            names |= set(ALL_VALIDATION_METRICS)
+            if self.state.judge is not None:
+                names |= set(ALL_JUDGED_METRICS)
+        undeclared = False
+        for phase in self.phases if phases is None else phases:
+            if phase.metric_names is None:
+                undeclared = True
+            else:
+                names |= set(phase.metric_names)
+        return names, undeclared
+
     def check_settings(self, to_run: list[Phase]) -> None:
         """Settings that can only be checked against the phases and the data, checked
         before anything is written: ``--best-metric`` must name a metric the run has."""
@@ -385,13 +404,6 @@ class Trainer:
         validation = set(ALL_VALIDATION_METRICS)
         if self.state.judge is not None:
             validation |= set(ALL_JUDGED_METRICS)
-        known = {"train_loss", "train_grad_norm", "epoch_seconds", "skipped_steps"}
-        undeclared = False
-        for phase in to_run or self.phases:
-            if phase.metric_names is None:
-                undeclared = True
-            else:
-                known |= set(phase.metric_names)
         if name in validation:
             if not len(self.state.val):
                 raise LeverError(
@@ -399,10 +411,24 @@ class Trainer:
                     "validation queries (raise --val-ratio, or name a training metric)"
                 )
             return
+        known, undeclared = self.declared_metrics(to_run or self.phases)
         if name in known or (undeclared and name.startswith("train_")):
             return
-        shown = ", ".join(sorted(known | (validation if len(self.state.val) else set())))
-        raise LeverError(f"--best-metric: no metric named {name!r} (known: {shown})")
+        raise LeverError(
+            f"--best-metric: no metric named {name!r} (known: {', '.join(sorted(known))})"
+        )
+
+    def check_declared(self, phase: Phase, names: Iterable[str], where: str) -> None:
+        """A phase that declares its metrics reports no other (``names``: what its
+        ``where`` gave, as epoch metric names)."""
+        if phase.metric_names is None:
+            return
+        extra = sorted(set(names) - set(phase.metric_names))
+        if extra:
+            raise PluginError(
+                f"phase {phase.name}: {where} reports {', '.join(extra)}, which its "
+                "metric_names does not declare"
+            )
 
     def resolve_rewards(self) -> dict[str, Decision]:
         """Ask ``select_reward`` for every phase that will run and needs one; log the answers."""
@@ -530,8 +556,7 @@ class Trainer:
             pending = [n for n in progress.get("pending_step_end") or [] if n in self.plugins.names]
             if pending:  # the last step, for the plugins that failed to see it
                 state.last_step = dict(progress.get("pending_last_step") or {})
-                for name in pending:
-                    self.plugins.call_plugin(name, "on_step_end", state=state)
+                self.plugins.call_all("on_step_end", only=pending, state=state)
         else:
             if data is None:
                 order = self.epoch_rows(phase, epoch)
@@ -600,6 +625,7 @@ class Trainer:
             self.step_torn = True
             self.optimizer.step()
             self.check_weights(phase)
+            self.check_declared(phase, (f"train_{k}" for k in out if k != "loss"), "loss")
             values = {k: float(v.detach()) for k, v in out.items()}
             values["grad_norm"] = grad_norm
             values["lr"] = lr
@@ -735,7 +761,9 @@ class Trainer:
                 f"warning: {phase.name} epoch {state.epoch}: skipped {skipped} steps with a "
                 "non-finite loss or gradient"
             )
-        metrics.update(phase.epoch_metrics(state))
+        extra = phase.epoch_metrics(state)
+        self.check_declared(phase, extra, "epoch_metrics")
+        metrics.update(extra)
         validation = self.evaluator.validation(state.val)
         metrics.update(validation.metrics)
         val_loss = metrics.get("val_loss")

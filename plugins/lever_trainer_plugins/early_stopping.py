@@ -39,6 +39,17 @@ def direction(metric: str, mode: str) -> str:
 
 
 @hookimpl
+def on_train_start(state: TrainState) -> None:
+    """Refuse, before the first epoch, a metric that no epoch of this run reports."""
+    metric = str(state.options["early_stop_metric"])
+    if not state.knows_metric(metric):
+        raise LeverError(
+            f"--early-stop-metric {metric!r}: no epoch of this run reports it (its "
+            f"metrics: {', '.join(sorted(state.metric_names))})"
+        )
+
+
+@hookimpl
 def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Count epochs without improvement; request the stop at the patience."""
     phases = phase_set(state, "early_stop_phases", "--early-stop-phases")

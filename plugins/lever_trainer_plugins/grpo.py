@@ -54,7 +54,22 @@ class GRPOPhase(Phase):
     lr_option = "grpo_lr"
     needs_reference = True
     log_metrics = ("train_kl", "kl_beta")
-    metric_names = ("train_ppo", "train_kl", "train_mean_ratio", "train_kept", "kl_beta")
+    metric_names = (
+        "train_ppo",
+        "train_kl",
+        "train_mean_ratio",
+        "train_max_ratio",
+        "train_clip_low",
+        "train_clip_high",
+        "train_kl_beta",
+        "train_adv_mean",
+        "train_adv_std",
+        "train_zero_var_groups",
+        "train_skipped_groups",
+        "train_entropy",
+        "train_kept",
+        "kl_beta",
+    )
 
     def __init__(self) -> None:
         self.kl_beta = 0.0

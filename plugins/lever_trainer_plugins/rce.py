@@ -40,7 +40,7 @@ class RCEPhase(Phase):
     order = 20
     epochs_option = "rce_epochs"
     lr_option = "rce_lr"
-    metric_names = ("train_tau",)
+    metric_names = ("train_tau", "train_ess")
 
     def __init__(self) -> None:
         #: The epochs the phase had when it started: the schedule's length. A run resumed
