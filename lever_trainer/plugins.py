@@ -431,6 +431,24 @@ class PluginSet:
             raise ValueError(f"hook {hook_name} takes a single answer: use call_single")
         return self._answers(hook_name, kwargs, only)
 
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        """``{plugin: state}``: the ``plugin_state_dict`` answers that are not None."""
+        answers = self.call_all("plugin_state_dict", state=state)
+        return {name: value for name, value in answers if value is not None}
+
+    def load_state_dict(self, saved: Mapping[str, Any], state: Any) -> None:
+        """Hand each active plugin what :meth:`state_dict` kept of it
+        (``load_plugin_state``); the state of a plugin not active now is skipped, with a
+        warning in the run's log."""
+        for name, value in saved.items():
+            if name not in self.names:
+                state.log(
+                    f"warning: the snapshot holds a state of plugin {name}, which is "
+                    "not active in this run"
+                )
+                continue
+            self.call_all("load_plugin_state", only=[name], state=state, saved=value)
+
     def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
         """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""
         if hook_name not in hookspecs.single_answer_hooks():

@@ -223,6 +223,38 @@ class TrainState:
             raise RuntimeError("eval_logprobs needs a trainer (state.logprobs_fn is unset)")
         return self.logprobs_fn(self.train if table is None else table)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the run stands and what it has recorded, for resume snapshots: the
+        position (``phase``, ``epoch``, ``step``, ``global_step``, ``step_in_epoch``), the
+        ``history``, the last and the starting ``metrics``, the reference log-probs and a
+        plugin's stop request."""
+        stop = self.stop_request
+        return {
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "step_in_epoch": self.step_in_epoch,
+            "history": list(self.history),
+            "start_metrics": self.start_metrics,
+            "metrics": self.metrics,
+            "stop_request": None if stop is None else [stop.reason, stop.plugin],
+            "ref_logprobs": self.ref_logprobs,
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, except the position inside the
+        phase (``phase``, ``epoch``, ``step``, ``step_in_epoch``), which the trainer sets
+        when it re-enters the snapshot's phase and epoch."""
+        self.history = list(saved["history"])
+        self.start_metrics = dict(saved.get("start_metrics") or {})
+        self.metrics = dict(saved["metrics"])
+        self.global_step = saved["global_step"]
+        self.ref_logprobs = saved["ref_logprobs"]
+        if saved.get("stop_request") is not None:
+            reason, plugin = saved["stop_request"]
+            self.stop_request = StopRequest(reason, plugin)
+
     def knows_metric(self, name: str) -> bool:
         """Whether an epoch of this run can report the metric ``name`` (what a plugin that
         watches a metric, like ``early-stopping``, checks before the first epoch)."""

@@ -250,7 +250,7 @@ class Trainer:
                     "on_start_validation", state=state, metrics=state.start_metrics
                 )
         else:
-            snapshot.restore(self, resume)
+            self.load_state_dict(resume)
             state.log(
                 f"resumed from phase {resume['phase']} epoch {resume['epoch']} "
                 f"step {resume['step_in_epoch']}"
@@ -553,6 +553,7 @@ class Trainer:
             }
             state.step_in_epoch = progress["step_in_epoch"]
             snapshot.restore_rng(progress)
+            self.step_rng = snapshot.capture_rng(self.generator)
             pending = [n for n in progress.get("pending_step_end") or [] if n in self.plugins.names]
             if pending:  # the last step, for the plugins that failed to see it
                 state.last_step = dict(progress.get("pending_last_step") or {})
@@ -572,6 +573,9 @@ class Trainer:
                 "epoch_counted": 0,
                 "epoch_skipped": 0,
             }
+            # the random states a snapshot of this epoch starts from (the order and the
+            # epoch's data drew from them); then each step records its own, once
+            self.step_rng = snapshot.capture_rng(self.generator)
         order = self.epoch_progress["epoch_order"]
         state.steps_per_epoch = math.ceil(len(order) / bs)
         rows = order[state.step_in_epoch * bs :]
@@ -615,7 +619,6 @@ class Trainer:
         """One optimiser step on ``batch`` (skipped when its loss or gradient is not finite)."""
         state, progress = self.state, self.epoch_progress
         assert self.optimizer is not None
-        self.step_rng = snapshot.capture_rng(self.generator)
         batch = batch.to(self.device)
         out = phase.loss(state, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -643,6 +646,7 @@ class Trainer:
         state.step += 1
         state.global_step += 1
         state.step_in_epoch += 1
+        # the random states after this step, taken once: what a snapshot of it holds
         self.step_rng = snapshot.capture_rng(self.generator)
         try:
             self.plugins.call_all("on_step_end", state=state)
@@ -863,10 +867,100 @@ class Trainer:
             **self.run_metadata,
         }
 
+    def state_dict(self, epoch_closed: bool) -> dict[str, Any]:
+        """Everything needed to continue after the last completed step (what a resume
+        snapshot holds, see :mod:`lever_trainer.snapshot`).
+
+        ``epoch_closed``: the epoch's validation, checkpoint and hooks are done. When they
+        are not, the epoch's entry in the history (added before its hooks ran, if a hook
+        failed) is left out: the resumed run closes the epoch and records it once.
+        """
+        state = self.state
+        position = state.state_dict()
+        history = position["history"]
+        if (
+            not epoch_closed
+            and history
+            and ((history[-1].get("phase"), history[-1].get("epoch")) == (state.phase, state.epoch))
+        ):
+            history.pop()
+        pending = self.pending_step_end and not epoch_closed
+        return {
+            "format": snapshot.SNAPSHOT_FORMAT,
+            "epoch_closed": epoch_closed,
+            **position,
+            "bad_steps": self.bad_steps,
+            "keeper": self.keeper.state_dict(),
+            "start_logprobs": self.start_logprobs,
+            # the starting weights: best.safetensors while no epoch has beaten them, and
+            # the reference log-probs of a later extension into a phase that needs them
+            "start_model": self.start_weights
+            if self.start_logprobs is None or self.keeper.start_is_best
+            else None,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "phases": {phase.name: phase.state_dict() for phase in self.phases},
+            "plugins": self.plugins.state_dict(state),
+            **self.epoch_progress,
+            **self.step_rng,
+            # the plugins that have not seen the last step (one failed in on_step_end)
+            **(
+                {
+                    "pending_step_end": list(self.pending_step_end),
+                    "pending_last_step": state.last_step,
+                }
+                if pending
+                else {}
+            ),
+        }
+
+    def load_state_dict(self, snap: dict[str, Any]) -> None:
+        """Put the run-wide state of a snapshot back (the phase's optimiser, position and
+        epoch progress are restored when that phase starts, see :meth:`run_phase`).
+
+        Only the phases that had started (the snapshot's phase and those before it) get
+        their saved state back; a later phase starts from its options, which a resumed
+        run may have changed (``--resume DIR --grpo-epochs 2 --kl-beta 0.05``).
+        """
+        state = self.state
+        where = self.output_dir / SNAPSHOT_NAME
+        try:
+            self.model.load_state_dict(snap["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise LeverError(
+                f"{where}: its weights do not fit the run's policy ({first})"
+            ) from None
+        state.load_state_dict(snap)
+        self.bad_steps = snap["bad_steps"]
+        self.keeper.load_state_dict(snap["keeper"])
+        self.start_logprobs = snap["start_logprobs"]
+        self.start_weights = snap.get("start_model")
+        saved_phases = snap.get("phases", {})
+        names = [p.name for p in self.phases]
+        started = names[: names.index(snap["phase"]) + 1] if snap["phase"] in names else names
+        for phase in self.phases:
+            if phase.name in saved_phases and phase.name in started:
+                try:
+                    phase.load_state_dict(saved_phases[phase.name])
+                except LeverError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"phase {phase.name}: cannot restore its state from {where} "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from exc
+        self.plugins.load_state_dict(snap.get("plugins", {}), state)
+        try:
+            snapshot.restore_rng(snap, self.generator)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise LeverError(f"{where}: unusable random state ({exc})") from None
+        self.step_rng = snapshot.capture_rng(self.generator)
+
     def save_snapshot(self, epoch_closed: bool) -> Path:
         """Write the resume snapshot to ``OUTPUT_DIR/resume.pt``, atomically."""
         path = self.output_dir / SNAPSHOT_NAME
-        snapshot.write(path, snapshot.take(self, epoch_closed))
+        snapshot.write(path, self.state_dict(epoch_closed))
         self.has_snapshot = True
         return path
 
