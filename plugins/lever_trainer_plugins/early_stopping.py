@@ -18,12 +18,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lever_trainer.api import LeverError, Option, TrainState, hookimpl
+from lever_trainer.api import About, LeverError, Option, TrainState, hookimpl
 
 from ._phase_list import phase_set
 
 NAME = "early-stopping"
-DESCRIPTION = "stop the run when a metric has not improved for --early-stop-patience epochs"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="stop the run when a metric has not improved for --early-stop-patience epochs",
+    )
 
 
 def _state(state: TrainState) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch
 
 from lever_trainer.api import (
     TABLE_FIELDS,
+    About,
     Batch,
     EpochData,
     LeverError,
@@ -45,9 +46,16 @@ from lever_trainer.api import (
     pool_batches,
 )
 
-DESCRIPTION = (
-    "phase `judge-rank`: judge each top candidate behind anchors, learn the ranking (--judge)"
-)
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description=(
+            "phase `judge-rank`: judge each top candidate behind "
+            "anchors, learn the ranking (--judge)"
+        ),
+    )
 
 
 class JudgeRankPhase(Phase):

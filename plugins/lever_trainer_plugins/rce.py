@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lever_trainer.api import (
+    About,
     Batch,
     Option,
     Phase,
@@ -29,8 +30,14 @@ from lever_trainer.api import (
     weighted_sequence_loss,
 )
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "phase `rce`: reward-weighted cross-entropy warm-up"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="phase `rce`: reward-weighted cross-entropy warm-up",
+        enabled_by_default=True,
+    )
 
 
 class RCEPhase(Phase):

@@ -16,10 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
 
 NAME = "reference-sync"
-DESCRIPTION = "every N GRPO steps: ref = alpha * current log-probs + (1 - alpha) * ref"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="every N GRPO steps: ref = alpha * current log-probs + (1 - alpha) * ref",
+    )
 
 
 def _state(state: TrainState) -> dict[str, Any]:
