@@ -298,6 +298,12 @@ def _scan() -> list[PluginInfo]:
     return plugins
 
 
+def implementers(hook: str) -> list[str]:
+    """The installed plugins (working ones) that implement ``hook``: what to suggest when
+    no active plugin answers it."""
+    return [p.name for p in discover() if not p.broken and hook in p.hooks]
+
+
 #: How the option names of plugins' alias flags begin (see :func:`alias_dest`).
 ALIAS_PREFIX = "plugin_flag_"
 

@@ -31,7 +31,7 @@ from .evaluation import (
 from .judge import Judge
 from .metrics import TRAINER_METRICS, clearly_better
 from .phase import Phase
-from .plugins import Decision, PluginSet
+from .plugins import Decision, PluginSet, implementers
 from .policy import Policy
 from .retention import BEST_NAME, START, CheckpointKeeper
 from .state import RewardChoice, TrainConfig, TrainState
@@ -54,6 +54,13 @@ class StopRequested(Exception):
         super().__init__(reason)
         self.reason = reason
         self.phase, self.epoch, self.step = state.phase, state.epoch, state.step_in_epoch
+
+
+def suggest(hook: str) -> str:
+    """`` (installed: --plugin A, --plugin B)``: the installed plugins that implement
+    ``hook``, for a message saying that no active one does (empty when none is)."""
+    names = implementers(hook)
+    return f" (installed: {', '.join(f'--plugin {n}' for n in names)})" if names else ""
 
 
 def collect_phases(plugins: PluginSet) -> list[Phase]:
@@ -440,7 +447,7 @@ class Trainer:
             if decision is None:
                 raise LeverError(
                     f"no active plugin answers hook select_reward for phase {phase.name!r}; "
-                    "enable one (e.g. --plugin raw-reward), see `lever-train plugins`"
+                    f"enable one{suggest('select_reward')}, see `lever-train plugins`"
                 )
             answer = decision.value
             if not isinstance(answer, RewardChoice) or not callable(answer.compute):
@@ -975,7 +982,8 @@ class Trainer:
             raise LeverError(
                 "the starting model's log-probs (the default GRPO reference) are not in "
                 "this run's snapshot, which was written by an older lever-train; extend it "
-                "with --plugin grpo-reference-refresh or start a new run from its checkpoint"
+                f"with a plugin that answers reference_logprobs{suggest('reference_logprobs')} "
+                "or start a new run from its checkpoint"
             )
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.start_weights)
