@@ -296,3 +296,14 @@ def test_a_training_run_discovers_the_plugins_once(
     # what a test that installs a plugin meanwhile needs: a reset looks again
     plugins.reset_discovery()
     assert discover() and len(scans) == 2
+
+
+def test_alias_flags_are_read_under_their_option_name_and_as_older_runs_recorded_them() -> None:
+    from lever_trainer.plugins import alias_choices, alias_dest
+
+    info = describe_object("decl", Declares())
+    assert alias_dest("--use_it") == "plugin_flag_use_it"
+    assert alias_choices([info], {"plugin_flag_use_it": True}) == (["decl"], [])
+    # a run_config.json written when the flag was a core option records it as "use_it"
+    assert alias_choices([info], {"use_it": True}) == (["decl"], [])
+    assert alias_choices([info], {"use_it": False}) == ([], [])
