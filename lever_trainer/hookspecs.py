@@ -115,8 +115,9 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
 def add_options() -> Sequence[Option] | None:
     """Declare this plugin's command-line options (in the manner of ``pytest_addoption``).
 
-    Return a list of :class:`lever_trainer.api.Option`. Called for every installed
-    plugin when the command line is built, so ``lever-train train --help`` lists them
+    Return a list of :class:`lever_trainer.api.Option`. Called once per process for
+    every installed plugin, when plugins are discovered (before the command line is
+    built), so ``lever-train train --help`` lists them
     under the plugin's name (and ``lever-train plugins`` shows them). Each value,
     given or default, reaches every plugin as ``state.options[option.dest]`` and is
     recorded in ``run_config.json`` and checkpoint metadata. Two plugins declaring the

@@ -129,10 +129,11 @@ def checked(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(path: Path, snap: dict[str, Any]) -> None:
-    """Store ``snap`` (a ``Trainer.state_dict()``) at ``path`` atomically, after checking
-    that the safe loader will read it back (:func:`checked`)."""
+    """Store ``snap`` (a ``Trainer.state_dict()``) at ``path`` atomically, with the
+    format number, after checking that the safe loader will read it back
+    (:func:`checked`)."""
     buffer = io.BytesIO()
-    torch.save(checked(snap), buffer)
+    torch.save({"format": SNAPSHOT_FORMAT, **checked(snap)}, buffer)
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:

@@ -893,7 +893,6 @@ class Trainer:
             history.pop()
         pending = self.pending_step_end and not epoch_closed
         return {
-            "format": snapshot.SNAPSHOT_FORMAT,
             "epoch_closed": epoch_closed,
             **position,
             "bad_steps": self.bad_steps,
