@@ -307,3 +307,25 @@ def test_alias_flags_are_read_under_their_option_name_and_as_older_runs_recorded
     # a run_config.json written when the flag was a core option records it as "use_it"
     assert alias_choices([info], {"use_it": True}) == (["decl"], [])
     assert alias_choices([info], {"use_it": False}) == ([], [])
+
+
+def test_a_policy_plugin_written_before_the_policies_hook_still_builds() -> None:
+    from lever_trainer.api import TrunkConfig
+    from lever_trainer.policies import build_policy, known_policies
+    from lever_trainer_plugins.pointer import PointerPolicy
+
+    class OldPolicyPlugin:
+        POLICIES = ("old-pointer",)
+
+        @hookimpl
+        def build_policy(self, name: str, input_dim: int, options: Any) -> Any:
+            if name != "old-pointer":
+                return None
+            return PointerPolicy(TrunkConfig.from_options(input_dim, {"hidden_dim": 8}))
+
+    ps = plugin_set(("old", OldPolicyPlugin()))
+    assert known_policies(ps) == ["old-pointer"]
+    policy = build_policy(ps, "old-pointer", 4, {})
+    assert isinstance(policy, PointerPolicy) and policy.input_dim == 4
+    with pytest.raises(LeverError, match=r"no active plugin builds policy 'new' \(available: old-"):
+        build_policy(ps, "new", 4, {})
