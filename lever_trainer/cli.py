@@ -905,7 +905,12 @@ def plugins_cmd() -> None:
             click.echo(f"    aliases: {', '.join(aliases)}")
         if p.options:
             shown = ", ".join(
-                f"{o.name} ({o.default!r})" if o.type != "bool" else o.name for o in p.options
+                f"{o.name} (removed: {o.extra['removed']})"
+                if o.extra.get("removed")
+                else f"{o.name} ({o.default!r})"
+                if o.type != "bool"
+                else o.name
+                for o in p.options
             )
             click.echo(f"    options: {shown}")
 

@@ -260,6 +260,7 @@ def add_options() -> Sequence[Option]:
             "float",
             None,
             "Removed: the online phase uses --clip-epsilon.",
+            min=0,
             extra={"removed": "use --clip-epsilon (one PPO clip for grpo and online)"},
         ),
         Option(
@@ -267,6 +268,7 @@ def add_options() -> Sequence[Option]:
             "float",
             None,
             "Removed: the online phase uses --kl-beta.",
+            min=0,
             extra={
                 "removed": "use --kl-beta (one KL weight for grpo and online; "
                 "--plugin ppo-clip-only for no KL term, the old default)"
