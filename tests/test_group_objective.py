@@ -287,3 +287,29 @@ def test_removed_online_options_name_their_replacement(
     # in the environment
     monkeypatch.setenv("LEVER_TRAIN_" + flag.lstrip("-").replace("-", "_").upper(), "0.1")
     assert_user_error(cli(*base), "was removed", f"use {replacement}")
+
+
+def test_a_recorded_default_of_a_removed_option_is_not_an_error(cli, demo_files, tmp_path) -> None:
+    """A run_config.json written before the options were removed records their defaults
+    (not given by the user): repeating that run works; one that records them as given
+    stops with the line naming the replacement."""
+    import json
+
+    options = {"online_kl_beta": 0.0, "online_clip_epsilon": 0.2, "plugins_on": ["online"]}
+    old = {"lever_trainer_version": "0.1", "options": options, "given": {}}
+    config = tmp_path / "run_config.json"
+    config.write_text(json.dumps(old))
+    args = (
+        "--beam-data",
+        demo_files[0],
+        "--img-emb",
+        demo_files[1],
+        "--output-dir",
+        tmp_path / "r",
+    )
+    result = cli("--config", config, *args, "--print-config")
+    assert result.exit_code == 0, result.output
+    assert "online-kl-beta" not in result.output
+    old["given"] = {"online_kl_beta": "--online-kl-beta"}
+    config.write_text(json.dumps(old))
+    assert_user_error(cli("--config", config, *args), "--online-kl-beta was removed", "--kl-beta")
