@@ -11,7 +11,8 @@ trains through the real command line on the task's 700 training queries:
 * ``default``  - the project's default offline recipe (logged sequences only);
 * ``online``   - the ``judge-rank`` phase with the task's judge, from the untrained
   policy (no RCE: chosen by ``bench/cv.py`` on the training queries);
-* ``online-grpo`` - the default recipe, then the group-relative ``online`` phase;
+* ``online-grpo`` - the default recipe, then the group-relative ``online`` phase (no KL
+  term: ``ppo-clip-only``);
 * ``upstream`` - the reference algorithm's settings (``--preset upstream``);
 
 then ``lever-train evaluate`` scores every run's final policy (its last epoch), and its
@@ -51,7 +52,8 @@ from lever_trainer.stats import bootstrap_means, interval, paired_difference
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "online": ["--judge", "digits", "--plugin", "judge-rank", "--rce-epochs", "0"],
-    "online-grpo": ["--judge", "digits", "--plugin", "online"],
+    # ppo-clip-only: the online objective without a KL term, as this recipe was measured
+    "online-grpo": ["--judge", "digits", "--plugin", "online", "--plugin", "ppo-clip-only"],
     # The preset pins the reference's --max-pool 64 (its pools' size); t5's pools hold 128.
     "upstream": ["--preset", "upstream", "--max-pool", "128"],
 }

@@ -102,6 +102,8 @@ class Number(click.ParamType):  # type: ignore[type-arg]
 def click_option(option: Option, group: str) -> click.Option:
     """The click parameter of a plugin's :class:`Option`, tagged with its help group."""
     kwargs: dict[str, Any] = {"help": option.help, "multiple": option.multiple}
+    if option.extra.get("removed"):  # still parsed, to say what replaces it; not shown
+        kwargs["hidden"] = True
     if option.metavar:
         kwargs["metavar"] = option.metavar
     if option.type == "bool":
@@ -889,7 +891,12 @@ def plugins_cmd() -> None:
             click.echo(f"    aliases: {', '.join(aliases)}")
         if p.options:
             shown = ", ".join(
-                f"{o.name} ({o.default!r})" if o.type != "bool" else o.name for o in p.options
+                f"{o.name} (removed: {o.extra['removed']})"
+                if o.extra.get("removed")
+                else f"{o.name} ({o.default!r})"
+                if o.type != "bool"
+                else o.name
+                for o in p.options
             )
             click.echo(f"    options: {shown}")
 

@@ -14,7 +14,11 @@ Two kinds of hook:
   have nothing to say return None. When several active plugins answer, a plugin the
   user asked for with ``--plugin`` overrides ones that are only on by default; two
   answers of equal standing are an error naming both plugins. The run's log says
-  which plugin decided.
+  which plugin decided. The single-answer hooks of a group-relative step
+  (``compute_advantages``, ``policy_objective``, ``kl_estimate``, ``kl_penalty``)
+  are also asked once, on a two-candidate example, before anything
+  trains, so that such a conflict stops the run at start-up: answer from the
+  arguments, without side effects.
 
 A plugin says what it is through the :func:`about` hook (an
 :class:`~lever_trainer.state.About` record: its description, whether it is on by
@@ -261,12 +265,19 @@ def select_candidates(
 
 @hookspec(firstresult=True)
 def compute_advantages(
-    state: TrainState, phase: str, rewards: torch.Tensor, mask: torch.Tensor
+    state: TrainState,
+    phase: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    log_ratio: torch.Tensor,
 ) -> torch.Tensor | None:
     """The advantage of each kept candidate in a group-relative step.
 
-    Called by GRPO-style phases on every batch with the kept candidates' rewards [B, G]
-    and their mask [B, G]. Return advantages [B, G] (0 where ``mask`` is False). The
+    Called by GRPO-style phases (``grpo``, ``online``) on every batch with the kept
+    candidates' rewards [B, G], their mask [B, G] and ``log_ratio`` [B, G]: the
+    current policy's sequence log-prob minus the reference's, detached (bounded at
+    +-80, 0 where ``mask`` is False), for estimators that fold a KL into the reward
+    (``reinforce-pp``). Return advantages [B, G] (0 where ``mask`` is False). The
     built-in ``group-zscore`` gives GRPO's ``clamp((r - mean) / max(std, 0.1),
     -5, 5)``. Single answer; required for such phases.
     """
@@ -303,8 +314,8 @@ def policy_objective(
     candidates' mask [B, G]. Return a :class:`~lever_trainer.state.PolicyObjective`:
     ``objective`` [B, G] (the phase's ``ppo`` term is minus its mean over each query's kept
     candidates) and, for the clip diagnostics, the boolean masks of the candidates whose
-    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives the
-    section 6's ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
+    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives GRPO's
+    ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
     required by such phases.
     """
 

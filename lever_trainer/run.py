@@ -68,7 +68,12 @@ def activate_plugins(opts: Mapping[str, Any], given: Mapping[str, str], warn: Ec
     active = plugins.options()
     # the declaring plugin, to say which one to enable
     owners = {o.dest: p.name for p in installed for o in p.options}
+    # options a plugin no longer takes: ``Option.extra["removed"]`` says what replaces them
+    removed = {o.dest: o.extra.get("removed") for p in installed for o in p.options}
+    removed = {dest: hint for dest, hint in removed.items() if hint}
     for dest, flag in given.items():
+        if dest in removed:
+            raise LeverError(f"{flag} was removed: {removed[dest]}")
         if dest in owners and dest not in active:
             raise LeverError(
                 f"{flag}: an option of plugin {owners[dest]}, which is not active in this "

@@ -56,7 +56,7 @@ def test_builtin_plugins_are_discovered_through_entry_points() -> None:
         assert found[name].enabled_by_default is default, name
         assert found[name].distribution == "lever-trainer"
         assert not found[name].broken
-    assert found["freeze-backbone"].hooks == ["configure_trainable_params"]
+    assert found["freeze-backbone"].hooks == ["configure_trainable_params", "on_train_start"]
     assert found["raw-reward"].hooks == ["select_reward"]
 
 
