@@ -30,7 +30,7 @@ start-up with one line rather than after the phases before it have trained.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,12 +69,34 @@ STEP_METRICS = (
 )
 
 
+#: The metrics of the group objective (each step's values and the epoch's KL weight).
+OBJECTIVE_METRICS: tuple[str, ...] = (
+    "train_ppo",
+    "train_kl",
+    "train_mean_ratio",
+    "train_max_ratio",
+    "train_clip_low",
+    "train_clip_high",
+    "train_kl_beta",
+    "train_adv_mean",
+    "train_adv_std",
+    "train_zero_var_groups",
+    "train_skipped_groups",
+    "train_entropy",
+    "train_kept",
+    "kl_beta",
+)
+
+
 class GroupObjectivePhase(Phase):
     """A phase whose loss is the group-relative objective of the module docstring.
 
     Subclasses set the :class:`~lever_trainer.api.Phase` attributes and call
     :meth:`group_loss` from ``loss`` with the rewards of the batch's candidates.
     """
+
+    #: What :meth:`group_loss` and :meth:`epoch_metrics` report, the same in every such phase.
+    metric_names: ClassVar[tuple[str, ...] | None] = OBJECTIVE_METRICS
 
     def __init__(self) -> None:
         self.kl_beta = 0.0

@@ -24,9 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, PolicyObjective, TrainState, hookimpl
-
-DESCRIPTION = "GRPO surrogate sg(clamp(r, 1-eps_low, 1+eps_high)) A log pi (CISPO)"
+from lever_trainer.api import About, Option, PolicyObjective, TrainState, hookimpl
 
 
 def cispo_objective(
@@ -72,3 +70,11 @@ def add_options() -> Sequence[Option]:
             min=0,
         ),
     ]
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="GRPO surrogate sg(clamp(r, 1-eps_low, 1+eps_high)) A log pi (CISPO)",
+    )

@@ -22,12 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Batch, Option, Phase, TrainState, hookimpl
+from lever_trainer.api import About, Batch, Option, Phase, TrainState, hookimpl
 
 from ._group_objective import GroupObjectivePhase, check_decisions
-
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "phase `grpo`: group-relative PPO against reference log-probs"
 
 
 class GRPOPhase(GroupObjectivePhase):
@@ -39,22 +36,6 @@ class GRPOPhase(GroupObjectivePhase):
     lr_option = "grpo_lr"
     needs_reference = True
     log_metrics = ("train_kl", "kl_beta")
-    metric_names = (
-        "train_ppo",
-        "train_kl",
-        "train_mean_ratio",
-        "train_max_ratio",
-        "train_clip_low",
-        "train_clip_high",
-        "train_kl_beta",
-        "train_adv_mean",
-        "train_adv_std",
-        "train_zero_var_groups",
-        "train_skipped_groups",
-        "train_entropy",
-        "train_kept",
-        "kl_beta",
-    )
 
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """The group objective on the logged candidates, scored by the phase's reward."""
@@ -104,3 +85,12 @@ def on_train_start(state: TrainState) -> None:
     for phase in state.phases:
         if isinstance(phase, GRPOPhase):
             check_decisions(state, phase)
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows (on by default)."""
+    return About(
+        description="phase `grpo`: group-relative PPO against reference log-probs",
+        enabled_by_default=True,
+    )

@@ -22,9 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, PolicyObjective, TrainState, hookimpl
-
-DESCRIPTION = "GRPO surrogate on the sequence ratio r^(1/|y|), clipped per sequence (GSPO)"
+from lever_trainer.api import About, Option, PolicyObjective, TrainState, hookimpl
 
 
 def gspo_objective(
@@ -76,3 +74,11 @@ def add_options() -> Sequence[Option]:
             min_open=True,
         ),
     ]
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="GRPO surrogate on the sequence ratio r^(1/|y|), clipped per sequence (GSPO)",
+    )

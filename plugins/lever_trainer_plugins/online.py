@@ -28,6 +28,7 @@ import torch
 
 from lever_trainer.api import (
     TABLE_FIELDS,
+    About,
     Batch,
     EpochData,
     LeverError,
@@ -41,9 +42,7 @@ from lever_trainer.api import (
     sequence_logprobs,
 )
 
-from ._group_objective import GroupObjectivePhase, check_decisions
-
-DESCRIPTION = "phase `online`: the policy proposes, the judge scores, GRPO's objective (--judge)"
+from ._group_objective import OBJECTIVE_METRICS, GroupObjectivePhase, check_decisions
 
 
 class OnlinePhase(GroupObjectivePhase):
@@ -55,6 +54,12 @@ class OnlinePhase(GroupObjectivePhase):
     lr_option = "online_lr"
     needs_reward = False
     log_metrics = ("judge_calls_per_query", "online_reward", "online_correct")
+    metric_names = (
+        *OBJECTIVE_METRICS,
+        "judge_calls_per_query",
+        "online_reward",
+        "online_correct",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -275,6 +280,15 @@ def add_options() -> Sequence[Option]:
             },
         ),
     ]
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="phase `online`: the policy proposes, the judge scores, GRPO's objective "
+        "(--judge)",
+    )
 
 
 __all__ = ["OnlinePhase"]

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from lever_trainer.api import TrainState, hookimpl
-
-DESCRIPTION = "GRPO advantages (r - beta log r) normalised over the batch, no KL term (REINFORCE++)"
+from lever_trainer.api import About, TrainState, hookimpl
 
 #: Added to the batch's standard deviation (a batch of equal rewards gets advantage 0).
 STD_EPS = 1e-8
@@ -58,3 +56,12 @@ def compute_advantages(
 def kl_penalty() -> bool:
     """No KL term in the loss: it is in the reward."""
     return False
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="GRPO advantages (r - beta log r) normalised over the batch, no KL term "
+        "(REINFORCE++)",
+    )

@@ -24,9 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, PolicyObjective, TrainState, hookimpl
-
-DESCRIPTION = "GRPO surrogate sigmoid(tau (r - 1)) 4/tau A, a soft gate instead of a clip (SAPO)"
+from lever_trainer.api import About, Option, PolicyObjective, TrainState, hookimpl
 
 
 def sapo_objective(
@@ -73,3 +71,12 @@ def add_options() -> Sequence[Option]:
             min_open=True,
         ),
     ]
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="GRPO surrogate sigmoid(tau (r - 1)) 4/tau A, a soft gate instead of a clip "
+        "(SAPO)",
+    )
