@@ -61,7 +61,7 @@ from .policy import (
     sample_sequences,
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
-from .state import PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
+from .state import About, PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
 
 
 def expect_tensor(
@@ -94,6 +94,7 @@ __all__ = [
     "TABLE_FIELDS",
     "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
+    "About",
     "Batch",
     "Embeddings",
     "Environment",

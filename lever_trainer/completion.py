@@ -43,6 +43,14 @@ class Declared:
     disable_flags: tuple[str, ...] = ()
     #: Why naming this plugin with ``--plugin`` is refused (it is broken); None if not.
     refusal: str | None = None
+    #: What the plugin chooses (two plugins asked for by name that choose the same
+    #: thing are refused).
+    chooses: str = ""
+
+    @property
+    def name(self) -> str:
+        """The plugin's name (as ``PluginInfo.name``)."""
+        return self.plugin
 
 
 def cache_path() -> Path:
@@ -121,9 +129,15 @@ def declared(plugins: Sequence[Any]) -> list[Declared]:
     for p in plugins:
         if p.broken:
             out.append(Declared(p.name, (), refusal=_refusal(p) or p.error))
-        elif p.options or p.enable_flags or p.disable_flags:
+        elif p.options or p.enable_flags or p.disable_flags or p.chooses:
             out.append(
-                Declared(p.name, tuple(p.options), tuple(p.enable_flags), tuple(p.disable_flags))
+                Declared(
+                    p.name,
+                    tuple(p.options),
+                    tuple(p.enable_flags),
+                    tuple(p.disable_flags),
+                    chooses=p.chooses,
+                )
             )
     return out
 
@@ -137,6 +151,7 @@ def save(plugins: Sequence[Any]) -> None:
             "enable_flags": list(d.enable_flags),
             "disable_flags": list(d.disable_flags),
             "refusal": d.refusal,
+            "chooses": d.chooses,
         }
         for d in declared(plugins)
     ]
@@ -175,6 +190,7 @@ def load() -> list[Declared] | None:
                     tuple(entry.get("enable_flags") or ()),
                     tuple(entry.get("disable_flags") or ()),
                     entry.get("refusal"),
+                    str(entry.get("chooses") or ""),
                 )
             )
         return out

@@ -613,28 +613,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
         resume_reason=PLUGINS_FIXED,
         help="Disable a plugin that is on by default (repeatable).",
     ),
-    _core(
-        ("--rce_use_raw_reward",),
-        type="bool",
-        group="Plugins",
-        resume_reason=PLUGINS_FIXED,
-        help="Same as --plugin raw-reward.",
-    ),
-    _core(
-        ("--rce_use_normalized_reward",),
-        type="bool",
-        group="Plugins",
-        resume_reason=PLUGINS_FIXED,
-        help="Same as --plugin normalized-reward.",
-    ),
-    _core(
-        ("--freeze_backbone_in_grpo",),
-        type="bool",
-        group="Plugins",
-        resume_reason=PLUGINS_FIXED,
-        help="Same as --plugin freeze-backbone.",
-    ),
 )
+
 
 # ------------------------------------------------------------ the smaller commands
 _SMALL: tuple[Option, ...] = (

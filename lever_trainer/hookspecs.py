@@ -14,13 +14,24 @@ Two kinds of hook:
   have nothing to say return None. When several active plugins answer, a plugin the
   user asked for with ``--plugin`` overrides ones that are only on by default; two
   answers of equal standing are an error naming both plugins. The run's log says
-  which plugin decided.
+  which plugin decided. The single-answer hooks of a group-relative step
+  (``compute_advantages``, ``policy_objective``, ``kl_estimate``, ``kl_penalty``)
+  are also asked once, on a two-candidate example, before anything
+  trains, so that such a conflict stops the run at start-up: answer from the
+  arguments, without side effects.
 
-A plugin module may also define ``ENABLED_BY_DEFAULT = True`` (it takes part in
-every run unless ``--no-plugin NAME``), ``DESCRIPTION`` (one line, shown by
-``lever-train plugins``) and ``ENABLE_FLAGS`` / ``DISABLE_FLAGS`` (tuples of flags such
-as ``"--use_top1_only"`` that ``lever-train train`` accepts as ``--plugin NAME`` /
-``--no-plugin NAME``: the spellings of the script a plugin replaces).
+A plugin says what it is through the :func:`about` hook (an
+:class:`~lever_trainer.state.About` record: its description, whether it is on by
+default, its alias flags, what it chooses), declares its options with
+:func:`add_options` and its policies with :func:`policies`. These three are asked of
+every installed plugin, once per process, when plugins are discovered. (Plugins written
+before :func:`about` may still define the module attributes ``DESCRIPTION``,
+``ENABLED_BY_DEFAULT``, ``ENABLE_FLAGS`` and ``DISABLE_FLAGS`` instead.)
+
+The core calls hooks in one of two ways, :meth:`~lever_trainer.plugins.PluginSet.call_single`
+and :meth:`~lever_trainer.plugins.PluginSet.call_all`; a phase asks a single-answer
+hook with ``state.decide`` (the same call, with ``state`` passed and the first answer
+of each phase logged).
 
 The ``state`` argument is a :class:`lever_trainer.state.TrainState`.
 """
@@ -45,7 +56,10 @@ if TYPE_CHECKING:
     from .phase import Phase
     from .policy import Policy
     from .rewards import NormalizeFn, RawRewardFn
-    from .state import PolicyObjective, RewardChoice, TrainState
+
+    #: ``build(input_dim, options)``: a :func:`policies` answer's value.
+    PolicyBuilder = Callable[[int, Mapping[str, Any]], Policy]
+    from .state import About, PolicyObjective, RewardChoice, TrainState
 
 PROJECT = "lever_trainer"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -105,12 +119,44 @@ def read_rl_data(path: Path) -> Iterable[tuple[str, Any]] | None:
 def add_options() -> Sequence[Option] | None:
     """Declare this plugin's command-line options (in the manner of ``pytest_addoption``).
 
-    Return a list of :class:`lever_trainer.api.Option`. Called for every installed
-    plugin when the command line is built, so ``lever-train train --help`` lists them
+    Return a list of :class:`lever_trainer.api.Option`. Called once per process for
+    every installed plugin, when plugins are discovered (before the command line is
+    built), so ``lever-train train --help`` lists them
     under the plugin's name (and ``lever-train plugins`` shows them). Each value,
     given or default, reaches every plugin as ``state.options[option.dest]`` and is
     recorded in ``run_config.json`` and checkpoint metadata. Two plugins declaring the
     same flag or ``dest`` is an error naming both. Broadcast; no ``state`` argument.
+    """
+
+
+@hookspec
+def about() -> About | None:
+    """Say what this plugin is: return a :class:`lever_trainer.api.About`.
+
+    Called once per process for every installed plugin, when plugins are discovered,
+    like :func:`add_options`. ``About(description=..., enabled_by_default=True)`` makes
+    the plugin take part in every run unless ``--no-plugin NAME``; ``enable_flags`` /
+    ``disable_flags`` add ``train`` flags meaning ``--plugin NAME`` / ``--no-plugin
+    NAME``; ``chooses`` names what the plugin decides, so that two plugins asked for by
+    name that decide the same thing are refused before anything runs. Without an answer
+    the plugin is off by default and described by its docstring's first line. Broadcast;
+    no ``state`` argument.
+    """
+
+
+@hookspec
+def policies() -> Mapping[str, PolicyBuilder] | None:
+    """Contribute policies, by name (``--policy NAME``).
+
+    Return ``{name: build}`` where ``build(input_dim, options)`` returns a
+    :class:`lever_trainer.api.Policy` (see :mod:`lever_trainer.policy` for the protocol)
+    for embedding width ``input_dim``. ``options`` maps option names to values: for a new
+    run, the policy options the user set (``hidden_dim``, ``num_layers``, ..., and every
+    plugin option; a missing or None entry means "use your default"); when a checkpoint
+    is rebuilt, exactly what the policy's ``policy_options()`` recorded. Read what you
+    need, ignore the rest. Asked when plugins are discovered (for the names) and when a
+    policy is built. Broadcast; the answers are merged, and two active plugins providing
+    the same name is an error naming both.
     """
 
 
@@ -144,15 +190,11 @@ def environments() -> Mapping[str, Environment] | None:
 
 @hookspec(firstresult=True)
 def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> Policy | None:
-    """Build the policy called ``name`` (``--policy NAME``) for embedding width ``input_dim``.
+    """Build the policy called ``name``: the older form of :func:`policies`.
 
-    Return a :class:`lever_trainer.api.Policy` (see :mod:`lever_trainer.policy` for the
-    protocol) when ``name`` is yours, else None. ``options`` maps option names to values:
-    for a new run, the policy options the user set (``hidden_dim``, ``num_layers``, ...,
-    and every plugin option; a missing or None entry means "use your default"); when a
-    checkpoint is rebuilt, exactly what the policy's ``policy_options()`` recorded. Read
-    what you need, ignore the rest. Single answer; required (exactly one plugin builds
-    each policy name).
+    Asked only for a name that no :func:`policies` answer provides. Return the policy
+    when ``name`` is yours (list it in the module attribute ``POLICIES`` so that
+    ``lever-train plugins`` shows it), else None. Single answer.
     """
 
 
@@ -223,12 +265,19 @@ def select_candidates(
 
 @hookspec(firstresult=True)
 def compute_advantages(
-    state: TrainState, phase: str, rewards: torch.Tensor, mask: torch.Tensor
+    state: TrainState,
+    phase: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    log_ratio: torch.Tensor,
 ) -> torch.Tensor | None:
     """The advantage of each kept candidate in a group-relative step.
 
-    Called by GRPO-style phases on every batch with the kept candidates' rewards [B, G]
-    and their mask [B, G]. Return advantages [B, G] (0 where ``mask`` is False). The
+    Called by GRPO-style phases (``grpo``, ``online``) on every batch with the kept
+    candidates' rewards [B, G], their mask [B, G] and ``log_ratio`` [B, G]: the
+    current policy's sequence log-prob minus the reference's, detached (bounded at
+    +-80, 0 where ``mask`` is False), for estimators that fold a KL into the reward
+    (``reinforce-pp``). Return advantages [B, G] (0 where ``mask`` is False). The
     built-in ``group-zscore`` gives GRPO's ``clamp((r - mean) / max(std, 0.1),
     -5, 5)``. Single answer; required for such phases.
     """
@@ -265,8 +314,8 @@ def policy_objective(
     candidates' mask [B, G]. Return a :class:`~lever_trainer.state.PolicyObjective`:
     ``objective`` [B, G] (the phase's ``ppo`` term is minus its mean over each query's kept
     candidates) and, for the clip diagnostics, the boolean masks of the candidates whose
-    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives the
-    section 6's ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
+    gradient the lower and the upper clip removed. The built-in ``ppo-clip`` gives GRPO's
+    ``min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)``. Single answer;
     required by such phases.
     """
 

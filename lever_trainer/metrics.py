@@ -10,6 +10,12 @@ import math
 
 import torch
 
+#: What the trainer adds to every epoch's metrics, whatever the phase: the loss and the
+#: gradient norm and learning rate of the steps (averaged), the epoch's wall time and,
+#: when some were, the steps skipped for a non-finite loss or gradient. A phase declares
+#: the rest (``Phase.metric_names``).
+TRAINER_METRICS = ("train_loss", "train_grad_norm", "train_lr", "epoch_seconds", "skipped_steps")
+
 #: The names :func:`selection_metrics` returns.
 SELECTION_METRICS = (
     "policy_reward@1",

@@ -34,6 +34,9 @@ class Option:
     numbers (``min_open``/``max_open`` exclude the bound); ``multiple`` makes it
     repeatable (the value is a tuple). ``help`` is shown in ``--help``. ``commands``
     lists the ``lever-train`` commands that take it (default: ``train``).
+    ``extra["removed"]`` (a hint such as ``"use --kl-beta"``) marks an option the plugin
+    no longer takes: hidden from ``--help``, and setting it on the command line, in the
+    environment or in a config file stops the run with ``FLAG was removed: HINT``.
     """
 
     flags: tuple[str, ...]

@@ -49,10 +49,13 @@ class Phase:
         needs_reference: the phase measures ratios against reference log-probs; its
             batches carry ``ref_logprobs`` (see the ``reference_logprobs`` hook).
         log_metrics: metric keys the phase adds that the epoch line should show.
-        metric_names: every metric key the phase adds to an epoch's metrics:
-            ``train_<key>`` for each value ``loss`` returns besides ``loss``, and the keys
-            of ``epoch_metrics``. With it, ``--best-metric`` is checked before training;
-            None (not declared) lets any ``train_*`` name through that check.
+        metric_names: every metric key the phase adds to an epoch's metrics, declared
+            once: ``train_<key>`` for each value ``loss`` returns besides ``loss``, and
+            the keys of ``epoch_metrics``. ``--best-metric`` and ``--early-stop-metric``
+            are checked against it before training, and a loss or ``epoch_metrics`` that
+            reports a key it does not list stops the run naming the key. None (not
+            declared, phases written before it) checks nothing and lets any ``train_*``
+            name through.
     """
 
     name: ClassVar[str] = ""

@@ -13,7 +13,7 @@ then builds the run the plan describes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -23,12 +23,6 @@ from .coreoptions import CORE_OPTIONS, RUN_COMMANDS, TRAIN, options_of
 from .errors import LeverError
 from .state import TrainConfig
 
-#: Seed-script flags that stand for a plugin choice (``dest``: flag, plugin).
-ALIAS_FLAGS = {
-    "rce_use_raw_reward": ("--rce_use_raw_reward", "raw-reward"),
-    "rce_use_normalized_reward": ("--rce_use_normalized_reward", "normalized-reward"),
-    "freeze_backbone_in_grpo": ("--freeze_backbone_in_grpo", "freeze-backbone"),
-}
 #: Values a run recorded before an option existed ran with, where that differs from the
 #: option's default today: such a run split off the highest query ids.
 LEGACY_VALUES = {"val_split": "last"}
@@ -102,9 +96,6 @@ class Settings:
     judge_timeout: float
     plugins_on: tuple[str, ...]
     plugins_off: tuple[str, ...]
-    rce_use_raw_reward: bool
-    rce_use_normalized_reward: bool
-    freeze_backbone_in_grpo: bool
     plugin_values: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -155,11 +146,12 @@ def core_dests() -> list[str]:
 class RunPlan:
     """What a training run will do, decided from its settings alone.
 
-    ``enable``/``disable``: the plugins named (``--plugin``, the seed script's alias
-    flags) and refused (``--no-plugin``); ``policy``: the policy to build, None for the
-    one the ``--sft-ckpt`` records; ``policy_given``: ``{dest: flag}`` of the trunk
-    options given; ``split_seed``: the seed of the validation split (None: the highest
-    query ids); ``gen_methods``: the kept ``gen_method`` values (None: all).
+    ``enable``/``disable``: the plugins named with ``--plugin`` and ``--no-plugin`` (a
+    plugin's own alias flags are resolved when the plugins are activated); ``policy``:
+    the policy to build, None for the one the ``--sft-ckpt`` records; ``policy_given``:
+    ``{dest: flag}`` of the trunk options given; ``split_seed``: the seed of the
+    validation split (None: the highest query ids); ``gen_methods``: the kept
+    ``gen_method`` values (None: all).
     """
 
     settings: Settings
@@ -190,26 +182,6 @@ class RunPlan:
         )
 
 
-def plugin_choices(enable: Iterable[str], settings: Settings) -> list[str]:
-    """--plugin names plus those implied by the seed script's flags."""
-    names = list(enable)
-    chosen = {dest for dest in ALIAS_FLAGS if getattr(settings, dest)}
-    if {"rce_use_raw_reward", "rce_use_normalized_reward"} <= chosen:
-        raise LeverError(
-            "--rce_use_raw_reward and --rce_use_normalized_reward both choose "
-            "the RCE reward (raw and normalized); give only one"
-        )
-    for dest, (_, plugin) in ALIAS_FLAGS.items():
-        if dest in chosen and plugin not in names:
-            names.append(plugin)
-    if "raw-reward" in names and "normalized-reward" in names:
-        raise LeverError(
-            "--plugin raw-reward and --plugin normalized-reward both choose "
-            "the RCE reward; give only one"
-        )
-    return names
-
-
 def gen_methods(settings: Settings) -> frozenset[str] | None:
     """The ``--gen-methods`` list as a set (None: keep every method)."""
     if settings.gen_methods is None:
@@ -230,7 +202,7 @@ def split_seed(settings: Settings) -> int | None:
 
 def plan_run(settings: Settings, given: Mapping[str, str], resumed: bool = False) -> RunPlan:
     """The plan of a ``train`` run; a :class:`LeverError` for settings that cannot work
-    together (a missing required option, two choices of one thing, an empty list).
+    together (a missing required option, an empty list).
 
     ``given``: ``{dest: flag}`` of the options the user set; ``resumed``: the settings
     are a recorded run's (its policy is rebuilt as recorded, not chosen again).
@@ -243,14 +215,13 @@ def plan_run(settings: Settings, given: Mapping[str, str], resumed: bool = False
         ):
             if not getattr(settings, dest):
                 raise LeverError(f"missing option {flag}")
-    enable = plugin_choices(settings.plugins_on, settings)
     policy: str | None = settings.policy
     if settings.sft_ckpt and "policy" not in given and not resumed:
         policy = None  # continuing from a checkpoint: its own policy
     return RunPlan(
         settings=settings,
         given=MappingProxyType(dict(given)),
-        enable=tuple(dict.fromkeys(enable)),
+        enable=tuple(dict.fromkeys(settings.plugins_on)),
         disable=tuple(dict.fromkeys(settings.plugins_off)),
         output_dir=Path(settings.output_dir) if settings.output_dir else None,
         resume_dir=Path(settings.resume) if settings.resume and not resumed else None,
@@ -306,7 +277,6 @@ def recorded_settings(options: Mapping[str, Any]) -> Settings:
 
 
 __all__ = [
-    "ALIAS_FLAGS",
     "LEGACY_VALUES",
     "POLICY_OPTIONS",
     "RunPlan",
@@ -315,7 +285,6 @@ __all__ = [
     "gen_methods",
     "installed_names",
     "plan_run",
-    "plugin_choices",
     "preflight",
     "recorded_settings",
     "split_seed",

@@ -9,9 +9,11 @@ attributes every answer and every exception to the plugin that produced it.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -22,6 +24,7 @@ import pluggy
 from . import entrypoints, hookspecs
 from .errors import Interrupted, LeverError, PluginError
 from .options import Option
+from .state import About
 
 ENTRY_POINT_GROUP = entrypoints.ENTRY_POINT_GROUP
 #: Set to 1 to ignore installed plugins entirely (only ``extra`` objects register).
@@ -50,6 +53,11 @@ class PluginInfo:
     #: ``--no-plugin NAME``: the spellings of the script a plugin replaces.
     enable_flags: tuple[str, ...] = ()
     disable_flags: tuple[str, ...] = ()
+    #: What the plugin chooses (``About.chooses``): two plugins asked for by name that
+    #: choose the same thing are refused before the run starts.
+    chooses: str = ""
+    #: The policy names the plugin builds (the keys of its ``policies`` answer).
+    policies: tuple[str, ...] = ()
 
     @property
     def broken(self) -> bool:
@@ -104,11 +112,18 @@ def check_hookimpls(obj: Any) -> str | None:
     return None
 
 
-def _declared_options(obj: Any) -> list[Option]:
-    fn = getattr(obj, "add_options", None)
+def call_unregistered(obj: Any, hook: str) -> Any:
+    """The answer of ``obj``'s implementation of a no-argument ``hook`` (None when it has
+    none): how the hooks asked of every installed plugin, active or not (``about``,
+    ``add_options``), are called before a run's :class:`PluginSet` exists."""
+    fn = getattr(obj, hook, None)
     if fn is None or not hasattr(fn, f"{hookspecs.PROJECT}_impl"):
-        return []
-    declared = fn()
+        return None
+    return fn()
+
+
+def _declared_options(obj: Any) -> list[Option]:
+    declared = call_unregistered(obj, "add_options")
     if declared is None:
         return []
     options = list(declared)
@@ -118,39 +133,83 @@ def _declared_options(obj: Any) -> list[Option]:
     return options
 
 
+#: The module attributes a plugin declared itself with before the ``about`` hook (still
+#: read, for plugins written then): ``About`` field -> attribute.
+LEGACY_ATTRIBUTES = {
+    "description": "DESCRIPTION",
+    "enabled_by_default": "ENABLED_BY_DEFAULT",
+    "enable_flags": "ENABLE_FLAGS",
+    "disable_flags": "DISABLE_FLAGS",
+}
+
+
+def _about(obj: Any) -> About:
+    """What ``obj`` declares of itself: its ``about`` answer, else its older module
+    attributes (``DESCRIPTION``, ``ENABLED_BY_DEFAULT``, ``ENABLE_FLAGS``,
+    ``DISABLE_FLAGS``), else nothing."""
+    answer = call_unregistered(obj, "about")
+    if answer is not None:
+        if not isinstance(answer, About):
+            raise TypeError(f"returned {type(answer).__name__}, expected lever_trainer.api.About")
+        return answer
+    found = {
+        field: getattr(obj, attr) for field, attr in LEGACY_ATTRIBUTES.items() if hasattr(obj, attr)
+    }
+    found["description"] = str(found.get("description", ""))
+    found["enabled_by_default"] = bool(found.get("enabled_by_default", False))
+    return About(**found)
+
+
+def _policy_names(obj: Any) -> tuple[str, ...]:
+    """The policies ``obj`` builds: its ``policies`` answer's names (or, for a plugin
+    written before that hook, its ``POLICIES`` attribute)."""
+    answer = call_unregistered(obj, "policies")
+    if answer is None:
+        return tuple(str(n) for n in getattr(obj, "POLICIES", ()))
+    if not isinstance(answer, Mapping):
+        raise TypeError(f"returned {type(answer).__name__}, expected {{name: builder}}")
+    return tuple(str(n) for n in answer)
+
+
+def _apply_about(info: PluginInfo, about: About) -> None:
+    info.description = about.description or info.description
+    info.enabled_by_default = about.enabled_by_default
+    info.enable_flags, info.disable_flags = about.enable_flags, about.disable_flags
+    info.chooses = about.chooses
+
+
 def describe_object(
     name: str, obj: Any, distribution: str | None = None, version: str | None = None
 ) -> PluginInfo:
     """Build the :class:`PluginInfo` of an already imported plugin object.
 
-    The plugin is checked here (its hook implementations and its options), so a broken
-    plugin is reported by ``lever-train plugins`` and named when a run would use it.
+    The plugin is checked here (its hook implementations, what it says of itself, its
+    options), so a broken plugin is reported by ``lever-train plugins`` and named when a
+    run would use it.
     """
     info = PluginInfo(
         name=name,
         distribution=distribution,
         version=version,
         obj=obj,
-        enabled_by_default=bool(getattr(obj, "ENABLED_BY_DEFAULT", False)),
-        description=str(
-            getattr(obj, "DESCRIPTION", "") or (obj.__doc__ or "").strip().split("\n")[0]
-        ),
-        hooks=[n for n in _impl_names(obj) if n in hookspecs.all_hook_names()],
+        description=(obj.__doc__ or "").strip().split("\n")[0],
+        # ``about`` says what the plugin is; the list is of what it does
+        hooks=[n for n in _impl_names(obj) if n in hookspecs.all_hook_names() and n != "about"],
     )
     info.error = check_hookimpls(obj)
-    for attr in ("enable_flags", "disable_flags"):
-        flags = getattr(obj, attr.upper(), ())
-        if isinstance(flags, str) or not all(
-            isinstance(f, str) and f.startswith("--") for f in flags
-        ):
-            info.error = info.error or f"{attr.upper()} must be a tuple of '--flags'"
-        else:
-            setattr(info, attr, tuple(flags))
-    if info.error is None:
+    if info.error is not None:
+        return info
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("about", lambda: _apply_about(info, _about(obj))),
+        ("policies", lambda: setattr(info, "policies", _policy_names(obj))),
+        ("add_options", lambda: setattr(info, "options", _declared_options(obj))),
+    ]
+    for hook, step in steps:
         try:
-            info.options = _declared_options(obj)
+            step()
         except Exception as exc:
-            info.error = f"add_options failed: {type(exc).__name__}: {exc}"
+            info.error = f"{hook} failed: {type(exc).__name__}: {exc}"
+            break
     return info
 
 
@@ -176,10 +235,31 @@ def check_option_conflicts(plugins: Sequence[PluginInfo]) -> None:
                     owners[key] = info.name
 
 
+#: Discovery's findings, by the ``sys.path`` they were found on (see :func:`discover`).
+_DISCOVERED: dict[tuple[str, ...], tuple[PluginInfo, ...]] = {}
+
+
+def reset_discovery() -> None:
+    """Forget what :func:`discover` found, so the next call looks again (for tests that
+    install or remove a plugin while the process runs)."""
+    _DISCOVERED.clear()
+
+
 def discover() -> list[PluginInfo]:
-    """Every plugin installed under the entry-point group; broken ones carry ``error``."""
+    """Every plugin installed under the entry-point group; broken ones carry ``error``.
+
+    The entry points are read and the plugins imported once per process (per
+    ``sys.path``: a directory put on it may hold more); each call returns fresh
+    :class:`PluginInfo` copies that the caller may change."""
     if entrypoints.autoload_disabled():
         return []
+    key = tuple(sys.path)
+    if key not in _DISCOVERED:
+        _DISCOVERED[key] = tuple(_scan())
+    return [dataclasses.replace(p, options=list(p.options)) for p in _DISCOVERED[key]]
+
+
+def _scan() -> list[PluginInfo]:
     found: dict[str, PluginInfo] = {}
     for item in entrypoints.installed():
         ep, dist_name, version = item.entry_point, item.distribution, item.version
@@ -196,7 +276,7 @@ def discover() -> list[PluginInfo]:
                 ).replace("  ", " ")
                 first.clash, first.import_failed = True, False
                 try:  # a run that would use either of them must hear of the clash
-                    other_default = bool(getattr(ep.load(), "ENABLED_BY_DEFAULT", False))
+                    other_default = _about(ep.load()).enabled_by_default
                 except Exception:
                     other_default = False
                 first.enabled_by_default = first.enabled_by_default or other_default
@@ -218,19 +298,34 @@ def discover() -> list[PluginInfo]:
     return plugins
 
 
+def implementers(hook: str) -> list[str]:
+    """The installed plugins (working ones) that implement ``hook``: what to suggest when
+    no active plugin answers it."""
+    return [p.name for p in discover() if not p.broken and hook in p.hooks]
+
+
+#: How the option names of plugins' alias flags begin (see :func:`alias_dest`).
+ALIAS_PREFIX = "plugin_flag_"
+
+
 def alias_dest(flag: str) -> str:
     """The option name under which a plugin's alias flag is parsed and recorded."""
-    return "plugin_flag_" + flag.lstrip("-").replace("-", "_")
+    return ALIAS_PREFIX + flag.lstrip("-").replace("-", "_")
 
 
 def alias_choices(plugins: Sequence[PluginInfo], opts: Any) -> tuple[list[str], list[str]]:
     """``(enable, disable)``: the plugins whose alias flags are set in ``opts``."""
     enable: list[str] = []
     disable: list[str] = []
+
+    def given(flag: str) -> bool:
+        # runs recorded before a flag became a plugin's alias hold it under its own name
+        return bool(opts.get(alias_dest(flag)) or opts.get(flag.lstrip("-").replace("-", "_")))
+
     for info in plugins:
-        if any(opts.get(alias_dest(f)) for f in info.enable_flags):
+        if any(given(f) for f in info.enable_flags):
             enable.append(info.name)
-        if any(opts.get(alias_dest(f)) for f in info.disable_flags):
+        if any(given(f) for f in info.disable_flags):
             disable.append(info.name)
     return enable, disable
 
@@ -306,10 +401,16 @@ class PluginSet:
         finally:
             self.current_plugin = outer
 
-    def _answers(self, hook_name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    def _answers(
+        self, hook_name: str, kwargs: dict[str, Any], only: Collection[str] | None = None
+    ) -> list[tuple[str, Any]]:
         out = []
         # pluggy calls implementations last-registered first; keep its order.
-        impls = list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        impls = [
+            impl
+            for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls())
+            if only is None or impl.plugin_name in only
+        ]
         for i, impl in enumerate(impls):
             args = {a: kwargs[a] for a in impl.argnames}
             # the plugins that will not have answered if this one fails
@@ -327,27 +428,32 @@ class PluginSet:
             out.append((impl.plugin_name, result))
         return out
 
-    def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call a broadcast hook on every active plugin; returns ``(plugin, result)`` pairs."""
+    def call_all(
+        self, hook_name: str, *, only: Collection[str] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call a broadcast hook on every active plugin (or on those named in ``only``);
+        returns ``(plugin, result)`` pairs, in call order."""
         if hook_name in hookspecs.single_answer_hooks():
             raise ValueError(f"hook {hook_name} takes a single answer: use call_single")
-        return self._answers(hook_name, kwargs)
+        return self._answers(hook_name, kwargs, only)
 
-    def call_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> Any:
-        """Call ``hook_name`` of one active plugin only (None if it does not implement it)."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            if impl.plugin_name != plugin:
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        """``{plugin: state}``: the ``plugin_state_dict`` answers that are not None."""
+        answers = self.call_all("plugin_state_dict", state=state)
+        return {name: value for name, value in answers if value is not None}
+
+    def load_state_dict(self, saved: Mapping[str, Any], state: Any) -> None:
+        """Hand each active plugin what :meth:`state_dict` kept of it
+        (``load_plugin_state``); the state of a plugin not active now is skipped, with a
+        warning in the run's log."""
+        for name, value in saved.items():
+            if name not in self.names:
+                state.log(
+                    f"warning: the snapshot holds a state of plugin {name}, which is "
+                    "not active in this run"
+                )
                 continue
-            try:
-                with self._calling(plugin):
-                    return impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except (LeverError, Interrupted):
-                raise
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # exiting is failing
-                raise PluginError(
-                    f"plugin {plugin} failed in hook {hook_name}: {type(exc).__name__}: {exc}"
-                ) from exc
-        return None
+            self.call_all("load_plugin_state", only=[name], state=state, saved=value)
 
     def call_single(self, hook_name: str, **kwargs: Any) -> Decision | None:
         """Call a single-answer hook and resolve who decides (see :mod:`hookspecs`)."""
@@ -376,6 +482,18 @@ class PluginSet:
         return Decision(value, name, origin)
 
 
+def check_choices(asked: Sequence[PluginInfo]) -> None:
+    """Refuse two plugins asked for by name that choose the same thing (``About.chooses``)."""
+    seen: dict[str, PluginInfo] = {}
+    for info in asked:
+        if not info.chooses:
+            continue
+        first = seen.setdefault(info.chooses, info)
+        if first is not info:
+            a, b = (" or ".join([f"--plugin {p.name}", *p.enable_flags]) for p in (first, info))
+            raise LeverError(f"{a} and {b} both choose {info.chooses}; give only one")
+
+
 def select_active(
     installed: Sequence[PluginInfo],
     enable: Sequence[str] = (),
@@ -392,6 +510,7 @@ def select_active(
     both = sorted(set(enable) & set(disable))
     if both:
         raise LeverError(f"--plugin and --no-plugin both name {both[0]!r}")
+    check_choices([by_name[n] for n in dict.fromkeys(enable)])
     active = []
     for p in installed:
         wanted = p.name in enable or (p.enabled_by_default and p.name not in disable)

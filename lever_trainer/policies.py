@@ -1,8 +1,8 @@
 """Building policies through the ``build_policy`` hook, fresh or from a checkpoint.
 
 A policy is named (``--policy NAME``, default
-:data:`~lever_trainer.coreoptions.DEFAULT_POLICY`) and built by the one active
-plugin that answers ``build_policy`` for that name. Checkpoints record the name, the
+:data:`~lever_trainer.coreoptions.DEFAULT_POLICY`) and built by the one active plugin
+whose ``policies`` answer provides that name. Checkpoints record the name, the
 embedding width and the policy's own options (``policy_options()``), so ``--sft-ckpt``,
 ``--resume``, ``select`` and ``convert-checkpoint`` rebuild the same module. Foreign
 checkpoints carry no such record: their trunk shape (hidden width, layers) is read
@@ -27,7 +27,7 @@ from .checkpoint import (
     read_state_dict,
 )
 from .coreoptions import DEFAULT_POLICY
-from .errors import LeverError, PluginError
+from .errors import Interrupted, LeverError, PluginError
 from .plugins import PluginSet
 from .policy import Policy
 
@@ -36,31 +36,64 @@ from .policy import Policy
 FOREIGN_POLICY = "pointer"
 
 
+def policy_registry(plugins: PluginSet) -> dict[str, tuple[str, Callable[..., Any]]]:
+    """``{policy name: (plugin, build)}``: the merged ``policies`` answers of the active
+    plugins; two plugins providing one name is an error naming both."""
+    found: dict[str, tuple[str, Callable[..., Any]]] = {}
+    for plugin, answer in plugins.call_all("policies"):
+        if answer is None:
+            continue
+        if not isinstance(answer, Mapping):
+            raise PluginError(
+                f"plugin {plugin}: hook policies must return a mapping of name -> builder, "
+                f"got {type(answer).__name__}"
+            )
+        for name, build in answer.items():
+            other = found.get(name)
+            if other is not None:
+                raise PluginError(
+                    f"plugins {other[0]} and {plugin} both provide policy {name!r}; "
+                    "disable one of them (--no-plugin)"
+                )
+            found[str(name)] = (plugin, build)
+    return found
+
+
 def known_policies(plugins: PluginSet) -> list[str]:
-    """Policy names the active plugins declare (module attribute ``POLICIES``)."""
-    names: list[str] = []
-    for info in plugins.active:
-        names += [str(n) for n in getattr(info.obj, "POLICIES", ())]
-    return sorted(set(names))
+    """Policy names the active plugins provide."""
+    return sorted({n for info in plugins.active for n in info.policies})
 
 
 def build_policy(
     plugins: PluginSet, name: str, input_dim: int, options: Mapping[str, Any]
 ) -> Policy:
-    """The policy ``name`` for width ``input_dim``, built by the plugin that answers."""
-    decision = plugins.call_single(
-        "build_policy", name=name, input_dim=input_dim, options=dict(options)
-    )
-    if decision is None:
-        known = ", ".join(known_policies(plugins)) or "none"
-        raise LeverError(
-            f"--policy: no active plugin builds policy {name!r} (available: {known}; "
-            "see `lever-train plugins`)"
+    """The policy ``name`` for width ``input_dim``, built by the plugin that provides it
+    (its ``policies`` answer; for a plugin written before that hook, ``build_policy``)."""
+    entry = policy_registry(plugins).get(name)
+    if entry is not None:
+        plugin = entry[0]
+        try:
+            policy = entry[1](input_dim, dict(options))
+        except (LeverError, Interrupted):
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {plugin} failed building policy {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+    else:
+        decision = plugins.call_single(
+            "build_policy", name=name, input_dim=input_dim, options=dict(options)
         )
-    policy = decision.value
+        if decision is None:
+            known = ", ".join(known_policies(plugins)) or "none"
+            raise LeverError(
+                f"--policy: no active plugin builds policy {name!r} (available: {known}; "
+                "see `lever-train plugins`)"
+            )
+        plugin, policy = decision.plugin, decision.value
     if not isinstance(policy, Policy):
         raise PluginError(
-            f"plugin {decision.plugin}: hook build_policy returned {type(policy).__name__}, "
+            f"plugin {plugin}: policy {name!r} was built as {type(policy).__name__}, "
             "expected a lever_trainer.api.Policy"
         )
     return policy
@@ -261,6 +294,7 @@ __all__ = [
     "known_policies",
     "missing_error",
     "policy_from_checkpoint",
+    "policy_registry",
     "recorded_policy",
     "start_policy",
 ]

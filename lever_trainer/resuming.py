@@ -32,7 +32,7 @@ from .coreoptions import DATA_FIXED, POLICY_FIXED, TRAIN, options_of, path_dests
 from .errors import LeverError
 from .options import DATA_COMMANDS, Option
 from .phase import Phase
-from .plugins import PluginSet
+from .plugins import ALIAS_PREFIX, PluginSet
 from .state import TrainConfig, TrainState
 from .trainer import remaining_phases
 
@@ -170,8 +170,9 @@ class _Rules:
         """Raise a :class:`LeverError` naming ``shown`` and why, when ``dest`` may not change."""
         if dest in APPLIED:
             return
-        if dest in FIXED:
-            why = f": {FIXED[dest]}" if FIXED[dest] else " when resuming a run"
+        if dest in FIXED or dest.startswith(ALIAS_PREFIX):  # a plugin's alias flag
+            reason = FIXED.get(dest, FIXED["plugins_on"])
+            why = f": {reason}" if reason else " when resuming a run"
             raise LeverError(f"--resume: cannot change {shown}{why}")
         if dest not in self.plugin_options:
             raise LeverError(f"--resume: cannot change {shown} when resuming a run")
@@ -190,7 +191,7 @@ class _Rules:
         if set(option.commands) & (set(DATA_COMMANDS) - {"train"}):
             return f"{DATA_FIXED} (an option of plugin {plugin} that shapes the data)"
         info = next((p for p in self.plugins.active if p.name == plugin), None)
-        if info is not None and getattr(info.obj, "POLICIES", None):
+        if info is not None and info.policies:
             return f"{POLICY_FIXED} (an option of plugin {plugin}, which builds policies)"
         own_phases = [name for name, owner in self.owners.items() if owner == plugin]
         if not own_phases:

@@ -38,7 +38,7 @@ from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
 from .options import check_value
-from .plan import RunPlan, Settings, plan_run, plugin_choices, recorded_settings
+from .plan import RunPlan, Settings, plan_run, recorded_settings
 from .plan import split_seed as settings_split_seed
 from .plugins import PluginSet, load_plugins
 from .policies import build_policy, start_policy
@@ -57,16 +57,14 @@ Echo = Callable[[str], None]
 OptionCheck = Callable[[str, Any], "str | None"]
 
 
-def activate_plugins(
-    settings: Settings, given: Mapping[str, str], warn: Echo, enable: Iterable[str] | None = None
-) -> PluginSet:
-    """The run's plugins (``enable``: the plan's choice, else ``--plugin`` and the alias
-    flags); an explicitly given option of an inactive plugin is an error."""
+def activate_plugins(settings: Settings, given: Mapping[str, str], warn: Echo) -> PluginSet:
+    """The run's plugins (``--plugin``, ``--no-plugin`` and the plugins' alias flags); an
+    explicitly given option of an inactive plugin is an error."""
     from .plugins import alias_choices, discover
 
     installed = discover()
     alias_on, alias_off = alias_choices(installed, settings.plugin_values)
-    chosen = plugin_choices(settings.plugins_on, settings) if enable is None else list(enable)
+    chosen = list(settings.plugins_on)
     disable = [*settings.plugins_off, *alias_off]
     plugins = load_plugins(
         list(dict.fromkeys([*chosen, *alias_on])), list(dict.fromkeys(disable)), warn=warn
@@ -74,7 +72,12 @@ def activate_plugins(
     active = plugins.options()
     # the declaring plugin, to say which one to enable
     owners = {o.dest: p.name for p in installed for o in p.options}
+    # options a plugin no longer takes: ``Option.extra["removed"]`` says what replaces them
+    removed = {o.dest: o.extra.get("removed") for p in installed for o in p.options}
+    removed = {dest: hint for dest, hint in removed.items() if hint}
     for dest, flag in given.items():
+        if dest in removed:
+            raise LeverError(f"{flag} was removed: {removed[dest]}")
         if dest in owners and dest not in active:
             raise LeverError(
                 f"{flag}: an option of plugin {owners[dest]}, which is not active in this "
@@ -348,37 +351,6 @@ def check_plugin_values(opts: Mapping[str, Any], plugins: PluginSet, where: str)
             raise LeverError(f"{where}{option.name} {opts[dest]!r}: {problem} (plugin {plugin})")
 
 
-#: Arguments that let a hook implementation answer for some calls and not others (the
-#: phase, a policy name, a file): one that takes none of them answers in every phase
-#: (reading its options from ``state`` does not make it choose).
-_SELECTING_ARGS = frozenset({"phase", "name", "path"})
-
-
-def check_hook_conflicts(plugins: PluginSet) -> None:
-    """Refuse, before anything trains, two active plugins that would both answer a
-    single-answer hook in every phase (neither takes the phase, a name or a path),
-    unless exactly one of them was named with ``--plugin``; this is the conflict a call
-    would raise later, found at start. Implementations that may answer for some phases
-    only are left to the call itself."""
-    from .hookspecs import single_answer_hooks
-
-    for hook in sorted(single_answer_hooks()):
-        always = [
-            impl.plugin_name
-            for impl in getattr(plugins.pm.hook, hook).get_hookimpls()
-            if not _SELECTING_ARGS & set(impl.argnames)
-        ]
-        if len(always) < 2:
-            continue
-        explicit = [name for name in always if name in plugins.explicit]
-        if len(explicit) != 1:
-            tied = sorted(explicit or always)
-            raise PluginError(
-                f"plugins {' and '.join(tied)} both answer hook {hook} in every phase; "
-                "enable only one of them (--plugin / --no-plugin)"
-            )
-
-
 @dataclass
 class _Resumed:
     """A resumed run's record: its run_config, its snapshot and what the resume changed."""
@@ -511,8 +483,7 @@ def start(plan: RunPlan, echo: Echo, warn: Echo, check: OptionCheck | None = Non
         plan, resumed = outcome
     s = plan.settings
     assert plan.output_dir is not None
-    plugins = resumed.plugins if resumed else activate_plugins(s, plan.given, warn, plan.enable)
-    check_hook_conflicts(plugins)
+    plugins = resumed.plugins if resumed else activate_plugins(s, plan.given, warn)
     device = resolve_device(s.device, warn)
     if s.deterministic:
         make_deterministic()

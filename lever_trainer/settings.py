@@ -212,6 +212,8 @@ def render(
         dest = param.name
         if not isinstance(param, click.Option) or not dest or dest in CONTROL_OPTIONS:
             continue
+        if param.hidden:  # a removed option, parsed only to say what replaces it
+            continue
         if active_dests is not None and dest not in active_dests:
             continue
         value = opts.get(dest)

@@ -1,9 +1,11 @@
-"""Resume snapshots: everything needed to continue a run bit for bit, in one place.
+"""Resume snapshots: everything needed to continue a run bit for bit, in one file.
 
-:func:`take` gathers a trainer's state (weights, optimiser, position, the epoch's query
-order and running sums, RNG states, reference log-probs, every phase's and plugin's
-state, the checkpoint keeper's), :func:`write` stores it atomically as ``resume.pt``,
-:func:`read` loads it back safely and :func:`restore` puts it into a new trainer.
+The trainer says what its state is (``Trainer.state_dict()``: weights, optimiser,
+position, the epoch's query order and running sums, random states, reference log-probs,
+and the state of every phase, plugin and of the checkpoint keeper, each from its own
+``state_dict``) and takes it back (``Trainer.load_state_dict()``). This module stores
+that as ``resume.pt``, atomically (:func:`write`), loads it back safely and checks every
+entry (:func:`read`), and checks that it belongs to the run (:func:`check_fits`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from .checkpoint import non_finite_count
 from .errors import LeverError, PluginError
 from .fileio import atomic_write_bytes
-from .state import StopRequest
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -102,21 +103,20 @@ def _numpy_scalar(value: Any) -> Any:
     return None
 
 
-def _checked_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The phases' and plugins' states, each checked with :func:`safe_value`."""
+def checked(snap: dict[str, Any]) -> dict[str, Any]:
+    """``snap`` with its phases' and plugins' states each checked with :func:`safe_value`
+    (a state the safe loader would refuse is a :class:`PluginError` naming its owner)."""
     phases = {}
-    for phase in trainer.phases:
+    for name, value in snap.get("phases", {}).items():
         try:
-            phases[phase.name] = safe_value(phase.state_dict(), "state_dict()")
+            phases[name] = safe_value(value, "state_dict()")
         except ValueError as exc:
             raise PluginError(
-                f"phase {phase.name}: {exc}, which a resume snapshot cannot hold (allowed: "
+                f"phase {name}: {exc}, which a resume snapshot cannot hold (allowed: "
                 "tensors, numbers, strings, None, and lists, tuples and dicts of them)"
             ) from None
     plugins = {}
-    for name, value in trainer.plugins.call_all("plugin_state_dict", state=trainer.state):
-        if value is None:
-            continue
+    for name, value in snap.get("plugins", {}).items():
         try:
             plugins[name] = safe_value(value, "the answer")
         except ValueError as exc:
@@ -125,71 +125,15 @@ def _checked_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
                 "cannot hold (allowed: tensors, numbers, strings, None, and lists, tuples "
                 "and dicts of them)"
             ) from None
-    return phases, plugins
-
-
-def take(trainer: Trainer, epoch_closed: bool) -> dict[str, Any]:
-    """Everything needed to continue after the last completed step.
-
-    ``epoch_closed``: the epoch's validation, checkpoint and hooks are done. When they
-    are not, the epoch's entry in the history (added before its hooks ran, if a hook
-    failed) is left out: the resumed run closes the epoch and records it once.
-    """
-    state = trainer.state
-    phase_states, plugin_states = _checked_states(trainer)
-    history = list(state.history)
-    if (
-        not epoch_closed
-        and history
-        and history[-1].get("phase") == state.phase
-        and history[-1].get("epoch") == state.epoch
-    ):
-        history.pop()
-    return {
-        "format": SNAPSHOT_FORMAT,
-        "epoch_closed": epoch_closed,
-        "phase": state.phase,
-        "epoch": state.epoch,
-        "step": state.step,
-        "global_step": state.global_step,
-        "step_in_epoch": state.step_in_epoch,
-        "bad_steps": trainer.bad_steps,
-        "history": history,
-        "start_metrics": state.start_metrics,
-        "metrics": state.metrics,
-        "stop_request": None
-        if state.stop_request is None
-        else [state.stop_request.reason, state.stop_request.plugin],
-        "keeper": trainer.keeper.state_dict(),
-        "start_logprobs": trainer.start_logprobs,
-        # the starting weights: best.safetensors while no epoch has beaten them, and the
-        # reference log-probs of a later extension into a phase that needs them
-        "start_model": trainer.start_weights
-        if trainer.start_logprobs is None or trainer.keeper.start_is_best
-        else None,
-        "ref_logprobs": state.ref_logprobs,
-        "model": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
-        "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else {},
-        "phases": phase_states,
-        "plugins": plugin_states,
-        **trainer.epoch_progress,
-        **trainer.step_rng,
-        # the plugins that have not seen the last step (one failed in on_step_end)
-        **(
-            {
-                "pending_step_end": list(trainer.pending_step_end),
-                "pending_last_step": state.last_step,
-            }
-            if trainer.pending_step_end and not epoch_closed
-            else {}
-        ),
-    }
+    return {**snap, "phases": phases, "plugins": plugins}
 
 
 def write(path: Path, snap: dict[str, Any]) -> None:
-    """Store ``snap`` at ``path`` atomically."""
+    """Store ``snap`` (a ``Trainer.state_dict()``) at ``path`` atomically, with the
+    format number, after checking that the safe loader will read it back
+    (:func:`checked`)."""
     buffer = io.BytesIO()
-    torch.save(snap, buffer)
+    torch.save({"format": SNAPSHOT_FORMAT, **checked(snap)}, buffer)
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:
@@ -420,71 +364,15 @@ def check_fits(trainer: Trainer, snap: dict[str, Any], path: Path) -> None:
             )
 
 
-def restore(trainer: Trainer, snap: dict[str, Any]) -> None:
-    """Put the run-wide state of ``snap`` back into ``trainer`` (the phase's optimiser and
-    epoch position are restored when that phase starts, see ``Trainer.run_phase``).
-
-    Only the phases that had started (the snapshot's phase and those before it) get
-    their saved state back; a later phase starts from its options, which a resumed run
-    may have changed (``--resume DIR --grpo-epochs 2 --kl-beta 0.05``).
-    """
-    state = trainer.state
-    where = trainer.output_dir / SNAPSHOT_NAME
-    try:
-        trainer.model.load_state_dict(snap["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise LeverError(f"{where}: its weights do not fit the run's policy ({first})") from None
-    state.history = list(snap["history"])
-    state.start_metrics = dict(snap.get("start_metrics") or {})
-    state.metrics = dict(snap["metrics"])
-    state.global_step = snap["global_step"]
-    trainer.bad_steps = snap["bad_steps"]
-    trainer.keeper.load_state_dict(snap["keeper"])
-    trainer.start_logprobs = snap["start_logprobs"]
-    trainer.start_weights = snap.get("start_model")
-    state.ref_logprobs = snap["ref_logprobs"]
-    if snap.get("stop_request") is not None:
-        reason, plugin = snap["stop_request"]
-        state.stop_request = StopRequest(reason, plugin)
-    saved_phases = snap.get("phases", {})
-    names = [p.name for p in trainer.phases]
-    started = names[: names.index(snap["phase"]) + 1] if snap["phase"] in names else names
-    for phase in trainer.phases:
-        if phase.name in saved_phases and phase.name in started:
-            try:
-                phase.load_state_dict(saved_phases[phase.name])
-            except LeverError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"phase {phase.name}: cannot restore its state from {where} "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-    for name, saved in snap.get("plugins", {}).items():
-        if name not in trainer.plugins.names:
-            state.log(
-                f"warning: the snapshot holds a state of plugin {name}, which is "
-                "not active in this run"
-            )
-            continue
-        trainer.plugins.call_plugin(name, "load_plugin_state", state=state, saved=saved)
-    try:
-        restore_rng(snap, trainer.generator)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise LeverError(f"{where}: unusable random state ({exc})") from None
-
-
 __all__ = [
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_NAME",
     "capture_rng",
     "check",
     "check_fits",
+    "checked",
     "read",
-    "restore",
     "restore_rng",
     "safe_value",
-    "take",
     "write",
 ]

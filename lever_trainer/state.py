@@ -44,6 +44,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class About:
+    """What a plugin says of itself: its ``about`` hook's answer.
+
+    Attributes:
+        description: one line, shown by ``lever-train plugins`` (default: the first line
+            of the plugin's docstring).
+        enabled_by_default: the plugin takes part in every run unless ``--no-plugin
+            NAME`` (otherwise it waits for ``--plugin NAME``).
+        enable_flags, disable_flags: flags such as ``"--use_top1_only"`` that ``train``
+            accepts as ``--plugin NAME`` / ``--no-plugin NAME`` (the spellings of the
+            script a plugin replaces).
+        chooses: what the plugin decides, in a few words ("the RCE reward"): two
+            plugins that choose the same thing cannot both be asked for by name; the run
+            is refused before it starts, naming both.
+    """
+
+    description: str = ""
+    enabled_by_default: bool = False
+    enable_flags: tuple[str, ...] = ()
+    disable_flags: tuple[str, ...] = ()
+    chooses: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("enable_flags", "disable_flags"):
+            flags = getattr(self, name)
+            if isinstance(flags, str) or not all(
+                isinstance(f, str) and f.startswith("--") for f in flags
+            ):
+                raise TypeError(f"About.{name} must be a tuple of '--flags', got {flags!r}")
+            object.__setattr__(self, name, tuple(flags))
+
+
+@dataclass(frozen=True)
 class RewardChoice:
     """A ``select_reward`` answer: which reward tensor a phase's loss consumes.
 
@@ -167,6 +200,12 @@ class TrainState:
     emb: Embeddings | None = None
     logger: Callable[[str], None] = print
     logprobs_fn: Callable[[QueryTable], torch.Tensor] | None = field(default=None, repr=False)
+    #: Every metric name an epoch of the phases still to run can report (set by the
+    #: trainer before ``on_train_start`` from the phases' ``metric_names``, its own and
+    #: validation's); see :meth:`knows_metric`.
+    metric_names: set[str] = field(default_factory=set, repr=False)
+    #: Some phase declares no ``metric_names``: any ``train_*`` name may be one of its.
+    metrics_open: bool = False
     _decided: set[str] = field(default_factory=set, repr=False)
 
     def log(self, message: str) -> None:
@@ -183,6 +222,43 @@ class TrainState:
         if self.logprobs_fn is None:
             raise RuntimeError("eval_logprobs needs a trainer (state.logprobs_fn is unset)")
         return self.logprobs_fn(self.train if table is None else table)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the run stands and what it has recorded, for resume snapshots: the
+        position (``phase``, ``epoch``, ``step``, ``global_step``, ``step_in_epoch``), the
+        ``history``, the last and the starting ``metrics``, the reference log-probs and a
+        plugin's stop request."""
+        stop = self.stop_request
+        return {
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "step_in_epoch": self.step_in_epoch,
+            "history": list(self.history),
+            "start_metrics": self.start_metrics,
+            "metrics": self.metrics,
+            "stop_request": None if stop is None else [stop.reason, stop.plugin],
+            "ref_logprobs": self.ref_logprobs,
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, except the position inside the
+        phase (``phase``, ``epoch``, ``step``, ``step_in_epoch``), which the trainer sets
+        when it re-enters the snapshot's phase and epoch."""
+        self.history = list(saved["history"])
+        self.start_metrics = dict(saved.get("start_metrics") or {})
+        self.metrics = dict(saved["metrics"])
+        self.global_step = saved["global_step"]
+        self.ref_logprobs = saved["ref_logprobs"]
+        if saved.get("stop_request") is not None:
+            reason, plugin = saved["stop_request"]
+            self.stop_request = StopRequest(reason, plugin)
+
+    def knows_metric(self, name: str) -> bool:
+        """Whether an epoch of this run can report the metric ``name`` (what a plugin that
+        watches a metric, like ``early-stopping``, checks before the first epoch)."""
+        return name in self.metric_names or (self.metrics_open and name.startswith("train_"))
 
     def phase_epochs(self, phase: str | None = None) -> int:
         """Number of epochs of ``phase`` (default: the current one; 0 if it is not run)."""

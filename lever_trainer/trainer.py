@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from .evaluation import (
     format_metrics,
 )
 from .judge import Judge
-from .metrics import clearly_better
+from .metrics import TRAINER_METRICS, clearly_better
 from .phase import Phase
-from .plugins import Decision, PluginSet
+from .plugins import Decision, PluginSet, implementers
 from .policy import Policy
 from .retention import BEST_NAME, START, CheckpointKeeper
 from .state import RewardChoice, TrainConfig, TrainState
@@ -54,6 +54,13 @@ class StopRequested(Exception):
         super().__init__(reason)
         self.reason = reason
         self.phase, self.epoch, self.step = state.phase, state.epoch, state.step_in_epoch
+
+
+def suggest(hook: str) -> str:
+    """`` (installed: --plugin A, --plugin B)``: the installed plugins that implement
+    ``hook``, for a message saying that no active one does (empty when none is)."""
+    names = implementers(hook)
+    return f" (installed: {', '.join(f'--plugin {n}' for n in names)})" if names else ""
 
 
 def collect_phases(plugins: PluginSet) -> list[Phase]:
@@ -222,6 +229,7 @@ class Trainer:
         state = self.state
         to_run = self.phases_to_run(resume)
         self.check_settings(to_run)
+        state.metric_names, state.metrics_open = self.declared_metrics(to_run)
         if not self.rewards:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
@@ -249,7 +257,7 @@ class Trainer:
                     "on_start_validation", state=state, metrics=state.start_metrics
                 )
         else:
-            snapshot.restore(self, resume)
+            self.load_state_dict(resume)
             state.log(
                 f"resumed from phase {resume['phase']} epoch {resume['epoch']} "
                 f"step {resume['step_in_epoch']}"
@@ -376,6 +384,24 @@ class Trainer:
         :func:`remaining_phases`)."""
         return remaining_phases(self.phases, self.state, resume)
 
+    def declared_metrics(self, phases: Sequence[Phase] | None = None) -> tuple[set[str], bool]:
+        """``(names, open)``: every metric an epoch of ``phases`` (default: all the run's)
+        can report, from the phases' declarations (``Phase.metric_names``), the trainer's
+        own (:data:`TRAINER_METRICS`) and validation's; ``open`` when a phase declares
+        none, so that any ``train_*`` name may be one of its."""
+        names = set(TRAINER_METRICS)
+        if len(self.state.val):
+            names |= set(ALL_VALIDATION_METRICS)
+            if self.state.judge is not None:
+                names |= set(ALL_JUDGED_METRICS)
+        undeclared = False
+        for phase in self.phases if phases is None else phases:
+            if phase.metric_names is None:
+                undeclared = True
+            else:
+                names |= set(phase.metric_names)
+        return names, undeclared
+
     def check_settings(self, to_run: list[Phase]) -> None:
         """Settings that can only be checked against the phases and the data, checked
         before anything is written: ``--best-metric`` must name a metric the run has."""
@@ -385,13 +411,6 @@ class Trainer:
         validation = set(ALL_VALIDATION_METRICS)
         if self.state.judge is not None:
             validation |= set(ALL_JUDGED_METRICS)
-        known = {"train_loss", "train_grad_norm", "epoch_seconds", "skipped_steps"}
-        undeclared = False
-        for phase in to_run or self.phases:
-            if phase.metric_names is None:
-                undeclared = True
-            else:
-                known |= set(phase.metric_names)
         if name in validation:
             if not len(self.state.val):
                 raise LeverError(
@@ -399,10 +418,24 @@ class Trainer:
                     "validation queries (raise --val-ratio, or name a training metric)"
                 )
             return
+        known, undeclared = self.declared_metrics(to_run or self.phases)
         if name in known or (undeclared and name.startswith("train_")):
             return
-        shown = ", ".join(sorted(known | (validation if len(self.state.val) else set())))
-        raise LeverError(f"--best-metric: no metric named {name!r} (known: {shown})")
+        raise LeverError(
+            f"--best-metric: no metric named {name!r} (known: {', '.join(sorted(known))})"
+        )
+
+    def check_declared(self, phase: Phase, names: Iterable[str], where: str) -> None:
+        """A phase that declares its metrics reports no other (``names``: what its
+        ``where`` gave, as epoch metric names)."""
+        if phase.metric_names is None:
+            return
+        extra = sorted(set(names) - set(phase.metric_names))
+        if extra:
+            raise PluginError(
+                f"phase {phase.name}: {where} reports {', '.join(extra)}, which its "
+                "metric_names does not declare"
+            )
 
     def resolve_rewards(self) -> dict[str, Decision]:
         """Ask ``select_reward`` for every phase that will run and needs one; log the answers."""
@@ -414,7 +447,7 @@ class Trainer:
             if decision is None:
                 raise LeverError(
                     f"no active plugin answers hook select_reward for phase {phase.name!r}; "
-                    "enable one (e.g. --plugin raw-reward), see `lever-train plugins`"
+                    f"enable one{suggest('select_reward')}, see `lever-train plugins`"
                 )
             answer = decision.value
             if not isinstance(answer, RewardChoice) or not callable(answer.compute):
@@ -527,11 +560,11 @@ class Trainer:
             }
             state.step_in_epoch = progress["step_in_epoch"]
             snapshot.restore_rng(progress)
+            self.step_rng = snapshot.capture_rng(self.generator)
             pending = [n for n in progress.get("pending_step_end") or [] if n in self.plugins.names]
             if pending:  # the last step, for the plugins that failed to see it
                 state.last_step = dict(progress.get("pending_last_step") or {})
-                for name in pending:
-                    self.plugins.call_plugin(name, "on_step_end", state=state)
+                self.plugins.call_all("on_step_end", only=pending, state=state)
         else:
             if data is None:
                 order = self.epoch_rows(phase, epoch)
@@ -547,6 +580,9 @@ class Trainer:
                 "epoch_counted": 0,
                 "epoch_skipped": 0,
             }
+            # the random states a snapshot of this epoch starts from (the order and the
+            # epoch's data drew from them); then each step records its own, once
+            self.step_rng = snapshot.capture_rng(self.generator)
         order = self.epoch_progress["epoch_order"]
         state.steps_per_epoch = math.ceil(len(order) / bs)
         rows = order[state.step_in_epoch * bs :]
@@ -590,7 +626,6 @@ class Trainer:
         """One optimiser step on ``batch`` (skipped when its loss or gradient is not finite)."""
         state, progress = self.state, self.epoch_progress
         assert self.optimizer is not None
-        self.step_rng = snapshot.capture_rng(self.generator)
         batch = batch.to(self.device)
         out = phase.loss(state, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -600,6 +635,7 @@ class Trainer:
             self.step_torn = True
             self.optimizer.step()
             self.check_weights(phase)
+            self.check_declared(phase, (f"train_{k}" for k in out if k != "loss"), "loss")
             values = {k: float(v.detach()) for k, v in out.items()}
             values["grad_norm"] = grad_norm
             values["lr"] = lr
@@ -617,6 +653,7 @@ class Trainer:
         state.step += 1
         state.global_step += 1
         state.step_in_epoch += 1
+        # the random states after this step, taken once: what a snapshot of it holds
         self.step_rng = snapshot.capture_rng(self.generator)
         try:
             self.plugins.call_all("on_step_end", state=state)
@@ -735,7 +772,9 @@ class Trainer:
                 f"warning: {phase.name} epoch {state.epoch}: skipped {skipped} steps with a "
                 "non-finite loss or gradient"
             )
-        metrics.update(phase.epoch_metrics(state))
+        extra = phase.epoch_metrics(state)
+        self.check_declared(phase, extra, "epoch_metrics")
+        metrics.update(extra)
         validation = self.evaluator.validation(state.val)
         metrics.update(validation.metrics)
         val_loss = metrics.get("val_loss")
@@ -835,10 +874,99 @@ class Trainer:
             **self.run_metadata,
         }
 
+    def state_dict(self, epoch_closed: bool) -> dict[str, Any]:
+        """Everything needed to continue after the last completed step (what a resume
+        snapshot holds, see :mod:`lever_trainer.snapshot`).
+
+        ``epoch_closed``: the epoch's validation, checkpoint and hooks are done. When they
+        are not, the epoch's entry in the history (added before its hooks ran, if a hook
+        failed) is left out: the resumed run closes the epoch and records it once.
+        """
+        state = self.state
+        position = state.state_dict()
+        history = position["history"]
+        if (
+            not epoch_closed
+            and history
+            and ((history[-1].get("phase"), history[-1].get("epoch")) == (state.phase, state.epoch))
+        ):
+            history.pop()
+        pending = self.pending_step_end and not epoch_closed
+        return {
+            "epoch_closed": epoch_closed,
+            **position,
+            "bad_steps": self.bad_steps,
+            "keeper": self.keeper.state_dict(),
+            "start_logprobs": self.start_logprobs,
+            # the starting weights: best.safetensors while no epoch has beaten them, and
+            # the reference log-probs of a later extension into a phase that needs them
+            "start_model": self.start_weights
+            if self.start_logprobs is None or self.keeper.start_is_best
+            else None,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "phases": {phase.name: phase.state_dict() for phase in self.phases},
+            "plugins": self.plugins.state_dict(state),
+            **self.epoch_progress,
+            **self.step_rng,
+            # the plugins that have not seen the last step (one failed in on_step_end)
+            **(
+                {
+                    "pending_step_end": list(self.pending_step_end),
+                    "pending_last_step": state.last_step,
+                }
+                if pending
+                else {}
+            ),
+        }
+
+    def load_state_dict(self, snap: dict[str, Any]) -> None:
+        """Put the run-wide state of a snapshot back (the phase's optimiser, position and
+        epoch progress are restored when that phase starts, see :meth:`run_phase`).
+
+        Only the phases that had started (the snapshot's phase and those before it) get
+        their saved state back; a later phase starts from its options, which a resumed
+        run may have changed (``--resume DIR --grpo-epochs 2 --kl-beta 0.05``).
+        """
+        state = self.state
+        where = self.output_dir / SNAPSHOT_NAME
+        try:
+            self.model.load_state_dict(snap["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise LeverError(
+                f"{where}: its weights do not fit the run's policy ({first})"
+            ) from None
+        state.load_state_dict(snap)
+        self.bad_steps = snap["bad_steps"]
+        self.keeper.load_state_dict(snap["keeper"])
+        self.start_logprobs = snap["start_logprobs"]
+        self.start_weights = snap.get("start_model")
+        saved_phases = snap.get("phases", {})
+        names = [p.name for p in self.phases]
+        started = names[: names.index(snap["phase"]) + 1] if snap["phase"] in names else names
+        for phase in self.phases:
+            if phase.name in saved_phases and phase.name in started:
+                try:
+                    phase.load_state_dict(saved_phases[phase.name])
+                except LeverError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"phase {phase.name}: cannot restore its state from {where} "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from exc
+        self.plugins.load_state_dict(snap.get("plugins", {}), state)
+        try:
+            snapshot.restore_rng(snap, self.generator)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise LeverError(f"{where}: unusable random state ({exc})") from None
+        self.step_rng = snapshot.capture_rng(self.generator)
+
     def save_snapshot(self, epoch_closed: bool) -> Path:
         """Write the resume snapshot to ``OUTPUT_DIR/resume.pt``, atomically."""
         path = self.output_dir / SNAPSHOT_NAME
-        snapshot.write(path, snapshot.take(self, epoch_closed))
+        snapshot.write(path, self.state_dict(epoch_closed))
         self.has_snapshot = True
         return path
 
@@ -853,7 +981,8 @@ class Trainer:
             raise LeverError(
                 "the starting model's log-probs (the default GRPO reference) are not in "
                 "this run's snapshot, which was written by an older lever-train; extend it "
-                "with --plugin grpo-reference-refresh or start a new run from its checkpoint"
+                f"with a plugin that answers reference_logprobs{suggest('reference_logprobs')} "
+                "or start a new run from its checkpoint"
             )
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.start_weights)

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Batch, Option, Phase, TrainState, hookimpl, policy_logprobs
+from lever_trainer.api import About, Batch, Option, Phase, TrainState, hookimpl, policy_logprobs
 
-ENABLED_BY_DEFAULT = False
-DESCRIPTION = "phase `warmup`: cross-entropy on each query's best logged sequence, before RCE"
+
+@hookimpl
+def about() -> About:
+    """Off by default: ``--plugin warmup`` adds the phase."""
+    return About(description="phase `warmup`: cross-entropy on each query's best logged sequence")
 
 
 class BestSequencePhase(Phase):
@@ -25,6 +28,7 @@ class BestSequencePhase(Phase):
     epochs_option = "warmup_epochs"
     lr_option = "warmup_lr"
     needs_reward = False
+    metric_names = ()  # its loss returns the loss alone: no metric of its own
 
     def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         best = batch.rewards_raw.masked_fill(~batch.cand_mask, float("-inf")).argmax(-1)

@@ -122,3 +122,20 @@ def test_algorithm_anchors_cited_by_the_code_exist() -> None:
                 cited |= set(re.findall(r"algorithm\.md#([a-z0-9-]+)", path.read_text()))
     assert cited, "nothing cites docs/algorithm.md"
     assert cited <= anchors, cited - anchors
+
+
+def test_metrics_page_lists_what_each_builtin_phase_declares(reference: ModuleType) -> None:
+    from lever_trainer.metrics import TRAINER_METRICS
+    from lever_trainer.plugins import load_plugins
+    from lever_trainer.trainer import collect_phases
+
+    assert "<!-- generated: metrics -->" in (DOCS / "logs.md").read_text()
+    page = reference.render_metrics()
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in page.splitlines()[2:]}
+    assert all(f"`{n}`" in rows["every phase (the trainer)"] for n in TRAINER_METRICS)
+    for phase in collect_phases(load_plugins(enable=["online", "judge-rank"])):
+        row = rows[f"`{phase.name}` ({phase.name})"]
+        if phase.metric_names is None:
+            assert row.strip() == "not declared"
+        else:
+            assert [n.strip(" `") for n in row.split(",")] == list(phase.metric_names)

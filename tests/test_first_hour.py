@@ -47,7 +47,8 @@ def test_option_mistakes_are_one_line_before_torch_is_imported(tmp_path, demo_fi
         ([*run, "--no-plugin", "nope"], "error: --no-plugin: unknown plugin 'nope'"),
         (
             [*run, "--rce_use_raw_reward", "--rce_use_normalized_reward"],
-            "error: --rce_use_raw_reward and --rce_use_normalized_reward both choose",
+            "error: --plugin normalized-reward or --rce_use_normalized_reward and --plugin "
+            "raw-reward or --rce_use_raw_reward both choose the RCE reward; give only one",
         ),
         (
             ["--beam-data", str(tmp_path / "missing.json"), *run[2:]],
@@ -78,22 +79,23 @@ def test_option_mistakes_are_one_line_before_torch_is_imported(tmp_path, demo_fi
         ("clip-higher", "dual-clip", "policy_objective"),  # both read options from state
     ],
 )
-def test_plugins_that_always_answer_one_hook_are_refused_before_training(
+def test_conflicting_plugins_are_refused_before_training(
     cli, demo_files, tmp_path, first, second, hook
 ) -> None:
     data, emb = demo_files
     out = tmp_path / "out"
     result = cli(
         "--beam-data", data, "--img-emb", emb, "--output-dir", out,
-        "--plugin", first, "--plugin", second,
+        "--plugin", first, "--plugin", second, "--rce-epochs", "2", "--grpo-epochs", "1",
     )  # fmt: skip
-    assert_user_error(result, f"{first} and {second}", hook, "every phase")
+    assert_user_error(result, first, second, f"both answer hook {hook}")
     assert "rce epoch" not in result.output  # nothing trained
-    assert not out.exists()  # nothing written, so there is nothing to resume
+    assert "resume with" not in result.output  # there is nothing to resume
+    assert not (out / "resume.pt").exists() and not list(out.glob("*.safetensors"))
     # one of them named, over the default one: fine
     result = cli(
         "--beam-data", data, "--img-emb", emb, "--output-dir", out, "--plugin", second,
-        "--rce-epochs", "1", "--grpo-epochs", "1",
+        "--rce-epochs", "1", "--grpo-epochs", "1", "--overwrite",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
 

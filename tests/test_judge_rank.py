@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lever_trainer.api import Batch
 from lever_trainer_plugins.judge_rank import JudgeRankPhase
-from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy, build_policy
+from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy, build
 
 FILES = lever_digits_env.files()
 
@@ -42,7 +42,7 @@ def test_the_ranking_loss_by_hand() -> None:
         correct=torch.tensor([[1.0, 0.0]]),
     )
     phase = JudgeRankPhase()
-    state = SimpleNamespace(model=model, options={"rank_penalty": 0.5})
+    state = SimpleNamespace(model=model, options={"rank_penalty": 0.5, "rank_loss": "pairwise"})
     phase.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     qn, cn = q[0].numpy() / np.linalg.norm(q[0].numpy()), c[0].numpy()
     cos = [float(cn[k] @ qn / np.linalg.norm(cn[k])) for k in range(3)]
@@ -60,11 +60,33 @@ def test_the_ranking_loss_by_hand() -> None:
     # equal rewards make no pair: the ranking term is 0
     batch.rewards_raw = torch.tensor([[1.0, 1.0]])
     assert float(phase.loss(state, batch)["pair_accuracy"]) == 0.0  # type: ignore[arg-type]
+    # listwise at temperature 2: target softmax([1.5, 0.5] / 2) = [sigmoid(0.5), 1 - it],
+    # log-probabilities log_softmax(scale * [s1, s2]); the penalty as before
+    batch.rewards_raw = torch.tensor([[1.5, 0.5]])
+    state.options.update(rank_loss="listwise", rank_temperature=2.0)
+    t1 = 1 / (1 + math.exp(-0.5))
+    p1 = 1 / (1 + math.exp(-scale * (s1 - s2)))
+    cross = -(t1 * math.log(p1) + (1 - t1) * math.log(1 - p1))
+    listwise = phase.loss(state, batch)  # type: ignore[arg-type]
+    assert float(listwise["loss"].detach()) == pytest.approx(cross + 0.5 * 0.3**2, rel=1e-5)
+
+
+def test_the_listwise_loss_ignores_unjudged_slots_and_single_candidate_queries() -> None:
+    from lever_trainer_plugins.judge_rank import listwise_loss
+
+    score = torch.tensor([[2.0, 0.0, 9.0], [1.0, 3.0, 3.0]])
+    reward = torch.tensor([[1.0, 0.0, 5.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # query 0 only (query 1 has one judged candidate): target softmax([1, 0]) at T = 1
+    t0 = math.exp(1) / (math.exp(1) + 1)
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    expected = -(t0 * math.log(p0) + (1 - t0) * math.log(1 - p0))
+    assert float(listwise_loss(score, reward, mask, 1.0)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_candidate_term_starts_at_zero_and_older_checkpoints_load_without_it() -> None:
-    with_term = build_policy("cosine-bilinear", 8, {"bilinear_candidate_term": "on"})
-    without = build_policy("cosine-bilinear", 8, {})
+    with_term = build(8, {"bilinear_candidate_term": "on"})
+    without = build(8, {})
     assert with_term is not None and without is not None
     assert "candidate_quadratic" in dict(with_term.named_parameters())
     assert "candidate_quadratic" not in dict(without.named_parameters())

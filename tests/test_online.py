@@ -226,3 +226,18 @@ def test_a_plugin_that_exits_is_a_failure_with_a_snapshot(digits40, tmp_path) ->
         trainer.fit()
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
     assert (snapshot["phase"], snapshot["epoch"], snapshot["epoch_closed"]) == ("online", 1, False)
+
+
+def test_an_online_run_reports_exactly_the_metrics_its_phase_declares(digits40, tmp_path) -> None:
+    """The online phase declares the group objective's values and its own three; an
+    online epoch reports each of them and no other value of its own."""
+    from lever_trainer.metrics import TRAINER_METRICS
+
+    trainer = trainer_for(digits40, tmp_path / "run", online_epochs=1)
+    trainer.fit()
+    declared = set(phase_named(trainer, "online").metric_names or ())
+    assert {"judge_calls_per_query", "online_reward", "online_correct", "train_ppo"} <= declared
+    row = next(h for h in trainer.state.history if h["phase"] == "online")
+    own = {k for k in row if k.startswith("train_") or k.startswith("online_")}
+    own |= {k for k in ("kl_beta", "judge_calls_per_query") if k in row}
+    assert own - set(TRAINER_METRICS) == declared

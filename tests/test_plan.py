@@ -63,12 +63,9 @@ def test_from_options_fills_each_commands_defaults() -> None:
         given.seed = 1  # type: ignore[misc]
 
 
-def test_plan_checks_required_options_and_alias_conflicts() -> None:
+def test_plan_checks_required_options_and_lists() -> None:
     with pytest.raises(LeverError, match="missing option --img-emb"):
         plan_run(Settings.from_options("train", {"beam_data": "d.json"}), {})
-    both = {**REQUIRED, "rce_use_raw_reward": True, "rce_use_normalized_reward": True}
-    with pytest.raises(LeverError, match="both choose the RCE reward"):
-        plan_run(Settings.from_options("train", both), {})
     with pytest.raises(LeverError, match="--gen-methods"):
         plan_run(Settings.from_options("train", {**REQUIRED, "gen_methods": " , "}), {})
 
@@ -76,10 +73,10 @@ def test_plan_checks_required_options_and_alias_conflicts() -> None:
 def test_plan_describes_the_run() -> None:
     s = Settings.from_options(
         "train",
-        {**REQUIRED, "plugins_on": ["rloo"], "freeze_backbone_in_grpo": True, "hidden_dim": 8},
+        {**REQUIRED, "plugins_on": ["rloo", "rloo"], "hidden_dim": 8},
     )
     plan = plan_run(s, {"hidden_dim": "--hidden-dim"})
-    assert plan.enable == ("rloo", "freeze-backbone")
+    assert plan.enable == ("rloo",)
     assert plan.policy == DEFAULT_POLICY
     assert dict(plan.policy_given) == {"hidden_dim": "--hidden-dim"}
     assert plan.split_seed == 42  # --val-split random, no --split-seed: --seed

@@ -56,7 +56,7 @@ def test_builtin_plugins_are_discovered_through_entry_points() -> None:
         assert found[name].enabled_by_default is default, name
         assert found[name].distribution == "lever-trainer"
         assert not found[name].broken
-    assert found["freeze-backbone"].hooks == ["configure_trainable_params"]
+    assert found["freeze-backbone"].hooks == ["configure_trainable_params", "on_train_start"]
     assert found["raw-reward"].hooks == ["select_reward"]
 
 
@@ -193,3 +193,139 @@ def test_freeze_backbone_on_a_policy_without_one_warns_and_freezes_nothing() -> 
         "warning: freeze-backbone: policy cosine-bilinear has no backbone "
         "(no backbone_modules); nothing is frozen"
     ]
+
+
+# ------------------------------------------------- declarations, registries, discovery
+class Declares:
+    """A plugin that says what it is through the ``about`` hook, with two policies."""
+
+    def __init__(self, chooses: str = "", policy: str = "tiny") -> None:
+        self.chooses, self.policy = chooses, policy
+
+    @hookimpl
+    def about(self) -> Any:
+        from lever_trainer.api import About
+
+        return About(description="declared", enable_flags=("--use_it",), chooses=self.chooses)
+
+    @hookimpl
+    def policies(self) -> dict[str, Any]:
+        def fails(input_dim: int, options: Any) -> Any:
+            raise ValueError(f"no policy of width {input_dim}")
+
+        return {self.policy: lambda input_dim, options: None, f"{self.policy}-2": fails}
+
+
+def test_about_and_policies_are_read_from_the_hooks() -> None:
+    info = describe_object("decl", Declares())
+    assert not info.broken, info.error
+    assert (info.description, info.enabled_by_default) == ("declared", False)
+    assert info.enable_flags == ("--use_it",) and info.policies == ("tiny", "tiny-2")
+    assert "about" not in info.hooks and "policies" in info.hooks
+
+
+def test_an_about_answer_of_the_wrong_type_marks_the_plugin_broken() -> None:
+    class Wrong:
+        @hookimpl
+        def about(self) -> Any:
+            return {"description": "a dict"}
+
+    info = describe_object("wrong", Wrong())
+    assert info.error == "about failed: TypeError: returned dict, expected lever_trainer.api.About"
+
+
+def test_legacy_module_attributes_still_declare_a_plugin() -> None:
+    info = describe_object("old", Answers("rce", "X", default=True))
+    assert info.enabled_by_default is True and not info.broken
+
+
+def test_two_plugins_choosing_the_same_thing_are_refused_by_name() -> None:
+    a = describe_object("a", Declares(chooses="the RCE reward"))
+    b = describe_object("b", Declares(chooses="the RCE reward"))
+    # one of them, or both only on by default: nothing to refuse
+    assert [p.name for p in select_active([a, b], enable=["a"])] == ["a"]
+    with pytest.raises(LeverError) as err:
+        select_active([a, b], enable=["a", "b"])
+    assert str(err.value) == (
+        "--plugin a or --use_it and --plugin b or --use_it both choose the RCE reward; "
+        "give only one"
+    )
+
+
+def test_two_plugins_providing_one_policy_name_are_an_error_naming_both() -> None:
+    from lever_trainer.policies import build_policy
+
+    ps = plugin_set(("p1", Declares()), ("p2", Declares()))  # asked last-registered first
+    with pytest.raises(PluginError, match="plugins p2 and p1 both provide policy 'tiny'"):
+        build_policy(ps, "tiny", 4, {})
+
+
+def test_a_builder_that_returns_no_policy_is_named() -> None:
+    from lever_trainer.policies import build_policy
+
+    ps = plugin_set(("p1", Declares()))
+    with pytest.raises(PluginError, match="plugin p1: policy 'tiny' was built as NoneType"):
+        build_policy(ps, "tiny", 4, {})
+    with pytest.raises(PluginError) as err:
+        build_policy(ps, "tiny-2", 4, {})
+    assert str(err.value) == (
+        "plugin p1 failed building policy 'tiny-2': ValueError: no policy of width 4"
+    )
+
+
+def test_a_training_run_discovers_the_plugins_once(
+    cli: Any, demo_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lever_trainer import plugins
+    from lever_trainer.cli import installed_plugins
+
+    scans: list[int] = []
+    real = plugins._scan
+
+    def counted() -> Any:
+        scans.append(1)
+        return real()
+
+    monkeypatch.setattr(plugins, "_scan", counted)
+    plugins.reset_discovery()
+    installed_plugins.cache_clear()
+    args = ["--beam-data", demo_files[0], "--img-emb", demo_files[1], "--hidden-dim", "8"]
+    result = cli(*args, "--output-dir", tmp_path / "out", "--rce-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert len(scans) == 1
+    # what a test that installs a plugin meanwhile needs: a reset looks again
+    plugins.reset_discovery()
+    assert discover() and len(scans) == 2
+
+
+def test_alias_flags_are_read_under_their_option_name_and_as_older_runs_recorded_them() -> None:
+    from lever_trainer.plugins import alias_choices, alias_dest
+
+    info = describe_object("decl", Declares())
+    assert alias_dest("--use_it") == "plugin_flag_use_it"
+    assert alias_choices([info], {"plugin_flag_use_it": True}) == (["decl"], [])
+    # a run_config.json written when the flag was a core option records it as "use_it"
+    assert alias_choices([info], {"use_it": True}) == (["decl"], [])
+    assert alias_choices([info], {"use_it": False}) == ([], [])
+
+
+def test_a_policy_plugin_written_before_the_policies_hook_still_builds() -> None:
+    from lever_trainer.api import TrunkConfig
+    from lever_trainer.policies import build_policy, known_policies
+    from lever_trainer_plugins.pointer import PointerPolicy
+
+    class OldPolicyPlugin:
+        POLICIES = ("old-pointer",)
+
+        @hookimpl
+        def build_policy(self, name: str, input_dim: int, options: Any) -> Any:
+            if name != "old-pointer":
+                return None
+            return PointerPolicy(TrunkConfig.from_options(input_dim, {"hidden_dim": 8}))
+
+    ps = plugin_set(("old", OldPolicyPlugin()))
+    assert known_policies(ps) == ["old-pointer"]
+    policy = build_policy(ps, "old-pointer", 4, {})
+    assert isinstance(policy, PointerPolicy) and policy.input_dim == 4
+    with pytest.raises(LeverError, match=r"no active plugin builds policy 'new' \(available: old-"):
+        build_policy(ps, "new", 4, {})

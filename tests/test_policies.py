@@ -4,7 +4,7 @@
 ``tests/data/variants.README.md``: for each upstream variant its weights and, for three
 queries, the greedy and teacher-forced logits and the sequence log-probs that the
 reference implementation computes. Every policy is built through its plugin's
-``build_policy`` hook and loaded with ``strict=True``; the logged sequences of a query
+``policies`` hook and loaded with ``strict=True``; the logged sequences of a query
 are decoded as G sequences of one query, as the trainer does.
 """
 
@@ -98,7 +98,7 @@ def build(
     files, meta = bundle
     module, name, variant = CASES[stem]
     options = {"shots": shots_of(meta[stem]), **variant, **override}
-    policy = module.build_policy(name, D, options)
+    policy = module.policies()[name](D, options)
     assert isinstance(policy, Policy)
     tensors = files[stem]
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -264,12 +264,12 @@ def test_rebuild_from_policy_options(
     json.dumps(options)
     assert options["shots"] == shots_of(bundle[1][stem])
     module = CASES[stem][0]
-    again = module.build_policy(name, D, options)
+    again = module.policies()[name](D, options)
     assert isinstance(again, Policy)
     assert again.policy_options() == options
     shapes = {k: v.shape for k, v in policy.state_dict().items()}
     assert {k: v.shape for k, v in again.state_dict().items()} == shapes
-    assert module.build_policy("pointer", D, options) is None
+    assert list(module.policies()) == [name]
 
 
 @pytest.mark.parametrize("stem", list(CASES))
@@ -278,7 +278,7 @@ def test_rebuild_each_variant_option(
 ) -> None:
     policy, _ = build(bundle, stem)
     module, name, _ = CASES[stem]
-    again = module.build_policy(name, D, policy.policy_options())
+    again = module.policies()[name](D, policy.policy_options())
     again.load_state_dict(policy.state_dict(), strict=True)
 
 
@@ -313,16 +313,15 @@ def test_backbone_parameters(bundle: tuple[Bundle, dict[str, dict[str, str]]], n
 
 
 def test_plugin_modules_and_options() -> None:
-    """Each module answers only for its own name; option flags and dests are unique."""
+    """Each module provides only its own policy; option flags and dests are unique."""
     names = {name for _, name, _ in CASES.values()}
     flags: list[str] = []
     dests: list[str] = []
     for module in MODULES:
-        assert module.ENABLED_BY_DEFAULT is True
-        assert module.POLICIES == (module.NAME,)
-        assert isinstance(module.DESCRIPTION, str) and "\n" not in module.DESCRIPTION
-        answered = [n for n in names if module.build_policy(n, D, {"shots": 2}) is not None]
-        assert answered == [module.NAME]
+        about = module.about()
+        assert about.enabled_by_default is True
+        assert about.description and "\n" not in about.description
+        assert list(module.policies()) == [module.NAME] and module.NAME in names
         if hasattr(module, "add_options"):
             for opt in module.add_options():
                 flags.extend(opt.flags)
@@ -353,7 +352,7 @@ def test_plugin_modules_and_options() -> None:
 def test_switches_and_shapes(
     module: ModuleType, name: str, options: dict[str, Any], params: dict[str, Any]
 ) -> None:
-    policy = module.build_policy(name, D, {"shots": 2, **options})
+    policy = module.policies()[name](D, {"shots": 2, **options})
     state = policy.state_dict()
     for key, shape in params.items():
         if shape is None:
@@ -364,13 +363,13 @@ def test_switches_and_shapes(
 
 def test_initialisation() -> None:
     """Upstream's constructor values for the scalar and vector weights."""
-    mmr = policy_mmr.build_policy("pointer-mmr", D, {"shots": 3})
+    mmr = policy_mmr.build(D, {"shots": 3})
     assert isinstance(mmr, policy_mmr.MmrPolicy)
     assert torch.equal(mmr.div_lambda.detach(), torch.full((3,), 0.1))
-    cov = policy_coverage.build_policy("pointer-coverage", D, {"shots": 2})
+    cov = policy_coverage.build(D, {"shots": 2})
     assert isinstance(cov, policy_coverage.CoveragePointerPolicy)
     assert cov.cover_lambda.item() == -2.0 and cov.cover_lambda.shape == ()
-    dpp = policy_dpp.build_policy("pointer-dpp", D, {"shots": 2})
+    dpp = policy_dpp.build(D, {"shots": 2})
     assert isinstance(dpp, policy_dpp.DppPointerPolicy)
     assert dpp.dpp_lambda.item() == -2.0 and dpp.dpp_lambda.shape == ()
 

@@ -1,12 +1,15 @@
-"""MkDocs hook: the generated reference pages (options and hooks).
+"""MkDocs hook: the generated reference pages (options, hooks, metrics).
 
-``docs/options.md`` and ``docs/hooks.md`` each hold a marker line; at build time it is
-replaced by tables generated from the code itself, so the pages cannot drift from it:
+``docs/options.md``, ``docs/hooks.md`` and ``docs/logs.md`` each hold a marker line; at
+build time it is replaced by tables generated from the code itself, so the pages cannot
+drift from it:
 
 * ``<!-- generated: options -->``: every ``lever-train`` command and its options, read
   from the option table (core options by help group, then each built-in plugin's);
 * ``<!-- generated: hooks -->``: every hook of ``lever_trainer.hookspecs`` with its
-  signature, its kind (single answer or broadcast) and its docstring.
+  signature, its kind (single answer or broadcast) and its docstring;
+* ``<!-- generated: metrics -->``: the metrics each built-in phase declares
+  (``Phase.metric_names``) and those the trainer adds to every epoch.
 
 The options come from :func:`option_records`: the option table
 (:mod:`lever_trainer.coreoptions` and the plugins' ``add_options`` records) for the
@@ -22,6 +25,7 @@ from typing import Any
 
 OPTIONS_MARKER = "<!-- generated: options -->"
 HOOKS_MARKER = "<!-- generated: hooks -->"
+METRICS_MARKER = "<!-- generated: metrics -->"
 #: The distribution whose plugins are documented; third-party plugins installed in the
 #: build environment (the digits example, a test plugin) are left out.
 BUILTIN_DISTRIBUTION = "lever-trainer"
@@ -138,7 +142,7 @@ def _table_records(name: str, builtin: list[Any]) -> list[OptionRecord]:
         )
     for info in builtin:
         for option in info.options:
-            if name in option.commands:
+            if name in option.commands and not option.extra.get("removed"):
                 records.append(
                     OptionRecord(
                         name,
@@ -298,10 +302,32 @@ def render_hooks() -> str:
     return "\n".join(out)
 
 
+def render_metrics() -> str:
+    """Which metrics each built-in phase declares, and the trainer's own: the
+    declarations that ``--best-metric`` and ``--early-stop-metric`` are checked against."""
+    from lever_trainer.metrics import TRAINER_METRICS
+    from lever_trainer.plugins import discover
+
+    out = ["| phase (plugin) | the metrics its epochs add |", "| --- | --- |"]
+    out.append(f"| every phase (the trainer) | {', '.join(f'`{n}`' for n in TRAINER_METRICS)} |")
+    rows = []
+    for info in discover():
+        if info.distribution != BUILTIN_DISTRIBUTION or "phases" not in info.hooks:
+            continue
+        for phase in info.obj.phases() or ():
+            names = phase.metric_names
+            shown = "not declared" if names is None else ", ".join(f"`{n}`" for n in names)
+            rows.append((phase.order, f"| `{phase.name}` ({info.name}) | {shown or 'none'} |"))
+    out += [row for _, row in sorted(rows)]
+    return "\n".join(out) + "\n"
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """MkDocs event: fill in the generated parts of a page."""
     if OPTIONS_MARKER in markdown:
         markdown = markdown.replace(OPTIONS_MARKER, render_options(option_records()))
     if HOOKS_MARKER in markdown:
         markdown = markdown.replace(HOOKS_MARKER, render_hooks())
+    if METRICS_MARKER in markdown:
+        markdown = markdown.replace(METRICS_MARKER, render_metrics())
     return markdown

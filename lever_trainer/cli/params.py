@@ -120,6 +120,8 @@ def click_type(option: Option) -> Any:
 def click_option(option: Option, group: str = "") -> click.Option:
     """The click parameter of an :class:`Option`, tagged with its help group."""
     kwargs: dict[str, Any] = {"help": option.help, "multiple": option.multiple}
+    if option.extra.get("removed"):  # still parsed, to say what replaces it; not shown
+        kwargs["hidden"] = True
     if option.required:
         kwargs["required"] = True
     if option.metavar:

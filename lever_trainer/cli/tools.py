@@ -32,15 +32,19 @@ def plugins_cmd() -> None:
         if p.description:
             click.echo(f"    {p.description}")
         click.echo(f"    hooks: {', '.join(p.hooks) or 'none'}")
-        policies = getattr(p.obj, "POLICIES", ())
-        if policies:
-            click.echo(f"    policies: {', '.join(policies)}")
+        if p.policies:
+            click.echo(f"    policies: {', '.join(p.policies)}")
         aliases = [*p.enable_flags, *(f"{f} (= --no-plugin)" for f in p.disable_flags)]
         if aliases:
             click.echo(f"    aliases: {', '.join(aliases)}")
         if p.options:
             shown = ", ".join(
-                f"{o.name} ({o.default!r})" if o.type != "bool" else o.name for o in p.options
+                f"{o.name} (removed: {o.extra['removed']})"
+                if o.extra.get("removed")
+                else f"{o.name} ({o.default!r})"
+                if o.type != "bool"
+                else o.name
+                for o in p.options
             )
             click.echo(f"    options: {shown}")
 

@@ -10,7 +10,7 @@ import click
 
 from .. import settings
 from ..errors import Interrupted, LeverError
-from ..plan import Settings, plan_run, preflight
+from ..plan import RunPlan, Settings, plan_run, preflight
 from .group import installed_plugins, plugin_declarations
 from .params import given_options, option_checker, table_command, user_errors, warn
 
@@ -33,8 +33,7 @@ def train(ctx: click.Context, **opts: Any) -> None:
         print_config(ctx, opts)
         return
     plan = plan_run(Settings.from_options("train", opts), given_options(ctx, opts))
-    refusals = {d.plugin: d.refusal for d in plugin_declarations() if d.refusal}
-    preflight(plan, refusals)  # the one-line errors that need no torch come first, and fast
+    check_before_torch(plan)
     from ..run import start
 
     run = start(plan, click.echo, warn, check=option_checker(ctx))
@@ -42,6 +41,25 @@ def train(ctx: click.Context, **opts: Any) -> None:
         click.echo(run.complete)
         return
     fit(run)
+
+
+def check_before_torch(plan: RunPlan) -> None:
+    """The one-line errors that need no plugin imported (nor torch) come first, and
+    fast: unknown or broken plugins, missing files, an unusable output directory, a
+    removed option, two plugins asked for that choose the same thing."""
+    from ..plugins import alias_dest, check_choices
+
+    declared = plugin_declarations()
+    preflight(plan, {d.plugin: d.refusal for d in declared if d.refusal})
+    removed = {o.dest: o.extra.get("removed") for d in declared for o in d.options}
+    for dest, flag in plan.given.items():
+        if removed.get(dest):
+            raise LeverError(f"{flag} was removed: {removed[dest]}")
+    values = plan.settings.plugin_values
+    by_name = {d.plugin: d for d in declared}
+    names = [*plan.enable]
+    names += [d.plugin for d in declared if any(values.get(alias_dest(f)) for f in d.enable_flags)]
+    check_choices([by_name[n] for n in dict.fromkeys(names) if n in by_name])
 
 
 def fit(run: Any) -> None:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lever_trainer.api import LeverError, Option, TrainState, hookimpl
+from lever_trainer.api import About, LeverError, Option, TrainState, hookimpl
 
 
 def should_log(state: TrainState) -> bool:
@@ -92,11 +92,16 @@ class TrackerPlugin:
     """Base class of a tracker plugin; a subclass sets the attributes and :meth:`open`."""
 
     NAME = ""
+    #: The line ``lever-train plugins`` shows (the ``about`` answer).
     DESCRIPTION = ""
-    ENABLED_BY_DEFAULT = False
     #: The module to import, and the extra that installs it.
     LIBRARY = ""
     EXTRA = ""
+
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this tracker: off by default."""
+        return About(description=self.DESCRIPTION)
 
     def options(self) -> Sequence[Option]:
         """This tracker's options."""

@@ -6,12 +6,18 @@ at ``--kl-beta``.
 
 from __future__ import annotations
 
-from lever_trainer.api import TrainState, hookimpl
+from lever_trainer.api import About, TrainState, hookimpl
 from lever_trainer.api import adapt_kl_beta as adapt
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "KL weight x1.5 when kl > 0.1, /1.5 when kl < 0.01, kept in [0.001, 10]"
-DISABLE_FLAGS = ("--disable_adaptive_kl",)
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="KL weight x1.5 when kl > 0.1, /1.5 when kl < 0.01, kept in [0.001, 10]",
+        enabled_by_default=True,
+        disable_flags=("--disable_adaptive_kl",),
+    )
 
 
 @hookimpl

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from lever_trainer.api import hookimpl, masked_mean, metrics
+from lever_trainer.api import About, hookimpl, masked_mean, metrics
 
 
 class GroupCenter:
     """``r - mean(r)``."""
 
-    DESCRIPTION = "GRPO advantages r - mean(r) per group, no std division (Dr. GRPO)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO advantages r - mean(r) per group, no std division (Dr. GRPO)",
+        )
 
     @hookimpl
     def compute_advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +40,12 @@ class GroupCenter:
 class RLOO:
     """Leave-one-out baseline."""
 
-    DESCRIPTION = "GRPO advantages r_j - mean of the group's other rewards (RLOO)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO advantages r_j - mean of the group's other rewards (RLOO)",
+        )
 
     @hookimpl
     def compute_advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,8 +59,13 @@ class RLOO:
 class RankAdvantage:
     """``1 - 2 * rank / (n - 1)``."""
 
-    DESCRIPTION = "GRPO advantages 1 - 2 rank/(n-1) per group (upstream rank advantage)"
-    ENABLE_FLAGS = ("--use_rank_advantage",)
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO advantages 1 - 2 rank/(n-1) per group (upstream rank advantage)",
+            enable_flags=("--use_rank_advantage",),
+        )
 
     @hookimpl
     def compute_advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

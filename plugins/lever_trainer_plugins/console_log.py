@@ -23,10 +23,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lever_trainer.api import LeverError, Option, TrainState, format_metrics, hookimpl
+from lever_trainer.api import About, LeverError, Option, TrainState, format_metrics, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "epoch lines, a progress bar (terminal) or progress lines (log file), a summary"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description=(
+            "epoch lines, a progress bar (terminal) or progress lines (log file), a summary"
+        ),
+        enabled_by_default=True,
+    )
+
 
 _KEY = "console-log"
 #: Metrics the summary shows, and whether larger is better.

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
 
 from ._phase_list import phase_set
 
-DESCRIPTION = "dropout off during GRPO steps (the reference log-probs are eval-mode)"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="dropout off during GRPO steps (the reference log-probs are eval-mode)",
+    )
 
 
 @hookimpl

@@ -18,12 +18,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lever_trainer.api import LeverError, Option, TrainState, hookimpl
+from lever_trainer.api import About, LeverError, Option, TrainState, hookimpl
 
 from ._phase_list import phase_set
 
 NAME = "early-stopping"
-DESCRIPTION = "stop the run when a metric has not improved for --early-stop-patience epochs"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="stop the run when a metric has not improved for --early-stop-patience epochs",
+    )
 
 
 def _state(state: TrainState) -> dict[str, Any]:
@@ -36,6 +43,17 @@ def direction(metric: str, mode: str) -> str:
     if mode != "auto":
         return mode
     return "min" if "loss" in metric else "max"
+
+
+@hookimpl
+def on_train_start(state: TrainState) -> None:
+    """Refuse, before the first epoch, a metric that no epoch of this run reports."""
+    metric = str(state.options["early_stop_metric"])
+    if not state.knows_metric(metric):
+        raise LeverError(
+            f"--early-stop-metric {metric!r}: no epoch of this run reports it (its "
+            f"metrics: {', '.join(sorted(state.metric_names))})"
+        )
 
 
 @hookimpl

@@ -17,12 +17,19 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
 
 from ._phase_list import phase_set
 
 NAME = "easy-first"
-DESCRIPTION = "the first epochs of a phase visit only the queries whose rewards spread most"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="the first epochs of a phase visit only the queries whose rewards spread most",
+    )
 
 
 def easy_rows(state: TrainState) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Freeze the policy's backbone during GRPO only (the policy names its backbone).
 
+A run where phase ``online`` trains and ``grpo`` does not refuses it at start-up.
+
 For the built-in policies the backbone is ``input_proj``, ``query_proj`` and
 ``cand_proj`` (see docs/algorithm.md); any policy says which of its modules form it through
 ``backbone_modules`` / ``backbone_parameters()``.
@@ -9,11 +11,26 @@ from __future__ import annotations
 
 from torch import nn
 
-from lever_trainer.api import Policy, TrainState, hookimpl
+from lever_trainer.api import About, Policy, TrainState, hookimpl
 
-DESCRIPTION = (
-    "freeze the policy's backbone (input_proj, query_proj, cand_proj) at the start of GRPO"
-)
+from ._group_objective import refuse_unless_applied
+
+
+@hookimpl
+def about() -> About:
+    """``--freeze_backbone_in_grpo`` (the seed script's flag) asks for it."""
+    return About(
+        description="freeze the policy's backbone (input_proj, query_proj, cand_proj) at the "
+        "start of GRPO",
+        enable_flags=("--freeze_backbone_in_grpo",),
+    )
+
+
+@hookimpl
+def on_train_start(state: TrainState) -> None:
+    """Refuse a run where only ``online`` would learn from groups: this plugin freezes
+    nothing there."""
+    refuse_unless_applied(state, "freeze-backbone", {"grpo"}, "it freezes during GRPO")
 
 
 @hookimpl

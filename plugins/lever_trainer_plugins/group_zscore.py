@@ -10,10 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, TrainState, group_advantages, hookimpl
+from lever_trainer.api import About, Option, TrainState, group_advantages, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "advantages = clamp((r - mean) / max(std, 0.1), -5, 5) per group"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="advantages = clamp((r - mean) / max(std, 0.1), -5, 5) per group",
+        enabled_by_default=True,
+    )
 
 
 @hookimpl

@@ -11,10 +11,16 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Batch, Option, TrainState, hookimpl, top_k_mask
+from lever_trainer.api import About, Batch, Option, TrainState, hookimpl, top_k_mask
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "GRPO keeps each query's top 3 candidates in its first epoch, then the top 5"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="GRPO keeps each query's top 3 candidates in its first epoch, then the top 5",
+        enabled_by_default=True,
+    )
 
 
 @hookimpl

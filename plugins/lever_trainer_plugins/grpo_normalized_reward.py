@@ -6,10 +6,16 @@ On by default; a plugin answering ``select_reward`` for ``"grpo"`` and named wit
 
 from __future__ import annotations
 
-from lever_trainer.api import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import About, RewardChoice, TrainState, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "GRPO advantages come from group-normalised rewards (beam_rewards)"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="GRPO advantages come from group-normalised rewards (beam_rewards)",
+        enabled_by_default=True,
+    )
 
 
 @hookimpl

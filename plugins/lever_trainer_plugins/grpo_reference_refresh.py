@@ -15,13 +15,17 @@ from collections.abc import Callable
 
 import torch
 
-from lever_trainer.api import TrainState, hookimpl
+from lever_trainer.api import About, TrainState, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = (
-    "GRPO reference log-probs = the policy as GRPO starts, after RCE "
-    "(off: the starting model, as the reference implementation)"
-)
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="GRPO reference log-probs = the policy as GRPO starts, after RCE "
+        "(off: the starting model, as the reference implementation)",
+        enabled_by_default=True,
+    )
 
 
 @hookimpl

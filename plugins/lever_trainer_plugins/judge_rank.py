@@ -16,7 +16,9 @@ Every epoch then fits the policy to those verdicts as a ranking. For each query,
 policy's logit of each candidate in the last position (given the anchors before it)
 should order the candidates as their rewards do (the run's reward mode): the loss is
 the mean logistic loss ``log(1 + exp(-(s_i - s_j)))`` over the ordered pairs with
-``r_i > r_j`` (ties give no pair), plus ``--rank-penalty`` times the squared distance of
+``r_i > r_j`` (ties give no pair) — or, with ``--rank-loss listwise``, the cross-entropy
+from the softmax of the rewards at ``--rank-temperature`` to the softmax of the logits —
+plus ``--rank-penalty`` times the squared distance of
 the trainable weights from where the phase started, which keeps what the policy knew
 before for the items the ranking says nothing about.
 
@@ -34,6 +36,7 @@ import torch
 
 from lever_trainer.api import (
     TABLE_FIELDS,
+    About,
     Batch,
     EpochData,
     LeverError,
@@ -45,9 +48,16 @@ from lever_trainer.api import (
     pool_batches,
 )
 
-DESCRIPTION = (
-    "phase `judge-rank`: judge each top candidate behind anchors, learn the ranking (--judge)"
-)
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description=(
+            "phase `judge-rank`: judge each top candidate behind "
+            "anchors, learn the ranking (--judge)"
+        ),
+    )
 
 
 class JudgeRankPhase(Phase):
@@ -201,7 +211,12 @@ class JudgeRankPhase(Phase):
         better = (r.unsqueeze(2) > r.unsqueeze(1)) & valid
         diff = score.unsqueeze(2) - score.unsqueeze(1)
         pairs = better.sum().clamp_min(1)
-        ranking = (torch.nn.functional.softplus(-diff) * better).sum() / pairs
+        if state.options["rank_loss"] == "listwise":
+            ranking = listwise_loss(
+                score, r, batch.cand_mask, float(state.options["rank_temperature"])
+            )
+        else:
+            ranking = (torch.nn.functional.softplus(-diff) * better).sum() / pairs
         penalty = score.new_zeros(())
         for name, p in model.named_parameters():
             start = self.anchor.get(name)
@@ -239,6 +254,21 @@ class JudgeRankPhase(Phase):
         self.rounds_done = int(saved.get("rank_rounds_done", int(self.round is not None)))
 
 
+def listwise_loss(
+    score: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy from the rewards' softmax at ``temperature`` to the scores' softmax,
+    both over a query's judged candidates (``mask``), averaged over queries with at least
+    two: ``-sum_i softmax(r / T)_i log softmax(s)_i``. The best candidates carry almost all
+    the target's mass, so the loss cares about the top of the ranking, not its tail."""
+    neg = torch.finfo(score.dtype).min
+    target = torch.softmax((reward / temperature).masked_fill(~mask, neg), dim=-1)
+    log_p = torch.log_softmax(score.masked_fill(~mask, neg), dim=-1)
+    per_query = -(target * log_p.masked_fill(~mask, 0.0)).sum(-1)
+    used = mask.sum(-1) >= 2
+    return (per_query * used).sum() / used.sum().clamp_min(1)
+
+
 @hookimpl
 def phases() -> Sequence[Phase]:
     """The judge-rank phase."""
@@ -266,6 +296,23 @@ def add_options() -> Sequence[Option]:
             1,
             "Rounds of judging, spread over the epochs (new top candidates only).",
             min=1,
+        ),
+        Option(
+            ("--rank-loss",),
+            "choice",
+            "pairwise",
+            "How the verdicts are learned: `pairwise` (logistic loss over every ordered pair "
+            "the rewards rank) or `listwise` (cross-entropy to the rewards' softmax at "
+            "--rank-temperature).",
+            choices=("pairwise", "listwise"),
+        ),
+        Option(
+            ("--rank-temperature",),
+            "float",
+            0.1,
+            "Temperature of the rewards' softmax of --rank-loss listwise.",
+            min=0,
+            min_open=True,
         ),
         Option(
             ("--rank-penalty",),

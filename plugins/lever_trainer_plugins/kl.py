@@ -26,13 +26,18 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
 
 
 class K1:
     """``-log r``."""
 
-    DESCRIPTION = "GRPO KL estimate k1 = -log r (unbiased, high variance, may be negative)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO KL estimate k1 = -log r (unbiased, high variance, may be negative)",
+        )
 
     @hookimpl
     def kl_estimate(self, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -43,7 +48,12 @@ class K1:
 class K2:
     """``(log r)^2 / 2``."""
 
-    DESCRIPTION = "GRPO KL estimate k2 = (log r)^2 / 2 (biased, low variance)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO KL estimate k2 = (log r)^2 / 2 (biased, low variance)",
+        )
 
     @hookimpl
     def kl_estimate(self, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -54,8 +64,13 @@ class K2:
 class K3:
     """``r - 1 - log r`` (docs/algorithm.md#grpo-loss)."""
 
-    ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "GRPO KL estimate k3 = r - 1 - log r (unbiased, low variance)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO KL estimate k3 = r - 1 - log r (unbiased, low variance)",
+            enabled_by_default=True,
+        )
 
     @hookimpl
     def kl_estimate(self, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -66,8 +81,13 @@ class K3:
 class PPOClipOnly:
     """No KL term in the GRPO loss."""
 
-    DESCRIPTION = "GRPO loss = clipped surrogate only, no KL term (KL still reported)"
-    ENABLE_FLAGS = ("--use_ppo_clip_only",)
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO loss = clipped surrogate only, no KL term (KL still reported)",
+            enable_flags=("--use_ppo_clip_only",),
+        )
 
     @hookimpl
     def kl_penalty(self) -> bool:
@@ -78,7 +98,14 @@ class PPOClipOnly:
 class KLTarget:
     """Proportional control of the KL weight towards a target KL."""
 
-    DESCRIPTION = "KL weight *= 1 + clamp(kl/target - 1, -0.2, 0.2) / horizon (Ziegler et al.)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description=(
+                "KL weight *= 1 + clamp(kl/target - 1, -0.2, 0.2) / horizon (Ziegler et al.)"
+            ),
+        )
 
     @hookimpl
     def adapt_kl_beta(self, state: TrainState, kl: float, beta: float) -> float:

@@ -14,10 +14,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lever_trainer.api import LeverError, hookimpl, iter_object_members
+from lever_trainer.api import About, LeverError, hookimpl, iter_object_members
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "read legacy beam files ({qid: {id_list, score_list}}) as RL data"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="read legacy beam files ({qid: {id_list, score_list}}) as RL data",
+        enabled_by_default=True,
+    )
 
 
 def _is_query_key(key: str) -> bool:

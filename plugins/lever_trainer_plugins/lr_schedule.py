@@ -22,12 +22,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
 
 from ._phase_list import phase_set
 
 NAME = "lr-schedule"
-DESCRIPTION = "per-phase learning-rate warm-up, then constant, linear or cosine decay"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="per-phase learning-rate warm-up, then constant, linear or cosine decay",
+    )
 
 
 def scheduled_lr(

@@ -8,10 +8,19 @@ an uninterrupted run. A metric that is not a finite number is written as ``null`
 
 from __future__ import annotations
 
-from lever_trainer.api import TrainState, atomic_write_bytes, hookimpl, json_line
+from lever_trainer.api import About, TrainState, atomic_write_bytes, hookimpl, json_line
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "write the start validation and each epoch's metrics to OUTPUT_DIR/metrics.jsonl"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description=(
+            "write the start validation and each epoch's metrics to OUTPUT_DIR/metrics.jsonl"
+        ),
+        enabled_by_default=True,
+    )
+
 
 FILE_NAME = "metrics.jsonl"
 

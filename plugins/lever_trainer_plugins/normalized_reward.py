@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from lever_trainer.api import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import About, RewardChoice, TrainState, hookimpl
 
-DESCRIPTION = "RCE weighs group-normalised rewards (beam_rewards)"
+
+@hookimpl
+def about() -> About:
+    """``--rce_use_normalized_reward`` (the seed script's flag) asks for it."""
+    return About(
+        description="RCE weighs group-normalised rewards (beam_rewards)",
+        enable_flags=("--rce_use_normalized_reward",),
+        chooses="the RCE reward",
+    )
 
 
 @hookimpl

@@ -14,14 +14,21 @@ import torch
 from lever_trainer.api import (
     DATA_COMMANDS,
     ZSCORE_STD_EPS,
+    About,
     NormalizeFn,
     Option,
     RewardParams,
     hookimpl,
 )
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "group normalisers: z_score_clamp (default), z_score, rank"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="group normalisers: z_score_clamp (default), z_score, rank",
+        enabled_by_default=True,
+    )
 
 
 def _flat(rewards: torch.Tensor) -> bool:

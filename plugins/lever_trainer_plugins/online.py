@@ -10,8 +10,13 @@ sequences over the whole phase (sequences already judged, in this run or in the 
 store, are free; new ones past the budget are left out of the group). The group's raw
 rewards (the run's reward mode) give advantages through ``compute_advantages``
 (``group-zscore`` by default), and ``--online-passes`` passes over the round's groups
-minimise the PPO-clipped surrogate against the log-probs at collection time, plus
-``--online-kl-beta`` times the KL to them (0 by default).
+minimise the group objective that GRPO minimises (``_group_objective``: the same hooks,
+the same options ``--clip-epsilon``, ``--kl-beta``, the same variant plugins), with the
+ratios and the KL measured against the log-probs the proposals had when they were
+proposed: each round's reference is the policy that proposed it. The KL weight starts at
+``--kl-beta`` when the phase starts and moves through ``adapt_kl_beta`` after every step,
+as in GRPO; ``--plugin ppo-clip-only`` leaves the KL term out (the objective of this
+phase before it shared GRPO's).
 """
 
 from __future__ import annotations
@@ -23,26 +28,25 @@ import torch
 
 from lever_trainer.api import (
     TABLE_FIELDS,
+    About,
+    Batch,
     EpochData,
     LeverError,
     Option,
     Phase,
     QueryTable,
     TrainState,
-    expect_tensor,
-    grpo_loss,
     hookimpl,
-    policy_logprobs,
     pool_batches,
     sample_sequences,
     sequence_logprobs,
 )
 
-DESCRIPTION = "phase `online`: the policy proposes, the judge scores, group-relative PPO (--judge)"
+from ._group_objective import OBJECTIVE_METRICS, GroupObjectivePhase, check_decisions
 
 
-class OnlinePhase(Phase):
-    """Rounds of propose -> judge -> PPO-clip update (see the module docstring)."""
+class OnlinePhase(GroupObjectivePhase):
+    """Rounds of propose -> judge -> group-objective update (see the module docstring)."""
 
     name = "online"
     order = 40
@@ -50,16 +54,24 @@ class OnlinePhase(Phase):
     lr_option = "online_lr"
     needs_reward = False
     log_metrics = ("judge_calls_per_query", "online_reward", "online_correct")
+    metric_names = (
+        *OBJECTIVE_METRICS,
+        "judge_calls_per_query",
+        "online_reward",
+        "online_correct",
+    )
 
     def __init__(self) -> None:
+        super().__init__()
         self.judged: dict[int, set[str]] = {}
         self.round: EpochData | None = None
         self.round_stats: dict[str, float] = {}
 
     def start(self, state: TrainState, resumed: bool) -> None:
-        """The phase needs a judge."""
+        """The phase needs a judge; then the KL penalty's answer, as in GRPO."""
         if state.judge is None:
             raise LeverError("phase online needs a downstream judge: give --judge NAME")
+        super().start(state, resumed)
 
     # -- one round of proposals ------------------------------------------------------
     @torch.no_grad()
@@ -171,36 +183,19 @@ class OnlinePhase(Phase):
         return self.round
 
     # -- the update ----------------------------------------------------------------
-    def loss(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
-        """PPO-clip surrogate (+ KL to the collection policy) with group advantages."""
-        decision = state.require(
-            "compute_advantages",
-            "group-zscore",
-            phase=self.name,
-            rewards=batch.rewards_raw,
-            mask=batch.cand_mask,
-        )
-        advantages = expect_tensor(
-            decision.value, decision.plugin, "compute_advantages", tuple(batch.rewards_raw.shape)
-        )
-        assert batch.ref_logprobs is not None
-        return grpo_loss(
-            policy_logprobs(state.model, batch),
-            batch.ref_logprobs,
-            advantages,
-            batch.cand_mask,
-            float(state.options["online_clip_epsilon"]),
-            float(state.options["online_kl_beta"]),
-        )
+    def loss(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        """The group objective on the round's proposals, scored by their raw rewards."""
+        return self.group_loss(state, batch, batch.rewards_raw)
 
     def epoch_metrics(self, state: TrainState) -> dict[str, float]:
         """The round's greedy reward and correctness on the training queries, and the
-        distinct sequences judged per training query so far."""
-        return dict(self.round_stats)
+        distinct sequences judged per training query so far, and the KL weight."""
+        return {**self.round_stats, **super().epoch_metrics(state)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Sequences judged per query, and the current round's groups."""
+        """Sequences judged per query, the current round's groups, the KL weight."""
         out: dict[str, Any] = {
+            **super().state_dict(),
             "judged": {str(q): sorted(s) for q, s in self.judged.items()},
             "round_stats": dict(self.round_stats),
         }
@@ -212,6 +207,7 @@ class OnlinePhase(Phase):
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        super().load_state_dict(saved)
         self.judged = {int(q): set(s) for q, s in saved.get("judged", {}).items()}
         self.round_stats = dict(saved.get("round_stats", {}))
         if "round" in saved:
@@ -226,8 +222,16 @@ def phases() -> Sequence[Phase]:
 
 
 @hookimpl
+def on_train_start(state: TrainState) -> None:
+    """Conflicting answers to the hooks of an online step stop the run before it trains."""
+    for phase in state.phases:
+        if isinstance(phase, OnlinePhase):
+            check_decisions(state, phase)
+
+
+@hookimpl
 def add_options() -> Sequence[Option]:
-    """Rounds, learning rate, proposals, budget and the update's settings."""
+    """Rounds, learning rate, proposals, budget and passes (the update takes GRPO's)."""
     return [
         Option(("--online-epochs",), "int", 8, "Rounds of the online phase.", min=0),
         Option(
@@ -259,15 +263,32 @@ def add_options() -> Sequence[Option]:
         Option(
             ("--online-clip-epsilon",),
             "float",
-            0.2,
-            "PPO clip of the online update.",
+            None,
+            "Removed: the online phase uses --clip-epsilon.",
             min=0,
-            min_open=True,
+            extra={"removed": "use --clip-epsilon (one PPO clip for grpo and online)"},
         ),
         Option(
-            ("--online-kl-beta",), "float", 0.0, "Weight of the KL to the collection policy.", min=0
+            ("--online-kl-beta",),
+            "float",
+            None,
+            "Removed: the online phase uses --kl-beta.",
+            min=0,
+            extra={
+                "removed": "use --kl-beta (one KL weight for grpo and online; "
+                "--plugin ppo-clip-only for no KL term, the old default)"
+            },
         ),
     ]
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows."""
+    return About(
+        description="phase `online`: the policy proposes, the judge scores, GRPO's objective "
+        "(--judge)",
+    )
 
 
 __all__ = ["OnlinePhase"]

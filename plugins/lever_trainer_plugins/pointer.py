@@ -7,18 +7,16 @@ The trunk (projections, cross-attention, dropout) is :class:`lever_trainer.api.P
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import PointerTrunk, TrunkConfig, decode_steps, hookimpl
+from lever_trainer.api import About, PointerTrunk, TrunkConfig, decode_steps, hookimpl
 
-ENABLED_BY_DEFAULT = True
-POLICIES = ("pointer",)
-DESCRIPTION = "policy `pointer`: the reference cross-attention trunk + gated state update"
+NAME = "pointer"
 
 #: The trunk's hyper-parameters are the whole of this policy's options.
 PolicyConfig = TrunkConfig
@@ -71,8 +69,20 @@ class PointerPolicy(PointerTrunk):
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> PointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer`: the reference cross-attention trunk + gated state update",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], PointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> PointerPolicy:
     """Build ``pointer`` from the trunk options (hidden_dim, num_layers, num_heads, ...)."""
-    if name != "pointer":
-        return None
     return PointerPolicy(TrunkConfig.from_options(input_dim, options))

@@ -10,21 +10,17 @@ replaced by ``--scoring-head`` (upstream ``--attention_type``), and logits ``s /
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lever_trainer.api import Option, TrunkConfig, hookimpl
+from lever_trainer.api import About, Option, TrunkConfig, hookimpl
 
 from ._decoders import Encoding, StepPointerPolicy, option_value, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-additive`: upstream V4-5, V4-2 with an additive/bilinear/dot head"
-
 NAME = "pointer-additive"
-POLICIES = (NAME,)
 HEADS = ("additive", "bilinear", "dot")
 
 
@@ -100,12 +96,24 @@ def add_options() -> Sequence[Option]:
 
 
 @hookimpl
-def build_policy(
-    name: str, input_dim: int, options: Mapping[str, Any]
-) -> AdditivePointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description=(
+            "policy `pointer-additive`: upstream V4-5, V4-2 with an additive/bilinear/dot head"
+        ),
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], AdditivePointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> AdditivePointerPolicy:
     """Build ``pointer-additive`` from the trunk options, ``shots`` and ``scoring_head``."""
-    if name != NAME:
-        return None
     return AdditivePointerPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),

@@ -26,18 +26,16 @@ RCE and GRPO apply unchanged. Downstream models that weigh the last demonstratio
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import CHOSEN_LOGIT, Option, Policy, decode_steps, hookimpl
+from lever_trainer.api import CHOSEN_LOGIT, About, Option, Policy, decode_steps, hookimpl
 
-ENABLED_BY_DEFAULT = True
-POLICIES = ("cosine-bilinear",)
-DESCRIPTION = "policy `cosine-bilinear`: cosine + learned bilinear residual per position"
+NAME = "cosine-bilinear"
 
 ORDERS = ("reverse", "forward")
 
@@ -130,14 +128,24 @@ class CosineBilinearPolicy(Policy):
 
 
 @hookimpl
-def build_policy(
-    name: str, input_dim: int, options: Mapping[str, Any]
-) -> CosineBilinearPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `cosine-bilinear`: cosine + learned bilinear residual per position",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], CosineBilinearPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> CosineBilinearPolicy:
     """``cosine-bilinear`` with ``shots`` positions, ``temperature`` (0.1), the order and
     the candidate term (off when the options do not name it: a checkpoint written before
     it existed)."""
-    if name != "cosine-bilinear":
-        return None
     temperature = options.get("temperature")
     return CosineBilinearPolicy(
         input_dim,

@@ -11,22 +11,18 @@ each choice ``covered = min(covered + T[chosen], 1)``, then the GRU update.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import TrunkConfig, hookimpl
+from lever_trainer.api import About, TrunkConfig, hookimpl
 
 from ._decoders import Encoding, StepPointerPolicy, gather_rows, lambda_init, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-coverage`: upstream V4-6, V4-2 + learned topic-coverage gain"
-
 NAME = "pointer-coverage"
-POLICIES = (NAME,)
 #: Upstream's constants: topics, step-embedding rows, cover_lambda_init.
 NUM_TOPICS = 16
 STEP_ROWS = 8
@@ -92,10 +88,20 @@ class CoveragePointerPolicy(StepPointerPolicy):
 
 
 @hookimpl
-def build_policy(
-    name: str, input_dim: int, options: Mapping[str, Any]
-) -> CoveragePointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer-coverage`: upstream V4-6, V4-2 + learned topic-coverage gain",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], CoveragePointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> CoveragePointerPolicy:
     """Build ``pointer-coverage`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return CoveragePointerPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

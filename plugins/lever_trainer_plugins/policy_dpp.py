@@ -10,22 +10,18 @@ for an init of 0.0).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import TrunkConfig, hookimpl
+from lever_trainer.api import About, TrunkConfig, hookimpl
 
 from ._decoders import Encoding, StepPointerPolicy, gather_rows, lambda_init, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-dpp`: upstream V4-7, V4-2 + learned DPP-style diversity gain"
-
 NAME = "pointer-dpp"
-POLICIES = (NAME,)
 #: Upstream's constants: feature rank, step-embedding rows, dpp_lambda_init.
 DPP_RANK = 32
 STEP_ROWS = 8
@@ -78,8 +74,20 @@ class DppPointerPolicy(StepPointerPolicy):
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> DppPointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer-dpp`: upstream V4-7, V4-2 + learned DPP-style diversity gain",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], DppPointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> DppPointerPolicy:
     """Build ``pointer-dpp`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return DppPointerPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

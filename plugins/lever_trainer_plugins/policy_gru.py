@@ -8,18 +8,14 @@ reuse the last row. ``--gru-no-step-emb`` (upstream ``--no_step_emb``) drops it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lever_trainer.api import Option, TrunkConfig, hookimpl
+from lever_trainer.api import About, Option, TrunkConfig, hookimpl
 
 from ._decoders import StepPointerPolicy, option_value, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-gru`: upstream V4-2, GRU state update + per-step embedding"
-
 NAME = "pointer-gru"
-POLICIES = (NAME,)
 
 
 class GruPointerPolicy(StepPointerPolicy):
@@ -52,10 +48,22 @@ def add_options() -> Sequence[Option]:
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> GruPointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer-gru`: upstream V4-2, GRU state update + per-step embedding",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], GruPointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> GruPointerPolicy:
     """Build ``pointer-gru`` from the trunk options, ``shots`` and ``gru_no_step_emb``."""
-    if name != NAME:
-        return None
     return GruPointerPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),

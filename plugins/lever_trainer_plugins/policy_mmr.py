@@ -9,18 +9,14 @@ of item k's cosine similarity to the items chosen so far. ``div_lambda`` [S] sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lever_trainer.api import Option, TrunkConfig, hookimpl
+from lever_trainer.api import About, Option, TrunkConfig, hookimpl
 
 from ._decoders import MmrPointerPolicy, option_value, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-mmr`: upstream V4-3, V4-2 + learned MMR redundancy penalty"
-
 NAME = "pointer-mmr"
-POLICIES = (NAME,)
 REDUCTIONS = ("max", "mean")
 
 
@@ -65,10 +61,22 @@ def add_options() -> Sequence[Option]:
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> MmrPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer-mmr`: upstream V4-3, V4-2 + learned MMR redundancy penalty",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], MmrPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> MmrPolicy:
     """Build ``pointer-mmr`` from the trunk options, ``shots`` and its own options."""
-    if name != NAME:
-        return None
     return MmrPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),

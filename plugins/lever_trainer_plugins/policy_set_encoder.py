@@ -10,22 +10,18 @@ the pool everywhere after (cross-attention keys/values and ``cand_proj``). Decod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import TrunkConfig, dropout, hookimpl
+from lever_trainer.api import About, TrunkConfig, dropout, hookimpl
 
 from ._decoders import MmrPointerPolicy, attention, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-set-encoder`: upstream V4-4, pool self-attention encoder + V4-3"
-
 NAME = "pointer-set-encoder"
-POLICIES = (NAME,)
 
 
 class SetEncoderPolicy(MmrPointerPolicy):
@@ -62,8 +58,22 @@ class SetEncoderPolicy(MmrPointerPolicy):
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> SetEncoderPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description=(
+            "policy `pointer-set-encoder`: upstream V4-4, pool self-attention encoder + V4-3"
+        ),
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], SetEncoderPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> SetEncoderPolicy:
     """Build ``pointer-set-encoder`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return SetEncoderPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

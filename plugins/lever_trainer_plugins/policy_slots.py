@@ -10,22 +10,18 @@ is; steps past 7 reuse row 7, as upstream does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import TrunkConfig, decode_steps, hookimpl
+from lever_trainer.api import About, TrunkConfig, decode_steps, hookimpl
 
 from ._decoders import VariantPolicy, attention, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-slots`: upstream V4-8, parallel slots with self/pool attention"
-
 NAME = "pointer-slots"
-POLICIES = (NAME,)
 #: Upstream's constants: slot-embedding rows, slot self-attention layers.
 SLOT_ROWS = 8
 SLOT_LAYERS = 2
@@ -91,8 +87,22 @@ class SlotPointerPolicy(VariantPolicy):
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> SlotPointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description=(
+            "policy `pointer-slots`: upstream V4-8, parallel slots with self/pool attention"
+        ),
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], SlotPointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> SlotPointerPolicy:
     """Build ``pointer-slots`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return SlotPointerPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

@@ -9,21 +9,17 @@ later version puts it before them; the two agree in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lever_trainer.api import TrunkConfig, dropout, hookimpl
+from lever_trainer.api import About, TrunkConfig, dropout, hookimpl
 
 from ._decoders import StepPointerPolicy, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-static`: upstream V2 pointer without state update (mask only)"
-
 NAME = "pointer-static"
-POLICIES = (NAME,)
 
 
 class StaticPointerPolicy(StepPointerPolicy):
@@ -51,10 +47,20 @@ class StaticPointerPolicy(StepPointerPolicy):
 
 
 @hookimpl
-def build_policy(
-    name: str, input_dim: int, options: Mapping[str, Any]
-) -> StaticPointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description="policy `pointer-static`: upstream V2 pointer without state update (mask only)",
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], StaticPointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> StaticPointerPolicy:
     """Build ``pointer-static`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return StaticPointerPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

@@ -18,22 +18,18 @@ shorter than S.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import CHOSEN_LOGIT, TrunkConfig, decode_steps, hookimpl
+from lever_trainer.api import CHOSEN_LOGIT, About, TrunkConfig, decode_steps, hookimpl
 
 from ._decoders import StepPointerPolicy, gather_rows, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-stop`: upstream V4-10, V4-2 + a learned STOP item (fewer shots)"
-
 NAME = "pointer-stop"
-POLICIES = (NAME,)
 
 
 class StopPointerPolicy(StepPointerPolicy):
@@ -95,8 +91,22 @@ class StopPointerPolicy(StepPointerPolicy):
 
 
 @hookimpl
-def build_policy(name: str, input_dim: int, options: Mapping[str, Any]) -> StopPointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description=(
+            "policy `pointer-stop`: upstream V4-10, V4-2 + a learned STOP item (fewer shots)"
+        ),
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], StopPointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> StopPointerPolicy:
     """Build ``pointer-stop`` from the trunk options and ``shots``."""
-    if name != NAME:
-        return None
     return StopPointerPolicy(TrunkConfig.from_options(input_dim, options), shots_from(options))

@@ -16,7 +16,7 @@ gradient). Then the GRU update; step embedding [S, h]. Upstream's ``refine_score
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 
 from lever_trainer.api import (
     CHOSEN_LOGIT,
+    About,
     LeverError,
     Option,
     TrunkConfig,
@@ -35,11 +36,7 @@ from lever_trainer.api import (
 
 from ._decoders import Encoding, StepPointerPolicy, gather_rows, option_value, shots_from
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "policy `pointer-two-stage`: upstream V4-9, cheap top-M then attn/MLP re-scoring"
-
 NAME = "pointer-two-stage"
-POLICIES = (NAME,)
 HEADS = ("attn", "mlp")
 DEFAULT_TOP_M = 8
 
@@ -140,12 +137,24 @@ def add_options() -> Sequence[Option]:
 
 
 @hookimpl
-def build_policy(
-    name: str, input_dim: int, options: Mapping[str, Any]
-) -> TwoStagePointerPolicy | None:
+def about() -> About:
+    """On by default: a policy is used only when ``--policy`` names it."""
+    return About(
+        description=(
+            "policy `pointer-two-stage`: upstream V4-9, cheap top-M then attn/MLP re-scoring"
+        ),
+        enabled_by_default=True,
+    )
+
+
+@hookimpl
+def policies() -> dict[str, Callable[[int, Mapping[str, Any]], TwoStagePointerPolicy]]:
+    """The one policy this plugin builds."""
+    return {NAME: build}
+
+
+def build(input_dim: int, options: Mapping[str, Any]) -> TwoStagePointerPolicy:
     """Build ``pointer-two-stage`` from the trunk options, ``shots`` and its own options."""
-    if name != NAME:
-        return None
     top_m = int(option_value(options, "two_stage_top_m", DEFAULT_TOP_M))
     if top_m < 1:
         raise LeverError(f"--two-stage-top-m must be at least 1, got {top_m}")

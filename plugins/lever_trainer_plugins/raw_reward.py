@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from lever_trainer.api import RewardChoice, TrainState, hookimpl
+from lever_trainer.api import About, RewardChoice, TrainState, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "RCE weighs raw rewards (beam_rewards_raw)"
+
+@hookimpl
+def about() -> About:
+    """On by default; ``--rce_use_raw_reward`` (the seed script's flag) asks for it."""
+    return About(
+        description="RCE weighs raw rewards (beam_rewards_raw)",
+        enabled_by_default=True,
+        enable_flags=("--rce_use_raw_reward",),
+        chooses="the RCE reward",
+    )
 
 
 @hookimpl

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lever_trainer.api import (
+    About,
     Batch,
     Option,
     Phase,
@@ -29,8 +30,14 @@ from lever_trainer.api import (
     weighted_sequence_loss,
 )
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "phase `rce`: reward-weighted cross-entropy warm-up"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="phase `rce`: reward-weighted cross-entropy warm-up",
+        enabled_by_default=True,
+    )
 
 
 class RCEPhase(Phase):
@@ -40,7 +47,7 @@ class RCEPhase(Phase):
     order = 20
     epochs_option = "rce_epochs"
     lr_option = "rce_lr"
-    metric_names = ("train_tau",)
+    metric_names = ("train_tau", "train_ess")
 
     def __init__(self) -> None:
         #: The epochs the phase had when it started: the schedule's length. A run resumed

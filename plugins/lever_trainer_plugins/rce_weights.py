@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import torch
 
-from lever_trainer.api import Batch, hookimpl, softmax_weights
+from lever_trainer.api import About, Batch, hookimpl, softmax_weights
 
 
 class SoftmaxWeights:
     """``softmax(r / tau)`` over each query's candidates."""
 
-    ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "RCE weights softmax(r / tau) over each query's logged sequences"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="RCE weights softmax(r / tau) over each query's logged sequences",
+            enabled_by_default=True,
+        )
 
     @hookimpl
     def rce_weights(self, batch: Batch, rewards: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,8 +35,13 @@ class SoftmaxWeights:
 class Top1Only:
     """Cross-entropy on the first logged sequence, averaged over its steps."""
 
-    DESCRIPTION = "RCE becomes plain cross-entropy on each query's first logged sequence"
-    ENABLE_FLAGS = ("--use_top1_only",)
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="RCE becomes plain cross-entropy on each query's first logged sequence",
+            enable_flags=("--use_top1_only",),
+        )
 
     @hookimpl
     def rce_weights(self, batch: Batch, rewards: torch.Tensor) -> torch.Tensor:

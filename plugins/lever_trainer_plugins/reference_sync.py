@@ -9,6 +9,8 @@ training candidate and mixes them in:
 ``ref_model_mixup_alpha`` mixes weights, this mixes log-probs, the only reference this
 trainer keeps). Each refresh costs one gradient-free pass over the training set. The
 reference is part of every resume snapshot, and so is this plugin's count of refreshes.
+Phase ``online`` measures against each round's proposer instead; a run where it trains
+and no phase with a fixed reference does refuses this plugin at start-up.
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lever_trainer.api import Option, TrainState, hookimpl
+from lever_trainer.api import About, Option, TrainState, hookimpl
+
+from ._group_objective import refuse_unless_applied
 
 NAME = "reference-sync"
-DESCRIPTION = "every N GRPO steps: ref = alpha * current log-probs + (1 - alpha) * ref"
+
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="every N GRPO steps: ref = alpha * current log-probs + (1 - alpha) * ref",
+    )
 
 
 def _state(state: TrainState) -> dict[str, Any]:
@@ -46,6 +57,14 @@ def on_step_end(state: TrainState) -> None:
         )
     saved["syncs"] += 1
     saved["last_step"] = state.step
+
+
+@hookimpl
+def on_train_start(state: TrainState) -> None:
+    """Refuse a run where only ``online`` would learn: its reference is each round's
+    proposer, which this plugin does not move."""
+    applies = {p.name for p in state.phases if p.needs_reference}
+    refuse_unless_applied(state, NAME, applies, "it moves a phase's fixed reference")
 
 
 @hookimpl

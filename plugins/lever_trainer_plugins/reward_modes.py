@@ -10,10 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lever_trainer.api import DATA_COMMANDS, Option, RawRewardFn, RewardParams, hookimpl
+from lever_trainer.api import DATA_COMMANDS, About, Option, RawRewardFn, RewardParams, hookimpl
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "raw-reward modes: hard_plus_soft (default), ..., legacy"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="raw-reward modes: hard_plus_soft (default), ..., legacy",
+        enabled_by_default=True,
+    )
+
 
 Candidate = Mapping[str, Any]
 

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from lever_trainer.api import Batch, equal_reward_groups, hookimpl
+from lever_trainer.api import About, Batch, equal_reward_groups, hookimpl
 
-DESCRIPTION = "GRPO leaves groups with all-equal rewards out of the loss (skipped_groups)"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="GRPO leaves groups with all-equal rewards out of the loss (skipped_groups)",
+    )
 
 
 @hookimpl

@@ -18,12 +18,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lever_trainer.api import TrainState, append_text, hookimpl, json_line, truncate_file
+from lever_trainer.api import About, TrainState, append_text, hookimpl, json_line, truncate_file
 
 from ._trackers import should_log
 
-ENABLED_BY_DEFAULT = True
-DESCRIPTION = "append the step values to OUTPUT_DIR/steps.jsonl every --log-every steps"
+
+@hookimpl
+def about() -> About:
+    """What ``lever-train plugins`` shows of this plugin."""
+    return About(
+        description="append the step values to OUTPUT_DIR/steps.jsonl every --log-every steps",
+        enabled_by_default=True,
+    )
+
 
 FILE_NAME = "steps.jsonl"
 _KEY = "steps-jsonl"

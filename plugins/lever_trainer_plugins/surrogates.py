@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lever_trainer.api import Option, PolicyObjective, TrainState, hookimpl
+from lever_trainer.api import About, Option, PolicyObjective, TrainState, hookimpl
 
 
 def clipped_objective(
@@ -40,8 +40,13 @@ def clipped_objective(
 class PPOClip:
     """The clipped surrogate of docs/algorithm.md#grpo-loss."""
 
-    ENABLED_BY_DEFAULT = True
-    DESCRIPTION = "GRPO surrogate min(r A, clamp(r, 1 - eps, 1 + eps) A)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO surrogate min(r A, clamp(r, 1 - eps, 1 + eps) A)",
+            enabled_by_default=True,
+        )
 
     @hookimpl
     def policy_objective(
@@ -55,7 +60,12 @@ class PPOClip:
 class ClipHigher:
     """DAPO's decoupled clip: ``--clip-epsilon`` below, ``--clip-epsilon-high`` above."""
 
-    DESCRIPTION = "GRPO surrogate with a separate upper clip 1 + eps_high (DAPO clip-higher)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description="GRPO surrogate with a separate upper clip 1 + eps_high (DAPO clip-higher)",
+        )
 
     @hookimpl
     def policy_objective(
@@ -85,7 +95,14 @@ class ClipHigher:
 class DualClip:
     """PPO's clip plus a floor ``c A`` on the objective of negative advantages."""
 
-    DESCRIPTION = "GRPO surrogate with a second clip: objective >= c A when A < 0 (dual-clip)"
+    @hookimpl
+    def about(self) -> About:
+        """What ``lever-train plugins`` shows of this plugin."""
+        return About(
+            description=(
+                "GRPO surrogate with a second clip: objective >= c A when A < 0 (dual-clip)"
+            ),
+        )
 
     @hookimpl
     def policy_objective(
