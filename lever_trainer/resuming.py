@@ -182,27 +182,42 @@ class _Rules:
             raise LeverError(f"--resume: cannot change {shown}: {problem}")
 
     def plugin_rule(self, plugin: str, option: Option) -> str | None:
-        """Why a plugin's option may not change (None when it may): options that shape
-        the data or the policy never do; a phase's, until that phase starts."""
-        if option.resume == "apply":
-            return None
-        if option.resume == "fixed":
-            return option.resume_reason or "it stays as the run started it"
-        if set(option.commands) & (set(DATA_COMMANDS) - {"train"}):
-            return f"{DATA_FIXED} (an option of plugin {plugin} that shapes the data)"
+        """Why a plugin's option may not change (None when it may)."""
         info = next((p for p in self.plugins.active if p.name == plugin), None)
-        if info is not None and info.policies:
-            return f"{POLICY_FIXED} (an option of plugin {plugin}, which builds policies)"
         own_phases = [name for name, owner in self.owners.items() if owner == plugin]
-        if not own_phases:
-            return (
-                f"an option of plugin {plugin}, which shapes how the run trains, stays as "
-                "the run started it"
-            )
-        begun = [n for n in own_phases if n in self.started]
-        if begun:
-            return f"phase {begun[0]} has started; its options stay as the run started it"
+        builds = info is not None and bool(info.policies)
+        return plugin_option_rule(plugin, option, builds, own_phases, self.started)
+
+
+def plugin_option_rule(
+    plugin: str,
+    option: Option,
+    builds_policies: bool,
+    own_phases: Sequence[str],
+    started: Collection[str],
+) -> str | None:
+    """Why ``--resume`` refuses a new value of ``plugin``'s ``option`` (None: applied).
+
+    The option's own ``resume`` rule first; else options that shape the data or the
+    policy never change, and a phase's change until that phase (``own_phases``, the
+    plugin's) has started; a plugin with no phase shapes how the run trains: kept."""
+    if option.resume == "apply":
         return None
+    if option.resume == "fixed":
+        return option.resume_reason or "it stays as the run started it"
+    if set(option.commands) & (set(DATA_COMMANDS) - {"train"}):
+        return f"{DATA_FIXED} (an option of plugin {plugin} that shapes the data)"
+    if builds_policies:
+        return f"{POLICY_FIXED} (an option of plugin {plugin}, which builds policies)"
+    if not own_phases:
+        return (
+            f"an option of plugin {plugin}, which shapes how the run trains, stays as "
+            "the run started it"
+        )
+    begun = [n for n in own_phases if n in started]
+    if begun:
+        return f"phase {begun[0]} has started; its options stay as the run started it"
+    return None
 
 
 def _finish(
@@ -281,4 +296,12 @@ def _show(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-__all__ = ["APPLIED", "FIXED", "ResumePlan", "options_state", "phase_plugins", "plan_resume"]
+__all__ = [
+    "APPLIED",
+    "FIXED",
+    "ResumePlan",
+    "options_state",
+    "phase_plugins",
+    "plan_resume",
+    "plugin_option_rule",
+]

@@ -81,6 +81,23 @@ def test_options_page_shows_types_defaults_and_bounds(reference: ModuleType) -> 
     assert "| `cosine-bilinear` |" in rows["| `--policy`"]
 
 
+def test_options_page_says_what_resume_does_with_each_training_option(
+    reference: ModuleType,
+) -> None:
+    """The column follows the table's resume rules and resuming's rules for plugins."""
+    page = reference.render_options(reference.option_records())
+    train = page.split("## `lever-train train`", 1)[1].split("\n## `", 1)[0]
+    rows = {line.split(" | ")[0]: line for line in train.splitlines() if line.startswith("| `")}
+    assert rows["| `--device`"].endswith("| applied |")
+    assert rows["| `--seed`"].endswith("| kept |")
+    assert rows["| `--rce-epochs`, `--rce_epochs`"].endswith(
+        "| applied (more epochs extend the run) |"
+    )
+    assert rows["| `--rce-lr`, `--rce_lr`"].endswith("| applied until its phase starts |")
+    select = page.split("## `lever-train select`", 1)[1].split("\n## `", 1)[0]
+    assert "on `--resume`" not in select  # only training resumes
+
+
 def test_every_page_is_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     listed = set(re.findall(r":\s+(\S+\.md)\s*$", nav, re.M))

@@ -41,6 +41,8 @@ class OptionRecord:
     type: str
     default: str
     help: str
+    #: What ``--resume`` does with a new value (``train`` only): applied or kept.
+    resume: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,10 @@ def _table_records(name: str, builtin: list[Any]) -> list[OptionRecord]:
     """The options of a table command: the core's records, then the built-in plugins'."""
     from lever_trainer.coreoptions import options_of
 
+    train = name == "train"
     records = []
     for option in options_of(name):
+        resume = {"apply": "applied", "fixed": "kept"}.get(option.resume, "—") if train else ""
         records.append(
             OptionRecord(
                 name,
@@ -138,6 +142,7 @@ def _table_records(name: str, builtin: list[Any]) -> list[OptionRecord]:
                 _option_type(option),
                 _option_default(option),
                 option.help,
+                resume,
             )
         )
     for info in builtin:
@@ -151,18 +156,39 @@ def _table_records(name: str, builtin: list[Any]) -> list[OptionRecord]:
                         _option_type(option),
                         _option_default(option),
                         option.help,
+                        _plugin_resume(info, option) if train else "",
                     )
                 )
-        if name != "train":
+        if not train:
             continue
         for flags, what in ((info.enable_flags, "--plugin"), (info.disable_flags, "--no-plugin")):
             for flag in flags:
                 records.append(
                     OptionRecord(
-                        name, "Plugins", (flag,), "flag", "off", f"Same as {what} {info.name}."
+                        name,
+                        "Plugins",
+                        (flag,),
+                        "flag",
+                        "off",
+                        f"Same as {what} {info.name}.",
+                        "kept",
                     )
                 )
     return records
+
+
+def _plugin_resume(info: Any, option: Any) -> str:
+    """What ``--resume`` does with a built-in plugin's option, by the rules
+    :mod:`lever_trainer.resuming` applies."""
+    from lever_trainer.resuming import plugin_option_rule
+
+    phases = list(info.obj.phases() or ()) if "phases" in info.hooks else []
+    if any(p.epochs_option == option.dest for p in phases):
+        return "applied (more epochs extend the run)"
+    rule = plugin_option_rule(
+        info.name, option, bool(info.policies), [p.name for p in phases], started=()
+    )
+    return "applied until its phase starts" if rule is None else "kept"
 
 
 def option_records() -> list[CommandRecord]:
@@ -234,16 +260,19 @@ def render_options(commands: list[CommandRecord]) -> str:
             groups.setdefault(option.group, []).append(option)
         core = [g for g in groups if not g.startswith("Plugin ")]
         plugins = sorted(g for g in groups if g.startswith("Plugin "))
+        resume = any(o.resume for o in command.options)
         for group in core + plugins:
             title = f"Plugin `{group.removeprefix('Plugin ')}`" if group in plugins else group
-            out += [f"**{title}**", "", "| option | type | default | meaning |"]
-            out.append("| --- | --- | --- | --- |")
+            head = "| option | type | default | meaning |" + (" on `--resume` |" if resume else "")
+            out += [f"**{title}**", "", head]
+            out.append("| --- | --- | --- | --- |" + (" --- |" if resume else ""))
             for option in groups[group]:
                 flags = ", ".join(f"`{f}`" for f in option.flags)
-                out.append(
+                row = (
                     f"| {flags} | {option.type} | {_cell(option.default)} | "
                     f"{_help_cell(option.help)} |"
                 )
+                out.append(row + (f" {option.resume} |" if resume else ""))
             out.append("")
         if not command.options:
             out += ["No options besides `--help`.", ""]
