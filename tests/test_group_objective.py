@@ -217,6 +217,20 @@ def test_two_surrogates_are_refused_before_anything_trains(
     assert "rce epoch" not in result.output  # RCE did not train first
 
 
+def test_an_objective_plugin_in_a_run_without_group_phases_is_named(demo_files, tmp_path) -> None:
+    """`--plugin sapo` without GRPO epochs or online changes nothing: the log says so; with
+    GRPO epochs it is used and nothing is said."""
+    idle = make_trainer(demo_files, tmp_path / "idle", enable=("sapo",), rce_epochs=1)
+    idle.fit()
+    said = [ln for ln in idle.log_lines if "--plugin sapo" in ln]
+    assert len(said) == 1 and "none trains in this run" in said[0]
+    used = make_trainer(
+        demo_files, tmp_path / "used", enable=("sapo",), rce_epochs=1, grpo_epochs=1
+    )
+    used.fit()
+    assert not [ln for ln in used.log_lines if "none trains in this run" in ln]
+
+
 def digits_judge() -> Judge:
     env = lever_digits_env.DigitsEnvironment()
     return Judge(env, "digits", None, lambda v: v["vqa_correct"] + v["vqa_acc_score"])

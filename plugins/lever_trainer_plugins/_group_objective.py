@@ -332,6 +332,44 @@ def check_decisions(state: TrainState, phase: GroupObjectivePhase) -> None:
         plugins.call_single(hook, state=state, phase=phase.name, **kwargs)
 
 
+#: The hooks of the group objective: a plugin that answers only these (and declares options)
+#: changes nothing in a run where no phase learns from groups.
+OBJECTIVE_HOOKS = frozenset(
+    {
+        "compute_advantages",
+        "policy_objective",
+        "kl_estimate",
+        "kl_penalty",
+        "adapt_kl_beta",
+        "filter_groups",
+        "select_candidates",
+    }
+)
+
+
+def warn_idle_objective_plugins(state: TrainState) -> None:
+    """Say so in the log when a plugin asked for by name only changes the group objective
+    and no phase of the run learns from groups: it changes nothing. (A warning, not a
+    refusal: ``--preset upstream`` names GRPO's plugins and trains no GRPO by default.)"""
+    assert state.plugins is not None
+    running = running_phases(state)
+    if any(isinstance(p, GroupObjectivePhase) and p.name in running for p in state.phases):
+        return
+    idle = [
+        info.name
+        for info in state.plugins.active
+        if info.name in state.plugins.explicit
+        and (set(info.hooks) - {"add_options"}) <= OBJECTIVE_HOOKS
+        and set(info.hooks) & OBJECTIVE_HOOKS
+    ]
+    if idle:
+        state.log(
+            f"warning: --plugin {', '.join(sorted(idle))}: only the phases that learn from "
+            "groups (grpo, online) use it, and none trains in this run (--grpo-epochs N or "
+            "--plugin online would)"
+        )
+
+
 def running_phases(state: TrainState) -> set[str]:
     """Names of the run's phases that have epochs."""
     return {p.name for p in state.phases if p.epochs(state) > 0}
@@ -367,4 +405,5 @@ __all__ = [
     "check_decisions",
     "refuse_unless_applied",
     "running_phases",
+    "warn_idle_objective_plugins",
 ]

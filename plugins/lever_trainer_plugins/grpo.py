@@ -24,7 +24,7 @@ import torch
 
 from lever_trainer.api import About, Batch, Option, Phase, TrainState, hookimpl
 
-from ._group_objective import GroupObjectivePhase, check_decisions
+from ._group_objective import GroupObjectivePhase, check_decisions, warn_idle_objective_plugins
 
 
 class GRPOPhase(GroupObjectivePhase):
@@ -81,7 +81,9 @@ def phases() -> Sequence[Phase]:
 
 @hookimpl
 def on_train_start(state: TrainState) -> None:
-    """Conflicting answers to the hooks of a GRPO step stop the run before it trains."""
+    """Conflicting answers to the hooks of a GRPO step stop the run before it trains; a
+    plugin that only changes the group objective in a run without such a phase is named."""
+    warn_idle_objective_plugins(state)
     for phase in state.phases:
         if isinstance(phase, GRPOPhase):
             check_decisions(state, phase)
