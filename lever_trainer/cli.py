@@ -379,7 +379,13 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--judge, --store, --no-store and --judge-timeout."""
+    """--judge, --store, --no-store, --judge-timeout and the judge driver's options."""
+    # the judge driver's options (batching, concurrency, retries, rate, budget): declared
+    # once, as Option records, next to the driver
+    from .judge_driver import DRIVER_OPTIONS
+
+    for option in reversed(DRIVER_OPTIONS):
+        click.decorators._param_memo(fn, click_option(option, "Judge"))
     decorators = [
         opt(
             "--judge",
@@ -405,8 +411,9 @@ def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=0.0,
             show_default=True,
             metavar="SECONDS",
-            help="Fail the run (with a snapshot to resume from) when one call to the judge "
-            "takes longer; 0: no limit. A stop signal ends the wait at once either way.",
+            help="Give up a call to the judge that takes longer (asked again up to "
+            "--judge-retries times, then the run fails with a snapshot to resume from); "
+            "0: no limit. A stop signal ends the wait at once either way.",
         ),
     ]
     for decorator in reversed(decorators):

@@ -42,6 +42,11 @@ APPLIED = {
     "no_cache": "only decides whether the prepared cache is used",
     "cache_dir": "only decides where the prepared cache lives",
     "judge_timeout": "applies to the judge's calls from now on",
+    "judge_batch_size": "applies to the judge's calls from now on",
+    "judge_concurrency": "applies to the judge's calls from now on",
+    "judge_retries": "applies to the judge's calls from now on",
+    "judge_max_rps": "applies to the judge's calls from now on",
+    "judge_max_calls": "a budget of the resumed process's own",
 }
 #: Core options a resumed run keeps as recorded, by the reason why.
 _FIXED_GROUPS: dict[str, tuple[str, ...]] = {

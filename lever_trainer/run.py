@@ -36,6 +36,7 @@ from .errors import LeverError, PluginError
 from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
+from .judge_driver import DriverSettings
 from .options import check_value
 from .plugins import PluginSet, load_plugins
 from .policies import DEFAULT_POLICY, build_policy, start_policy
@@ -230,7 +231,7 @@ def make_judge(opts: Mapping[str, Any], plugins: PluginSet, warn: Echo) -> Judge
     store = None
     if not opts.get("no_store"):
         store = VerdictStore(opts.get("store") or default_store_path())
-    return Judge(env, plugin, store, reward, warn, float(opts.get("judge_timeout") or 0) or None)
+    return Judge(env, plugin, store, reward, warn, driver=DriverSettings.from_options(opts))
 
 
 def split_seed(opts: Mapping[str, Any]) -> int | None:

@@ -17,7 +17,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 LAYERS = [
     {"errors"},
     {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
-    {"stats"},
+    {"stats", "judge_driver"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs"},
     {"plugins"},
