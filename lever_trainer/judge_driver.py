@@ -353,7 +353,7 @@ class JudgeDriver:
         left = sum(len(b.sequences) for b in todo)
         return (
             f"the judge budget (--judge-max-calls {self.settings.max_calls}: "
-            f"{self.cost.calls} verdicts asked, {left} more needed)"
+            f"{self.cost.calls} verdicts asked, this round needs {left} more)"
         )
 
     def _rate_ready(self) -> float:

@@ -341,7 +341,9 @@ def test_the_budget_asks_what_fits_then_stops(tmp_path: Path) -> None:
     settings = DriverSettings(batch_size=3, max_calls=7)
     judge = Judge(env, "recp", VerdictStore(tmp_path / "v.sqlite"), reward, driver=settings)
     judge.stop_on_budget = True
-    with pytest.raises(JudgeBudgetSpent, match=r"--judge-max-calls 7: 6 verdicts asked, 3 more"):
+    with pytest.raises(
+        JudgeBudgetSpent, match=r"--judge-max-calls 7: 6 verdicts asked, this round needs 3 more"
+    ):
         judge.verdicts(qids, seqs)
     assert len(store_rows(tmp_path / "v.sqlite")) == 6
     # a command that is not a training run: one line
@@ -375,15 +377,15 @@ def budget_trainer(files, out, budget: int = 0):
 
 
 @pytest.fixture(scope="module")
-def digits24(tmp_path_factory) -> tuple[Path, Path]:
+def digits16(tmp_path_factory) -> tuple[Path, Path]:
     doc = json.loads(Path(FILES["train"]).read_text())
     keys = [k for k in doc if k.isdigit()][:16]
     path = write_json(tmp_path_factory.mktemp("d24") / "train16.json", {k: doc[k] for k in keys})
     return path, Path(FILES["embeddings"])
 
 
-def test_the_budget_stops_at_an_epoch_boundary_and_resume_continues(digits24, tmp_path) -> None:
-    full = budget_trainer(digits24, tmp_path / "full")
+def test_the_budget_stops_at_an_epoch_boundary_and_resume_continues(digits16, tmp_path) -> None:
+    full = budget_trainer(digits16, tmp_path / "full")
     full.fit()
     online = [h for h in full.state.history if h["phase"] == "online"]
     # the verdicts the first round and the validations up to it asked (the run's judge)
@@ -392,14 +394,14 @@ def test_the_budget_stops_at_an_epoch_boundary_and_resume_continues(digits24, tm
     budget = int(start_calls + before_round2 + online[1]["judge_calls"] // 2)
 
     out = tmp_path / "run"
-    stopped = budget_trainer(digits24, out, budget)
+    stopped = budget_trainer(digits16, out, budget)
     with pytest.raises(StopRequested, match="the judge budget") as info:
         stopped.fit()
     assert stopped.state.judge.cost.calls <= budget
     assert (info.value.phase, info.value.epoch) == ("online", 2)
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
     assert (snapshot["phase"], snapshot["epoch"], snapshot["epoch_closed"]) == ("online", 1, True)
-    resumed = budget_trainer(digits24, out)  # a new process, no budget this time
+    resumed = budget_trainer(digits16, out)  # a new process, no budget this time
     resumed.fit(resume=snapshot)
     for key, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
@@ -517,3 +519,153 @@ def test_the_cli_takes_the_driver_options_and_reports_the_cost(cli, tmp_path) ->
     assert cost["judge_calls"] == 0 and cost["judge_cache_hit_rate"] == 1.0
     bad = cli(*args, "--judge-concurrency", "0")
     assert bad.exit_code != 0 and "--judge-concurrency" in bad.output
+
+
+# -- through the command line, in subprocesses (slow) -------------------------------------
+KILL_JUDGE = '''
+"""Environment ``slowdigits``: the digits judge in batches of 8, 0.1 s a call, logging
+every pair it is asked to the file in $KILL_JUDGE_LOG (tests of the judge driver)."""
+
+import os
+import time
+
+from lever_digits_env import DigitsEnvironment
+
+from lever_trainer.api import Environment, hookimpl
+
+ENABLED_BY_DEFAULT = True
+
+
+class Slow(Environment):
+    name, version, batch_size = "slowdigits", "1", 8
+
+    def __init__(self):
+        self.inner = DigitsEnvironment()
+
+    def judge(self, query_ids, sequences):
+        with open(os.environ["KILL_JUDGE_LOG"], "a") as log:
+            for q, s in zip(query_ids, sequences):
+                log.write(f"{q}:{','.join(map(str, s))}\\n")
+        time.sleep(0.1)
+        return self.inner.judge(query_ids, sequences)
+
+
+@hookimpl
+def environments():
+    return {"slowdigits": Slow()}
+'''
+
+
+@pytest.fixture(scope="module")
+def kill_judge(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kill_judge")
+    (root / "lever_kill_judge.py").write_text(KILL_JUDGE)
+    info = root / "lever_kill_judge-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lever-kill-judge\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lever_trainer]\nkill-judge = lever_kill_judge\n")
+    return root
+
+
+def lever_train(plugin: Path, log: Path, *args: object, wait: bool = True):
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "KILL_JUDGE_LOG": str(log),
+    }
+    command = [sys.executable, "-m", "lever_trainer", *map(str, args)]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def run_args(data: Path, run: Path, store: Path) -> tuple[object, ...]:
+    return (
+        "--beam-data", data, "--img-emb", FILES["embeddings"], "--output-dir", run,
+        "--store", store, "--judge", "slowdigits", "--plugin", "online", "--rce-epochs", "1",
+        "--grpo-epochs", "0", "--online-epochs", "2", "--online-samples", "4",
+        "--batch-size", "8", "--device", "cpu", "--judge-concurrency", "2",
+    )  # fmt: skip
+
+
+def asked(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def stored(store: Path) -> list[str]:
+    with sqlite3.connect(store) as db:
+        return [f"{q}:{s}" for q, s in db.execute("SELECT query, sequence FROM verdicts")]
+
+
+def metric_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in (*COST_METRICS, "time")} for x in lines
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume(kill_judge, digits16, tmp_path) -> None:
+    """SIGKILL while round 2 is judged (batches of 8, 2 in flight): the store holds every
+    batch that returned; the resumed run asks again only the pairs the store lacked (the
+    batches in flight), never one it holds, and ends as the uninterrupted run."""
+    import signal
+
+    data = digits16[0]
+    ref_log, ref = tmp_path / "ref.log", tmp_path / "ref"
+    code, out = lever_train(kill_judge, ref_log, *run_args(data, ref, tmp_path / "ref.sqlite"))
+    assert code == 0, out
+    total = len(asked(ref_log))
+    assert len(set(asked(ref_log))) == total  # the driver never asks one pair twice
+    first_round = json.loads((ref / "metrics.jsonl").read_text().splitlines()[2])
+    assert first_round["phase"] == "online"
+    kill_at = int(total - 24)  # inside the last round's judging (it asks more than 24)
+
+    log, run, store = tmp_path / "kill.log", tmp_path / "run", tmp_path / "kill.sqlite"
+    proc = lever_train(kill_judge, log, *run_args(data, run, store), wait=False)
+    deadline = time.monotonic() + 240
+    while len(asked(log)) < kill_at:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    before = set(asked(log))
+    kept = set(stored(store))
+    assert kept <= before and len(before) - len(kept) <= 2 * 8  # at most the batches in flight
+    lines_before = len(asked(log))
+    code, out = lever_train(kill_judge, log, "--resume", run)
+    assert code == 0, out
+    again = asked(log)[lines_before:]
+    assert not set(again) & kept  # nothing the store held was asked again
+    assert before - kept <= set(again)  # what was lost in flight was asked again
+    rows = stored(store)
+    assert len(rows) == len(set(rows)) == total
+    assert metric_records(run) == metric_records(ref)
+    from safetensors.torch import load_file
+
+    for path in sorted(ref.glob("*.safetensors")):
+        mine, theirs = load_file(str(run / path.name)), load_file(str(path))
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items()), path.name
+
+
+@pytest.mark.slow
+def test_the_budget_stops_the_cli_run_with_a_resume_line(kill_judge, digits16, tmp_path) -> None:
+    data = digits16[0]
+    log, run, store = tmp_path / "b.log", tmp_path / "run", tmp_path / "b.sqlite"
+    code, out = lever_train(kill_judge, log, *run_args(data, run, store), "--judge-max-calls", "60")
+    assert code == 3, out  # stopped, resumable
+    assert "stopped by the judge budget (--judge-max-calls 60:" in out
+    assert f"resume with: lever-train --resume {run}" in out
+    assert len(asked(log)) <= 60 and "Traceback" not in out
+    code, out = lever_train(kill_judge, log, "--resume", run, "--judge-max-calls", "0")
+    assert code == 0, out
+    assert len(asked(log)) == len(set(asked(log)))

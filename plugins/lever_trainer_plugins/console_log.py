@@ -203,9 +203,9 @@ def judge_cost_text(metrics: dict[str, float]) -> str:
     """``  judge: 120 calls in 3.2 s, cache hits 40.0 %, 1 retry`` (empty without a judge)."""
     if "judge_calls" not in metrics:
         return ""
-    retries = int(metrics.get("judge_retries", 0))
+    retries, calls = int(metrics.get("judge_retries", 0)), int(metrics["judge_calls"])
     return (
-        f"  judge: {int(metrics['judge_calls'])} calls in "
+        f"  judge: {calls} {'call' if calls == 1 else 'calls'} in "
         f"{metrics.get('judge_seconds', 0.0):.1f} s, cache hits "
         f"{100 * metrics.get('judge_cache_hit_rate', 0.0):.1f} %, "
         f"{retries} {'retry' if retries == 1 else 'retries'}"
