@@ -214,6 +214,8 @@ class _Flight:
     batch: _Batch
     attempt: int
     started: float
+    #: The call's future when the judge is ``async`` (cancelled when given up).
+    future: Any = None
 
 
 @dataclass
@@ -345,6 +347,9 @@ class JudgeDriver:
                 self._failed(batch, value, todo, total_batches, self.clock())
         finally:
             self.cost.seconds += max(self.clock() - started, 0.0)
+            for flight in flights.values():  # a stop or a failure: the rest is given up
+                if flight.future is not None:
+                    flight.future.cancel()
 
     def _where(self, batch: _Batch, total: int) -> str:
         return f"batch {batch.index + 1} of {total}, first query {batch.query_ids[0]}"
@@ -380,7 +385,7 @@ class JudgeDriver:
         flights[batch.index] = _Flight(batch, attempt, now)
         qids, seqs, index = list(batch.query_ids), [list(s) for s in batch.sequences], batch.index
         if inspect.iscoroutinefunction(self.env.judge):
-            self._launch_async(qids, seqs, index, attempt, results)
+            flights[index].future = self._launch_async(qids, seqs, index, attempt, results)
             return
 
         def work() -> None:
@@ -402,17 +407,19 @@ class JudgeDriver:
         index: int,
         attempt: int,
         results: queue.Queue[tuple[int, int, bool, Any]],
-    ) -> None:
+    ) -> Any:
         loop = self._event_loop()
 
         async def work() -> None:
             try:
                 answer = await self.env.judge(qids, seqs)
                 results.put((index, attempt, True, list(answer)))
+            except asyncio.CancelledError:
+                raise  # given up (a timeout, a stop): nobody waits for it
             except BaseException as exc:
                 results.put((index, attempt, False, exc))
 
-        asyncio.run_coroutine_threadsafe(work(), loop)
+        return asyncio.run_coroutine_threadsafe(work(), loop)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The driver's event loop, running in a daemon thread (started once)."""
@@ -435,6 +442,8 @@ class JudgeDriver:
         for index, flight in list(flights.items()):
             if now - flight.started > timeout:
                 del flights[index]
+                if flight.future is not None:
+                    flight.future.cancel()
                 self._failed(flight.batch, _TimedOut(timeout), todo, total, now)
 
     def _failed(

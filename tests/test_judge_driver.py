@@ -669,3 +669,33 @@ def test_the_budget_stops_the_cli_run_with_a_resume_line(kill_judge, digits16, t
     code, out = lever_train(kill_judge, log, "--resume", run, "--judge-max-calls", "0")
     assert code == 0, out
     assert len(asked(log)) == len(set(asked(log)))
+
+
+def test_an_async_call_past_the_timeout_is_cancelled_and_asked_again() -> None:
+    class SlowFirst(Environment):
+        name, version = "rec", "1"
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.cancelled = 0
+
+        async def judge(self, query_ids, sequences):
+            self.calls += 1
+            try:
+                if self.calls == 1:
+                    await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            return [verdict_of(q, s) for q, s in zip(query_ids, sequences, strict=True)]
+
+    qids, seqs = pairs(3)
+    env = SlowFirst()
+    settings = DriverSettings(timeout=0.2, retries=1, backoff=0.01)
+    judge = Judge(env, "recp", None, reward, driver=settings)
+    started = time.monotonic()
+    assert judge.verdicts(qids, seqs) == [verdict_of(q, s) for q, s in zip(qids, seqs, strict=True)]
+    assert time.monotonic() - started < 3
+    time.sleep(0.1)  # the cancellation reaches the coroutine on the driver's loop
+    assert (env.calls, env.cancelled, judge.cost.retries) == (2, 1, 1)
+    judge.driver.close()
