@@ -384,8 +384,8 @@ def judge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     # once, as Option records, next to the driver
     from .judge_driver import DRIVER_OPTIONS
 
-    for option in reversed(DRIVER_OPTIONS):
-        click.decorators._param_memo(fn, click_option(option, "Judge"))
+    params = fn.__dict__.setdefault("__click_params__", [])
+    params.extend(click_option(option, "Judge") for option in reversed(DRIVER_OPTIONS))
     decorators = [
         opt(
             "--judge",

@@ -389,6 +389,28 @@ class _ProgressBar:
         self.bar.close()
 
 
+#: Seconds between two progress lines of a judged round in a log file.
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _ProgressLines:
+    """A judged round's progress as a line every ``PROGRESS_LOG_SECONDS`` (a log file)."""
+
+    def __init__(self, name: str, log: Callable[[str], None]) -> None:
+        self.name, self.log = name, log
+        self.last = time.monotonic()
+
+    def __call__(self, progress: RoundProgress) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_LOG_SECONDS or progress.done >= progress.total:
+            return
+        self.last = now
+        self.log(
+            f"judge {self.name}: {progress.done}/{progress.total} verdicts, "
+            f"{progress.calls_per_second:.1f} calls/s, {progress.cache_hits} cache hits"
+        )
+
+
 class Judge:
     """The run's environment behind its store: cached, checked, counted verdicts.
 
@@ -423,6 +445,9 @@ class Judge:
         self.stop_on_budget = False
         #: Shows the progress of a round (a bar on a terminal); None: nothing shown.
         self.progress: Callable[[RoundProgress], None] | None = None
+        #: Where a round's progress goes when standard error is not a terminal (a log
+        #: file): a line every ``PROGRESS_LOG_SECONDS``; None: nowhere.
+        self.log: Callable[[str], None] | None = None
         self.calls: Counter[int] = Counter()
         self._memory: dict[tuple[int, str], dict[str, float]] = {}
         if store is not None and warn is not None:
@@ -505,9 +530,12 @@ class Judge:
                 close()
 
     def _bar(self, total: int) -> Callable[[RoundProgress], None] | None:
-        """A progress bar on a terminal for a round of ``total`` verdicts (None elsewhere)."""
-        if not sys.stderr.isatty() or total < 2:
+        """A progress bar on a terminal for a round of ``total`` verdicts; in a log file,
+        a line now and then (through ``log``); else None."""
+        if total < 2:
             return None
+        if not sys.stderr.isatty():
+            return None if self.log is None else _ProgressLines(self.name, self.log)
         return _ProgressBar(self.name, total)
 
     def rewards(

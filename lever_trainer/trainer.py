@@ -221,6 +221,8 @@ class Trainer:
             judge.stop_reason = lambda: self.stop_requested
             # a spent --judge-max-calls stops the run like a signal: resumable
             judge.stop_on_budget = True
+            # a long round's progress in a log file (a terminal gets a bar)
+            judge.log = lambda message: self.state.log(message)
         #: The judge's cost when the current epoch began (its metrics are the difference).
         self.judge_mark: JudgeCost | None = None
 

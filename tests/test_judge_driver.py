@@ -699,3 +699,23 @@ def test_an_async_call_past_the_timeout_is_cancelled_and_asked_again() -> None:
     time.sleep(0.1)  # the cancellation reaches the coroutine on the driver's loop
     assert (env.calls, env.cancelled, judge.cost.retries) == (2, 1, 1)
     judge.driver.close()
+
+
+def test_a_round_in_a_log_file_gets_progress_lines(monkeypatch) -> None:
+    """Not a terminal: a line per returned batch once the interval (here 0 s) has passed,
+    none for the last (the epoch line follows)."""
+    import lever_trainer.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    lines: list[str] = []
+    judge = Judge(Recorder(), "recp", None, reward, driver=DriverSettings(batch_size=3))
+    judge.log = lines.append
+    qids, seqs = pairs(12)
+    judge.verdicts(qids[:3], seqs[:3])  # 3 of the 12 are then cache hits
+    judge.verdicts(qids, seqs)
+    assert [line.split(",")[0] for line in lines] == [
+        "judge rec: 3/9 verdicts",
+        "judge rec: 6/9 verdicts",
+    ]
+    assert all(line.endswith(", 3 cache hits") for line in lines)
