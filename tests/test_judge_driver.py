@@ -719,3 +719,33 @@ def test_a_round_in_a_log_file_gets_progress_lines(monkeypatch) -> None:
         "judge rec: 6/9 verdicts",
     ]
     assert all(line.endswith(", 3 cache hits") for line in lines)
+
+
+def test_the_epoch_line_and_the_summary_show_the_judge_cost() -> None:
+    from lever_trainer_plugins.console_log import judge_cost_line, judge_cost_text
+
+    assert judge_cost_text({"train_loss": 1.0}) == ""
+    one = {"judge_calls": 1.0, "judge_seconds": 0.25, "judge_cache_hit_rate": 0.5}
+    assert judge_cost_text({**one, "judge_retries": 1.0}) == (
+        "  judge: 1 call in 0.2 s, cache hits 50.0 %, 1 retry"
+    )
+    history = [
+        {"phase": "rce", "epoch": 1, "train_loss": 1.0},
+        {"phase": "online", "epoch": 1, **one, "judge_retries": 0.0},
+        {"phase": "online", "epoch": 2, "judge_calls": 40.0, "judge_seconds": 2.0,
+         "judge_cache_hit_rate": 0.25, "judge_retries": 3.0},
+    ]  # fmt: skip
+    # totals: 1 + 40 calls, 0.25 + 2.0 s, 0 + 3 retries; rates (0.5 + 0.25) / 2
+    assert judge_cost_line(history) == (
+        "judge cost: 41 verdicts asked in 2.2 s, 3 retries, cache hit rate 0.375 "
+        "(mean over 2 epochs)"
+    )
+    assert judge_cost_line(history[:1]) is None
+    # the summary's start -> best -> final rows are for results, not for costs
+    from lever_trainer_plugins.console_log import summary_lines
+
+    for h in history:
+        h.update({"policy_reward@1": 0.5, "judge_correct@greedy": 0.5})
+    rows = summary_lines({}, history, None, "max")
+    assert any("judge_correct@greedy" in r for r in rows)
+    assert not any(name in r for r in rows for name in COST_METRICS if name != "epoch_seconds")
