@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from lever_trainer.data import budget
 from lever_trainer.demo import DemoSpec, write_demo
 from lever_trainer.errors import LeverError
-from lever_trainer.metrics import COST_METRICS
 
 
 def run(cli, files, out: Path, *extra: str) -> str:
@@ -37,7 +36,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 def metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the wall times."""
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in COST_METRICS} for r in rows]
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]
 
 
 def val_ids(out: Path) -> list[int]:
