@@ -28,6 +28,7 @@ from .fileio import append_text, atomic_write_bytes, json_line, json_safe, trunc
 from .hookspecs import hookimpl
 from .jsonstream import iter_object_members
 from .judge import VERDICT_FIELDS, Environment
+from .judge_driver import PermanentJudgeError, TransientJudgeError
 from .losses import (
     LOG_RATIO_BOUND,
     ZSCORE_STD_EPS,
@@ -102,6 +103,7 @@ __all__ = [
     "LeverError",
     "NormalizeFn",
     "Option",
+    "PermanentJudgeError",
     "Phase",
     "PluginError",
     "PointerTrunk",
@@ -115,6 +117,7 @@ __all__ = [
     "StopRequest",
     "TrainConfig",
     "TrainState",
+    "TransientJudgeError",
     "TrunkConfig",
     "adapt_kl_beta",
     "append_text",

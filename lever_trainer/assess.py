@@ -72,6 +72,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     query_ids: list[int] = field(default_factory=list)
     per_query: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: What judging cost (``judge_calls``, ``judge_seconds``, ``judge_cache_hit_rate``,
+    #: ``judge_retries``), with a judge.
+    judge_cost: dict[str, float] | None = None
 
     def add_judged(self, name: str, per_query: dict[str, list[float]]) -> None:
         """Record a selector's per-query verdicts and their means."""
@@ -110,6 +113,7 @@ class Report:
                 "n_queries": self.n_queries,
                 "steps": self.steps,
                 "judge": self.judge,
+                "judge_cost": self.judge_cost,
                 "selectors": self.selectors,
                 "intervals": self.intervals(),
                 "best_heuristic": self.best_heuristic(),
@@ -140,6 +144,13 @@ class Report:
             lines.append(
                 f"(intervals: 95 % bootstrap over the {self.n_queries} queries; differences "
                 f"in points against {best}, the best heuristic here, paired by query)"
+            )
+        if self.judge_cost is not None:
+            cost = self.judge_cost
+            lines.append(
+                f"(judge cost: {cost['judge_calls']:.0f} verdicts asked in "
+                f"{cost['judge_seconds']:.1f} s, cache hit rate "
+                f"{cost['judge_cache_hit_rate']:.3f}, {cost['judge_retries']:.0f} retries)"
             )
         return lines
 
@@ -268,6 +279,7 @@ def evaluate(
                 report.notes.append(
                     "best: left out (the judge is not cheap, or pools hold too many sequences)"
                 )
+        report.judge_cost = judge.cost.metrics()
     return report
 
 

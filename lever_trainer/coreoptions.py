@@ -589,8 +589,69 @@ CORE_OPTIONS: tuple[Option, ...] = (
         commands=(TRAIN, EVALUATE),
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
-        help="Fail the run (with a snapshot to resume from) when one call to the judge "
-        "takes longer; 0: no limit. A stop signal ends the wait at once either way.",
+        help="Give up a call to the judge that takes longer (asked again up to "
+        "--judge-retries times, then the run fails with a snapshot to resume from); "
+        "0: no limit. A stop signal ends the wait at once either way.",
+    ),
+    _core(
+        ("--judge-batch-size",),
+        type="int",
+        default=None,
+        min=1,
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="applies to the judge's calls from now on",
+        help="Sequences per call to the judge (default: the environment's choice; "
+        "in-process judges take a whole round at once).",
+    ),
+    _core(
+        ("--judge-concurrency",),
+        type="int",
+        default=1,
+        min=1,
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="applies to the judge's calls from now on",
+        help="Calls to the judge in flight at once.",
+    ),
+    _core(
+        ("--judge-retries",),
+        type="int",
+        default=3,
+        min=0,
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="applies to the judge's calls from now on",
+        help="Times a call that failed for a transient reason (a timeout, a lost "
+        "connection) is asked again, with exponential backoff and jitter.",
+    ),
+    _core(
+        ("--judge-max-rps",),
+        type="float",
+        default=0.0,
+        min=0,
+        metavar="CALLS",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="applies to the judge's calls from now on",
+        help="At most this many calls (batches) to the judge started per second; 0: no limit.",
+    ),
+    _core(
+        ("--judge-max-calls",),
+        type="int",
+        default=0,
+        min=0,
+        metavar="VERDICTS",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason="a budget of the resumed process's own",
+        help="Budget: verdicts this process may ask of the judge (retries count); a run "
+        "that would exceed it stops with a resumable snapshot; 0: no limit.",
     ),
     # ------------------------------------------------------------ plugins
     _core(

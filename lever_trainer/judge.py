@@ -13,26 +13,31 @@ the plugin and the field when one is unusable), keeps every verdict in a
 the sequence, with the pool it was judged with) so that nothing is judged twice, and
 counts the new verdicts per query.
 
-The environment is called in a worker thread that the run waits on: a call that outlives
-``--judge-timeout`` fails the run (one line, a snapshot to resume from), a stop signal
-ends the wait at once, and an environment that raises anything at all (``SystemExit`` and
-``KeyboardInterrupt`` included) is a plugin failure, never a silent end of the run.
+The environment is called through the judge driver (:mod:`lever_trainer.judge_driver`):
+in batches, in worker threads the run waits on, each batch stored as it returns. A call
+that outlives ``--judge-timeout`` or fails for a transient reason is asked again
+(``--judge-retries``); one that still fails ends the run (one line, a snapshot to resume
+from); a stop signal ends the wait at once, and an environment that raises anything at
+all (``SystemExit`` and ``KeyboardInterrupt`` included) is a plugin failure, never a
+silent end of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sqlite3
-import threading
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import JudgeStopped, LeverError, PluginError, StoreError
+from .errors import LeverError, PluginError, StoreError
+from .judge_driver import DriverSettings, JudgeBudgetSpent, JudgeCost, JudgeDriver, RoundProgress
 
 #: The verdict fields a judge returns.
 VERDICT_FIELDS = ("vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score")
@@ -54,6 +59,9 @@ class Environment:
     name: str = ""
     version: str = "0"
     cheap: bool = False
+    #: Sequences per call the environment prefers (``--judge-batch-size`` overrides it);
+    #: None: a whole round in one call, right for a judge that runs in-process.
+    batch_size: int | None = None
 
     def configure(self, options: Mapping[str, Any]) -> None:
         """Called once, before the first verdict, with the command's options (the core's
@@ -64,7 +72,13 @@ class Environment:
     def judge(
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
     ) -> Sequence[Mapping[str, float]]:
-        """One verdict (a mapping with the ``VERDICT_FIELDS``) per (query, sequence) pair."""
+        """One verdict (a mapping with the ``VERDICT_FIELDS``) per (query, sequence) pair.
+
+        May be an ``async def``. Raise
+        :class:`~lever_trainer.judge_driver.TransientJudgeError` for a failure worth
+        asking again, :class:`~lever_trainer.judge_driver.PermanentJudgeError` for one
+        that is not (see docs/judging.md). With ``--judge-concurrency`` above 1 several
+        calls run at once (threads; an ``async`` judge's on one event loop)."""
         raise NotImplementedError
 
 
@@ -349,8 +363,60 @@ def check_verdict(
     return out
 
 
+class _ProgressBar:
+    """A tqdm bar of one judged round: verdicts done/total, calls/s and cache hits."""
+
+    def __init__(self, name: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            desc=f"judge {name}",
+            unit="verdict",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def __call__(self, progress: RoundProgress) -> None:
+        self.bar.update(progress.done - self.bar.n)
+        self.bar.set_postfix(
+            {"calls/s": f"{progress.calls_per_second:.1f}", "cache hits": progress.cache_hits},
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+#: Seconds between two progress lines of a judged round in a log file.
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _ProgressLines:
+    """A judged round's progress as a line every ``PROGRESS_LOG_SECONDS`` (a log file)."""
+
+    def __init__(self, name: str, log: Callable[[str], None]) -> None:
+        self.name, self.log = name, log
+        self.last = time.monotonic()
+
+    def __call__(self, progress: RoundProgress) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_LOG_SECONDS or progress.done >= progress.total:
+            return
+        self.last = now
+        self.log(
+            f"judge {self.name}: {progress.done}/{progress.total} verdicts, "
+            f"{progress.calls_per_second:.1f} calls/s, {progress.cache_hits} cache hits"
+        )
+
+
 class Judge:
-    """The run's environment behind its store: cached, checked, counted verdicts."""
+    """The run's environment behind its store: cached, checked, counted verdicts.
+
+    Unseen pairs go to the environment through a :class:`~lever_trainer.judge_driver.JudgeDriver`
+    (batches, concurrency, timeout, retries, rate limit, budget: ``driver``); each batch's
+    verdicts are checked and stored as soon as it returns."""
 
     def __init__(
         self,
@@ -360,14 +426,28 @@ class Judge:
         reward: Callable[[Mapping[str, float]], float],
         warn: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        driver: DriverSettings | None = None,
     ) -> None:
         self.env, self.plugin, self.store, self.reward = env, plugin, store, reward
         self.name, self.version = env.name, str(env.version)
+        settings = driver or DriverSettings()
+        if timeout:
+            settings = dataclasses.replace(settings, timeout=timeout)
+        self.driver = JudgeDriver(env, plugin, settings)
         #: Seconds one call to the environment may take (None: no limit).
-        self.timeout = timeout if timeout else None
+        self.timeout = settings.timeout
         #: Asked while waiting for the environment: a reason to stop (a signal's name)
         #: ends the wait with :class:`~lever_trainer.errors.JudgeStopped`.
         self.stop_reason: Callable[[], str | None] | None = None
+        #: Whether a spent ``--judge-max-calls`` raises
+        #: :class:`~lever_trainer.judge_driver.JudgeBudgetSpent` (a training run stops
+        #: with a snapshot) rather than a :class:`LeverError` (a command that just ends).
+        self.stop_on_budget = False
+        #: Shows the progress of a round (a bar on a terminal); None: nothing shown.
+        self.progress: Callable[[RoundProgress], None] | None = None
+        #: Where a round's progress goes when standard error is not a terminal (a log
+        #: file): a line every ``PROGRESS_LOG_SECONDS``; None: nowhere.
+        self.log: Callable[[str], None] | None = None
         self.calls: Counter[int] = Counter()
         self._memory: dict[tuple[int, str], dict[str, float]] = {}
         if store is not None and warn is not None:
@@ -380,81 +460,83 @@ class Judge:
                     f"not of this run's version {self.version}: none of them is reused"
                 )
 
+    @property
+    def cost(self) -> JudgeCost:
+        """What judging has cost this process so far (calls, seconds, cache hits, retries)."""
+        return self.driver.cost
+
     def verdicts(
         self,
         query_ids: Sequence[int],
         sequences: Sequence[Sequence[int]],
         pools: Mapping[int, Sequence[int]] | None = None,
     ) -> list[dict[str, float]]:
-        """The verdict of every (query, sequence) pair; only unseen pairs reach the judge."""
+        """The verdict of every (query, sequence) pair; only unseen pairs reach the judge,
+        batch by batch, each batch stored as it returns."""
         keys = [(int(q), sequence_key(s)) for q, s in zip(query_ids, sequences, strict=True)]
         known = {k: self._memory[k] for k in keys if k in self._memory}
-        missing = [k for k in dict.fromkeys(keys) if k not in known]
+        wanted = list(dict.fromkeys(keys))
+        missing = [k for k in wanted if k not in known]
         if missing and self.store is not None:
             found = self.store.get(self.name, self.version, missing)
             known.update(found)
             self._memory.update(found)
             missing = [k for k in missing if k not in found]
+        cost = self.driver.cost
+        cost.asked += len(wanted)
+        cost.cache_hits += len(wanted) - len(missing)
         if missing:
-            seqs = [[int(g) for g in s.split(",")] for _, s in missing]
-            qids = [q for q, _ in missing]
-            answers = self.ask(qids, seqs)
-            if len(answers) != len(missing):
-                raise PluginError(
-                    f"plugin {self.plugin}: environment {self.name} returned {len(answers)} "
-                    f"verdicts for {len(missing)} sequences"
-                )
+            self._judge(missing, known, pools, len(wanted) - len(missing))
+        return [known[k] for k in keys]
+
+    def _judge(
+        self,
+        missing: list[tuple[int, str]],
+        known: dict[tuple[int, str], dict[str, float]],
+        pools: Mapping[int, Sequence[int]] | None,
+        hits: int,
+    ) -> None:
+        """Ask the driver for the ``missing`` pairs; store each batch as it returns."""
+
+        def on_batch(qids: list[int], seqs: list[list[int]], answers: list[Any]) -> None:
             new = {
-                k: check_verdict(a, self.plugin, self.name, q, s)
-                for k, a, q, s in zip(missing, answers, qids, seqs, strict=True)
+                (q, sequence_key(s)): check_verdict(a, self.plugin, self.name, q, s)
+                for a, q, s in zip(answers, qids, seqs, strict=True)
             }
             if self.store is not None:
                 self.store.put(
                     self.name, self.version, ((q, s, v) for (q, s), v in new.items()), pools
                 )
-            for q, _ in missing:
+            for q in qids:
                 self.calls[q] += 1
             known.update(new)
             self._memory.update(new)
-        return [known[k] for k in keys]
 
-    def ask(self, query_ids: list[int], sequences: list[list[int]]) -> list[Any]:
-        """The environment's answers, from a worker thread the run waits on (see the
-        module docstring); every failure is a :class:`PluginError` naming the plugin."""
-        box: dict[str, Any] = {}
-        done = threading.Event()
+        seqs = [[int(g) for g in s.split(",")] for _, s in missing]
+        qids = [q for q, _ in missing]
+        show = self.progress if self.progress is not None else self._bar(len(missing))
+        try:
+            self.driver.run(qids, seqs, on_batch, self.stop_reason, show, hits)
+        except JudgeBudgetSpent as spent:
+            if self.stop_on_budget:
+                raise
+            raise LeverError(
+                f"stopped by {spent.reason}; the verdicts asked so far are stored: run "
+                "again (with a larger --judge-max-calls) to continue"
+            ) from None
+        finally:
+            close = getattr(show, "close", None)
+            if close is not None:
+                close()
 
-        def work() -> None:
-            try:
-                box["answers"] = list(self.env.judge(query_ids, sequences))
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt: a failure too
-                box["error"] = exc
-            finally:
-                done.set()
-
-        # a daemon thread: a judge that never returns cannot keep the process alive
-        worker = threading.Thread(target=work, name=f"judge {self.name}", daemon=True)
-        worker.start()
-        started = time.monotonic()
-        while not done.wait(0.05):
-            reason = self.stop_reason() if self.stop_reason is not None else None
-            if reason is not None:
-                raise JudgeStopped(reason)
-            if self.timeout is not None and time.monotonic() - started > self.timeout:
-                raise PluginError(
-                    f"plugin {self.plugin}: environment {self.name} gave no answer within "
-                    f"{self.timeout:g} s for {len(sequences)} sequences (--judge-timeout)"
-                )
-        error = box.get("error")
-        if isinstance(error, LeverError):
-            raise error
-        if error is not None:
-            raise PluginError(
-                f"plugin {self.plugin}: environment {self.name} failed: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        answers: list[Any] = box["answers"]
-        return answers
+    def _bar(self, total: int) -> Callable[[RoundProgress], None] | None:
+        """A progress bar on a terminal for a round of ``total`` verdicts; in a log file,
+        a line now and then (through ``log``); else None."""
+        if total < 2:
+            return None
+        if not sys.stderr.isatty():
+            return None if self.log is None else _ProgressLines(self.name, self.log)
+        return _ProgressBar(self.name, total)
 
     def rewards(
         self,

@@ -16,6 +16,16 @@ import torch
 #: the rest (``Phase.metric_names``).
 TRAINER_METRICS = ("train_loss", "train_grad_norm", "train_lr", "epoch_seconds", "skipped_steps")
 
+#: What the trainer adds to every epoch's metrics when the run has a judge: what judging
+#: cost in the epoch (its validation included): verdicts asked of the environment
+#: (retries included), seconds spent waiting for it, the share of the verdicts wanted
+#: that the memory or the store already held, and calls asked again after a transient
+#: failure. Like ``epoch_seconds`` they measure the cost, not the result: a resumed run
+#: reports its own (a verdict judged before the interruption is a cache hit after it).
+JUDGE_COST_METRICS = ("judge_calls", "judge_seconds", "judge_cache_hit_rate", "judge_retries")
+#: Metrics that differ between an interrupted-and-resumed run and an uninterrupted one.
+COST_METRICS = ("epoch_seconds", *JUDGE_COST_METRICS)
+
 #: The names :func:`selection_metrics` returns.
 SELECTION_METRICS = (
     "policy_reward@1",

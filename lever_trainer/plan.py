@@ -94,6 +94,11 @@ class Settings:
     store: str | None
     no_store: bool
     judge_timeout: float
+    judge_batch_size: int | None
+    judge_concurrency: int
+    judge_retries: int
+    judge_max_rps: float
+    judge_max_calls: int
     plugins_on: tuple[str, ...]
     plugins_off: tuple[str, ...]
     plugin_values: Mapping[str, Any] = field(default_factory=dict)

@@ -37,6 +37,7 @@ from .errors import LeverError, PluginError
 from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
 from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
+from .judge_driver import DriverSettings
 from .options import check_value
 from .plan import RunPlan, Settings, plan_run, recorded_settings
 from .plan import split_seed as settings_split_seed
@@ -232,7 +233,7 @@ def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | No
         return clip_reward(float(raw_fn(verdict, data_opts.reward_params)))
 
     store = None if settings.no_store else VerdictStore(settings.store or default_store_path())
-    return Judge(env, plugin, store, reward, warn, settings.judge_timeout or None)
+    return Judge(env, plugin, store, reward, warn, driver=DriverSettings.from_settings(settings))
 
 
 def split_seed(options: Mapping[str, Any]) -> int | None:

@@ -29,7 +29,8 @@ from .evaluation import (
     format_metrics,
 )
 from .judge import Judge
-from .metrics import TRAINER_METRICS, clearly_better
+from .judge_driver import JudgeCost
+from .metrics import JUDGE_COST_METRICS, TRAINER_METRICS, clearly_better
 from .phase import Phase
 from .plugins import Decision, PluginSet, implementers
 from .policy import Policy
@@ -218,6 +219,12 @@ class Trainer:
         if judge is not None:
             # a stop signal ends a wait for the judge at once (not after its answer)
             judge.stop_reason = lambda: self.stop_requested
+            # a spent --judge-max-calls stops the run like a signal: resumable
+            judge.stop_on_budget = True
+            # a long round's progress in a log file (a terminal gets a bar)
+            judge.log = lambda message: self.state.log(message)
+        #: The judge's cost when the current epoch began (its metrics are the difference).
+        self.judge_mark: JudgeCost | None = None
 
     # -- the whole job -----------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
@@ -390,6 +397,8 @@ class Trainer:
         own (:data:`TRAINER_METRICS`) and validation's; ``open`` when a phase declares
         none, so that any ``train_*`` name may be one of its."""
         names = set(TRAINER_METRICS)
+        if self.state.judge is not None:
+            names |= set(JUDGE_COST_METRICS)
         if len(self.state.val):
             names |= set(ALL_VALIDATION_METRICS)
             if self.state.judge is not None:
@@ -549,6 +558,8 @@ class Trainer:
         # a failure in between (a judge that fails mid-round) must not snapshot it as
         # this epoch's. The newest snapshot on disk (the previous epoch's end) stays.
         self.epoch_progress = {}
+        if state.judge is not None:
+            self.judge_mark = state.judge.cost.copy()
         data = phase.epoch_data(state, epoch, resumed=progress is not None)
         table = state.train if data is None else data.table
         if progress is not None:  # resuming inside this epoch
@@ -786,6 +797,8 @@ class Trainer:
                 f"without writing this epoch's checkpoint{self.kept()}"
             )
         metrics["epoch_seconds"] = time.perf_counter() - started
+        if state.judge is not None and self.judge_mark is not None:
+            metrics.update(state.judge.cost.since(self.judge_mark).metrics())
         state.metrics = metrics
         state.history.append({"phase": phase.name, "epoch": state.epoch, **metrics})
         self.save_epoch_checkpoint(validation.per_query)

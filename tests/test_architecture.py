@@ -18,7 +18,7 @@ LAYERS = [
     {"errors"},
     {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
     {"coreoptions"},
-    {"stats"},
+    {"stats", "judge_driver"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs", "plan"},
     {"plugins"},

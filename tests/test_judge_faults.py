@@ -25,6 +25,8 @@ import lever_digits_env
 import pytest
 from safetensors.torch import load_file
 
+from lever_trainer.metrics import COST_METRICS
+
 FAULT_JUDGE = Path(__file__).parent / "fault_judge"
 FILES = lever_digits_env.files()
 RUN_ARGS = (
@@ -85,7 +87,7 @@ def weights(run: Path) -> dict[str, dict]:
 def records(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [
-        {k: v for k, v in json.loads(line).items() if k not in ("epoch_seconds", "time")}
+        {k: v for k, v in json.loads(line).items() if k not in (*COST_METRICS, "time")}
         for line in lines
     ]
 

@@ -12,7 +12,7 @@ from test_trainer import make_trainer
 
 from lever_trainer.api import Phase, hookimpl
 from lever_trainer.errors import LeverError, PluginError
-from lever_trainer.metrics import TRAINER_METRICS
+from lever_trainer.metrics import JUDGE_COST_METRICS, TRAINER_METRICS
 from lever_trainer.plugins import load_plugins
 from lever_trainer.trainer import collect_phases
 
@@ -120,5 +120,6 @@ def test_early_stopping_refuses_a_metric_no_epoch_reports(demo_files: Any, tmp_p
 def test_the_metric_table_of_the_docs_lists_every_declared_metric() -> None:
     table = (ROOT / "docs" / "logs.md").read_text().split("## Metrics", 1)[1]
     names = {n for p in builtin_phases().values() for n in p.metric_names or ()}
-    missing = sorted(n for n in names | set(TRAINER_METRICS) if f"`{n}`" not in table)
+    names |= set(TRAINER_METRICS) | set(JUDGE_COST_METRICS)
+    missing = sorted(n for n in names if f"`{n}`" not in table)
     assert not missing, f"docs/logs.md#metrics does not list {missing}"

@@ -14,6 +14,7 @@ from test_trainer import make_trainer, phase_named
 from lever_trainer import hookimpl
 from lever_trainer.errors import PluginError
 from lever_trainer.judge import Environment, Judge
+from lever_trainer.metrics import COST_METRICS
 from lever_trainer.policy import sample_sequences
 from lever_trainer.trainer import SNAPSHOT_NAME, StopRequested
 from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy
@@ -91,7 +92,7 @@ def test_online_phase_resumes_exactly_mid_round(digits40, tmp_path) -> None:
     resumed.fit(resume=snapshot)
     for key, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
-    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in COST_METRICS} for e in h]  # noqa: E731
     assert strip(resumed.state.history) == strip(full.state.history)
 
 
@@ -198,7 +199,7 @@ def test_resume_after_a_judge_failure_mid_round_continues_that_round(digits40, t
     resumed.fit(resume=snapshot)
     for key, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
-    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items() if k not in COST_METRICS} for e in h]  # noqa: E731
     assert strip(resumed.state.history) == strip(full.state.history)
 
 

@@ -334,11 +334,13 @@ def render_hooks() -> str:
 def render_metrics() -> str:
     """Which metrics each built-in phase declares, and the trainer's own: the
     declarations that ``--best-metric`` and ``--early-stop-metric`` are checked against."""
-    from lever_trainer.metrics import TRAINER_METRICS
+    from lever_trainer.metrics import JUDGE_COST_METRICS, TRAINER_METRICS
     from lever_trainer.plugins import discover
 
     out = ["| phase (plugin) | the metrics its epochs add |", "| --- | --- |"]
     out.append(f"| every phase (the trainer) | {', '.join(f'`{n}`' for n in TRAINER_METRICS)} |")
+    judged = ", ".join(f"`{n}`" for n in JUDGE_COST_METRICS)
+    out.append(f"| every phase of a run with a judge (the trainer) | {judged} |")
     rows = []
     for info in discover():
         if info.distribution != BUILTIN_DISTRIBUTION or "phases" not in info.hooks:

@@ -23,7 +23,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lever_trainer.api import About, LeverError, Option, TrainState, format_metrics, hookimpl
+from lever_trainer.api import (
+    About,
+    LeverError,
+    Option,
+    TrainState,
+    format_metrics,
+    hookimpl,
+)
+from lever_trainer.api import (
+    metrics as lever_metrics,
+)
 
 
 @hookimpl
@@ -185,6 +195,20 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     state.log(
         f"{state.phase} epoch {state.epoch}/{state.epochs}: "
         f"{format_metrics(metrics, extra)}  ({metrics.get('epoch_seconds', 0.0):.1f}s)"
+        + judge_cost_text(metrics)
+    )
+
+
+def judge_cost_text(metrics: dict[str, float]) -> str:
+    """``  judge: 120 calls in 3.2 s, cache hits 40.0 %, 1 retry`` (empty without a judge)."""
+    if "judge_calls" not in metrics:
+        return ""
+    retries, calls = int(metrics.get("judge_retries", 0)), int(metrics["judge_calls"])
+    return (
+        f"  judge: {calls} {'call' if calls == 1 else 'calls'} in "
+        f"{metrics.get('judge_seconds', 0.0):.1f} s, cache hits "
+        f"{100 * metrics.get('judge_cache_hit_rate', 0.0):.1f} %, "
+        f"{retries} {'retry' if retries == 1 else 'retries'}"
     )
 
 
@@ -221,7 +245,9 @@ def summary_lines(
             k
             for h in history
             for k in h
-            if k.startswith(JUDGE_PREFIX) and not k.endswith(("_ci_low", "_ci_high"))
+            if k.startswith(JUDGE_PREFIX)
+            and not k.endswith(("_ci_low", "_ci_high"))
+            and k not in lever_metrics.JUDGE_COST_METRICS
         }
     )
     rows = [(k, larger) for k, larger in SUMMARY_METRICS] + [(k, True) for k in judge]
@@ -276,3 +302,23 @@ def on_train_end(state: TrainState) -> None:
         state.best,
     ):
         state.log(line)
+    cost = judge_cost_line(state.history)
+    if cost:
+        state.log(cost)
+
+
+def judge_cost_line(history: list[dict[str, Any]]) -> str | None:
+    """The judge's cost totalled over the run's epochs (None without a judge): verdicts
+    asked, seconds waited and retries summed; the cache hit rate is the mean of the
+    epochs' rates (said so on the line)."""
+    rows = [h for h in history if "judge_calls" in h]
+    if not rows:
+        return None
+    calls = sum(float(h["judge_calls"]) for h in rows)
+    seconds = sum(float(h.get("judge_seconds", 0.0)) for h in rows)
+    retries = sum(float(h.get("judge_retries", 0.0)) for h in rows)
+    rate = sum(float(h.get("judge_cache_hit_rate", 0.0)) for h in rows) / len(rows)
+    return (
+        f"judge cost: {calls:.0f} verdicts asked in {seconds:.1f} s, {retries:.0f} retries, "
+        f"cache hit rate {rate:.3f} (mean over {len(rows)} epochs)"
+    )
