@@ -51,6 +51,7 @@ STEPS_FIXED = (
     "it would change how the remaining steps are computed; start a new run from one "
     "of this run's checkpoints (--sft-ckpt) to change it"
 )
+JUDGE_HOW = "it changes where the verdicts are computed, not what they are"
 BEST_FIXED = "the best checkpoint so far was chosen by the run's own --best-metric and --best-mode"
 
 
@@ -652,6 +653,55 @@ CORE_OPTIONS: tuple[Option, ...] = (
         resume_reason="a budget of the resumed process's own",
         help="Budget: verdicts this process may ask of the judge (retries count); a run "
         "that would exceed it stops with a resumable snapshot; 0: no limit.",
+    ),
+    _core(
+        ("--judge-backend",),
+        type="choice",
+        choices=("local", "ray"),
+        default="local",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason=JUDGE_HOW,
+        help="Where the judge runs: local (in this process) or ray (in --judge-workers "
+        "Ray actors, each holding one instance of the environment; needs "
+        "pip install 'lever-trainer[ray]').",
+    ),
+    _core(
+        ("--judge-workers",),
+        type="int",
+        default=1,
+        min=1,
+        metavar="N",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason=JUDGE_HOW,
+        help="With --judge-backend ray: Ray actors judging at once, each with its own "
+        "environment (also the least --judge-concurrency).",
+    ),
+    _core(
+        ("--judge-gpus-per-worker",),
+        type="float",
+        default=0.0,
+        min=0,
+        metavar="GPUS",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason=JUDGE_HOW,
+        help="With --judge-backend ray: GPUs Ray reserves for each worker (a fraction "
+        "shares a GPU; 0: none).",
+    ),
+    _core(
+        ("--ray-address",),
+        metavar="ADDRESS",
+        group="Judge",
+        commands=(TRAIN, EVALUATE),
+        resume="apply",
+        resume_reason=JUDGE_HOW,
+        help="With --judge-backend ray: join the Ray cluster at this address (e.g. auto, "
+        "or ray://host:10001); default: start a local cluster for the run.",
     ),
     # ------------------------------------------------------------ plugins
     _core(

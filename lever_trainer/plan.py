@@ -99,6 +99,10 @@ class Settings:
     judge_retries: int
     judge_max_rps: float
     judge_max_calls: int
+    judge_backend: str
+    judge_workers: int
+    judge_gpus_per_worker: float
+    ray_address: str | None
     plugins_on: tuple[str, ...]
     plugins_off: tuple[str, ...]
     plugin_values: Mapping[str, Any] = field(default_factory=dict)

@@ -7,6 +7,7 @@ once, and hands back the trainer; the command line only parses and reports.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +37,13 @@ from .data.budget import check_batches
 from .errors import LeverError, PluginError
 from .evaluation import MIN_EVAL_BATCH
 from .fileio import atomic_write_bytes, json_safe
-from .judge import Judge, VerdictStore, default_store_path, environments_from_plugins
+from .judge import (
+    Environment,
+    Judge,
+    VerdictStore,
+    default_store_path,
+    environments_from_plugins,
+)
 from .judge_driver import DriverSettings
 from .options import check_value
 from .plan import RunPlan, Settings, plan_run, recorded_settings
@@ -232,8 +239,51 @@ def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | No
     def reward(verdict: Mapping[str, float]) -> float:
         return clip_reward(float(raw_fn(verdict, data_opts.reward_params)))
 
+    driver = DriverSettings.from_settings(settings)
+    if settings.judge_backend == "ray":
+        env, driver = _ray_environment(settings, plugins, plugin, env, driver, warn)
     store = None if settings.no_store else VerdictStore(settings.store or default_store_path())
-    return Judge(env, plugin, store, reward, warn, driver=DriverSettings.from_settings(settings))
+    return Judge(env, plugin, store, reward, warn, driver=driver)
+
+
+def _ray_environment(
+    settings: Settings,
+    plugins: PluginSet,
+    plugin: str,
+    env: Environment,
+    driver: DriverSettings,
+    warn: Echo,
+) -> tuple[Environment, DriverSettings]:
+    """``--judge-backend ray``: the environment in ``--judge-workers`` Ray actors, with at
+    least one batch in flight per worker."""
+    from .plugins import discover
+    from .ray_judge import PluginEnvironment, RayEnvironment, import_ray
+
+    import_ray()  # one line when Ray is missing, before anything starts
+    workers = settings.judge_workers
+    if workers > 1 and not (settings.judge_batch_size or env.batch_size) and warn is not None:
+        warn(
+            f"warning: environment {env.name} takes a whole round per call: with "
+            f"--judge-workers {workers}, set --judge-batch-size to spread a round over "
+            "the workers"
+        )
+    active = tuple(plugins.names)
+    factory = PluginEnvironment(
+        plugin,
+        str(settings.judge),
+        enable=active,
+        disable=tuple(p.name for p in discover() if p.name not in active),
+        options=settings.as_options(),
+    )
+    remote = RayEnvironment(
+        env,
+        plugin,
+        factory,
+        workers=workers,
+        gpus_per_worker=settings.judge_gpus_per_worker,
+        address=settings.ray_address,
+    )
+    return remote, dataclasses.replace(driver, concurrency=max(driver.concurrency, workers))
 
 
 def split_seed(options: Mapping[str, Any]) -> int | None:
@@ -336,9 +386,19 @@ class Run:
     complete: str | None = None
 
     def release(self) -> None:
-        """Drop the output directory's lock."""
+        """Drop the output directory's lock; stop the judge's workers (Ray actors)."""
         if self.lock is not None:
             self.lock.release()
+        if self.trainer is not None:
+            close_judge(self.trainer.state.judge)
+
+
+def close_judge(judge: Judge | None) -> None:
+    """Stop what the judge's environment runs outside this process (``--judge-backend
+    ray``: its actors, and the local cluster it started); nothing for a local judge."""
+    close = getattr(getattr(judge, "env", None), "close", None)
+    if callable(close):
+        close()
 
 
 def check_plugin_values(opts: Mapping[str, Any], plugins: PluginSet, where: str) -> None:

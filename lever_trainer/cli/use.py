@@ -170,7 +170,7 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
     from ..assess import evaluate, has_logged_sequences
     from ..data import load_embeddings
     from ..fileio import STDOUT, output_kind
-    from ..run import activate_plugins, load_data, make_judge, resolve_device
+    from ..run import activate_plugins, close_judge, load_data, make_judge, resolve_device
 
     s = Settings.from_options("evaluate", opts)
     _required(s, ("queries", "--queries"), ("img_emb", "--img-emb"))
@@ -191,32 +191,35 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
         plugin_values={**plugins.option_defaults(), **s.plugin_values},
     )
     judge = make_judge(s, plugins, warn)
-    if not queries.is_file():
-        raise LeverError(f"{queries}: file not found")
-    logged = has_logged_sequences(queries)
-    if not logged and judge is None:
-        raise LeverError(
-            f"{queries} holds pools only (no logged sequences to score offline): "
-            "evaluate needs a judge to measure selections on it (--judge NAME)"
+    try:
+        if not queries.is_file():
+            raise LeverError(f"{queries}: file not found")
+        logged = has_logged_sequences(queries)
+        if not logged and judge is None:
+            raise LeverError(
+                f"{queries} holds pools only (no logged sequences to score offline): "
+                "evaluate needs a judge to measure selections on it (--judge NAME)"
+            )
+        table = load_data(s, plugins, say, warn)[0] if logged else None
+        emb = load_embeddings(img_emb, s.cand_emb, s.emb_key)
+        report = evaluate(
+            plugins,
+            list(checkpoints),
+            queries,
+            emb,
+            judge,
+            baselines,
+            table,
+            s.shots,
+            s.max_pool,
+            s.batch_size,
+            device,
+            s.trust_checkpoint,
+            say,
         )
-    table = load_data(s, plugins, say, warn)[0] if logged else None
-    emb = load_embeddings(img_emb, s.cand_emb, s.emb_key)
-    report = evaluate(
-        plugins,
-        list(checkpoints),
-        queries,
-        emb,
-        judge,
-        baselines,
-        table,
-        s.shots,
-        s.max_pool,
-        s.batch_size,
-        device,
-        s.trust_checkpoint,
-        say,
-    )
-    show_report(report, s, queries, baselines, judge, say, to_stdout)
+        show_report(report, s, queries, baselines, judge, say, to_stdout)
+    finally:
+        close_judge(judge)  # the Ray actors of --judge-backend ray
 
 
 def show_report(

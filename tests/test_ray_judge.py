@@ -1,0 +1,200 @@
+"""The judge fanned out on Ray (``--judge-backend ray``), on a real local Ray cluster.
+
+The tests marked ``ray`` need Ray (``pip install 'lever-trainer[ray]'``; ``tox -e ray``
+runs them); the default suite deselects them. The module starts one local cluster
+(2 CPUs, no dashboard) for all of them and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lever_digits_env
+import pytest
+import torch
+from conftest import assert_user_error, write_json
+from safetensors.torch import load_file
+
+from lever_trainer.judge import Environment, Judge, VerdictStore
+from lever_trainer.judge_driver import DriverSettings, RoundProgress
+
+FILES = lever_digits_env.files()
+DOC = json.loads(Path(FILES["train"]).read_text())
+DIGITS = ("lever_trainer_digits", "digits", ("digits",), ())
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    # the test module's own classes travel to the workers by value (tests/ is not
+    # importable there)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def digits_factory() -> Any:
+    from lever_trainer.ray_judge import PluginEnvironment
+
+    return PluginEnvironment("digits", "digits", ("digits",), (), {})
+
+
+class SlowDigits:
+    """Builds the digits environment, each call made ``seconds`` slower (a slow model)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self) -> Environment:
+        env = digits_factory()()
+        inner = env.judge
+
+        def judge(query_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> Any:
+            time.sleep(self.seconds)
+            return inner(query_ids, sequences)
+
+        env.judge = judge  # type: ignore[method-assign]
+        return env
+
+
+def pairs(n_queries: int, per_query: int, seed: int = 0) -> tuple[list[int], list[list[int]]]:
+    """Ordered 2-shot sequences from the pools of the first digits training queries."""
+    rng = random.Random(seed)
+    qids, seqs = [], []
+    for key in [k for k in DOC if k.isdigit()][:n_queries]:
+        pool = DOC[key]["candidate_pool_ids"]
+        for _ in range(per_query):
+            qids.append(int(key))
+            seqs.append(rng.sample(pool, 2))
+    return qids, seqs
+
+
+def store_rows(path: Path) -> list[tuple[Any, ...]]:
+    """Every stored verdict with its pool (not the row ids or times, which tell when)."""
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT v.env, v.version, v.query, v.sequence, v.correct, v.acc, v.gt_prob, "
+            "v.rel, p.pool FROM verdicts v LEFT JOIN verdict_pools p ON p.id = v.pool_id "
+            "ORDER BY v.query, v.sequence"
+        ).fetchall()
+
+
+def judged(env: Environment, store: Path, qids: list[int], seqs: list[list[int]], **kw: Any):
+    pools = {q: DOC[str(q)]["candidate_pool_ids"] for q in set(qids)}
+    settings = DriverSettings(batch_size=6, concurrency=kw.pop("concurrency", 2), retries=3)
+    settings = DriverSettings(**{**vars(settings), "backoff": 0.05, **kw})
+    judge = Judge(
+        env, "digits", VerdictStore(store), lambda v: v["vqa_acc_score"], None, None, settings
+    )
+    return judge, judge.verdicts(qids, seqs, pools)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers", [1, 2])
+def test_verdicts_through_ray_actors_equal_the_in_process_ones(cluster, tmp_path, workers) -> None:
+    from lever_trainer.ray_judge import RayEnvironment
+
+    qids, seqs = pairs(12, 6)  # 72 pairs, 12 batches of 6
+    local = digits_factory()()
+    _, expected = judged(local, tmp_path / "local.sqlite", qids, seqs)
+    remote = RayEnvironment(digits_factory()(), "digits", digits_factory(), workers=workers)
+    try:
+        assert len(remote.actors) == workers
+        judge, got = judged(remote, tmp_path / "ray.sqlite", qids, seqs, concurrency=workers)
+        assert got == expected
+        assert judge.cost.calls == 72 and judge.cost.batches == 12 and judge.cost.retries == 0
+    finally:
+        remote.close()
+    assert store_rows(tmp_path / "ray.sqlite") == store_rows(tmp_path / "local.sqlite")
+    distinct = {(q, tuple(s)) for q, s in zip(qids, seqs, strict=True)}
+    assert len(store_rows(tmp_path / "ray.sqlite")) == len(distinct)
+
+
+@pytest.mark.ray
+def test_an_actor_killed_mid_round_is_replaced_and_its_batch_asked_again(cluster, tmp_path) -> None:
+    from lever_trainer.ray_judge import RayEnvironment
+
+    qids, seqs = pairs(12, 6, seed=1)
+    _, expected = judged(digits_factory()(), tmp_path / "local.sqlite", qids, seqs)
+    remote = RayEnvironment(digits_factory()(), "digits", SlowDigits(0.3), workers=2)
+    first = remote.actors[0]
+    killed: list[int] = []
+
+    def kill_once(progress: RoundProgress) -> None:
+        # after the first batch returns, the other actor is still busy with its own:
+        # the kill lands on an actor with a batch in flight or about to get one
+        if not killed:
+            cluster.kill(first, no_restart=True)
+            killed.append(progress.done)
+
+    try:
+        pools = {q: DOC[str(q)]["candidate_pool_ids"] for q in set(qids)}
+        settings = DriverSettings(batch_size=6, concurrency=2, retries=3, backoff=0.05)
+        judge = Judge(
+            remote,
+            "digits",
+            VerdictStore(tmp_path / "ray.sqlite"),
+            lambda v: 0.0,
+            None,
+            None,
+            settings,
+        )
+        judge.progress = kill_once
+        got = judge.verdicts(qids, seqs, pools)
+        assert killed == [6]
+        assert remote.replaced == 1 and first not in remote.actors and len(remote.actors) == 2
+        # the lost batch was asked again: one retry, 12 batches delivered
+        assert judge.cost.retries == 1 and judge.cost.batches == 13
+        assert got == expected
+    finally:
+        remote.close()
+    assert store_rows(tmp_path / "ray.sqlite") == store_rows(tmp_path / "local.sqlite")
+
+
+def _train_args(tmp_path: Path, name: str) -> list[Any]:
+    doc = {k: DOC[k] for k in [k for k in DOC if k.isdigit()][:30]}
+    data = write_json(tmp_path / "d.json", doc)
+    args = ["--beam-data", data, "--img-emb", FILES["embeddings"], "--output-dir", tmp_path / name]
+    args += ["--judge", "digits", "--store", tmp_path / f"{name}.sqlite"]
+    args += ["--plugin", "judge-rank", "--rce-epochs", "0", "--rank-epochs", "2"]
+    args += ["--rank-candidates", "5", "--val-ratio", "0.2", "--seed", "3"]
+    return [*args, "--judge-batch-size", "8", "--deterministic"]
+
+
+@pytest.mark.ray
+def test_a_training_run_judged_on_ray_is_bit_identical_to_the_local_one(
+    cluster, cli, tmp_path
+) -> None:
+    local = cli(*_train_args(tmp_path, "local"))
+    assert local.exit_code == 0, local.output
+    ray_args = [*_train_args(tmp_path, "ray"), "--judge-backend", "ray", "--judge-workers", "2"]
+    remote = cli(*ray_args)
+    assert remote.exit_code == 0, remote.output
+    weights = sorted(p.name for p in (tmp_path / "local").rglob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in (tmp_path / "ray").rglob("*.safetensors"))
+    for name in weights:
+        a = load_file(str(next((tmp_path / "local").rglob(name))))
+        b = load_file(str(next((tmp_path / "ray").rglob(name))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert store_rows(tmp_path / "ray.sqlite") == store_rows(tmp_path / "local.sqlite")
+    # the options are recorded; the actors are gone once the run ends
+    recorded = json.loads((tmp_path / "ray" / "run_config.json").read_text())["options"]
+    assert recorded["judge_backend"] == "ray" and recorded["judge_workers"] == 2
+    deadline = time.monotonic() + 30
+    while cluster.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.available_resources().get("CPU", 0) == 2
+
+
+def test_without_ray_the_backend_says_how_to_install_it(cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = cli(*_train_args(tmp_path, "run"), "--judge-backend", "ray")
+    assert_user_error(result, "--judge-backend ray", "pip install 'lever-trainer[ray]'")
