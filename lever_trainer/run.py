@@ -242,6 +242,21 @@ def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | No
     driver = DriverSettings.from_settings(settings)
     if settings.judge_backend == "ray":
         env, driver = _ray_environment(settings, plugins, plugin, env, driver, warn)
+    elif warn is not None:
+        unused = [
+            flag
+            for flag, value in (
+                ("--judge-workers", settings.judge_workers != 1),
+                ("--judge-gpus-per-worker", bool(settings.judge_gpus_per_worker)),
+                ("--ray-address", bool(settings.ray_address)),
+            )
+            if value
+        ]
+        if unused:
+            warn(
+                f"warning: {', '.join(unused)} apply only with --judge-backend ray; "
+                "this run judges in its own process"
+            )
     store = None if settings.no_store else VerdictStore(settings.store or default_store_path())
     return Judge(env, plugin, store, reward, warn, driver=driver)
 

@@ -194,6 +194,113 @@ def test_a_training_run_judged_on_ray_is_bit_identical_to_the_local_one(
     assert cluster.available_resources().get("CPU", 0) == 2
 
 
+@pytest.mark.ray
+def test_a_stopped_local_run_resumed_on_ray_ends_as_the_uninterrupted_one(
+    cluster, cli, tmp_path
+) -> None:
+    """The backend and the worker count change how verdicts are fetched, not what they
+    are: a run stopped by its judge budget, resumed with --judge-backend ray, ends with
+    the weights of a run that was neither stopped nor sent to Ray. (The whole run asks
+    130 verdicts: 6 in the starting validation (one greedy pick per validation query),
+    121 in epoch 1 and 3 in epoch 2, as its epoch lines say; a budget of 127, asked one at a time, stops it at the start of epoch 2,
+    which Ray then judges.)"""
+    whole = cli(*_train_args(tmp_path, "whole"))
+    assert whole.exit_code == 0, whole.output
+    args = _train_args(tmp_path, "split")
+    stopped = cli(*args, "--judge-max-calls", "127", "--judge-batch-size", "1")
+    assert stopped.exit_code == 3, stopped.output
+    assert "stopped by the judge budget (--judge-max-calls 127:" in stopped.output
+    run = tmp_path / "split"
+    resumed = cli(
+        "--resume",
+        run,
+        "--judge-max-calls",
+        "0",
+        "--judge-backend",
+        "ray",
+        "--judge-workers",
+        "2",
+        "--judge-batch-size",
+        "2",
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert "judge: 3 calls" in resumed.output  # epoch 2's verdicts came from the Ray workers
+    weights = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert weights
+    for name in weights:
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(run / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert recorded["options"]["judge_backend"] == "ray"
+    assert recorded["resumes"][-1]["changed"]["judge_workers"] == [1, 2]
+
+
+class Flaky:
+    """Builds the digits environment whose first call in each actor fails with
+    ``error`` (a class and a message)."""
+
+    def __init__(self, error: type[BaseException], message: str) -> None:
+        self.error, self.message = error, message
+
+    def __call__(self) -> Environment:
+        env = digits_factory()()
+        inner, calls = env.judge, []
+
+        def judge(query_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise self.error(self.message)
+            return inner(query_ids, sequences)
+
+        env.judge = judge  # type: ignore[method-assign]
+        return env
+
+
+@pytest.mark.ray
+def test_errors_raised_in_an_actor_count_as_in_process(cluster, tmp_path) -> None:
+    from lever_trainer.errors import PluginError
+    from lever_trainer.judge_driver import TransientJudgeError
+    from lever_trainer.ray_judge import RayEnvironment
+
+    qids, seqs = pairs(2, 3)  # one batch of 6
+    _, expected = judged(digits_factory()(), tmp_path / "local.sqlite", qids, seqs)
+    # transient: asked again (the actor answers the second call)
+    remote = RayEnvironment(digits_factory()(), "digits", Flaky(TransientJudgeError, "busy"))
+    try:
+        judge, got = judged(remote, tmp_path / "t.sqlite", qids, seqs, concurrency=1)
+        assert got == expected and judge.cost.retries == 1 and remote.replaced == 0
+    finally:
+        remote.close()
+    # anything else: the run ends with one line naming the cause, not Ray's traceback
+    remote = RayEnvironment(digits_factory()(), "digits", Flaky(ValueError, "bad prompt"))
+    try:
+        with pytest.raises(PluginError) as failed:
+            judged(remote, tmp_path / "p.sqlite", qids, seqs, concurrency=1)
+    finally:
+        remote.close()
+    line = str(failed.value)
+    assert "\n" not in line and "ValueError: bad prompt (batch 1 of 1, first query" in line
+
+
+@pytest.mark.ray
+def test_actors_of_another_environment_version_stop_the_run(cluster) -> None:
+    from lever_trainer.errors import PluginError
+    from lever_trainer.ray_judge import PluginEnvironment, RayEnvironment
+
+    other = PluginEnvironment("digits", "digits", ("digits",), (), {"digits_task": "t1"})
+    with pytest.raises(PluginError, match=r"runs as digits 1\+[0-9a-f]{12} in a Ray actor"):
+        RayEnvironment(digits_factory()(), "digits", other, workers=1)
+
+
+def test_ray_options_without_the_ray_backend_are_named_in_a_warning(cli, tmp_path) -> None:
+    result = cli(*_train_args(tmp_path, "run"), "--judge-workers", "4", "--rank-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: --judge-workers apply only with --judge-backend ray; this run judges in "
+        "its own process"
+    ) in result.output
+
+
 def test_without_ray_the_backend_says_how_to_install_it(cli, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     result = cli(*_train_args(tmp_path, "run"), "--judge-backend", "ray")
