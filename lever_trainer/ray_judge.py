@@ -129,6 +129,8 @@ class RayEnvironment(Environment):
         self._owns_cluster = False
         self._lock = threading.Lock()
         self._load: dict[Any, int] = {}
+        #: Actors a call found dead, to be replaced.
+        self._dead: set[Any] = set()
         self._start_cluster(address)
         self._actor_cls = self.ray.remote(_EnvironmentActor)
         self.actors = [self._new_actor() for _ in range(self.workers)]
@@ -197,15 +199,22 @@ class RayEnvironment(Environment):
 
     def _pick(self) -> Any:
         """The actor with the fewest calls in flight (the first such one)."""
+        for dead in [a for a in self.actors if a in self._dead]:
+            self._replace(dead)
         with self._lock:
             actor = min(self.actors, key=lambda a: self._load.get(a, 0))
             self._load[actor] = self._load.get(actor, 0) + 1
             return actor
 
-    def _done(self, actor: Any) -> None:
+    def _done(self, actor: Any, future: Any) -> None:
         with self._lock:
             if actor in self._load:
                 self._load[actor] -= 1
+        if not future.cancelled() and isinstance(
+            future.exception(), self.ray.exceptions.RayActorError
+        ):
+            with self._lock:  # replaced by the next pick (not here, in Ray's own thread)
+                self._dead.add(actor)
 
     def _replace(self, actor: Any) -> None:
         """A dead actor's place goes to a new one (once, whichever call noticed first)."""
@@ -214,6 +223,7 @@ class RayEnvironment(Environment):
                 return
             self.actors[self.actors.index(actor)] = self._new_actor()
             self._load.pop(actor, None)
+            self._dead.discard(actor)
             self.replaced += 1
         try:
             self.ray.kill(actor)
@@ -229,8 +239,9 @@ class RayEnvironment(Environment):
         actor = self._pick()
         ref = actor.judge.remote([int(q) for q in query_ids], [list(s) for s in sequences])
         done = ref.future()
-        # the actor counts as busy until its call ends, even one the driver gave up
-        done.add_done_callback(lambda _: self._done(actor))
+        # the actor counts as busy until its call ends, even one the driver gave up; a
+        # dead one is replaced at once, before another batch can be handed to it
+        done.add_done_callback(lambda f: self._done(actor, f))
         try:
             return list(await asyncio.wrap_future(done))
         except ray.exceptions.RayActorError as exc:
