@@ -1436,3 +1436,61 @@ def convert_checkpoint_cmd(
     )
     for line in report.lines():
         click.echo(line)
+
+
+# ------------------------------------------------------------------ serve-judge
+# A self-contained block: the server lives in lever_trainer/serve.py.
+@main.command("serve-judge", cls=GroupedCommand)
+@click.argument("name", metavar="NAME")
+@opt("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@opt("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port.")
+@opt(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Batches judged at once (worker threads calling the environment); 1 for an "
+    "environment that is not thread-safe.",
+)
+@opt(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Most (query, sequence) pairs in one request; more is refused (413).",
+)
+@opt(
+    "--max-body-mb",
+    type=Number(float, 0, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="Largest request body in MiB; a larger one is refused (413).",
+)
+@opt("--access-log", is_flag=True, help="Log one line per request.")
+@opt(
+    "--plugin",
+    "plugins_on",
+    multiple=True,
+    metavar="NAME",
+    help="Enable a plugin that is off by default (repeatable): one providing NAME.",
+)
+@click.pass_context
+@user_errors
+def serve_judge_cmd(ctx: click.Context, name: str, **opts: Any) -> None:
+    """Serve the installed environment NAME over HTTP for `--judge remote --judge-url`.
+
+    POST /judge takes {"query_ids": [...], "sequences": [[...], ...]} and answers
+    {"verdicts": [...], "name": ..., "version": ...}; GET /health answers the name and
+    version. With LEVER_JUDGE_TOKEN set, both require "Authorization: Bearer TOKEN".
+    Needs the serve extra: pip install 'lever-trainer[serve]'.
+    """
+    from .serve import Limits, serve_judge
+
+    limits = Limits(
+        max_body_bytes=int(opts.pop("max_body_mb") * 2**20),
+        max_batch=opts.pop("max_batch"),
+        threads=opts.pop("threads"),
+    )
+    host, port = opts.pop("host"), opts.pop("port")
+    access_log, plugins_on = opts.pop("access_log"), opts.pop("plugins_on")
+    serve_judge(name, opts, host, port, limits, plugins_on, access_log, click.echo, warn)

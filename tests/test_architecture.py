@@ -22,7 +22,7 @@ LAYERS = [
     {"hookspecs"},
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
-    {"policies", "select", "selectors"},
+    {"policies", "select", "selectors", "serve"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
     {"resuming"},
