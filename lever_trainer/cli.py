@@ -1443,7 +1443,13 @@ def convert_checkpoint_cmd(
 @main.command("serve-judge", cls=GroupedCommand)
 @click.argument("name", metavar="NAME")
 @opt("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@opt("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port.")
+@opt(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on.",
+)
 @opt(
     "--threads",
     type=click.IntRange(min=1),

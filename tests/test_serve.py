@@ -368,6 +368,44 @@ def test_with_one_server_dead_or_failing_the_other_carries_the_batches(capsys) -
         assert failing.calls == calls and good.calls == 8
 
 
+class SleepyEnv(FormulaEnv):
+    """Takes ``seconds`` over every batch."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def judge(self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> Any:
+        with self.lock:
+            self.calls += 1  # counted as it starts
+        time.sleep(self.seconds)
+        return [formula(q, s) for q, s in zip(query_ids, sequences, strict=True)]
+
+
+@needs_serve
+def test_a_server_that_times_out_is_retried_then_skipped(capsys) -> None:
+    slow, quick = SleepyEnv(2.0), FormulaEnv()
+    qids, seqs = pairs(6)
+    with serving(slow, Limits(threads=4)) as late:
+        client = remote(late, remote_timeout=0.3, remote_retries=1, remote_concurrency=1)
+        with pytest.raises(LeverError) as caught:
+            client.judge(qids, seqs)
+        assert str(caught.value) == (
+            f"--judge-url: every judge server failed: {late} (no answer within 0.3 s)"
+        )
+        assert slow.calls == 2  # the first try and one retry
+        with serving(quick) as up:
+            client = remote(late, up, remote_timeout=0.3, remote_retries=1)
+            assert client.judge(qids, seqs) == [
+                formula(q, s) for q, s in zip(qids, seqs, strict=True)
+            ]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: judge server {late} failed 2 times (no answer within 0.3 s); "
+        "skipping it, judging on the others"
+    ]
+
+
 @needs_serve
 def test_servers_that_judge_differently_or_none_alive_are_refused() -> None:
     other = FormulaEnv()
