@@ -34,6 +34,7 @@ import hmac
 import inspect
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -326,6 +327,7 @@ def serve_judge(
     except ImportError:
         raise LeverError(f"serve-judge needs starlette and uvicorn: {INSTALL_HINT}") from None
     plugin, env = find_environment(name, options, plugins_on, warn)
+    sock = listening_socket(host, port)
     token = os.environ.get(TOKEN_VARIABLE) or None
     app = make_app(env, plugin, limits, token, warn)
     echo(
@@ -343,11 +345,30 @@ def serve_judge(
     )
     server = uvicorn.Server(config)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         app.state.pool.shutdown(wait=False, cancel_futures=True)
-    if not server.started:
-        raise LeverError(f"serve-judge: could not listen on {host}:{port} (see the line above)")
+        sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it); one line when it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise LeverError(f"--host: cannot listen on {host} ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise LeverError(
+            f"--port: cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
+    return sock
 
 
 __all__ = [

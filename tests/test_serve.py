@@ -530,6 +530,38 @@ def test_serve_judge_names_an_unknown_environment_in_one_line(cli) -> None:
     assert_user_error(cli("serve-judge", "nope"), "no active plugin provides environment 'nope'")
 
 
+@needs_serve
+def test_serve_judge_names_a_port_in_use_in_one_line(cli) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve-judge", "digits", "--port", port)
+    assert_user_error(result, f"--port: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    assert_user_error(cli("serve-judge", "digits", "--host", "no such host"), "--host: cannot")
+
+
+@needs_serve
+def test_evaluate_judges_over_http_as_in_process(cli, tmp_path) -> None:
+    doc = json.loads(Path(DIGITS["test"]).read_text())
+    keep = [k for k in doc if k.isdigit()][:12]
+    queries = write_json(tmp_path / "q.json", {k: doc[k] for k in keep})
+    args = ["evaluate", "--queries", queries, "--img-emb", DIGITS["embeddings"], "--no-store"]
+    args += ["--baselines", "cosine,random"]
+    local = cli(*args, "--judge", "digits", "--output", tmp_path / "local.json")
+    assert local.exit_code == 0, local.output
+    with serving(lever_digits_env.DigitsEnvironment()) as url:
+        far = cli(*args, "--judge", "remote", "--judge-url", url, "--output", tmp_path / "far.json")
+    assert far.exit_code == 0, far.output
+    ours = json.loads((tmp_path / "local.json").read_text())
+    theirs = json.loads((tmp_path / "far.json").read_text())
+    # the same report; only the plugin that reached the judge differs
+    assert ours.pop("judge") == {"name": "digits", "version": "1", "plugin": "digits"}
+    assert theirs.pop("judge") == {"name": "digits", "version": "1", "plugin": "remote"}
+    assert ours == theirs and "judge: digits 1" in far.output
+    assert "judge_correct" in json.dumps(theirs)
+
+
 def test_without_the_extra_each_end_says_what_to_install(cli, monkeypatch) -> None:
     for module in ("httpx", "starlette", "uvicorn"):
         monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
