@@ -23,7 +23,7 @@ LAYERS = [
     {"hookspecs", "plan"},
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
-    {"policies", "select", "selectors"},
+    {"policies", "select", "selectors", "serve"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
     {"resuming"},
