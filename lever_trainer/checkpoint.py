@@ -22,12 +22,15 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import LeverError
 from .fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .policy import TrunkConfig
 
 FORMAT_VERSION = "1"
 #: Most cross-attention layers a policy may have (``--num-layers`` has the same bound): a
@@ -455,6 +458,120 @@ def _source_num_heads(path: Path) -> int | None:
     return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
 
 
+def _check_conversion_target(dst: Path, overwrite: bool) -> None:
+    """Refuse a conversion target that is not a ``*.safetensors`` name, is a directory,
+    or already exists (unless ``overwrite``)."""
+    if dst.suffix.lower() != ".safetensors":
+        raise LeverError(
+            f"{dst}: the converted checkpoint must be named *.safetensors "
+            "(the suffix decides how --sft-ckpt reads a file)"
+        )
+    if dst.is_dir():
+        raise LeverError(f"{dst}: is a directory")
+    if dst.exists() and not overwrite:
+        raise LeverError(f"{dst}: already exists; pass --overwrite to replace it")
+
+
+def _converted_input_dim(
+    proj: torch.Tensor | None, hidden: int, src: Path, input_dim: int | None
+) -> tuple[int, str]:
+    """The embedding width ``d`` of a source checkpoint, from its ``input_proj.weight``
+    (``proj``, which must be ``[hidden, d]``) or ``hidden`` when it has none (an identity
+    projection), and where it came from (for the report); ``input_dim`` (``--input-dim``),
+    when given, must agree with it."""
+    if proj is None:
+        ckpt_d, d_from = hidden, "no input_proj.weight: identity projection, d = hidden dim"
+        why = (
+            "which has no 'input_proj.weight' (an identity input projection), so d equals "
+            f"its hidden dim {hidden}"
+        )
+    elif proj.dim() != 2 or int(proj.shape[0]) != hidden:
+        raise LeverError(
+            f"{src}: parameter 'input_proj.weight' has shape {list(proj.shape)}, "
+            f"expected [{hidden}, d] (hidden dim {hidden} from 'query_proj.weight')"
+        )
+    else:
+        ckpt_d, d_from = int(proj.shape[1]), "from input_proj.weight"
+        why = f"whose 'input_proj.weight' has shape {list(proj.shape)}, so d={ckpt_d}"
+    if input_dim is not None and input_dim != ckpt_d:
+        raise LeverError(f"--input-dim {input_dim} disagrees with {src}, {why}")
+    return ckpt_d, d_from
+
+
+def _read_conversion_source(
+    src: Path, trust: bool, warn: Callable[[str], None] | None
+) -> tuple[dict[str, torch.Tensor], str, dict[str, int]]:
+    """The state dict of the checkpoint to convert, its format and its policy shape
+    (:func:`infer_policy_shape`); a file without a pointer policy in it is refused, and
+    ``trust`` on a pickle file is warned about before the file is opened."""
+    if trust and warn is not None and src.is_file() and is_pickle_checkpoint(src):
+        warn(
+            f"warning: --trust-checkpoint: opening {src} with a full (unsafe) pickle "
+            "load (weights_only=False), which can run code stored in the file"
+        )
+    state_dict, source_format = read_state_dict_with_format(src, trust)
+    shape = infer_policy_shape(state_dict, str(src))
+    if "hidden_dim" not in shape:
+        raise LeverError(
+            f"{src}: none of its {len(state_dict)} tensors is 'query_proj.weight' "
+            f"(e.g. {next(iter(state_dict))!r}), so it holds no pointer policy to convert"
+        )
+    return state_dict, source_format, shape
+
+
+def _conversion_trunk(
+    shape: dict[str, int], input_dim: int, num_heads: int | None, src: Path
+) -> TrunkConfig:
+    """The trunk a converted checkpoint is loaded into: its inferred shape, and
+    ``num_heads`` (else the source's recorded head count, else 1), which must divide
+    the hidden width."""
+    from .policy import TrunkConfig
+
+    hidden = shape["hidden_dim"]
+    if num_heads is None:
+        num_heads = _source_num_heads(src) or 1
+    if hidden % num_heads:
+        raise LeverError(f"--num-heads {num_heads} does not divide the hidden dim {hidden}")
+    return TrunkConfig(
+        input_dim=input_dim,
+        hidden_dim=hidden,
+        num_layers=shape.get("num_layers", 1),
+        num_heads=num_heads,
+    )
+
+
+def _conversion_metadata(
+    model: torch.nn.Module,
+    config: TrunkConfig,
+    src: Path,
+    source_format: str,
+    report: ImportReport,
+) -> dict[str, Any]:
+    """The metadata written with a converted checkpoint: ``policy`` (name, input width
+    and options of the policy the weights were checked against), ``model`` (the
+    :class:`PolicyConfig` dict), ``converted_from``, ``source_format``,
+    ``source_sha256``, ``ignored_keys`` (a count), ``missing_keys`` (a list) and
+    ``lever_trainer_version``."""
+    from . import __version__
+
+    policy_options = getattr(model, "policy_options", None)
+    options = policy_options() if callable(policy_options) else config.options()
+    return {
+        "policy": {
+            "name": getattr(model, "policy_name", ""),
+            "input_dim": config.input_dim,
+            "options": options,
+        },
+        "model": {"input_dim": config.input_dim, **options},
+        "converted_from": os.path.abspath(src),
+        "source_format": source_format,
+        "source_sha256": _sha256_of(src),
+        "ignored_keys": len(report.ignored),
+        "missing_keys": report.missing,
+        "lever_trainer_version": __version__,
+    }
+
+
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -473,74 +590,22 @@ def convert_checkpoint(
     (``[hidden, d]``), or ``d = hidden`` when there is none (identity projection).
     ``input_dim`` must agree with that. The weights are checked by loading them into
     a policy of that shape; only the policy's own keys are written, unchanged (same
-    values and dtype), with metadata: ``model`` (the :class:`PolicyConfig` dict),
-    ``converted_from``, ``source_format``, ``source_sha256``, ``ignored_keys`` (a
-    count), ``missing_keys`` (a list) and ``lever_trainer_version``. An existing
+    values and dtype), with the metadata of :func:`_conversion_metadata`. An existing
     ``dst`` is refused unless ``overwrite``; nothing is written on any error.
 
     ``build(input_dim, options)`` builds the policy the weights are checked against
     (the run assembly passes the default policy's ``build_policy``); its
     ``policy_name`` and ``policy_options()`` are recorded as ``policy``.
     """
-    from . import __version__
-    from .policy import TrunkConfig
-
     if build is None:
         raise ValueError("convert_checkpoint needs a policy builder")
-
     src_p, dst_p = Path(src), Path(dst)
-    if dst_p.suffix.lower() != ".safetensors":
-        raise LeverError(
-            f"{dst_p}: the converted checkpoint must be named *.safetensors "
-            "(the suffix decides how --sft-ckpt reads a file)"
-        )
-    if dst_p.is_dir():
-        raise LeverError(f"{dst_p}: is a directory")
-    if dst_p.exists() and not overwrite:
-        raise LeverError(f"{dst_p}: already exists; pass --overwrite to replace it")
-    if trust and warn is not None and src_p.is_file() and is_pickle_checkpoint(src_p):
-        warn(
-            f"warning: --trust-checkpoint: opening {src_p} with a full (unsafe) pickle "
-            "load (weights_only=False), which can run code stored in the file"
-        )
-    state_dict, source_format = read_state_dict_with_format(src_p, trust)
-
-    shape = infer_policy_shape(state_dict, str(src_p))
-    if "hidden_dim" not in shape:
-        raise LeverError(
-            f"{src_p}: none of its {len(state_dict)} tensors is 'query_proj.weight' "
-            f"(e.g. {next(iter(state_dict))!r}), so it holds no pointer policy to convert"
-        )
+    _check_conversion_target(dst_p, overwrite)
+    state_dict, source_format, shape = _read_conversion_source(src_p, trust, warn)
     hidden = shape["hidden_dim"]
     proj = state_dict.get("input_proj.weight")
-    if proj is not None:
-        if proj.dim() != 2 or int(proj.shape[0]) != hidden:
-            raise LeverError(
-                f"{src_p}: parameter 'input_proj.weight' has shape {list(proj.shape)}, "
-                f"expected [{hidden}, d] (hidden dim {hidden} from 'query_proj.weight')"
-            )
-        ckpt_d = int(proj.shape[1])
-        d_from = "from input_proj.weight"
-        why = f"whose 'input_proj.weight' has shape {list(proj.shape)}, so d={ckpt_d}"
-    else:
-        ckpt_d = hidden
-        d_from = "no input_proj.weight: identity projection, d = hidden dim"
-        why = (
-            "which has no 'input_proj.weight' (an identity input projection), so d equals "
-            f"its hidden dim {hidden}"
-        )
-    if input_dim is not None and input_dim != ckpt_d:
-        raise LeverError(f"--input-dim {input_dim} disagrees with {src_p}, {why}")
-    if num_heads is None:
-        num_heads = _source_num_heads(src_p) or 1
-    if hidden % num_heads:
-        raise LeverError(f"--num-heads {num_heads} does not divide the hidden dim {hidden}")
-    config = TrunkConfig(
-        input_dim=ckpt_d,
-        hidden_dim=hidden,
-        num_layers=shape.get("num_layers", 1),
-        num_heads=num_heads,
-    )
+    ckpt_d, d_from = _converted_input_dim(proj, hidden, src_p, input_dim)
+    config = _conversion_trunk(shape, ckpt_d, num_heads, src_p)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
         model = build(ckpt_d, config.options())
     report = load_into_model(model, state_dict, str(src_p), f" (d={ckpt_d}, {d_from})")
@@ -553,22 +618,7 @@ def convert_checkpoint(
             )
     own = model.state_dict()
     kept = {k: v.detach().clone() for k, v in state_dict.items() if k in own}
-    policy_options = getattr(model, "policy_options", None)
-    options = policy_options() if callable(policy_options) else config.options()
-    metadata: dict[str, Any] = {
-        "policy": {
-            "name": getattr(model, "policy_name", ""),
-            "input_dim": ckpt_d,
-            "options": options,
-        },
-        "model": {"input_dim": ckpt_d, **options},
-        "converted_from": os.path.abspath(src_p),
-        "source_format": source_format,
-        "source_sha256": _sha256_of(src_p),
-        "ignored_keys": len(report.ignored),
-        "missing_keys": report.missing,
-        "lever_trainer_version": __version__,
-    }
+    metadata = _conversion_metadata(model, config, src_p, source_format, report)
     save_checkpoint(dst_p, kept, metadata)
     return ConversionReport(
         src=str(src_p),

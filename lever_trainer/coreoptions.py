@@ -28,11 +28,12 @@ DEFAULT_POLICY = "cosine-bilinear"
 #: and a few flags of their own).
 TRAIN, PREPARE, SELECT, EVALUATE = "train", "prepare", "select", "evaluate"
 DEMO, PLOT, EXPORT, CONVERT = "demo-data", "plot", "export-verdicts", "convert-checkpoint"
+SERVE = "serve-judge"
 #: The commands that read RL data and run policies; :class:`~lever_trainer.plan.Settings`
 #: holds their options.
 RUN_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE)
 #: Every command with options, each generated from this table.
-TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT)
+TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT, SERVE)
 _DATA = (TRAIN, PREPARE)
 _EMB = (TRAIN, SELECT, EVALUATE)
 _REWARDS = (TRAIN, PREPARE, EVALUATE)
@@ -710,7 +711,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         multiple=True,
         metavar="NAME",
         group="Plugins",
-        commands=_PLUGINS,
+        commands=(*_PLUGINS, SERVE),
         resume_reason=PLUGINS_FIXED,
         help="Enable an installed plugin (repeatable).",
     ),
@@ -745,6 +746,36 @@ _SMALL: tuple[Option, ...] = (
         commands=(PLOT,),
     ),
     Option(("--title",), "str", None, "A title above the panels.", commands=(PLOT,)),
+    # ------------------------------------------------------------ serve-judge
+    Option(("--host",), "str", "127.0.0.1", "Address to listen on.", commands=(SERVE,)),
+    Option(("--port",), "int", 8000, "Port to listen on.", min=1, max=65535, commands=(SERVE,)),
+    Option(
+        ("--threads",),
+        "int",
+        8,
+        "Batches judged at once (worker threads calling the environment); 1 for an "
+        "environment that is not thread-safe.",
+        min=1,
+        commands=(SERVE,),
+    ),
+    Option(
+        ("--max-batch",),
+        "int",
+        4096,
+        "Most (query, sequence) pairs in one request; more is refused (413).",
+        min=1,
+        commands=(SERVE,),
+    ),
+    Option(
+        ("--max-body-mb",),
+        "float",
+        16.0,
+        "Largest request body in MiB; a larger one is refused (413).",
+        min=0,
+        min_open=True,
+        commands=(SERVE,),
+    ),
+    Option(("--access-log",), "bool", False, "Log one line per request.", commands=(SERVE,)),
     Option(
         ("--judge",),
         "str",

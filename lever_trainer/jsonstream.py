@@ -123,6 +123,25 @@ class _Reader:
             return value
 
 
+def _enter_object(reader: _Reader, decoder: json.JSONDecoder) -> None:
+    """Step ``reader`` past the ``{`` that opens the top-level object; an empty file or
+    any other top-level value (named by its type) is an error."""
+    first = reader.skip_ws()
+    if first == "":
+        raise LeverError(f"{reader.path}: file is empty (expected a JSON object)")
+    if first != "{":
+        if first in "[":
+            raise LeverError(
+                f"{reader.path}: top level must be an object of query id -> query, found a list"
+            )
+        value = reader.decode_value(decoder)
+        raise LeverError(
+            f"{reader.path}: top level must be an object of query id -> query, "
+            f"found {type(value).__name__}"
+        )
+    reader.pos += 1
+
+
 def iter_object_members(
     path: str | os.PathLike[str], hasher: Hasher | None = None
 ) -> Generator[tuple[str, Any], None, None]:
@@ -136,23 +155,7 @@ def iter_object_members(
     reader = _Reader(path, hasher)
     decoder = json.JSONDecoder()
     try:
-        first = reader.skip_ws()
-        if first == "":
-            raise LeverError(f"{reader.path}: file is empty (expected a JSON object)")
-        if first != "{":
-            if first in "[":
-                raise LeverError(
-                    f"{reader.path}: top level must be an object of query id -> query, found a list"
-                )
-            try:
-                value = reader.decode_value(decoder)
-            except LeverError:
-                raise
-            raise LeverError(
-                f"{reader.path}: top level must be an object of query id -> query, "
-                f"found {type(value).__name__}"
-            )
-        reader.pos += 1
+        _enter_object(reader, decoder)
         expect_member = True
         first_member = True
         while True:

@@ -216,6 +216,176 @@ def _empty(ax: Any, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _phase_marks(ax: Any, run: RunCurves) -> None:
+    """Dotted lines where each phase of ``run`` begins, its name at the top; the epoch axis."""
+    for phase in run.phases():
+        start = run.offsets[phase]
+        if start > 0:
+            ax.axvline(start, color="0.6", linestyle=":", linewidth=1)
+        label = ax.annotate(
+            phase,
+            (start, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="0.4",
+            annotation_clip=True,  # only where the phase is in view
+        )
+        label.set_in_layout(False)
+    ax.set_xlabel("epoch (0 = start)")
+    ax.grid(True, alpha=0.3)
+
+
+def _styles_legend(ax: Any, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """A small legend of what each line style means (colours are runs)."""
+    from matplotlib.lines import Line2D
+
+    ax.legend(
+        handles=[Line2D([], [], color="0.3", label=label, **kw) for label, kw in entries],
+        fontsize=8,
+        loc="best",
+    )
+
+
+def _panel_loss(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str:
+    """Training loss: logged steps (thin) and epoch means (markers), per phase; a log
+    scale when the values span more than a factor of 50."""
+    loss_values: list[float] = []
+    for run, colour in zip(runs, colours, strict=True):
+        for phase in run.phases():
+            xs, ys = run.step_series("loss", phase)
+            ax.plot(xs, ys, color=colour, linewidth=0.8, alpha=0.45)
+            loss_values += ys
+        xs, ys = run.series("train_loss")
+        ax.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.6)
+        loss_values += ys
+    if _positive_spread(loss_values) > 50:
+        ax.set_yscale("log")
+    ax.set_title("training loss")
+    ax.set_ylabel("loss")
+    _styles_legend(
+        ax,
+        [
+            ("logged steps", {"linewidth": 0.8, "alpha": 0.5}),
+            ("epoch mean (train_loss)", {"marker": "o", "markersize": 3}),
+        ],
+    )
+    _phase_marks(ax, runs[0])
+    return "training loss"
+
+
+def _panel_val(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str:
+    """Validation loss per epoch."""
+    for run, colour in zip(runs, colours, strict=True):
+        xs, ys = run.series("val_loss")
+        ax.plot(xs, ys, color=colour, marker="o", markersize=3)
+    ax.set_title("validation loss (RCE, raw rewards, tau = 1)")
+    ax.set_ylabel("val_loss")
+    _phase_marks(ax, runs[0])
+    return "validation loss"
+
+
+def _panel_kl(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str | None:
+    """KL (logged steps and epoch means) with its weight on a right axis; ``None``, and a
+    note in the panel, when no run logged either."""
+    has_kl = False
+    ax_beta = ax.twinx()
+    kl_values: list[float] = []
+    for run, colour in zip(runs, colours, strict=True):
+        sx, sy = run.step_series("kl")
+        ax.plot(sx, sy, color=colour, linewidth=0.8, alpha=0.45)
+        xs, ys = run.series("train_kl")
+        ax.plot(xs, ys, color=colour, marker="o", markersize=3)
+        bx, by = run.series("kl_beta")
+        ax_beta.plot(bx, by, color=colour, linestyle="--", marker="s", markersize=3)
+        kl_values += sy + ys
+        has_kl = has_kl or bool(ys or sy or by)
+    if kl_values and min(kl_values) > 0:
+        ax.set_yscale("log")
+    ax.set_title("KL and its weight")
+    ax.set_ylabel("KL (train_kl)")
+    ax_beta.set_ylabel("KL weight (kl_beta)")
+    if not has_kl:
+        ax_beta.set_axis_off()
+        _empty(ax, "no KL: the runs have no GRPO epochs")
+        return None
+    _styles_legend(
+        ax,
+        [
+            ("KL, logged steps", {"linewidth": 0.8, "alpha": 0.5}),
+            ("KL, epoch mean", {"marker": "o", "markersize": 3}),
+            ("kl_beta (right axis)", {"linestyle": "--", "marker": "s", "markersize": 3}),
+        ],
+    )
+    _phase_marks(ax, runs[0])
+    return "KL"
+
+
+def _panel_reward(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str:
+    """policy_reward@1 against the random and oracle rewards."""
+    for run, colour in zip(runs, colours, strict=True):
+        for key, style in (
+            ("policy_reward@1", "-"),
+            ("random_reward", ":"),
+            ("oracle_reward", "-."),
+        ):
+            xs, ys = run.series(key)
+            marker = "o" if style == "-" else None
+            ax.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=3)
+    ax.set_title("policy_reward@1 against random and oracle")
+    ax.set_ylabel("raw reward")
+    _styles_legend(
+        ax,
+        [
+            ("oracle_reward", {"linestyle": "-."}),
+            ("policy_reward@1", {"marker": "o", "markersize": 3}),
+            ("random_reward", {"linestyle": ":"}),
+        ],
+    )
+    _phase_marks(ax, runs[0])
+    return "policy_reward@1"
+
+
+def _panel_gain(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str:
+    """Normalized gain (solid) and rank correlation (dashed), with the zero line."""
+    for run, colour in zip(runs, colours, strict=True):
+        xs, ys = run.series("normalized_gain")
+        ax.plot(xs, ys, color=colour, marker="o", markersize=3)
+        xs, ys = run.series("spearman")
+        ax.plot(xs, ys, color=colour, linestyle="--", linewidth=1)
+    ax.axhline(0.0, color="0.4", linewidth=0.8)
+    ax.set_title("normalized gain (0 = random, 1 = oracle), rank correlation")
+    _styles_legend(
+        ax,
+        [
+            ("normalized_gain", {"marker": "o", "markersize": 3}),
+            ("spearman", {"linestyle": "--", "linewidth": 1}),
+        ],
+    )
+    _phase_marks(ax, runs[0])
+    return "normalized_gain"
+
+
+def _panel_judge(ax: Any, runs: Sequence[RunCurves], colours: Sequence[str]) -> str | None:
+    """The ``judge_*`` metrics, one line style each; ``None``, and a note in the panel,
+    when no run has any."""
+    judge_keys = sorted({k for r in runs for e in r.epochs for k in e if k.startswith("judge_")})
+    if not judge_keys:
+        _empty(ax, "no downstream metrics\n(judge_* keys appear when a judge runs in validation)")
+        return None
+    styles = ["-", "--", "-.", ":"]
+    for run, colour in zip(runs, colours, strict=True):
+        for i, key in enumerate(judge_keys):
+            xs, ys = run.series(key)
+            ax.plot(xs, ys, color=colour, linestyle=styles[i % 4], marker="o", markersize=3)
+    _styles_legend(ax, [(key, {"linestyle": styles[i % 4]}) for i, key in enumerate(judge_keys)])
+    ax.set_title("downstream metrics (a judge's verdicts)")
+    _phase_marks(ax, runs[0])
+    return "downstream"
+
+
 def draw(runs: Sequence[RunCurves], output: Path, title: str | None = None) -> list[str]:
     """Draw ``runs`` into ``output`` (PNG, SVG or PDF); returns the panels drawn."""
     if output.suffix.lower() not in FORMATS:
@@ -231,170 +401,13 @@ def draw(runs: Sequence[RunCurves], output: Path, title: str | None = None) -> l
     from matplotlib.lines import Line2D
 
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    judge_keys = sorted({k for r in runs for e in r.epochs for k in e if k.startswith("judge_")})
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    ax_loss, ax_val, ax_kl, ax_reward, ax_gain, ax_judge = axes.flat
-    drawn: list[str] = []
-
-    def phase_marks(ax: Any) -> None:
-        """Dotted lines where a phase begins, its name at the top; the epoch axis."""
-        run = runs[0]
-        for phase in run.phases():
-            start = run.offsets[phase]
-            if start > 0:
-                ax.axvline(start, color="0.6", linestyle=":", linewidth=1)
-            label = ax.annotate(
-                phase,
-                (start, 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, -3),
-                textcoords="offset points",
-                va="top",
-                fontsize=8,
-                color="0.4",
-                annotation_clip=True,  # only where the phase is in view
-            )
-            label.set_in_layout(False)
-        ax.set_xlabel("epoch (0 = start)")
-        ax.grid(True, alpha=0.3)
-
-    def styles_legend(ax: Any, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """A small legend of what each line style means (colours are runs)."""
-        ax.legend(
-            handles=[Line2D([], [], color="0.3", label=label, **kw) for label, kw in entries],
-            fontsize=8,
-            loc="best",
-        )
-
-    # 1. training loss: logged steps (thin) and epoch means (markers), per phase
-    loss_values: list[float] = []
-    for run, colour in zip(runs, colours, strict=True):
-        for phase in run.phases():
-            xs, ys = run.step_series("loss", phase)
-            ax_loss.plot(xs, ys, color=colour, linewidth=0.8, alpha=0.45)
-            loss_values += ys
-        xs, ys = run.series("train_loss")
-        ax_loss.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.6)
-        loss_values += ys
-    if _positive_spread(loss_values) > 50:
-        ax_loss.set_yscale("log")
-    ax_loss.set_title("training loss")
-    ax_loss.set_ylabel("loss")
-    styles_legend(
-        ax_loss,
-        [
-            ("logged steps", {"linewidth": 0.8, "alpha": 0.5}),
-            ("epoch mean (train_loss)", {"marker": "o", "markersize": 3}),
-        ],
-    )
-    phase_marks(ax_loss)
-    drawn.append("training loss")
-
-    # 2. validation loss
-    for run, colour in zip(runs, colours, strict=True):
-        xs, ys = run.series("val_loss")
-        ax_val.plot(xs, ys, color=colour, marker="o", markersize=3)
-    ax_val.set_title("validation loss (RCE, raw rewards, tau = 1)")
-    ax_val.set_ylabel("val_loss")
-    phase_marks(ax_val)
-    drawn.append("validation loss")
-
-    # 3. KL and its weight
-    has_kl = False
-    ax_beta = ax_kl.twinx()
-    kl_values: list[float] = []
-    for run, colour in zip(runs, colours, strict=True):
-        sx, sy = run.step_series("kl")
-        ax_kl.plot(sx, sy, color=colour, linewidth=0.8, alpha=0.45)
-        xs, ys = run.series("train_kl")
-        ax_kl.plot(xs, ys, color=colour, marker="o", markersize=3)
-        bx, by = run.series("kl_beta")
-        ax_beta.plot(bx, by, color=colour, linestyle="--", marker="s", markersize=3)
-        kl_values += sy + ys
-        has_kl = has_kl or bool(ys or sy or by)
-    if kl_values and min(kl_values) > 0:
-        ax_kl.set_yscale("log")
-    ax_kl.set_title("KL and its weight")
-    ax_kl.set_ylabel("KL (train_kl)")
-    ax_beta.set_ylabel("KL weight (kl_beta)")
-    if has_kl:
-        styles_legend(
-            ax_kl,
-            [
-                ("KL, logged steps", {"linewidth": 0.8, "alpha": 0.5}),
-                ("KL, epoch mean", {"marker": "o", "markersize": 3}),
-                ("kl_beta (right axis)", {"linestyle": "--", "marker": "s", "markersize": 3}),
-            ],
-        )
-        phase_marks(ax_kl)
-        drawn.append("KL")
-    else:
-        ax_beta.set_axis_off()
-        _empty(ax_kl, "no KL: the runs have no GRPO epochs")
-
-    # 4. policy_reward@1 against random and oracle
-    for run, colour in zip(runs, colours, strict=True):
-        for key, style in (
-            ("policy_reward@1", "-"),
-            ("random_reward", ":"),
-            ("oracle_reward", "-."),
-        ):
-            xs, ys = run.series(key)
-            marker = "o" if style == "-" else None
-            ax_reward.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=3)
-    ax_reward.set_title("policy_reward@1 against random and oracle")
-    ax_reward.set_ylabel("raw reward")
-    styles_legend(
-        ax_reward,
-        [
-            ("oracle_reward", {"linestyle": "-."}),
-            ("policy_reward@1", {"marker": "o", "markersize": 3}),
-            ("random_reward", {"linestyle": ":"}),
-        ],
-    )
-    phase_marks(ax_reward)
-    drawn.append("policy_reward@1")
-
-    # 5. normalized gain and rank correlation
-    for run, colour in zip(runs, colours, strict=True):
-        xs, ys = run.series("normalized_gain")
-        ax_gain.plot(xs, ys, color=colour, marker="o", markersize=3)
-        xs, ys = run.series("spearman")
-        ax_gain.plot(xs, ys, color=colour, linestyle="--", linewidth=1)
-    ax_gain.axhline(0.0, color="0.4", linewidth=0.8)
-    ax_gain.set_title("normalized gain (0 = random, 1 = oracle), rank correlation")
-    styles_legend(
-        ax_gain,
-        [
-            ("normalized_gain", {"marker": "o", "markersize": 3}),
-            ("spearman", {"linestyle": "--", "linewidth": 1}),
-        ],
-    )
-    phase_marks(ax_gain)
-    drawn.append("normalized_gain")
-
-    # 6. downstream metrics, when a judge measured them
-    styles = ["-", "--", "-.", ":"]
-    if judge_keys:
-        for run, colour in zip(runs, colours, strict=True):
-            for i, key in enumerate(judge_keys):
-                xs, ys = run.series(key)
-                ax_judge.plot(
-                    xs, ys, color=colour, linestyle=styles[i % 4], marker="o", markersize=3
-                )
-        styles_legend(
-            ax_judge,
-            [(key, {"linestyle": styles[i % 4]}) for i, key in enumerate(judge_keys)],
-        )
-        ax_judge.set_title("downstream metrics (a judge's verdicts)")
-        phase_marks(ax_judge)
-        drawn.append("downstream")
-    else:
-        _empty(
-            ax_judge,
-            "no downstream metrics\n(judge_* keys appear when a judge runs in validation)",
-        )
-
+    panels = (_panel_loss, _panel_val, _panel_kl, _panel_reward, _panel_gain, _panel_judge)
+    drawn = [
+        name
+        for panel, ax in zip(panels, axes.flat, strict=True)
+        if (name := panel(ax, runs, colours)) is not None
+    ]
     handles = [
         Line2D([], [], color=colour, linewidth=2.5, label=run.name)
         for run, colour in zip(runs, colours, strict=True)

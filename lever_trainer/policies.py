@@ -174,6 +174,86 @@ def missing_error(path: str, report: ImportReport, total: int, flag: str | None)
     )
 
 
+def _merge_checkpoint_options(
+    merged: dict[str, Any],
+    given: Mapping[str, str],
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    sft_ckpt: str,
+) -> tuple[str, dict[str, Any]]:
+    """Fill ``merged`` (the run's option values) with a starting checkpoint's recorded
+    options, or for a foreign file the trunk shape of its weights, where the user set
+    none (``given``); an explicit value that disagrees is an error. Returns the policy
+    the checkpoint holds and its options."""
+    recorded = recorded_policy(metadata)
+    from_ckpt: dict[str, Any] = dict(infer_policy_shape(state_dict, sft_ckpt))
+    source = (
+        (recorded[0], {**from_ckpt, **recorded[1]})
+        if recorded is not None
+        else (FOREIGN_POLICY, dict(from_ckpt))
+    )
+    if recorded is not None:
+        from_ckpt.update(recorded[1])
+    for key, value in from_ckpt.items():
+        flag = given.get(key)
+        if flag is not None and merged.get(key) != value:
+            raise LeverError(
+                f"{flag} {merged.get(key)} disagrees with --sft-ckpt {sft_ckpt}, "
+                f"which has {key.replace('_', ' ')} {value}"
+            )
+        if flag is None:
+            merged[key] = value
+    return source
+
+
+def _load_start_weights(
+    plugins: PluginSet,
+    policy: Policy,
+    name: str,
+    input_dim: int,
+    state_dict: dict[str, torch.Tensor],
+    sft_ckpt: str,
+    source: tuple[str, dict[str, Any]],
+    partial: bool,
+    seed: int | None,
+) -> list[str]:
+    """Load a starting checkpoint's weights into ``policy`` (of plugin policy ``name``;
+    the checkpoint holds ``source``, a policy name and its options) and return the
+    lines that report it. Weights the source policy has but the file lacks are an
+    error unless ``partial``; the rest start from the (seeded) initialisation."""
+    _check_identity_projection(policy, state_dict, sft_ckpt)
+    report = load_into_model(
+        policy,
+        state_dict,
+        sft_ckpt,
+        f" (embedding width d={input_dim} from --img-emb)",
+        allow_unexpected=partial,
+    )
+    total = len(policy.state_dict())
+    if source[0] == name:
+        unexplained = list(report.missing)
+    else:
+        # another policy's checkpoint: what that policy has must all be there
+        source_keys = _source_keys(plugins, source[0], input_dim, source[1])
+        unexplained = [k for k in report.missing if source_keys is None or k in source_keys]
+    if unexplained and not partial:
+        report.missing = unexplained
+        raise missing_error(sft_ckpt, report, total, "--partial-load")
+    seeded = f"initialised from --seed {seed}" if seed is not None else "initialised"
+    report.initialised = (
+        f"{seeded} (policy {name}; the checkpoint holds policy {source[0]})"
+        if source[0] != name
+        else f"{seeded} (--partial-load)"
+    )
+    lines = report.lines()
+    if report.unexpected:
+        lines.append(
+            f"  warning: --partial-load: ignored {len(report.unexpected)} keys inside the "
+            f"policy's modules that it does not have: {', '.join(report.unexpected)}"
+        )
+    return lines
+
+
 def start_policy(
     plugins: PluginSet,
     name: str,
@@ -203,62 +283,14 @@ def start_policy(
     error unless ``partial``.
     """
     merged = dict(options)
-    state_dict: dict[str, torch.Tensor] | None = None
-    source: tuple[str, dict[str, Any]] | None = None
-    if sft_ckpt:
-        state_dict, metadata = read_checkpoint(sft_ckpt, trust, warn)
-        recorded = recorded_policy(metadata)
-        from_ckpt: dict[str, Any] = dict(infer_policy_shape(state_dict, sft_ckpt))
-        source = (
-            (recorded[0], {**from_ckpt, **recorded[1]})
-            if recorded is not None
-            else (FOREIGN_POLICY, dict(from_ckpt))
-        )
-        if recorded is not None:
-            from_ckpt.update(recorded[1])
-        for key, value in from_ckpt.items():
-            flag = given.get(key)
-            if flag is not None and merged.get(key) != value:
-                raise LeverError(
-                    f"{flag} {merged.get(key)} disagrees with --sft-ckpt {sft_ckpt}, "
-                    f"which has {key.replace('_', ' ')} {value}"
-                )
-            if flag is None:
-                merged[key] = value
+    if not sft_ckpt:
+        return build_policy(plugins, name, input_dim, merged), []
+    state_dict, metadata = read_checkpoint(sft_ckpt, trust, warn)
+    source = _merge_checkpoint_options(merged, given, state_dict, metadata, sft_ckpt)
     policy = build_policy(plugins, name, input_dim, merged)
-    lines: list[str] = []
-    if state_dict is not None:
-        assert sft_ckpt is not None and source is not None
-        _check_identity_projection(policy, state_dict, sft_ckpt)
-        report = load_into_model(
-            policy,
-            state_dict,
-            sft_ckpt,
-            f" (embedding width d={input_dim} from --img-emb)",
-            allow_unexpected=partial,
-        )
-        total = len(policy.state_dict())
-        if source[0] == name:
-            unexplained = list(report.missing)
-        else:
-            # another policy's checkpoint: what that policy has must all be there
-            source_keys = _source_keys(plugins, source[0], input_dim, source[1])
-            unexplained = [k for k in report.missing if source_keys is None or k in source_keys]
-        if unexplained and not partial:
-            report.missing = unexplained
-            raise missing_error(sft_ckpt, report, total, "--partial-load")
-        seeded = f"initialised from --seed {seed}" if seed is not None else "initialised"
-        report.initialised = (
-            f"{seeded} (policy {name}; the checkpoint holds policy {source[0]})"
-            if source[0] != name
-            else f"{seeded} (--partial-load)"
-        )
-        lines = report.lines()
-        if report.unexpected:
-            lines.append(
-                f"  warning: --partial-load: ignored {len(report.unexpected)} keys inside the "
-                f"policy's modules that it does not have: {', '.join(report.unexpected)}"
-            )
+    lines = _load_start_weights(
+        plugins, policy, name, input_dim, state_dict, sft_ckpt, source, partial, seed
+    )
     return policy, lines
 
 

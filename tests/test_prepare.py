@@ -148,3 +148,45 @@ def test_stream_reader_errors_name_the_place(tmp_path: Path, text: str, message:
         list(jsonstream.iter_object_members(path))
     assert str(err.value).startswith(f"{path}: ")
     assert message in str(err.value)
+
+
+def test_unwritable_prepared_cache_is_a_warning(demo_files, tmp_path: Path) -> None:
+    # --cache-dir naming a regular file: the prepared form cannot be written under it.
+    # The data still loads (the same table as without a cache), one warning names the
+    # target and, since the user chose the directory, gives no --cache-dir hint.
+    data = demo_files[0]
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    warnings: list[str] = []
+    plain, _ = load_rl_data(data, DataOptions(), builtin_registry())
+    table, report = load_rl_data(
+        data,
+        DataOptions(),
+        builtin_registry(),
+        cache=True,
+        warn=warnings.append,
+        cache_dir=blocker,
+    )
+    assert_same_table(plain, table)
+    assert report.cache == ""  # nothing written, nothing read
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"warning: cannot write the prepared cache {report.cache_path}")
+    assert "--cache-dir" not in warnings[0]
+
+
+def test_unwritable_default_cache_suggests_cache_dir(demo_files, tmp_path: Path) -> None:
+    # The default place (beside the data file) blocked the same way: a file where the
+    # data's directory should be is impossible through load_rl_data, so the helper that
+    # writes the prepared form is called with a target under a regular file.
+    from lever_trainer.data.load import _write_prepared
+
+    table, report = load_rl_data(demo_files[0], DataOptions(), builtin_registry())
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    warnings: list[str] = []
+    target = blocker / "rl.prepared"
+    _write_prepared(table, report, DataOptions(), target, "", False, warnings.append)
+    assert report.cache == ""
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"warning: cannot write the prepared cache {target} (")
+    assert warnings[0].endswith("; --cache-dir DIR puts it elsewhere")

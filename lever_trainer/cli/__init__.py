@@ -20,6 +20,7 @@ from .tools import (
     plot_cmd,
     plugins_cmd,
     prepare,
+    serve_judge_cmd,
 )
 from .train import EXIT_INTERRUPTED, EXIT_STOPPED, train
 from .use import SelectionWriter, evaluate_cmd, select_cmd
@@ -34,6 +35,7 @@ for _command in (
     evaluate_cmd,
     export_verdicts,
     convert_checkpoint_cmd,
+    serve_judge_cmd,
 ):
     main.add_command(_command)
 

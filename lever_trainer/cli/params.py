@@ -129,7 +129,10 @@ def click_option(option: Option, group: str = "") -> click.Option:
     if option.type == "bool":
         kwargs.update(is_flag=True, default=bool(option.default))
     else:
-        kwargs.update(default=option.default, show_default=option.default is not None)
+        default = option.default
+        if option.multiple and isinstance(default, list | tuple):
+            default = tuple(default)  # a cached declaration reads a JSON list back
+        kwargs.update(default=default, show_default=default is not None)
         if option.required and option.default is None:
             del kwargs["default"]  # click counts an explicit None as given
         kind = click_type(option)

@@ -188,3 +188,26 @@ def convert_checkpoint_cmd(
     )
     for line in report.lines():
         click.echo(line)
+
+
+@table_command("serve-judge")
+@click.argument("name", metavar="NAME")
+@user_errors
+def serve_judge_cmd(name: str, **opts: Any) -> None:
+    """Serve the installed environment NAME over HTTP for `--judge remote --judge-url`.
+
+    POST /judge takes {"query_ids": [...], "sequences": [[...], ...]} and answers
+    {"verdicts": [...], "name": ..., "version": ...}; GET /health answers the name and
+    version. With LEVER_JUDGE_TOKEN set, both require "Authorization: Bearer TOKEN".
+    Needs the serve extra: pip install 'lever-trainer[serve]'.
+    """
+    from ..serve import Limits, serve_judge
+
+    limits = Limits(
+        max_body_bytes=int(opts.pop("max_body_mb") * 2**20),
+        max_batch=opts.pop("max_batch"),
+        threads=opts.pop("threads"),
+    )
+    host, port = opts.pop("host"), opts.pop("port")
+    access_log, plugins_on = opts.pop("access_log"), opts.pop("plugins_on")
+    serve_judge(name, opts, host, port, limits, plugins_on, access_log, click.echo, warn)

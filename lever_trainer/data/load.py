@@ -68,15 +68,8 @@ def load_rl_data(
             hit[1].cache_path = str(target)
             return hit
     if reader is None:
-        hasher = hashlib.sha256()
-        table, report = parse_rl_members(iter_object_members(p, hasher), p, opts, registry)
-        digest = hasher.hexdigest()
+        table, report, digest = _parse_json(p, opts, registry, before, warn)
         if before and digest != before:
-            if warn is not None:
-                warn(
-                    f"warning: {p} changed while it was being read; this run uses the "
-                    "content it parsed (its sha256 is the one recorded)"
-                )
             target = cache_path_for(p, cache_dir, digest)
     else:
         table, report = parse_rl_members(reader(p), p, opts, registry)
@@ -89,17 +82,51 @@ def load_rl_data(
     report.source_sha256 = digest
     report.cache_path = str(target)
     if cache:
-        try:
-            save_prepared(table, report, digest, opts, target, producers)
-            report.cache = f"wrote {target}"
-        except OSError as exc:
-            if warn is not None:
-                hint = "" if cache_dir is not None else "; --cache-dir DIR puts it elsewhere"
-                warn(
-                    f"warning: cannot write the prepared cache {target} "
-                    f"({exc.strerror or exc}){hint}"
-                )
+        _write_prepared(table, report, opts, target, producers, cache_dir is not None, warn)
     return table, report
+
+
+def _parse_json(
+    p: Path,
+    opts: DataOptions,
+    registry: RewardRegistry,
+    before: str,
+    warn: Callable[[str], None] | None,
+) -> tuple[QueryTable, LoadReport, str]:
+    """Parse RL data JSON with the built-in streaming reader, hashing the bytes as they
+    are read; returns the table, its report and that sha256. ``before`` is the file's
+    hash from before the read, if one was taken: a file that no longer matches it is
+    warned about (the run uses what it parsed)."""
+    hasher = hashlib.sha256()
+    table, report = parse_rl_members(iter_object_members(p, hasher), p, opts, registry)
+    digest = hasher.hexdigest()
+    if before and digest != before and warn is not None:
+        warn(
+            f"warning: {p} changed while it was being read; this run uses the "
+            "content it parsed (its sha256 is the one recorded)"
+        )
+    return table, report, digest
+
+
+def _write_prepared(
+    table: QueryTable,
+    report: LoadReport,
+    opts: DataOptions,
+    target: Path,
+    producers: str,
+    chosen_dir: bool,
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Write the prepared form of ``table`` to ``target`` and say so in ``report``; a
+    failure to write it is a warning (with a hint at ``--cache-dir`` unless the user
+    chose the directory, ``chosen_dir``), not an error."""
+    try:
+        save_prepared(table, report, report.source_sha256, opts, target, producers)
+        report.cache = f"wrote {target}"
+    except OSError as exc:
+        if warn is not None:
+            hint = "" if chosen_dir else "; --cache-dir DIR puts it elsewhere"
+            warn(f"warning: cannot write the prepared cache {target} ({exc.strerror or exc}){hint}")
 
 
 def plugin_members(

@@ -123,16 +123,9 @@ class _Group:
     cand_index: list[int]
 
 
-def _parse_query(
-    qid: int,
-    value: Any,
-    path: Path,
-    opts: DataOptions,
-    report: LoadReport,
-    raw_fn: RawRewardFn,
-    mode_label: str = "",
-) -> _Group | None:
-    where_q = f"{path}: query {qid}"
+def _query_fields(value: Any, where_q: str) -> tuple[list[Any], list[int] | None]:
+    """A query's ``pointer_candidates`` list and its ``candidate_pool_ids`` (None when
+    absent), checked: an object, a list of candidates, distinct non-negative pool ids."""
     if not isinstance(value, Mapping):
         raise LeverError(f"{where_q}: expected an object, found {type(value).__name__}")
     cands = value.get("pointer_candidates")
@@ -143,6 +136,15 @@ def _parse_query(
         pool_ids = _int_list(pool_ids, where_q, "candidate_pool_ids")
         if len(set(pool_ids)) != len(pool_ids):
             raise LeverError(f"{where_q}: field 'candidate_pool_ids' holds duplicate ids")
+    return cands, pool_ids
+
+
+def _kept_candidates(
+    cands: list[Any], where_q: str, opts: DataOptions, report: LoadReport
+) -> list[tuple[int, Mapping[str, Any]]] | None:
+    """The ``(index, candidate)`` pairs that pass the filters (:func:`_drop_reason`), each
+    drop counted in ``report``; None, the query counted as dropped, when none is left or
+    ``--require-positive-query`` finds no correct one."""
     kept: list[tuple[int, Mapping[str, Any]]] = []
     for j, cand in enumerate(cands):
         if not isinstance(cand, Mapping):
@@ -160,8 +162,16 @@ def _parse_query(
     ):
         report.queries_dropped["no correct candidate (--require-positive-query)"] += 1
         return None
+    return kept
 
-    # Each candidate's sequence: ("pos", positions in candidate_pool_ids) or ("gid", global ids).
+
+def _pointer_sequences(
+    kept: list[tuple[int, Mapping[str, Any]]], pool_ids: list[int] | None, where_q: str
+) -> list[tuple[str, list[int]]]:
+    """Each kept candidate's sequence as written: ``("pos", positions)`` in
+    ``candidate_pool_ids``, or ``("gid", global ids)``; which pointer field is read
+    depends on the fields present (``pointer`` with ``pointer_global`` and pool ids is
+    a list of positions)."""
     parsed: list[tuple[str, list[int]]] = []
     for j, cand in kept:
         where = f"{where_q} candidate {j}"
@@ -188,19 +198,40 @@ def _parse_query(
             raise LeverError(
                 f"{where}: no pointer field (expected one of {', '.join(POINTER_FIELDS)})"
             )
+    return parsed
 
-    uses_pool = pool_ids is not None and any("pointer_global" in c for _, c in kept)
-    if uses_pool:
-        assert pool_ids is not None
+
+def _query_pool(
+    kept: list[tuple[int, Mapping[str, Any]]],
+    parsed: list[tuple[str, list[int]]],
+    pool_ids: list[int] | None,
+    opts: DataOptions,
+    report: LoadReport,
+) -> list[int]:
+    """The query's pool of global ids: its ``candidate_pool_ids`` when a candidate uses
+    ``pointer_global``, else the sorted ids its sequences name; cut to ``--max-pool``
+    (counted in ``report``)."""
+    if pool_ids is not None and any("pointer_global" in c for _, c in kept):
         pool = list(pool_ids)
     else:
         pool = sorted({g for kind, seq in parsed for g in seq if kind == "gid"})
     if opts.max_pool is not None and len(pool) > opts.max_pool:
         pool = pool[: opts.max_pool]
         report.pools_cut += 1
-    cap = "" if opts.max_pool is None else f" (--max-pool {opts.max_pool})"
-    index = {g: i for i, g in enumerate(pool)}
+    return pool
 
+
+def _pool_positions(
+    kept: list[tuple[int, Mapping[str, Any]]],
+    parsed: list[tuple[str, list[int]]],
+    pool: list[int],
+    max_pool: int | None,
+    where_q: str,
+) -> list[list[int]]:
+    """Each sequence as positions in ``pool``; an id outside it, a position past its end
+    or a repeated candidate is an error naming the candidate."""
+    cap = "" if max_pool is None else f" (--max-pool {max_pool})"
+    index = {g: i for i, g in enumerate(pool)}
     sequences: list[list[int]] = []
     for (j, _), (kind, seq) in zip(kept, parsed, strict=True):
         where = f"{where_q} candidate {j}"
@@ -222,7 +253,18 @@ def _parse_query(
         if len(set(positions)) != len(positions):
             raise LeverError(f"{where}: sequence {seq} repeats a candidate")
         sequences.append(positions)
+    return sequences
 
+
+def _candidate_scores(
+    kept: list[tuple[int, Mapping[str, Any]]],
+    raw_fn: RawRewardFn,
+    opts: DataOptions,
+    where_q: str,
+    mode_label: str,
+) -> tuple[list[float], list[float]]:
+    """The clipped raw reward and the 0/1 ``vqa_correct`` of each kept candidate, after
+    checking that its score fields are numbers."""
     rewards = []
     correct = []
     for j, cand in kept:
@@ -242,6 +284,30 @@ def _parse_query(
             )
         rewards.append(clip_reward(_raw_reward(cand, raw_fn, opts, where, mode_label)))
         correct.append(hard)
+    return rewards, correct
+
+
+def _parse_query(
+    qid: int,
+    value: Any,
+    path: Path,
+    opts: DataOptions,
+    report: LoadReport,
+    raw_fn: RawRewardFn,
+    mode_label: str = "",
+) -> _Group | None:
+    """One query of RL data as a group (pool, sequences as pool positions, clipped raw
+    rewards, correctness); None when the filters leave nothing of it (``report`` counts
+    what was dropped)."""
+    where_q = f"{path}: query {qid}"
+    cands, pool_ids = _query_fields(value, where_q)
+    kept = _kept_candidates(cands, where_q, opts, report)
+    if kept is None:
+        return None
+    parsed = _pointer_sequences(kept, pool_ids, where_q)
+    pool = _query_pool(kept, parsed, pool_ids, opts, report)
+    sequences = _pool_positions(kept, parsed, pool, opts.max_pool, where_q)
+    rewards, correct = _candidate_scores(kept, raw_fn, opts, where_q, mode_label)
     return _Group(qid, pool, sequences, rewards, correct, [j for j, _ in kept])
 
 

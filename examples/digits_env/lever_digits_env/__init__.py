@@ -103,6 +103,14 @@ class DigitsEnvironment(Environment):
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
     ) -> list[dict[str, float]]:
         """Verdicts of every pair, computed in vectorised chunks."""
+        n = len(self.pixels[1])
+        for where, ids in (("query id", query_ids), ("demonstration id", sequences)):
+            flat = np.asarray(ids, dtype=np.int64).ravel()
+            bad = flat[(flat < 0) | (flat >= n)]
+            if bad.size:
+                raise LeverError(
+                    f"digits: {where} {int(bad[0])} is out of range (the task has {n} images)"
+                )
         out: list[dict[str, float]] = []
         for start in range(0, len(query_ids), CHUNK):
             q = np.asarray(query_ids[start : start + CHUNK], dtype=np.int64)
@@ -163,7 +171,7 @@ def add_options() -> Sequence[Option]:
             "t0",
             "digits: the task to judge, a bundled one (t0-t5) or a folder with its files.",
             metavar="TASK",
-            commands=("train", "evaluate"),
+            commands=("train", "evaluate", "serve-judge"),
         )
     ]
 
