@@ -193,8 +193,17 @@ class Trainer:
             best_mode,
             paired=config.best_rule == "paired",
         )
+        self.init_progress()
+        if judge is not None:
+            self.attach_judge(judge)
+        #: The judge's cost when the current epoch began (its metrics are the difference).
+        self.judge_mark: JudgeCost | None = None
+
+    def init_progress(self) -> None:
+        """The run's bookkeeping before its first step: rewards, generator, reference,
+        optimiser, stop and snapshot state (a resume restores them from its snapshot)."""
         self.rewards: dict[str, Decision] = {}
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self.start_logprobs: torch.Tensor | None = None
         #: The starting weights: ``best.safetensors`` when no epoch beats them on
         #: validation, and the source of ``start_logprobs`` for a run extended into a
@@ -216,15 +225,16 @@ class Trainer:
         self.pending_step_end: list[str] = []
         #: Whether OUTPUT_DIR holds a snapshot of this run (written, or resumed from).
         self.has_snapshot = False
-        if judge is not None:
-            # a stop signal ends a wait for the judge at once (not after its answer)
-            judge.stop_reason = lambda: self.stop_requested
-            # a spent --judge-max-calls stops the run like a signal: resumable
-            judge.stop_on_budget = True
-            # a long round's progress in a log file (a terminal gets a bar)
-            judge.log = lambda message: self.state.log(message)
-        #: The judge's cost when the current epoch began (its metrics are the difference).
-        self.judge_mark: JudgeCost | None = None
+
+    def attach_judge(self, judge: Judge) -> None:
+        """Tie the judge to this run: a stop signal ends a wait for its answer, a spent
+        call budget stops the run resumably, and a long round logs its progress."""
+        # a stop signal ends a wait for the judge at once (not after its answer)
+        judge.stop_reason = lambda: self.stop_requested
+        # a spent --judge-max-calls stops the run like a signal: resumable
+        judge.stop_on_budget = True
+        # a long round's progress in a log file (a terminal gets a bar)
+        judge.log = lambda message: self.state.log(message)
 
     # -- the whole job -----------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
