@@ -251,28 +251,7 @@ class Trainer:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
         if resume is None:
-            # the starting model's log-probs: docs/algorithm.md#reference-log-probs
-            if any(p.needs_reference for p in to_run):
-                self.start_logprobs = self.compute_logprobs(state.train)
-            self.start_weights = {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-            }
-            if len(state.val):
-                if state.judge is None:
-                    state.log(
-                        "validation ranks the logged candidates only (policy_*@1); give "
-                        "--judge NAME to judge the policy's own free selection"
-                    )
-                try:
-                    start = self.evaluator.validation(state.val)
-                except JudgeStopped as stop:
-                    raise LeverError(self.stopped_early(stop)) from None
-                state.start_metrics = start.metrics
-                self.keeper.consider_start(start.metrics, start.per_query)
-                state.log("start: " + format_metrics(state.start_metrics))
-                self.plugins.call_all(
-                    "on_start_validation", state=state, metrics=state.start_metrics
-                )
+            self.record_start(to_run)
         else:
             self.load_state_dict(resume)
             state.log(
@@ -284,29 +263,7 @@ class Trainer:
             if state.stop_request is not None:
                 break
             same_phase = resume is not None and phase.name == resume["phase"]
-            try:
-                try:
-                    self.run_phase(phase, resume if same_phase else None)
-                except (SystemExit, KeyboardInterrupt) as exc:
-                    if isinstance(exc, Interrupted):
-                        raise
-                    # a phase's code that exits (or fakes an interrupt) has failed
-                    raise PluginError(
-                        f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
-            except (PluginError, StoreError) as exc:
-                # A plugin, the judge or its store failed inside the phase: keep the last
-                # completed step (unless the failure came between a step's update and its
-                # bookkeeping, or before the epoch's data was made, or from the snapshot
-                # itself: then the newest snapshot on disk stays, and is the one to use).
-                self.keep_progress()
-                exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
-                raise
-            except JudgeStopped as stop:
-                self.keep_progress()
-                if not self.has_snapshot:
-                    raise LeverError(self.stopped_early(stop)) from None
-                raise StopRequested(stop.reason, state) from None
+            self.run_phase_keeping_progress(phase, resume if same_phase else None)
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
@@ -315,6 +272,59 @@ class Trainer:
         if verdict:
             state.log(verdict)
         return state
+
+    def record_start(self, to_run: Sequence[Phase]) -> None:
+        """A fresh run's starting point: the reference log-probs (when a phase needs
+        them), the starting weights and, with a validation set, the starting metrics."""
+        state = self.state
+        # the starting model's log-probs: docs/algorithm.md#reference-log-probs
+        if any(p.needs_reference for p in to_run):
+            self.start_logprobs = self.compute_logprobs(state.train)
+        self.start_weights = {
+            k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+        }
+        if not len(state.val):
+            return
+        if state.judge is None:
+            state.log(
+                "validation ranks the logged candidates only (policy_*@1); give "
+                "--judge NAME to judge the policy's own free selection"
+            )
+        try:
+            start = self.evaluator.validation(state.val)
+        except JudgeStopped as stop:
+            raise LeverError(self.stopped_early(stop)) from None
+        state.start_metrics = start.metrics
+        self.keeper.consider_start(start.metrics, start.per_query)
+        state.log("start: " + format_metrics(state.start_metrics))
+        self.plugins.call_all("on_start_validation", state=state, metrics=state.start_metrics)
+
+    def run_phase_keeping_progress(self, phase: Phase, resume: dict[str, Any] | None) -> None:
+        """Run one phase; when it fails or the judge stops it, keep the last completed
+        step's progress and re-raise in the form the caller reports."""
+        try:
+            try:
+                self.run_phase(phase, resume)
+            except (SystemExit, KeyboardInterrupt) as exc:
+                if isinstance(exc, Interrupted):
+                    raise
+                # a phase's code that exits (or fakes an interrupt) has failed
+                raise PluginError(
+                    f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        except (PluginError, StoreError) as exc:
+            # A plugin, the judge or its store failed inside the phase: keep the last
+            # completed step (unless the failure came between a step's update and its
+            # bookkeeping, or before the epoch's data was made, or from the snapshot
+            # itself: then the newest snapshot on disk stays, and is the one to use).
+            self.keep_progress()
+            exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
+            raise
+        except JudgeStopped as stop:
+            self.keep_progress()
+            if not self.has_snapshot:
+                raise LeverError(self.stopped_early(stop)) from None
+            raise StopRequested(stop.reason, self.state) from None
 
     @staticmethod
     def stopped_early(stop: JudgeStopped) -> str:
