@@ -218,23 +218,10 @@ def evaluate(
     """Measure every selector (see the module docstring)."""
     pools = PoolTable.from_table(table) if table is not None else load_pools(queries, max_pool)
     check_pool_ids(pools, emb, str(queries))
-    policies: dict[str, Policy] = {}
-    for path in checkpoints:
-        model, _ = policy_from_checkpoint(plugins, path, emb.dim, trust)
-        policies[path] = model
-    if "start" in baselines and checkpoints:
-        start = start_policy_of(plugins, checkpoints[0], emb.dim, trust)
-        if start is not None:
-            policies["start"] = start
+    policies = _policies_to_measure(plugins, checkpoints, emb.dim, baselines, trust)
     if steps is None:
         steps = table.seq_len if table is not None else _recorded_shots(checkpoints) or 2
-    short = int(pools.pool_len.min())
-    if short < steps:
-        row = int((pools.pool_len < steps).nonzero()[0, 0])
-        raise LeverError(
-            f"{queries}: query {int(pools.query_ids[row])}'s pool holds {short} ids, fewer "
-            f"than the {steps} demonstrations to select (--shots)"
-        )
+    _check_pools_hold(pools, steps, queries)
     report = Report(
         str(queries),
         len(pools),
@@ -258,29 +245,73 @@ def evaluate(
             report.add_judged(name, judge_per_query(judge, pools, picks))
         echo(f"evaluated {name}")
     if judge is not None:
-        exact = None
-        if "random" in baselines or "best" in baselines:
-            exact = exhaustive_baselines(judge, pools, steps)
-        if "random" in baselines:
-            if exact is not None:
-                report.add_judged("random", exact["random"])
-                report.notes.append("random: exact expectation over every ordered sequence")
-            else:
-                report.add_judged("random", random_baseline(judge, pools, steps))
-                report.notes.append("random: mean of 20 seeded draws")
-        for name, reverse in (("cosine", False), ("cosine-reversed", True)):
-            if name in baselines:
-                picks = cosine_selection(pools, emb, steps, reverse)
-                report.add_judged(name, judge_per_query(judge, pools, picks))
-        if "best" in baselines:
-            if exact is not None:
-                report.add_judged("best", exact["best"])
-            else:
-                report.notes.append(
-                    "best: left out (the judge is not cheap, or pools hold too many sequences)"
-                )
+        _judge_baselines(report, judge, pools, emb, steps, baselines)
         report.judge_cost = judge.cost.metrics()
     return report
+
+
+def _policies_to_measure(
+    plugins: PluginSet,
+    checkpoints: Sequence[str],
+    input_dim: int,
+    baselines: Sequence[str],
+    trust: bool,
+) -> dict[str, Policy]:
+    """Every checkpoint's policy by its path, then (with the ``start`` baseline) the policy
+    the first checkpoint's run started from, where it can be rebuilt."""
+    policies: dict[str, Policy] = {}
+    for path in checkpoints:
+        model, _ = policy_from_checkpoint(plugins, path, input_dim, trust)
+        policies[path] = model
+    if "start" in baselines and checkpoints:
+        start = start_policy_of(plugins, checkpoints[0], input_dim, trust)
+        if start is not None:
+            policies["start"] = start
+    return policies
+
+
+def _check_pools_hold(pools: PoolTable, steps: int, queries: Path) -> None:
+    """Fail, naming the first such query, when a pool holds fewer ids than ``steps``."""
+    short = int(pools.pool_len.min())
+    if short < steps:
+        row = int((pools.pool_len < steps).nonzero()[0, 0])
+        raise LeverError(
+            f"{queries}: query {int(pools.query_ids[row])}'s pool holds {short} ids, fewer "
+            f"than the {steps} demonstrations to select (--shots)"
+        )
+
+
+def _judge_baselines(
+    report: Report,
+    judge: Judge,
+    pools: PoolTable,
+    emb: Embeddings,
+    steps: int,
+    baselines: Sequence[str],
+) -> None:
+    """Add the judged scores of the requested non-learned baselines (random, cosine,
+    cosine-reversed, best) to ``report``, with a note on how random and best were found."""
+    exact = None
+    if "random" in baselines or "best" in baselines:
+        exact = exhaustive_baselines(judge, pools, steps)
+    if "random" in baselines:
+        if exact is not None:
+            report.add_judged("random", exact["random"])
+            report.notes.append("random: exact expectation over every ordered sequence")
+        else:
+            report.add_judged("random", random_baseline(judge, pools, steps))
+            report.notes.append("random: mean of 20 seeded draws")
+    for name, reverse in (("cosine", False), ("cosine-reversed", True)):
+        if name in baselines:
+            picks = cosine_selection(pools, emb, steps, reverse)
+            report.add_judged(name, judge_per_query(judge, pools, picks))
+    if "best" in baselines:
+        if exact is not None:
+            report.add_judged("best", exact["best"])
+        else:
+            report.notes.append(
+                "best: left out (the judge is not cheap, or pools hold too many sequences)"
+            )
 
 
 def _recorded_shots(checkpoints: Sequence[str]) -> int | None:

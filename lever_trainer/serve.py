@@ -39,11 +39,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import LeverError
 from .judge import Environment, check_verdict, environments_from_plugins
 from .plugins import load_plugins
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 #: The environment variable holding the bearer token (server and client).
 TOKEN_VARIABLE = "LEVER_JUDGE_TOKEN"
@@ -148,84 +151,92 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "number")
 
 
-def make_app(
-    env: Environment,
-    plugin: str,
-    limits: Limits = Limits(),
-    token: str | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Any:
-    """The starlette application serving ``env`` (already configured)."""
-    try:
-        from starlette.applications import Starlette
-        from starlette.exceptions import HTTPException
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse
-        from starlette.routing import Route
-    except ImportError:
-        raise LeverError(f"serving a judge needs starlette and uvicorn: {INSTALL_HINT}") from None
+class _JudgeService:
+    """The endpoints and their helpers around one configured environment: its name and
+    version, the request limits, the optional bearer token and the worker pool."""
 
-    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    name, version = env.name, str(env.version)
-    pool = ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix=f"judge {name}")
-    asynchronous = inspect.iscoroutinefunction(env.judge)
+    def __init__(
+        self,
+        env: Environment,
+        plugin: str,
+        limits: Limits,
+        token: str | None,
+        say: Callable[[str], None],
+        json_response: Any,
+    ) -> None:
+        self.env = env
+        self.plugin = plugin
+        self.limits = limits
+        self.token = token
+        self.say = say
+        #: starlette's ``JSONResponse`` (imported only when a server is built).
+        self.json_response = json_response
+        self.name, self.version = env.name, str(env.version)
+        self.pool = ThreadPoolExecutor(
+            max_workers=limits.threads, thread_name_prefix=f"judge {self.name}"
+        )
+        self.asynchronous = inspect.iscoroutinefunction(env.judge)
 
-    def error(status: int, message: str, **extra: Any) -> Any:
+    def error(self, status: int, message: str, **extra: Any) -> Any:
+        """The JSON refusal ``{"error": message, ...}`` with ``status``."""
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+        return self.json_response({"error": message, **extra}, status_code=status, headers=headers)
 
-    def refused(request: Request) -> Any:
+    def refused(self, request: Request) -> Any:
         """The 401 answer when a token is required and not given; None when allowed."""
-        if token is None:
+        if self.token is None:
             return None
         given = request.headers.get("authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
             return None
         what = "a wrong bearer token" if given else "no bearer token"
-        return error(401, f"{what}: this server requires the token in {TOKEN_VARIABLE}")
+        return self.error(401, f"{what}: this server requires the token in {TOKEN_VARIABLE}")
 
-    async def health(request: Request) -> Any:
-        denied = refused(request)
+    async def health(self, request: Request) -> Any:
+        """``GET /health``: the environment's identity and this server's batch limit."""
+        denied = self.refused(request)
         if denied is not None:
             return denied
-        return JSONResponse(
+        return self.json_response(
             {
                 "status": "ok",
-                "name": name,
-                "version": version,
-                "cheap": bool(env.cheap),
-                "max_batch": limits.max_batch,
+                "name": self.name,
+                "version": self.version,
+                "cheap": bool(self.env.cheap),
+                "max_batch": self.limits.max_batch,
             }
         )
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to exceed the limit."""
+        limit = self.limits.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 raise BadRequest(400, f"Content-Length is {length[:20]!r}, expected a number")
-            if int(length) > limits.max_body_bytes:
+            if int(length) > limit:
                 raise BadRequest(
                     413,
-                    f"the body has {int(length)} bytes, this server takes at most "
-                    f"{limits.max_body_bytes}",
+                    f"the body has {int(length)} bytes, this server takes at most {limit}",
                 )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise BadRequest(
-                    413, f"the body exceeds {limits.max_body_bytes} bytes, this server's limit"
-                )
+            if size > limit:
+                raise BadRequest(413, f"the body exceeds {limit} bytes, this server's limit")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def call_env(query_ids: list[int], sequences: list[list[int]]) -> Any:
-        if asynchronous:
-            return await env.judge(query_ids, sequences)  # type: ignore[misc]
+    async def call_env(self, query_ids: list[int], sequences: list[list[int]]) -> Any:
+        """The environment's answer for one batch: awaited, or run in the worker pool."""
+        if self.asynchronous:
+            return await self.env.judge(query_ids, sequences)  # type: ignore[misc]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, env.judge, query_ids, sequences)
+        return await loop.run_in_executor(self.pool, self.env.judge, query_ids, sequences)
 
-    def checked(answers: Any, query_ids: list[int], sequences: list[list[int]]) -> list[Any]:
+    def checked(self, answers: Any, query_ids: list[int], sequences: list[list[int]]) -> list[Any]:
+        """The environment's answers as verdicts, one per pair; LeverError when unusable."""
+        plugin, name = self.plugin, self.name
         if isinstance(answers, str | bytes | Mapping) or not isinstance(answers, Sequence):
             raise LeverError(
                 f"plugin {plugin}: environment {name} returned a {type(answers).__name__}, "
@@ -241,48 +252,71 @@ def make_app(
             for a, q, s in zip(answers, query_ids, sequences, strict=True)
         ]
 
-    async def judge(request: Request) -> Any:
-        denied = refused(request)
+    async def judge(self, request: Request) -> Any:
+        """``POST /judge``: one verdict per (query id, sequence) pair, or a refusal."""
+        denied = self.refused(request)
         if denied is not None:
             return denied
+        name = self.name
         try:
-            query_ids, sequences = parse_batch(await read_body(request), limits)
+            query_ids, sequences = parse_batch(await self.read_body(request), self.limits)
         except BadRequest as exc:
-            return error(exc.status, exc.message)
+            return self.error(exc.status, exc.message)
         if not query_ids:
-            return JSONResponse({"verdicts": [], "name": name, "version": version})
+            return self.json_response({"verdicts": [], "name": name, "version": self.version})
         try:
-            answers = await call_env(query_ids, sequences)
+            answers = await self.call_env(query_ids, sequences)
         except LeverError as exc:  # the environment refused the batch (an id it lacks)
-            return error(422, f"environment {name} refused the batch: {exc}")
+            return self.error(422, f"environment {name} refused the batch: {exc}")
         except Exception as exc:
             message = f"environment {name} failed: {type(exc).__name__}: {exc}"
-            say(f"serve-judge: {message}")
-            return error(500, message, transient=True)
+            self.say(f"serve-judge: {message}")
+            return self.error(500, message, transient=True)
         try:
-            verdicts = checked(answers, query_ids, sequences)
+            verdicts = self.checked(answers, query_ids, sequences)
         except LeverError as exc:
-            say(f"serve-judge: {exc}")
-            return error(500, str(exc), transient=False)
-        return JSONResponse({"verdicts": verdicts, "name": name, "version": version})
+            self.say(f"serve-judge: {exc}")
+            return self.error(500, str(exc), transient=False)
+        return self.json_response({"verdicts": verdicts, "name": name, "version": self.version})
+
+    async def crash(self, request: Request, exc: Exception) -> Any:
+        """Any unexpected failure: a one-line 500 (transient), logged, no traceback."""
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        self.say(f"serve-judge: {message}")
+        return self.error(500, message, transient=True)
+
+
+def make_app(
+    env: Environment,
+    plugin: str,
+    limits: Limits = Limits(),
+    token: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """The starlette application serving ``env`` (already configured)."""
+    try:
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+    except ImportError:
+        raise LeverError(f"serving a judge needs starlette and uvicorn: {INSTALL_HINT}") from None
+
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    service = _JudgeService(env, plugin, limits, token, say, JSONResponse)
 
     async def http_error(request: Request, exc: Exception) -> Any:
         assert isinstance(exc, HTTPException)
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-
-    async def crash(request: Request, exc: Exception) -> Any:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        say(f"serve-judge: {message}")
-        return error(500, message, transient=True)
+        return service.error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     app = Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/judge", judge, methods=["POST"]),
+            Route("/health", service.health, methods=["GET"]),
+            Route("/judge", service.judge, methods=["POST"]),
         ],
-        exception_handlers={HTTPException: http_error, Exception: crash},
+        exception_handlers={HTTPException: http_error, Exception: service.crash},
     )
-    app.state.pool = pool
+    app.state.pool = service.pool
     return app
 
 

@@ -193,8 +193,17 @@ class Trainer:
             best_mode,
             paired=config.best_rule == "paired",
         )
+        self.init_progress()
+        if judge is not None:
+            self.attach_judge(judge)
+        #: The judge's cost when the current epoch began (its metrics are the difference).
+        self.judge_mark: JudgeCost | None = None
+
+    def init_progress(self) -> None:
+        """The run's bookkeeping before its first step: rewards, generator, reference,
+        optimiser, stop and snapshot state (a resume restores them from its snapshot)."""
         self.rewards: dict[str, Decision] = {}
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self.start_logprobs: torch.Tensor | None = None
         #: The starting weights: ``best.safetensors`` when no epoch beats them on
         #: validation, and the source of ``start_logprobs`` for a run extended into a
@@ -216,15 +225,16 @@ class Trainer:
         self.pending_step_end: list[str] = []
         #: Whether OUTPUT_DIR holds a snapshot of this run (written, or resumed from).
         self.has_snapshot = False
-        if judge is not None:
-            # a stop signal ends a wait for the judge at once (not after its answer)
-            judge.stop_reason = lambda: self.stop_requested
-            # a spent --judge-max-calls stops the run like a signal: resumable
-            judge.stop_on_budget = True
-            # a long round's progress in a log file (a terminal gets a bar)
-            judge.log = lambda message: self.state.log(message)
-        #: The judge's cost when the current epoch began (its metrics are the difference).
-        self.judge_mark: JudgeCost | None = None
+
+    def attach_judge(self, judge: Judge) -> None:
+        """Tie the judge to this run: a stop signal ends a wait for its answer, a spent
+        call budget stops the run resumably, and a long round logs its progress."""
+        # a stop signal ends a wait for the judge at once (not after its answer)
+        judge.stop_reason = lambda: self.stop_requested
+        # a spent --judge-max-calls stops the run like a signal: resumable
+        judge.stop_on_budget = True
+        # a long round's progress in a log file (a terminal gets a bar)
+        judge.log = lambda message: self.state.log(message)
 
     # -- the whole job -----------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> TrainState:
@@ -241,28 +251,7 @@ class Trainer:
             self.resolve_rewards()
         self.plugins.call_all("on_train_start", state=state)
         if resume is None:
-            # the starting model's log-probs: docs/algorithm.md#reference-log-probs
-            if any(p.needs_reference for p in to_run):
-                self.start_logprobs = self.compute_logprobs(state.train)
-            self.start_weights = {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-            }
-            if len(state.val):
-                if state.judge is None:
-                    state.log(
-                        "validation ranks the logged candidates only (policy_*@1); give "
-                        "--judge NAME to judge the policy's own free selection"
-                    )
-                try:
-                    start = self.evaluator.validation(state.val)
-                except JudgeStopped as stop:
-                    raise LeverError(self.stopped_early(stop)) from None
-                state.start_metrics = start.metrics
-                self.keeper.consider_start(start.metrics, start.per_query)
-                state.log("start: " + format_metrics(state.start_metrics))
-                self.plugins.call_all(
-                    "on_start_validation", state=state, metrics=state.start_metrics
-                )
+            self.record_start(to_run)
         else:
             self.load_state_dict(resume)
             state.log(
@@ -274,29 +263,7 @@ class Trainer:
             if state.stop_request is not None:
                 break
             same_phase = resume is not None and phase.name == resume["phase"]
-            try:
-                try:
-                    self.run_phase(phase, resume if same_phase else None)
-                except (SystemExit, KeyboardInterrupt) as exc:
-                    if isinstance(exc, Interrupted):
-                        raise
-                    # a phase's code that exits (or fakes an interrupt) has failed
-                    raise PluginError(
-                        f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
-            except (PluginError, StoreError) as exc:
-                # A plugin, the judge or its store failed inside the phase: keep the last
-                # completed step (unless the failure came between a step's update and its
-                # bookkeeping, or before the epoch's data was made, or from the snapshot
-                # itself: then the newest snapshot on disk stays, and is the one to use).
-                self.keep_progress()
-                exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
-                raise
-            except JudgeStopped as stop:
-                self.keep_progress()
-                if not self.has_snapshot:
-                    raise LeverError(self.stopped_early(stop)) from None
-                raise StopRequested(stop.reason, state) from None
+            self.run_phase_keeping_progress(phase, resume if same_phase else None)
         if state.stop_request is not None:
             who = state.stop_request.plugin or "a plugin"
             state.log(f"stopped early by {who}: {state.stop_request.reason}")
@@ -305,6 +272,59 @@ class Trainer:
         if verdict:
             state.log(verdict)
         return state
+
+    def record_start(self, to_run: Sequence[Phase]) -> None:
+        """A fresh run's starting point: the reference log-probs (when a phase needs
+        them), the starting weights and, with a validation set, the starting metrics."""
+        state = self.state
+        # the starting model's log-probs: docs/algorithm.md#reference-log-probs
+        if any(p.needs_reference for p in to_run):
+            self.start_logprobs = self.compute_logprobs(state.train)
+        self.start_weights = {
+            k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+        }
+        if not len(state.val):
+            return
+        if state.judge is None:
+            state.log(
+                "validation ranks the logged candidates only (policy_*@1); give "
+                "--judge NAME to judge the policy's own free selection"
+            )
+        try:
+            start = self.evaluator.validation(state.val)
+        except JudgeStopped as stop:
+            raise LeverError(self.stopped_early(stop)) from None
+        state.start_metrics = start.metrics
+        self.keeper.consider_start(start.metrics, start.per_query)
+        state.log("start: " + format_metrics(state.start_metrics))
+        self.plugins.call_all("on_start_validation", state=state, metrics=state.start_metrics)
+
+    def run_phase_keeping_progress(self, phase: Phase, resume: dict[str, Any] | None) -> None:
+        """Run one phase; when it fails or the judge stops it, keep the last completed
+        step's progress and re-raise in the form the caller reports."""
+        try:
+            try:
+                self.run_phase(phase, resume)
+            except (SystemExit, KeyboardInterrupt) as exc:
+                if isinstance(exc, Interrupted):
+                    raise
+                # a phase's code that exits (or fakes an interrupt) has failed
+                raise PluginError(
+                    f"phase {phase.name} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        except (PluginError, StoreError) as exc:
+            # A plugin, the judge or its store failed inside the phase: keep the last
+            # completed step (unless the failure came between a step's update and its
+            # bookkeeping, or before the epoch's data was made, or from the snapshot
+            # itself: then the newest snapshot on disk stays, and is the one to use).
+            self.keep_progress()
+            exc.snapshot = self.has_snapshot  # type: ignore[union-attr]
+            raise
+        except JudgeStopped as stop:
+            self.keep_progress()
+            if not self.has_snapshot:
+                raise LeverError(self.stopped_early(stop)) from None
+            raise StopRequested(stop.reason, self.state) from None
 
     @staticmethod
     def stopped_early(stop: JudgeStopped) -> str:
