@@ -130,11 +130,10 @@ class RemoteEnvironment(Environment):
             except Exception as exc:  # httpx.TransportError and its kin
                 cause = describe(exc, self.timeout)
                 continue
-            if is_transient(response):
-                cause = f"HTTP {response.status_code}: {error_text(response)}"
+            doc = answered(url, response)
+            if isinstance(doc, str):  # a transient failure: try again
+                cause = doc
                 continue
-            refuse(url, response)
-            doc = json_of(url, response)
             name, version = doc.get("name"), doc.get("version")
             if not isinstance(name, str) or not name or not isinstance(version, str):
                 raise PluginError(
@@ -243,11 +242,10 @@ class RemoteEnvironment(Environment):
             except Exception as exc:  # httpx.TransportError and its kin
                 cause = describe(exc, self.timeout)
                 continue
-            if is_transient(response):
-                cause = f"HTTP {response.status_code}: {error_text(response)}"
+            doc = answered(url, response)
+            if isinstance(doc, str):  # a transient failure: try again
+                cause = doc
                 continue
-            refuse(url, response)
-            doc = json_of(url, response)
             verdicts = doc.get("verdicts")
             if not isinstance(verdicts, list) or len(verdicts) != len(qids):
                 got = f"{len(verdicts)} verdicts" if isinstance(verdicts, list) else "no verdicts"
@@ -319,6 +317,15 @@ def refuse(url: str, response: Any) -> None:
         )
     if code >= 400:
         raise LeverError(f"judge server {url}: HTTP {code}: {error_text(response)}")
+
+
+def answered(url: str, response: Any) -> dict[str, Any] | str:
+    """The JSON object of a usable answer, or the cause of a transient failure (worth
+    asking again); LeverError/PluginError when the server refused or answered nonsense."""
+    if is_transient(response):
+        return f"HTTP {response.status_code}: {error_text(response)}"
+    refuse(url, response)
+    return json_of(url, response)
 
 
 def json_of(url: str, response: Any) -> dict[str, Any]:
