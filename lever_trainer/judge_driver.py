@@ -176,6 +176,20 @@ class _Batch:
     attempts: int = 0
     ready_at: float = 0.0
 
+    @staticmethod
+    def split(
+        query_ids: Sequence[int], sequences: Sequence[Sequence[int]], size: int
+    ) -> list[_Batch]:
+        """The pairs in batches of ``size`` (the last one shorter), in order."""
+        return [
+            _Batch(
+                i,
+                [int(q) for q in query_ids[s : s + size]],
+                [list(x) for x in sequences[s : s + size]],
+            )
+            for i, s in enumerate(range(0, len(sequences), size))
+        ]
+
 
 @dataclass
 class _Flight:
@@ -263,14 +277,7 @@ class JudgeDriver:
         if n == 0:
             return
         size = self.batch_size(n)
-        todo = [
-            _Batch(
-                i,
-                [int(q) for q in query_ids[s : s + size]],
-                [list(x) for x in sequences[s : s + size]],
-            )
-            for i, s in enumerate(range(0, n, size))
-        ]
+        todo = _Batch.split(query_ids, sequences, size)
         total_batches = len(todo)
         results: queue.Queue[tuple[int, int, bool, Any]] = queue.Queue()
         flights: dict[int, _Flight] = {}
