@@ -10,8 +10,8 @@ shape (circle, square, triangle) in one colour (red, green, blue, yellow), on ei
 noisy, low-contrast shapes), with one question of three types -- its colour, its shape,
 or how many shapes there are -- and ten human answers, as VQAv2 has: mostly the true
 answer, sometimes in another spelling that the VQA normalisation maps to it ("Red",
-"two", "a circle"), and some wrong ones (more of them for murky pictures, as people
-disagree more about poor pictures).
+"two", "a circle"), and a few non-answers ("not sure", "too dark"; more of them for
+murky pictures, as people disagree more about poor pictures).
 
 Written into OUT:
 
@@ -73,6 +73,9 @@ VARIANTS = {
     "3": ("three", "3."),
 }
 VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS}
+#: what people answer who cannot make the picture out. Never a value of any question
+#: type, so an answer copied from another item's question never scores by matching one.
+NON_ANSWERS = ("not sure", "unclear", "too dark", "cannot tell", "nothing")
 
 
 @dataclass(frozen=True)
@@ -161,12 +164,11 @@ def draw(item: Item, rng: random.Random) -> list[list[tuple[int, int, int]]]:
     return pixels
 
 
-def make_answers(truth: str, qtype: str, clear: bool, rng: random.Random) -> tuple[str, ...]:
-    """Ten human answers: the true one (now and then in another spelling) and a few wrong
-    ones -- 0 or 1 for a clear picture, 2 or 3 for a murky one."""
+def make_answers(truth: str, clear: bool, rng: random.Random) -> tuple[str, ...]:
+    """Ten human answers: the true one (now and then in another spelling) and a few
+    non-answers -- 0 or 1 for a clear picture, 2 or 3 for a murky one."""
     wrong = rng.randint(0, 1) if clear else rng.randint(2, 3)
-    others = [v for v in VALUES[qtype] if v != truth]
-    answers = [rng.choice(others) for _ in range(wrong)]
+    answers = [rng.choice(NON_ANSWERS) for _ in range(wrong)]
     for _ in range(10 - wrong):
         answers.append(rng.choice(VARIANTS[truth]) if rng.random() < 0.2 else truth)
     rng.shuffle(answers)
@@ -196,7 +198,7 @@ def make_items(seed: int, demos: int, train: int, test: int, murky: float) -> li
                     background=background,
                     question_type=qtype,
                     question=rng.choice(QUESTIONS[qtype]),
-                    answers=make_answers(truth, qtype, background == "clear", rng),
+                    answers=make_answers(truth, background == "clear", rng),
                 )
             )
     return items
