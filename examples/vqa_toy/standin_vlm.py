@@ -280,6 +280,13 @@ class StandinServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests = 0
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that gave up (timed out, cancelled its requests) closes its side
+        # while an answer is on its way: routine for a server, not worth a traceback
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         """The base URL clients use (``http://127.0.0.1:PORT/v1``)."""
@@ -415,11 +422,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except ConnectionError:  # the client is gone: nobody to answer
+            self.close_connection = True
+            return
         if self.command == "POST" and self.path.rstrip("/") == "/v1/chat/completions":
             with self.server.lock:
                 self.server.settings.counts[status] += 1
@@ -439,6 +450,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        if len(raw) < length:  # the client left half way through its request
+            self.close_connection = True
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._send(404, _error(f"no route {self.path}", "NotFoundError", 404))
             return
