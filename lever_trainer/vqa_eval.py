@@ -34,8 +34,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 #: Characters the punctuation step deletes or turns into a space.
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<")
-PUNCTUATION += ("@", "`", ",", "?", "!")
+PUNCTUATION: tuple[str, ...] = tuple(';/[]"{}()=+\\_-><@`,?!')
 #: Number words and the digits they become.
 NUMBER_WORDS = {
     word: str(i)
