@@ -314,3 +314,20 @@ def test_concurrent_requests_of_one_call(fake: FakeVLM, task) -> None:
     assert len(got) == 8 and len(fake.requests) == 8
     assert time.monotonic() - started < 0.5 * 8 / 2
     assert all(math.isfinite(v["vqa_acc_score"]) for v in got)
+
+
+def test_served_by_serve_judge_and_judged_remotely(fake: FakeVLM, task) -> None:
+    """serve-judge hosting openai-vlm: the answer and the unavailable field cross HTTP,
+    and the remote environment takes the served optional fields."""
+    pytest.importorskip("uvicorn")
+    from test_serve import remote, serving
+
+    fake.mode = "nologprobs"
+    env = configured(fake, task)
+    with serving(env) as url:
+        client = remote(url)
+        assert client.name == "openai-vlm" and client.version == env.version
+        assert client.optional_fields == ("vqa_gt_prob",)
+        (v,) = judge_of(client).verdicts([0], [[1, 2]])
+    assert v["vqa_pred_answer"] == "Red" and v["vqa_gt_prob"] is None
+    assert v["vqa_acc_score"] == pytest.approx(0.9)
