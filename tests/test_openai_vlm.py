@@ -185,3 +185,13 @@ def test_check_url() -> None:
 
 def test_default_template_constant() -> None:
     assert Template().canonical() == json.dumps(DEFAULT_TEMPLATE, sort_keys=True)
+
+
+def test_without_httpx_one_line_says_what_to_install(monkeypatch, tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "httpx", None)  # import httpx now fails
+    with pytest.raises(
+        LeverError, match=r"--judge openai-vlm needs httpx: pip install 'lever-trainer\[vlm\]'"
+    ):
+        OpenAIVLMEnvironment().configure({"vlm_url": "http://h/v1"})

@@ -331,3 +331,90 @@ def test_served_by_serve_judge_and_judged_remotely(fake: FakeVLM, task) -> None:
         (v,) = judge_of(client).verdicts([0], [[1, 2]])
     assert v["vqa_pred_answer"] == "Red" and v["vqa_gt_prob"] is None
     assert v["vqa_acc_score"] == pytest.approx(0.9)
+
+
+def test_a_training_run_judged_by_the_vlm_never_writes_the_key(
+    fake: FakeVLM, tmp_path, monkeypatch, cli
+) -> None:
+    """train with --judge openai-vlm: validation judges the greedy selections over HTTP;
+    the run folder, its logs and the store hold the answers but never the key."""
+    secret = "sk-train-41d0e2"
+    monkeypatch.setenv("LEVER_VLM_API_KEY", secret)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for gid in range(12):
+        (tmp_path / f"img/{gid}.png").write_bytes(b"png %d" % gid)
+        answers = ["red"] * 10 if gid % 2 else ["blue"] * 10
+        lines.append(
+            json.dumps(
+                {"id": gid, "image": f"img/{gid}.png", "question": f"q{gid}?", "answers": answers}
+            )
+        )
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    save_file({"emb": torch.randn(12, 8)}, str(tmp_path / "emb.safetensors"))
+    pool = list(range(6, 12))
+    data = {
+        str(q): {
+            "candidate_pool_ids": pool,
+            "pointer_candidates": [
+                {
+                    "pointer": [0, 1],
+                    "pointer_global": [6, 7],
+                    "vqa_correct": q % 2,
+                    "vqa_acc_score": float(q % 2),
+                },
+                {
+                    "pointer": [1, 0],
+                    "pointer_global": [7, 6],
+                    "vqa_correct": 1 - q % 2,
+                    "vqa_acc_score": float(1 - q % 2),
+                },
+            ],
+        }
+        for q in range(6)
+    }
+    (tmp_path / "rl.json").write_text(json.dumps(data))
+    run = tmp_path / "run"
+    result = cli(
+        "train", "--beam-data", tmp_path / "rl.json", "--img-emb", tmp_path / "emb.safetensors",
+        "--output-dir", run, "--store", tmp_path / "store.sqlite", "--rce-epochs", "1",
+        "--grpo-epochs", "0", "--val-ratio", "0.5", "--hidden-dim", "16",
+        "--judge", "openai-vlm", "--vlm-url", fake.url, "--vlm-model", "tiny-vlm",
+        "--vlm-manifest", tmp_path / "items.jsonl",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert fake.requests, "validation asked the VLM nothing"
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["plugin_options"]["openai-vlm"]["vlm_model"] == "tiny-vlm"
+    with sqlite3.connect(tmp_path / "store.sqlite") as db:
+        answers = [a for (a,) in db.execute("SELECT answer FROM verdicts")]
+    assert answers and set(answers) <= {"red", "blue"}
+    for path in [*run.rglob("*"), tmp_path / "store.sqlite"]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.output
+
+
+def test_bad_settings_are_one_line(fake: FakeVLM, task, tmp_path, cli) -> None:
+    from conftest import assert_user_error
+
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps({"0": [1, 2, 3]}))
+    base = ["evaluate", "--queries", queries, "--img-emb", task["emb"], "--judge", "openai-vlm"]
+    base += ["--no-store", "--baselines", "cosine", "--shots", "2"]
+    full = ["--vlm-url", fake.url, "--vlm-model", "m", "--vlm-manifest", task["manifest"]]
+    assert_user_error(cli(*base, *full[2:]), "--vlm-url")
+    assert_user_error(cli(*base, *full[:2], *full[4:]), "--vlm-model")
+    assert_user_error(cli(*base, *full[:4]), "--vlm-manifest")
+    assert_user_error(cli(*base, *full[2:], "--vlm-url", "ftp://x"), "--vlm-url", "not an http")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"id": 0, "image": "https://e/0.png", "question": "q", "answers": []}\n{"id": 0\n'
+    )
+    assert_user_error(cli(*base, *full[:4], "--vlm-manifest", bad), f"{bad}:2")
+    # a query the manifest lacks: one line naming the item, the query and the sequence
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"id": 0, "image": "https://e/0.png", "question": "q", "answers": ["a"]}\n')
+    assert_user_error(cli(*base, *full[:4], "--vlm-manifest", small), "has no item", "query 0")
+    assert fake.requests == []
