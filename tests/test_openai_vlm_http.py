@@ -418,3 +418,15 @@ def test_bad_settings_are_one_line(fake: FakeVLM, task, tmp_path, cli) -> None:
     small.write_text('{"id": 0, "image": "https://e/0.png", "question": "q", "answers": ["a"]}\n')
     assert_user_error(cli(*base, *full[:4], "--vlm-manifest", small), "has no item", "query 0")
     assert fake.requests == []
+
+
+def test_a_query_without_answers_is_one_line(fake: FakeVLM, task, tmp_path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        '{"id": 0, "image": "https://e/0.png", "question": "q", "answers": []}\n'
+        '{"id": 1, "image": "https://e/1.png", "question": "r", "answers": ["a"]}\n'
+    )
+    env = configured(fake, task, vlm_manifest=str(manifest), img_emb=None)
+    with pytest.raises(LeverError, match=r"m\.jsonl:1: query 0 has no human answers"):
+        judge_of(env).verdicts([0], [[1, 1]])
+    assert fake.requests == []

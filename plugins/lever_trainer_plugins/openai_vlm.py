@@ -427,6 +427,11 @@ class OpenAIVLMEnvironment(Environment):
     def request(self, query: int, seq: Sequence[int]) -> dict[str, Any]:
         """The body of the chat completion request for one pair."""
         q = self.item(query, "query", query, seq)
+        if not q.answers:
+            raise LeverError(
+                f"--vlm-manifest: {self.manifest_path}:{q.line}: query {query} has no human "
+                "answers, so no answer to it can be scored"
+            )
         demos = [self.item(g, "demonstration", query, seq) for g in seq]
         body: dict[str, Any] = {
             "model": self.model,
