@@ -95,6 +95,8 @@ DEFAULT_TEMPLATE: dict[str, str] = {
 IMAGE_CACHE = 512
 #: Characters of a server's message shown in an error line.
 MESSAGE_CHARS = 200
+#: Rows of an embedding table hashed at once (``version``).
+HASH_ROWS = 65536
 #: How the answer text is read from a completion (part of ``version``).
 ANSWER_RULE = "first-line-v1"
 
@@ -389,7 +391,8 @@ class OpenAIVLMEnvironment(Environment):
         for table in (self.query_emb, self.cand_emb):
             if table is not None:
                 h.update(str(tuple(table.shape)).encode())
-                h.update(table.numpy().tobytes())
+                for start in range(0, int(table.shape[0]), HASH_ROWS):  # no copy of it all
+                    h.update(table[start : start + HASH_ROWS].contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ one request
@@ -477,6 +480,10 @@ class OpenAIVLMEnvironment(Environment):
         except httpx.TransportError as exc:
             raise TransientJudgeError(
                 f"{where}: cannot reach {self.url} ({type(exc).__name__}: {short(exc)})"
+            ) from None
+        except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded
+            raise PermanentJudgeError(
+                f"{where}: {self.url}: {type(exc).__name__}: {short(exc)}"
             ) from None
         code = int(response.status_code)
         if code in (408, 429) or code >= 500:
