@@ -80,6 +80,10 @@ class Environment:
     #: such a field stops the run at the first verdict that lacks it. Any other missing
     #: field is a plugin error.
     optional_fields: tuple[str, ...] = ()
+    #: Of those, the fields it will give in no verdict of this run (set by ``configure``:
+    #: a setting that turns one off): a reward mode that reads one is refused before the
+    #: first call, not at the first verdict.
+    unavailable_fields: tuple[str, ...] = ()
     #: Sequences per call the environment prefers (``--judge-batch-size`` overrides it);
     #: None: a whole round in one call, right for a judge that runs in-process.
     batch_size: int | None = None
@@ -471,6 +475,10 @@ def check_verdict(
 class UnavailableFieldError(LeverError):
     """A reward mode read a verdict field the environment could not give."""
 
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
 
 class _ReadChecked(Mapping[str, Any]):
     """A verdict as a reward mode reads it: reading an unavailable field (None) is a
@@ -485,7 +493,8 @@ class _ReadChecked(Mapping[str, Any]):
             raise UnavailableFieldError(
                 f"--reward-mode needs {name}, which environment {self.env} could not give "
                 f"(query {self.query}, sequence [{self.sequence}]): choose a reward mode "
-                f"that does not read {name}"
+                f"that does not read {name}",
+                name,
             )
         return value
 
@@ -589,6 +598,7 @@ class Judge:
         self.log: Callable[[str], None] | None = None
         self.calls: Counter[int] = Counter()
         self._memory: dict[tuple[int, str], Verdict] = {}
+        self._refuse_unavailable_reads()
         if store is not None and warn is not None:
             versions = store.versions(self.name)
             others = {v: n for v, n in versions.items() if v != self.version}
@@ -598,6 +608,30 @@ class Judge:
                     f"warning: {store.path} holds verdicts of {self.name} version {shown}, "
                     f"not of this run's version {self.version}: none of them is reused"
                 )
+
+    def _refuse_unavailable_reads(self) -> None:
+        """Before any call: a reward mode that reads a field the environment gives in no
+        verdict of this run (``unavailable_fields``) is one line now, not after the first
+        batch. The reward is tried on a made-up verdict (every field 0, ``vqa_correct``
+        0 and 1) whose unavailable fields are None; other failures are left for the
+        real verdicts to show."""
+        never = set(getattr(self.env, "unavailable_fields", ()) or ()) & set(OPTIONAL_FIELDS)
+        if not never:
+            return
+        for correct in (0.0, 1.0):
+            probe: Verdict = {f: (None if f in never else 0.0) for f in VERDICT_FIELDS}
+            probe["vqa_correct"] = correct
+            try:
+                self.reward(_ReadChecked(probe, self.name, -1, ""))
+            except UnavailableFieldError as exc:
+                raise UnavailableFieldError(
+                    f"--reward-mode needs {exc.field}, which environment {self.name} gives "
+                    f"in no verdict with this run's settings: choose a reward mode that "
+                    f"does not read {exc.field}, or the settings that give it",
+                    exc.field,
+                ) from None
+            except Exception:
+                return
 
     @property
     def cost(self) -> JudgeCost:
@@ -637,7 +671,10 @@ class Judge:
     ) -> None:
         """Ask the driver for the ``missing`` pairs; store each batch as it returns."""
 
-        optional = tuple(getattr(self.env, "optional_fields", ()) or ())
+        optional = (
+            *(getattr(self.env, "optional_fields", ()) or ()),
+            *(getattr(self.env, "unavailable_fields", ()) or ()),
+        )
 
         def on_batch(qids: list[int], seqs: list[list[int]], answers: list[Any]) -> None:
             new = {

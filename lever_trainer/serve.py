@@ -173,7 +173,10 @@ class _JudgeService:
         self.json_response = json_response
         self.name, self.version = env.name, str(env.version)
         #: verdict fields the environment may leave unavailable (None)
-        self.optional_fields = tuple(getattr(env, "optional_fields", ()) or ())
+        self.optional_fields = (
+            *(getattr(env, "optional_fields", ()) or ()),
+            *(getattr(env, "unavailable_fields", ()) or ()),
+        )
         self.pool = ThreadPoolExecutor(
             max_workers=limits.threads, thread_name_prefix=f"judge {self.name}"
         )

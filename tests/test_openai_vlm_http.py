@@ -430,3 +430,21 @@ def test_a_query_without_answers_is_one_line(fake: FakeVLM, task, tmp_path) -> N
     with pytest.raises(LeverError, match=r"m\.jsonl:1: query 0 has no human answers"):
         judge_of(env).verdicts([0], [[1, 1]])
     assert fake.requests == []
+
+
+def test_a_reward_mode_needing_what_the_settings_turn_off_stops_at_start(
+    fake: FakeVLM, task, tmp_path, cli
+) -> None:
+    from conftest import assert_user_error
+
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps({"0": [1, 2, 3]}))
+    args = ["evaluate", "--queries", queries, "--img-emb", task["emb"], "--judge", "openai-vlm"]
+    args += ["--no-store", "--baselines", "cosine", "--shots", "2", "--vlm-url", fake.url]
+    args += ["--vlm-model", "m", "--vlm-manifest", task["manifest"]]
+    result = cli(*args, "--vlm-no-logprobs", "--reward-mode", "hard01_plus_gtprob")
+    assert_user_error(result, "--reward-mode needs vqa_gt_prob", "environment openai-vlm")
+    assert fake.requests == []
+    # with log-probabilities asked for, the same mode runs
+    fine = cli(*args, "--reward-mode", "hard01_plus_gtprob", "--output", tmp_path / "e.json")
+    assert fine.exit_code == 0, fine.output

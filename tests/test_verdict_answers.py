@@ -210,3 +210,21 @@ def test_export_writes_the_answer_and_null_for_unavailable(tmp_path: Path) -> No
     path.write_text(json.dumps(doc))
     table, _ = load_rl_data(path, DataOptions(), builtin_registry())
     assert table.pool_ids[0, :3].tolist() == [3, 4, 5]
+
+
+def test_a_field_given_in_no_verdict_refuses_its_reward_mode_before_any_call() -> None:
+    env = Answering(gt_prob=0.5)
+    env.unavailable_fields = ("vqa_gt_prob",)
+    with pytest.raises(UnavailableFieldError) as err:
+        Judge(env, "p", None, mode_reward("hard01_plus_gtprob"))
+    assert "needs vqa_gt_prob" in str(err.value) and "environment answering" in str(err.value)
+    assert env.asked == 0
+    # another unavailable field, another mode that reads it
+    with pytest.raises(UnavailableFieldError, match="needs vqa_rel_score"):
+        env.unavailable_fields = ("vqa_rel_score",)
+        Judge(env, "p", None, mode_reward("hard_plus_gtprob_plus_rel"))
+    # a mode that does not read it is fine, and the field may then be None
+    env.unavailable_fields = ("vqa_gt_prob",)
+    env.gt_prob = None
+    judge = Judge(env, "p", None, mode_reward("hard_plus_soft"))
+    assert judge.rewards([1], [[3, 4]]) == ([2.0], [1.0])

@@ -307,6 +307,7 @@ class OpenAIVLMEnvironment(Environment):
     name = NAME
     version = "0"
     optional_fields: tuple[str, ...] = ("vqa_gt_prob",)
+    unavailable_fields: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.url = ""
@@ -360,6 +361,7 @@ class OpenAIVLMEnvironment(Environment):
         self.leave_one_out = (options.get("vlm_accuracy") or "leave-one-out") == "leave-one-out"
         self._images.clear()
         emb_path = options.get("img_emb")
+        never: list[str] = [] if self.logprobs else ["vqa_gt_prob"]
         if emb_path:
             emb = load_embeddings(emb_path, options.get("cand_emb"), options.get("emb_key"))
             self.query_emb, self.cand_emb = emb.query, emb.cand
@@ -367,6 +369,8 @@ class OpenAIVLMEnvironment(Environment):
         else:
             self.query_emb = self.cand_emb = None
             self.optional_fields = ("vqa_gt_prob", "vqa_rel_score")
+            never.append("vqa_rel_score")
+        self.unavailable_fields = tuple(never)
         self.version = self.digest(manifest)
 
     def settings(self) -> dict[str, Any]:
