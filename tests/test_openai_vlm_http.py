@@ -333,13 +333,8 @@ def test_served_by_serve_judge_and_judged_remotely(fake: FakeVLM, task) -> None:
     assert v["vqa_acc_score"] == pytest.approx(0.9)
 
 
-def test_a_training_run_judged_by_the_vlm_never_writes_the_key(
-    fake: FakeVLM, tmp_path, monkeypatch, cli
-) -> None:
-    """train with --judge openai-vlm: validation judges the greedy selections over HTTP;
-    the run folder, its logs and the store hold the answers but never the key."""
-    secret = "sk-train-41d0e2"
-    monkeypatch.setenv("LEVER_VLM_API_KEY", secret)
+def training_task(tmp_path: Path) -> list[Any]:
+    """Twelve items, six queries of RL data over the pool 6..11: train's arguments."""
     (tmp_path / "img").mkdir()
     lines = []
     for gid in range(12):
@@ -375,14 +370,24 @@ def test_a_training_run_judged_by_the_vlm_never_writes_the_key(
         for q in range(6)
     }
     (tmp_path / "rl.json").write_text(json.dumps(data))
-    run = tmp_path / "run"
-    result = cli(
+    return [
         "train", "--beam-data", tmp_path / "rl.json", "--img-emb", tmp_path / "emb.safetensors",
-        "--output-dir", run, "--store", tmp_path / "store.sqlite", "--rce-epochs", "1",
-        "--grpo-epochs", "0", "--val-ratio", "0.5", "--hidden-dim", "16",
-        "--judge", "openai-vlm", "--vlm-url", fake.url, "--vlm-model", "tiny-vlm",
+        "--output-dir", tmp_path / "run", "--store", tmp_path / "store.sqlite",
+        "--rce-epochs", "1", "--grpo-epochs", "0", "--val-ratio", "0.5", "--hidden-dim", "16",
+        "--judge", "openai-vlm", "--vlm-model", "tiny-vlm",
         "--vlm-manifest", tmp_path / "items.jsonl",
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def test_a_training_run_judged_by_the_vlm_never_writes_the_key(
+    fake: FakeVLM, tmp_path, monkeypatch, cli
+) -> None:
+    """train with --judge openai-vlm: validation judges the greedy selections over HTTP;
+    the run folder, its logs and the store hold the answers but never the key."""
+    secret = "sk-train-41d0e2"
+    monkeypatch.setenv("LEVER_VLM_API_KEY", secret)
+    run = tmp_path / "run"
+    result = cli(*training_task(tmp_path), "--vlm-url", fake.url)
     assert result.exit_code == 0, result.output
     assert fake.requests, "validation asked the VLM nothing"
     config = json.loads((run / "run_config.json").read_text())
@@ -448,3 +453,21 @@ def test_a_reward_mode_needing_what_the_settings_turn_off_stops_at_start(
     # with log-probabilities asked for, the same mode runs
     fine = cli(*args, "--reward-mode", "hard01_plus_gtprob", "--output", tmp_path / "e.json")
     assert fine.exit_code == 0, fine.output
+
+
+def test_a_reward_mode_meeting_an_unavailable_field_mid_run_is_one_line(
+    fake: FakeVLM, tmp_path, cli
+) -> None:
+    from conftest import assert_user_error
+
+    fake.mode = "nologprobs"
+    args = [*training_task(tmp_path), "--vlm-url", fake.url]
+    assert_user_error(
+        cli(*args, "--reward-mode", "hard01_plus_gtprob"),
+        "--reward-mode needs vqa_gt_prob",
+        "environment openai-vlm",
+    )
+    # what the server answered before the stop is in the store
+    with sqlite3.connect(tmp_path / "store.sqlite") as db:
+        stored = db.execute("SELECT COUNT(*), COUNT(gt_prob) FROM verdicts").fetchone()
+    assert stored[0] == len(fake.requests) > 0 and stored[1] == 0
