@@ -471,3 +471,12 @@ def test_a_reward_mode_meeting_an_unavailable_field_mid_run_is_one_line(
     with sqlite3.connect(tmp_path / "store.sqlite") as db:
         stored = db.execute("SELECT COUNT(*), COUNT(gt_prob) FROM verdicts").fetchone()
     assert stored[0] == len(fake.requests) > 0 and stored[1] == 0
+
+
+def test_one_client_serves_the_calls_of_a_run(fake: FakeVLM, task) -> None:
+    env = configured(fake, task)
+    judge = judge_of(env)
+    judge.verdicts([0], [[1, 2]])
+    first = env._client
+    judge.verdicts([0], [[2, 1]])
+    assert first is not None and env._client is first and len(fake.requests) == 2

@@ -325,6 +325,8 @@ class OpenAIVLMEnvironment(Environment):
         self.query_emb: Any = None
         self.cand_emb: Any = None
         self._images: OrderedDict[int, str] = OrderedDict()
+        self._client: Any = None
+        self._client_loop: Any = None
 
     # ------------------------------------------------------------------ set-up
     def configure(self, options: Mapping[str, Any]) -> None:
@@ -360,6 +362,7 @@ class OpenAIVLMEnvironment(Environment):
         self.logprobs = not options.get("vlm_no_logprobs")
         self.leave_one_out = (options.get("vlm_accuracy") or "leave-one-out") == "leave-one-out"
         self._images.clear()
+        self._client = self._client_loop = None  # new settings (timeout): a new client
         emb_path = options.get("img_emb")
         never: list[str] = [] if self.logprobs else ["vqa_gt_prob"]
         if emb_path:
@@ -550,32 +553,40 @@ class OpenAIVLMEnvironment(Environment):
         """The verdicts of every pair: one request each, up to ``--vlm-concurrency`` at
         once; the first failure cancels the rest and is raised (the driver retries a
         transient one)."""
-        import httpx
-
         if not self.url:
             raise LeverError(f"--judge {NAME}: the environment was not configured")
-        key = api_key()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = self.client()
         gate = asyncio.Semaphore(max(1, self.concurrency))
-        limits = httpx.Limits(max_connections=max(1, self.concurrency))
 
-        async with httpx.AsyncClient(
-            timeout=self.timeout, headers=headers, limits=limits
-        ) as client:
+        async def one(q: int, s: Sequence[int]) -> dict[str, Any]:
+            async with gate:
+                return await self.ask(client, int(q), [int(g) for g in s])
 
-            async def one(q: int, s: Sequence[int]) -> dict[str, Any]:
-                async with gate:
-                    return await self.ask(client, int(q), [int(g) for g in s])
+        pairs = zip(query_ids, sequences, strict=True)
+        tasks = [asyncio.ensure_future(one(q, s)) for q, s in pairs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-            tasks = [
-                asyncio.ensure_future(one(q, s)) for q, s in zip(query_ids, sequences, strict=True)
-            ]
-            try:
-                return list(await asyncio.gather(*tasks))
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+    def client(self) -> Any:
+        """The HTTP client of the running event loop, made once per loop: the judge
+        driver keeps one loop for the whole run, so connections (and TLS sessions) are
+        kept alive from one call to the next."""
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            key = api_key()
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            # no connection limit of its own: each call bounds its requests
+            # (--vlm-concurrency) and the driver bounds the calls (--judge-concurrency)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            self._client = httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits)
+            self._client_loop = loop
+        return self._client
 
 
 _ENV = OpenAIVLMEnvironment()
