@@ -228,3 +228,18 @@ def test_a_field_given_in_no_verdict_refuses_its_reward_mode_before_any_call() -
     env.gt_prob = None
     judge = Judge(env, "p", None, mode_reward("hard_plus_soft"))
     assert judge.rewards([1], [[3, 4]]) == ([2.0], [1.0])
+
+
+def test_export_verdicts_command_writes_the_answers(tmp_path: Path, cli) -> None:
+    store = VerdictStore(tmp_path / "v.sqlite")
+    Judge(Answering(), "p", store, mode_reward("hard_plus_soft")).verdicts(
+        [5], [[3, 4]], {5: [3, 4]}
+    )
+    store.close()
+    out = tmp_path / "rl.json"
+    result = cli(
+        "export-verdicts", "--store", tmp_path / "v.sqlite", "--judge", "answering", "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    (cand,) = json.loads(out.read_text())["5"]["pointer_candidates"]
+    assert cand[ANSWER_FIELD] == "two" and cand["vqa_gt_prob"] is None and cand["vqa_correct"] == 1
