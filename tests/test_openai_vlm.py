@@ -137,6 +137,10 @@ def test_answer_text_is_the_first_line() -> None:
     assert answer_text("  red\nQuestion: what? Short answer: blue") == "red"
     assert answer_text("\n\n Two dogs \n") == "Two dogs"
     assert answer_text("") == "" and answer_text("\n \n") == ""
+    # a repeated prompt label is not part of the answer
+    assert answer_text("Short answer: two dogs\nQuestion:") == "two dogs"
+    assert answer_text("ANSWER:yes") == "yes"
+    assert answer_text("Answers: many") == "Answers: many"
 
 
 def test_answer_logprob_sums_the_answer_tokens() -> None:
@@ -152,6 +156,9 @@ def test_answer_logprob_sums_the_answer_tokens() -> None:
     assert answer_logprob([{"token": "red", "logprob": None}], "red") is None
     assert answer_logprob([{"token": "red", "logprob": float("nan")}], "red") is None
     assert answer_logprob([], "") == 0.0
+    # an echoed label's tokens come before the answer's end: counted
+    echo = [{"token": "Answer:", "logprob": -0.5}, {"token": " no", "logprob": -0.25}]
+    assert answer_logprob(echo, "Answer: no") == pytest.approx(-0.75)
 
 
 def test_score_of_a_completion() -> None:

@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -98,7 +99,9 @@ MESSAGE_CHARS = 200
 #: Rows of an embedding table hashed at once (``version``).
 HASH_ROWS = 65536
 #: How the answer text is read from a completion (part of ``version``).
-ANSWER_RULE = "first-line-v1"
+ANSWER_RULE = "first-line-v2"
+#: A label a chat model may repeat before its answer.
+_ECHOED_LABEL = re.compile(r"^(short\s+)?answer\s*:", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- template
@@ -198,10 +201,11 @@ def build_messages(
 # ----------------------------------------------------------------------------- scoring
 def answer_text(content: str) -> str:
     """The answer in a completion: its first non-empty line, stripped (a model that goes
-    on with another "Question:" line is cut there)."""
+    on with another "Question:" line is cut there), without a leading ``Answer:`` or
+    ``Short answer:`` that echoes the prompt."""
     for line in content.splitlines():
         if line.strip():
-            return line.strip()
+            return _ECHOED_LABEL.sub("", line.strip(), count=1).strip()
     return ""
 
 
