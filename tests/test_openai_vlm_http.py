@@ -480,3 +480,15 @@ def test_one_client_serves_the_calls_of_a_run(fake: FakeVLM, task) -> None:
     first = env._client
     judge.verdicts([0], [[2, 1]])
     assert first is not None and env._client is first and len(fake.requests) == 2
+
+
+def test_a_retry_asks_only_the_pairs_that_failed(fake: FakeVLM, task) -> None:
+    """Four pairs in one call, the second request answered 503: the other three finish,
+    and the retry sends one request, not four."""
+    fake.script = ["ok", "status:503"]
+    env = configured(fake, task, vlm_concurrency=4)
+    got = judge_of(env, retries=1).verdicts([0] * 4, [[1, 2], [2, 1], [3, 1], [1, 3]])
+    # item 3's answers "two", "2", "2" are one answer normalised, shown as first written
+    assert [v["vqa_pred_answer"] for v in got] == ["Red", "blue", "blue", "two"]
+    assert len(fake.requests) == 5
+    assert env._answered == {}  # nothing kept once the call returned

@@ -96,6 +96,8 @@ DEFAULT_TEMPLATE: dict[str, str] = {
 IMAGE_CACHE = 512
 #: Characters of a server's message shown in an error line.
 MESSAGE_CHARS = 200
+#: Verdicts kept for the retry of calls that failed transiently (then forgotten).
+ANSWERED_KEPT = 4096
 #: Rows of an embedding table hashed at once (``version``).
 HASH_ROWS = 65536
 #: How the answer text is read from a completion (part of ``version``).
@@ -331,6 +333,8 @@ class OpenAIVLMEnvironment(Environment):
         self._images: OrderedDict[int, str] = OrderedDict()
         self._client: Any = None
         self._client_loop: Any = None
+        #: verdicts of a call that failed transiently, for its retry
+        self._answered: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ set-up
     def configure(self, options: Mapping[str, Any]) -> None:
@@ -366,6 +370,7 @@ class OpenAIVLMEnvironment(Environment):
         self.logprobs = not options.get("vlm_no_logprobs")
         self.leave_one_out = (options.get("vlm_accuracy") or "leave-one-out") == "leave-one-out"
         self._images.clear()
+        self._answered.clear()
         self._client = self._client_loop = None  # new settings (timeout): a new client
         emb_path = options.get("img_emb")
         never: list[str] = [] if self.logprobs else ["vqa_gt_prob"]
@@ -555,21 +560,47 @@ class OpenAIVLMEnvironment(Environment):
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
     ) -> list[dict[str, Any]]:
         """The verdicts of every pair: one request each, up to ``--vlm-concurrency`` at
-        once; the first failure cancels the rest and is raised (the driver retries a
-        transient one)."""
+        once. A transient failure lets the other requests finish and keeps their
+        verdicts for the retry of the call (only the failed pairs are asked again), then
+        is raised for the judge driver to retry; any other failure cancels the rest and
+        is raised at once."""
         if not self.url:
             raise LeverError(f"--judge {NAME}: the environment was not configured")
         client = self.client()
         gate = asyncio.Semaphore(max(1, self.concurrency))
+        keys = [
+            (int(q), tuple(int(g) for g in s)) for q, s in zip(query_ids, sequences, strict=True)
+        ]
 
-        async def one(q: int, s: Sequence[int]) -> dict[str, Any]:
+        async def one(key: tuple[int, tuple[int, ...]]) -> dict[str, Any]:
+            kept = self._answered.get(key)
+            if kept is not None:
+                return kept
             async with gate:
-                return await self.ask(client, int(q), [int(g) for g in s])
+                verdict = await self.ask(client, key[0], list(key[1]))
+            if len(self._answered) >= ANSWERED_KEPT:
+                self._answered.clear()
+            self._answered[key] = verdict
+            return verdict
 
-        pairs = zip(query_ids, sequences, strict=True)
-        tasks = [asyncio.ensure_future(one(q, s)) for q, s in pairs]
+        tasks = [asyncio.ensure_future(one(key)) for key in keys]
         try:
-            return list(await asyncio.gather(*tasks))
+            transient: BaseException | None = None
+            pending: set[asyncio.Future[dict[str, Any]]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        continue
+                    if not isinstance(error, TransientJudgeError):
+                        raise error
+                    transient = transient or error
+            if transient is not None:
+                raise transient
+            for key in keys:
+                self._answered.pop(key, None)
+            return [task.result() for task in tasks]
         finally:
             for task in tasks:
                 task.cancel()
