@@ -32,7 +32,8 @@ option, so it never reaches ``run_config.json``, a checkpoint, a log or the stor
 
 Failures: no connection, a timeout (``--vlm-timeout``), HTTP 408, 429 or 5xx are
 :class:`TransientJudgeError` (the judge driver asks again, ``--judge-retries``, with
-backoff); a refusal (another 4xx: context too long, image too large) and an answer that
+backoff; the other requests of the call finish first and only the failed pairs are sent
+again); a refusal (another 4xx: context too long, image too large) and an answer that
 is not the expected JSON are :class:`PermanentJudgeError`, one line naming the query, the
 sequence and the server's message. httpx comes with the ``vlm`` extra.
 """
