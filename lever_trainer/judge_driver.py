@@ -176,6 +176,20 @@ class _Batch:
     attempts: int = 0
     ready_at: float = 0.0
 
+    @staticmethod
+    def split(
+        query_ids: Sequence[int], sequences: Sequence[Sequence[int]], size: int
+    ) -> list[_Batch]:
+        """The pairs in batches of ``size`` (the last one shorter), in order."""
+        return [
+            _Batch(
+                i,
+                [int(q) for q in query_ids[s : s + size]],
+                [list(x) for x in sequences[s : s + size]],
+            )
+            for i, s in enumerate(range(0, len(sequences), size))
+        ]
+
 
 @dataclass
 class _Flight:
@@ -195,6 +209,21 @@ class RoundProgress:
     calls_per_second: float
     cache_hits: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Tally:
+    """One round's count of verdicts returned, for the progress report."""
+
+    total: int
+    started: float
+    calls_at_start: int
+    cache_hits: int
+    done: int = 0
+
+    def progress(self, now: float, calls: int) -> RoundProgress:
+        rate = (calls - self.calls_at_start) / max(now - self.started, 1e-9)
+        return RoundProgress(self.done, self.total, rate, self.cache_hits)
 
 
 class JudgeDriver:
@@ -248,21 +277,11 @@ class JudgeDriver:
         if n == 0:
             return
         size = self.batch_size(n)
-        todo = [
-            _Batch(
-                i,
-                [int(q) for q in query_ids[s : s + size]],
-                [list(x) for x in sequences[s : s + size]],
-            )
-            for i, s in enumerate(range(0, n, size))
-        ]
+        todo = _Batch.split(query_ids, sequences, size)
         total_batches = len(todo)
         results: queue.Queue[tuple[int, int, bool, Any]] = queue.Queue()
         flights: dict[int, _Flight] = {}
-        done = 0
-        started = self.clock()
-        calls_at_start = self.cost.calls
-        budget = self.settings.max_calls
+        tally = _Tally(n, self.clock(), self.cost.calls, cache_hits)
         try:
             while todo or flights:
                 reason = stop_reason() if stop_reason is not None else None
@@ -270,20 +289,7 @@ class JudgeDriver:
                     raise JudgeStopped(reason)
                 now = self.clock()
                 self._expire(flights, todo, now, total_batches)
-                # start what the concurrency, the rate limit, the backoff and the budget allow
-                wait_for = 0.05
-                while todo and len(flights) < self.settings.concurrency:
-                    batch = min(todo, key=lambda b: (b.ready_at, b.index))
-                    at = max(batch.ready_at, self._rate_ready())
-                    if at > now:
-                        wait_for = min(wait_for, at - now)
-                        break
-                    if budget and self.cost.calls + len(batch.sequences) > budget:
-                        if not flights:
-                            raise JudgeBudgetSpent(self._budget_line(todo))
-                        break
-                    todo.remove(batch)
-                    self._launch(batch, results, flights, now)
+                wait_for = self._start_ready(todo, flights, results, now)
                 if not flights:
                     if todo:
                         self.sleep(max(wait_for, 0.0))
@@ -296,28 +302,59 @@ class JudgeDriver:
                 if flight is None or flight.attempt != attempt:
                     continue  # the late answer of a call given up for its timeout
                 del flights[index]
-                batch = flight.batch
                 if ok:
-                    answers = list(value)
-                    if len(answers) != len(batch.sequences):
-                        raise PluginError(
-                            f"plugin {self.plugin}: environment {self.name} returned "
-                            f"{len(answers)} verdicts for {len(batch.sequences)} sequences "
-                            f"({self._where(batch, total_batches)})"
-                        )
-                    on_batch(batch.query_ids, batch.sequences, answers)
-                    done += len(batch.sequences)
+                    self._returned(flight.batch, value, total_batches, on_batch)
+                    tally.done += len(flight.batch.sequences)
                     if progress is not None:
-                        elapsed = max(self.clock() - started, 1e-9)
-                        rate = (self.cost.calls - calls_at_start) / elapsed
-                        progress(RoundProgress(done, n, rate, cache_hits))
+                        progress(tally.progress(self.clock(), self.cost.calls))
                     continue
-                self._failed(batch, value, todo, total_batches, self.clock())
+                self._failed(flight.batch, value, todo, total_batches, self.clock())
         finally:
-            self.cost.seconds += max(self.clock() - started, 0.0)
+            self.cost.seconds += max(self.clock() - tally.started, 0.0)
             for flight in flights.values():  # a stop or a failure: the rest is given up
                 if flight.future is not None:
                     flight.future.cancel()
+
+    def _start_ready(
+        self,
+        todo: list[_Batch],
+        flights: dict[int, _Flight],
+        results: queue.Queue[tuple[int, int, bool, Any]],
+        now: float,
+    ) -> float:
+        """Start what the concurrency, the rate limit, the backoff and the budget allow;
+        the seconds until something else could start (at most 0.05)."""
+        wait_for = 0.05
+        budget = self.settings.max_calls
+        while todo and len(flights) < self.settings.concurrency:
+            batch = min(todo, key=lambda b: (b.ready_at, b.index))
+            at = max(batch.ready_at, self._rate_ready())
+            if at > now:
+                return min(wait_for, at - now)
+            if budget and self.cost.calls + len(batch.sequences) > budget:
+                if not flights:
+                    raise JudgeBudgetSpent(self._budget_line(todo))
+                break
+            todo.remove(batch)
+            self._launch(batch, results, flights, now)
+        return wait_for
+
+    def _returned(
+        self,
+        batch: _Batch,
+        value: Any,
+        total_batches: int,
+        on_batch: Callable[[list[int], list[list[int]], list[Any]], None],
+    ) -> None:
+        """A batch's answers: one per sequence, handed to ``on_batch``."""
+        answers = list(value)
+        if len(answers) != len(batch.sequences):
+            raise PluginError(
+                f"plugin {self.plugin}: environment {self.name} returned "
+                f"{len(answers)} verdicts for {len(batch.sequences)} sequences "
+                f"({self._where(batch, total_batches)})"
+            )
+        on_batch(batch.query_ids, batch.sequences, answers)
 
     def _where(self, batch: _Batch, total: int) -> str:
         return f"batch {batch.index + 1} of {total}, first query {batch.query_ids[0]}"
