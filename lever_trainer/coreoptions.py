@@ -921,6 +921,16 @@ _SMALL: tuple[Option, ...] = (
         commands=(EXPORT,),
     ),
     Option(
+        ("--shots",),
+        "int",
+        None,
+        "Export only the sequences of this many demonstrations (needed when the store "
+        "holds several lengths, as after lever-train collect).",
+        dest="export_shots",
+        min=1,
+        commands=(EXPORT,),
+    ),
+    Option(
         ("--input-dim",),
         "int",
         None,

@@ -16,7 +16,17 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "manifest", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
+    {
+        "fileio",
+        "jsonstream",
+        "manifest",
+        "losses",
+        "metrics",
+        "options",
+        "rundir",
+        "config",
+        "entrypoints",
+    },
     {"coreoptions"},
     {"stats", "judge_driver"},
     {"rewards", "policy", "phase", "state"},

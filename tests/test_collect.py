@@ -439,3 +439,77 @@ def test_an_unusable_score_field_names_the_flag() -> None:
     for value in (None, math.nan, "0.5"):
         with pytest.raises(LeverError, match=r"--beam-score vqa_gt_prob.*query 4"):
             _score({"vqa_gt_prob": value}, "vqa_gt_prob", judge, 4, [1, 2])
+
+
+def test_a_collect_stopped_by_its_budget_asks_only_the_rest_when_run_again(cli, tmp_path) -> None:
+    """--judge-max-calls 60 with batches of 10: the first run stores 60 verdicts and stops
+    with one line; the same command without the budget asks the environment only for the
+    planned sequences it lacks. 5 queries, pool 6, S 2, B 3, no extras: 6 + 3 * 5 = 21
+    per query, 105 in all (no sequence repeats within a query)."""
+    pools = _queries(tmp_path, n=5, pool=6)
+    out = tmp_path / "rl.json"
+    args = ["collect", pools, "--judge", "digits", "--beam-size", "3", "--store",
+            tmp_path / "v.sqlite", "--judge-batch-size", "10", "--output", out]  # fmt: skip
+    stopped = cli(*args, "--judge-max-calls", "60")
+    assert_user_error(stopped, "--judge-max-calls 60", "run again")
+    assert not out.exists()
+    stored = VerdictStore(tmp_path / "v.sqlite").versions("digits")
+    assert stored == {"1": 60}
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert "105 verdicts for 5 queries (planned 105" in again.output
+    assert "45 asked of the environment in 5 calls" in again.output
+    assert "60 already known" in again.output
+    whole = tmp_path / "whole.json"
+    fresh = cli(*args[:-4], "--no-store", "--output", whole)
+    assert fresh.exit_code == 0, fresh.output
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_collect_to_standard_output_and_the_progress_lines(cli, tmp_path, capsys) -> None:
+    pools = _queries(tmp_path, n=2, pool=4)
+    result = cli("collect", pools, "--judge", "digits", "--no-store", "--output", "-")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["_meta"]["queries"] == 2 and len(doc) == 3
+    assert "wrote 2 queries" in result.stderr and "wrote" not in result.stdout
+
+    from lever_trainer.cli.collect import CollectProgress
+
+    class Round:
+        done, cache_hits = 3, 2
+
+    progress = CollectProgress(20, "digits", every=0.0)
+    progress.within_round(Round())
+    progress.round_done(10)
+    progress.round_done(10)  # all done: no line
+    progress.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "collect (digits): 5/20 verdicts",
+        "collect (digits): 10/20 verdicts",
+    ]
+
+
+def test_export_verdicts_after_collect_names_the_length(cli, tmp_path) -> None:
+    """collect stores its partial (one-item) sequences too: export-verdicts asks which
+    length to write, and --shots 2 gives RL data that loads."""
+    pools = _queries(tmp_path, n=3, pool=4)
+    store = tmp_path / "v.sqlite"
+    assert (
+        cli(
+            "collect", pools, "--judge", "digits", "--store", store, "-o", tmp_path / "c.json"
+        ).exit_code
+        == 0
+    )
+    base = ["export-verdicts", "--store", store, "--judge", "digits", "--output"]
+    assert_user_error(cli(*base, tmp_path / "e.json"), "--shots", "1 and 2 demonstrations")
+    assert not (tmp_path / "e.json").exists()
+    done = cli(*base, tmp_path / "e.json", "--shots", "2")
+    assert done.exit_code == 0, done.output
+    # per query: 4 + 4 * 3 judged (B 5 > 4 keeps every prefix), 12 of them pairs
+    assert "wrote 36 verdicts of 3 queries" in done.output
+    table_, report = load_rl_data(tmp_path / "e.json", DataOptions(), builtin_registry())
+    assert report.candidates_total == 36 and table_.seq_len == 2
+    assert_user_error(
+        cli(*base, tmp_path / "e3.json", "--shots", "3"), "--shots", "no sequence of 3"
+    )

@@ -58,6 +58,14 @@ class CollectProgress:
             self.bar.close()
 
 
+def _json_bytes(doc: Any) -> bytes:
+    """The document as strict JSON: a verdict field that is not a finite number (one an
+    environment could not give) is written as null."""
+    from ..fileio import json_safe
+
+    return (json.dumps(json_safe(doc), allow_nan=False) + "\n").encode()
+
+
 def _merge(inputs: tuple[str, ...], output: str) -> None:
     from ..collect import merge_parts
     from ..fileio import STDOUT, output_kind, write_output
@@ -76,7 +84,7 @@ def _merge(inputs: tuple[str, ...], output: str) -> None:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise LeverError(f"{name}: not valid JSON ({exc})") from None
     doc = merge_parts(parts)
-    write_output(output, (json.dumps(doc) + "\n").encode(), "--output")
+    write_output(output, _json_bytes(doc), "--output")
     n = doc["_meta"]["queries"]
     where = "standard output" if to_stdout else output
     click.echo(f"merged {len(parts)} parts: {n} queries written to {where}", err=to_stdout)
@@ -197,7 +205,7 @@ def collect_cmd(ctx: click.Context, inputs: tuple[str, ...], **opts: Any) -> Non
     }
     if shard is not None:
         meta["shard"] = f"{shard[0]}/{shard[1]}"
-    write_output(output, (json.dumps({"_meta": meta, **doc}) + "\n").encode(), "--output")
+    write_output(output, _json_bytes({"_meta": meta, **doc}), "--output")
     say(_summary(judge, len(doc), planned, started))
     candidates = sum(len(v["pointer_candidates"]) for v in doc.values())
     say(
