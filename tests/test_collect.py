@@ -513,3 +513,45 @@ def test_export_verdicts_after_collect_names_the_length(cli, tmp_path) -> None:
     assert_user_error(
         cli(*base, tmp_path / "e3.json", "--shots", "3"), "--shots", "no sequence of 3"
     )
+
+
+def test_a_signal_stops_collect_with_one_line_and_keeps_what_returned(tmp_path) -> None:
+    """The judge hangs at the 25th verdict (batches of 8: 3 batches, 24 verdicts, came
+    back); SIGTERM ends the wait: exit 3, one line saying how to continue, and the run
+    again asks the judge only for the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fault = Path(__file__).parent / "fault_judge"
+    pools = _queries(tmp_path, n=4, pool=6)  # 6 + 3 * 5 = 21 per query, 84 in all
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(fault), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "FAULT_JUDGE": "hang:24",
+        "FAULT_JUDGE_HUNG": str(tmp_path / "hung"),
+    }
+    store = tmp_path / "v.sqlite"
+    args = [sys.executable, "-m", "lever_trainer", "collect", str(pools), "--judge", "faulty",
+            "--beam-size", "3", "--judge-batch-size", "8", "--store", str(store),
+            "--output", str(tmp_path / "rl.json")]  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "hung").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    assert "stopped by SIGTERM; the verdicts that returned are stored in" in out
+    assert "run the same command again" in out and "Traceback" not in out
+    assert VerdictStore(store).versions("faulty") == {"1": 24}
+    del env["FAULT_JUDGE"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "60 asked of the environment" in done.stdout and "24 already known" in done.stdout

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import LeverError
+from ..errors import Interrupted, JudgeStopped, LeverError
 from ..plan import Settings
 from .params import given_options, table_command, user_errors, warn
 
@@ -54,8 +57,36 @@ class CollectProgress:
             click.echo(f"collect ({self.name}): {done}/{self.total} verdicts", err=True)
 
     def close(self) -> None:
+        """End the bar (if any); a second call does nothing."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+#: Exit status of a collect stopped by a signal (as a stopped training run's).
+EXIT_STOPPED = 3
+#: Exit status of a collect interrupted at once (a second Ctrl-C).
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def _stop_on_signal(judge: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM: the wait for the judge ends (the batches that returned are
+    stored); a second SIGINT interrupts at once."""
+    requested: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested and signum == signal.SIGINT:
+            raise Interrupted
+        requested.append(signal.Signals(signum).name)
+
+    judge.stop_reason = lambda: requested[0] if requested else None
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def _json_bytes(doc: Any) -> bytes:
@@ -190,8 +221,23 @@ def collect_cmd(ctx: click.Context, inputs: tuple[str, ...], **opts: Any) -> Non
     )
     progress = CollectProgress(planned, judge.name, PROGRESS_LOG_SECONDS)
     judge.progress = progress.within_round
+    kept = (
+        f"the verdicts that returned are stored in {judge.store.path}: run the same command "
+        "again to continue"
+        if judge.store is not None
+        else "the verdicts were kept in memory only (--no-store) and are lost"
+    )
     try:
-        doc = collect(judge, pools, emb, spec, progress.round_done)
+        with _stop_on_signal(judge):
+            doc = collect(judge, pools, emb, spec, progress.round_done)
+    except JudgeStopped as stop:
+        progress.close()  # before the line, so that the bar does not overwrite it
+        click.echo(f"stopped by {stop.reason}; {kept}", err=True)
+        sys.exit(EXIT_STOPPED)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(f"interrupted; {kept}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         progress.close()
         close_judge(judge)
