@@ -217,7 +217,8 @@ def collect_cmd(ctx: click.Context, inputs: tuple[str, ...], **opts: Any) -> Non
     where = judge.store.path if judge.store is not None else "memory only (--no-store)"
     say(
         f"collect: {len(pools)} queries{part}, {spec.beam_size} beams of {spec.shots}, "
-        f"{planned} sequences to judge with {judge.name} {judge.version}; verdicts: {where}"
+        f"{planned} sequences to judge ({planned / max(len(pools), 1):.1f} per query) with "
+        f"{judge.name} {judge.version}; verdicts: {where}"
     )
     progress = CollectProgress(planned, judge.name, PROGRESS_LOG_SECONDS)
     judge.progress = progress.within_round
