@@ -352,6 +352,7 @@ def collect(
         rows = torch.arange(start, min(start + chunk, len(pools)))
         for result in collect_chunk(judge, pools.select(rows), emb, spec, on_round):
             out[str(result.query)] = result.entry()
+        judge.forget()  # memory stays flat in the number of queries
     return out
 
 

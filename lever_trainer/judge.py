@@ -553,6 +553,12 @@ class Judge:
         qs = list(queries)
         return sum(self.calls[q] for q in qs) / max(len(qs), 1)
 
+    def forget(self) -> None:
+        """Drop the verdicts kept in memory (the store keeps them): a long job that never
+        asks for a past query again (``lever-train collect``, chunk by chunk) holds
+        only its current chunk's."""
+        self._memory.clear()
+
 
 def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]]:
     """``{name: (plugin, environment)}`` from the active plugins' ``environments`` answers."""

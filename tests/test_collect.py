@@ -555,3 +555,15 @@ def test_a_signal_stops_collect_with_one_line_and_keeps_what_returned(tmp_path) 
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "60 asked of the environment" in done.stdout and "24 already known" in done.stdout
+
+
+def test_memory_holds_one_chunk_at_a_time() -> None:
+    """After each chunk the judge forgets its verdicts (the store keeps them): without a
+    store, asking again for a sequence of an earlier chunk reaches the environment."""
+    env = Weighted()
+    judge = make_judge(env)
+    pools = table({1: [10, 11, 12], 2: [12, 13, 14]})
+    collect(judge, pools, None, CollectSpec(shots=2, beam_size=2), chunk=1)
+    assert len(env.asked) == 2 * (3 + 2 * 2)
+    judge.verdicts([1], [[10, 11]])
+    assert env.asked[-1] == (1, (10, 11)) and len(env.asked) == 15
