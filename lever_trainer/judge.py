@@ -738,6 +738,12 @@ class Judge:
         qs = list(queries)
         return sum(self.calls[q] for q in qs) / max(len(qs), 1)
 
+    def forget(self) -> None:
+        """Drop the verdicts kept in memory (the store keeps them): a long job that never
+        asks for a past query again (``lever-train collect``, chunk by chunk) holds
+        only its current chunk's."""
+        self._memory.clear()
+
 
 def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]]:
     """``{name: (plugin, environment)}`` from the active plugins' ``environments`` answers."""
@@ -761,14 +767,21 @@ def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]
     return found
 
 
-def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any]:
+def export_rl_data(
+    store: VerdictStore, env: str, version: str, shots: int | None = None
+) -> dict[str, Any]:
     """The stored verdicts of one environment version as RL data (docs/algorithm.md#rl-data):
     one query per judged query, one logged candidate per judged sequence.
 
     A query judged with one pool gets that pool as ``candidate_pool_ids``; one judged with
     several (runs with different pools sharing the store) gets their union, in the order
     first seen, so that every sequence indexes it (``_meta.queries_with_several_pools``
-    counts them). A query whose verdicts carry no pool lists global ids only."""
+    counts them). A query whose verdicts carry no pool lists global ids only.
+
+    ``shots``: only the sequences of that many demonstrations (a store that ``lever-train
+    collect`` filled also holds the shorter sequences of its beam search). Without it,
+    sequences of several lengths are a :class:`LeverError` naming ``--shots``: RL data
+    holds one length."""
     out: dict[str, Any] = {
         "_meta": {"source": "lever-train export-verdicts", "env": env, "env_version": version}
     }
@@ -805,7 +818,17 @@ def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any
             entry = {"candidate_pool_ids": list(union), **entry}
         out[str(query)] = entry
 
+    lengths: set[int] = set()
     for q, seq, verdict, pool in store.iter_verdicts(env, version):
+        if shots is not None and len(seq) != shots:
+            continue
+        lengths.add(len(seq))
+        if shots is None and len(lengths) > 1:
+            raise LeverError(
+                f"--shots: the store holds sequences of {' and '.join(map(str, sorted(lengths)))} "
+                f"demonstrations for {env} {version} (collect also judges shorter ones); "
+                "name the length to export"
+            )
         if q != query:
             flush()
             query, group = q, []

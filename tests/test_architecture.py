@@ -24,6 +24,7 @@ LAYERS = [
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
     {"policies", "select", "selectors", "serve", "ray_judge"},
+    {"collect"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
     {"resuming"},

@@ -367,7 +367,7 @@ def environments() -> Mapping[str, Environment]:
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--judge-url`` and how the servers are asked."""
-    commands = ("train", "evaluate")
+    commands = ("train", "evaluate", "collect")
     return [
         Option(
             ("--judge-url",),
