@@ -13,6 +13,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,14 @@ def test_the_same_inputs_give_the_same_bytes(cli, tmp_path, manifest, model) -> 
     assert embed(cli, shuffled, model, third, "--modality", "both").exit_code == 0
     assert torch.equal(read_table(third)[0], read_table(first)[0])
     assert read_table(third)[1]["manifest_sha256"] != read_table(first)[1]["manifest_sha256"]
+    # another process (the safetensors library writes its header keys in an order that
+    # changes between processes; the table's writer sorts them), writing to a pipe
+    command = [sys.executable, "-m", "lever_trainer", "embed", str(manifest), "--model"]
+    command += [str(model), "--output", "-", "--modality", "both", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == first.read_bytes()
+    assert b"wrote standard output: 5 items" in done.stderr
 
 
 def test_the_table_trains_and_selects(cli, tmp_path, manifest, model) -> None:
