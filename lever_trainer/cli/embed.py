@@ -72,9 +72,11 @@ def embed_cmd(
     device: str,
     replace: bool,
 ) -> None:
-    """Embed the items of MANIFEST (JSON Lines: id, image, question, answers) with a
-    CLIP model into the embedding table that train, select and evaluate read
-    (--img-emb): row i is the item with id i.
+    """Embed a manifest's items with CLIP: the table --img-emb reads.
+
+    MANIFEST is JSON Lines (id, image, question, answers); the table written to
+    --output is what train, select and evaluate read with --img-emb: row i is the item
+    with id i, each row of unit length.
 
     The whole manifest is checked (every line, every local image) before the model
     loads; URL images are fetched as they are embedded. Nothing is written unless every
