@@ -15,6 +15,7 @@ only when an embedding is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -22,7 +23,7 @@ import math
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _quiet(logging: Any) -> Iterator[None]:
+    """transformers' warnings and progress bars off while a model loads (embed shows its
+    own progress and summary), as they were afterwards."""
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_clip(name: str, device: str) -> ClipEncoder:
     """Load the CLIP model ``name`` (a hub name, found in the local cache or downloaded as
     transformers does, or a local folder) and its processor onto ``device``; anything
@@ -149,27 +165,26 @@ def load_clip(name: str, device: str) -> ClipEncoder:
     transformers: Any = importlib.import_module("transformers")
     AutoConfig, AutoProcessor = transformers.AutoConfig, transformers.AutoProcessor
     CLIPModel = transformers.CLIPModel
-    # our own progress bar and summary; the library's bars and advice would bury them
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as exc:
-        raise LeverError(
-            f"--model: cannot load {name!r}: it is neither a folder holding a model nor a "
-            f"model found on the Hugging Face hub or in its local cache ({_first_line(exc)})"
-        ) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type != "clip":
-        raise LeverError(
-            f"--model: {name} is a {model_type!r} model; embed needs a CLIP model "
-            "(model_type 'clip', such as openai/clip-vit-base-patch32)"
-        )
-    try:
-        model = CLIPModel.from_pretrained(name, config=config)
-        processor = AutoProcessor.from_pretrained(name)
-    except Exception as exc:
-        raise LeverError(f"--model: cannot load {name!r} ({_first_line(exc)})") from None
+    with _quiet(transformers.utils.logging):
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception as exc:
+            raise LeverError(
+                f"--model: cannot load {name!r}: it is neither a folder holding a model nor "
+                "a model found on the Hugging Face hub or in its local cache "
+                f"({_first_line(exc)})"
+            ) from None
+        model_type = getattr(config, "model_type", None)
+        if model_type != "clip":
+            raise LeverError(
+                f"--model: {name} is a {model_type!r} model; embed needs a CLIP model "
+                "(model_type 'clip', such as openai/clip-vit-base-patch32)"
+            )
+        try:
+            model = CLIPModel.from_pretrained(name, config=config)
+            processor = AutoProcessor.from_pretrained(name)
+        except Exception as exc:
+            raise LeverError(f"--model: cannot load {name!r} ({_first_line(exc)})") from None
     for part in ("tokenizer", "image_processor"):
         if getattr(processor, part, None) is None:
             raise LeverError(f"--model: {name} has no {part.replace('_', ' ')}")

@@ -260,6 +260,12 @@ def test_model_errors_are_one_line(cli, tmp_path, manifest, model) -> None:
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert_user_error(embed(cli, manifest, other, out), "--model:", "'bert' model", "CLIP")
+    # a CLIP model without its processor files (tokenizer, image processor)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model / name).read_bytes())
+    assert_user_error(embed(cli, manifest, bare, out), "--model: cannot load", "bare")
     assert not out.exists()
     if not torch.cuda.is_available():
         result = embed(cli, manifest, model, out, "--device", "cuda")
