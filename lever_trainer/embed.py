@@ -251,12 +251,14 @@ def read_image(item: ManifestItem, manifest: str) -> Any:
 
 @dataclass
 class EmbedResult:
-    """What :func:`embed_items` computed: ``table`` ``[rows, d]`` (row = id) and the
-    number of questions cut to the text tower's length."""
+    """What :func:`embed_items` computed: ``table`` ``[rows, d]`` (row = id), the ids it
+    holds, the number of questions cut to the text tower's length and of distinct
+    pictures embedded."""
 
     table: torch.Tensor
     ids: list[int]
     cut_texts: int
+    images: int = 0
 
 
 def embed_items(
@@ -272,20 +274,36 @@ def embed_items(
     rows (rows of absent ids stay zero). ``both`` is the unit image embedding and the unit
     text embedding side by side, scaled by 1/sqrt(2) so the row has unit length and the
     cosine of two rows is the mean of their image and text cosines. ``progress(n)`` is
-    told after each batch how many items are done."""
+    told after each batch how many items are done.
+
+    A picture shared by several items (VQA datasets ask several questions about one
+    image) is read and embedded once, when the first of them comes, and kept until the
+    last of them is done."""
     if modality not in MODALITIES:
         raise LeverError(f"--modality: {modality!r} is not one of {', '.join(MODALITIES)}")
     ordered = sorted(items, key=lambda item: item.id)
+    last_use = {item.image: i for i, item in enumerate(ordered)}
     width = encoder.dim * (2 if modality == "both" else 1)
     table = torch.zeros(rows, width, dtype=torch.float32)
-    cut = done = 0
+    pictures: dict[str, torch.Tensor] = {}  # embeddings of pictures still to be used
+    cut = done = images = 0
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
             parts = []
             if modality in ("image", "both"):
-                pictures = list(pool.map(lambda item: read_image(item, manifest), batch))
-                parts.append(encoder.images(pictures))
+                first: dict[str, ManifestItem] = {}  # a new picture -> its first item
+                for item in batch:
+                    if item.image not in pictures:
+                        first.setdefault(item.image, item)
+                if first:
+                    read = list(pool.map(lambda it: read_image(it, manifest), first.values()))
+                    pictures.update(zip(first, encoder.images(read), strict=True))
+                    images += len(first)
+                parts.append(torch.stack([pictures[item.image] for item in batch]))
+                for key in {item.image for item in batch}:
+                    if last_use[key] < start + len(batch):
+                        del pictures[key]
             if modality in ("text", "both"):
                 texts, n_cut = encoder.texts([item.question for item in batch])
                 parts.append(texts)
@@ -296,7 +314,7 @@ def embed_items(
             done += len(batch)
             if progress is not None:
                 progress(done)
-    return EmbedResult(table, [item.id for item in ordered], cut)
+    return EmbedResult(table, [item.id for item in ordered], cut, images)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

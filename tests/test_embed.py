@@ -186,6 +186,41 @@ def test_the_table_trains_and_selects(cli, tmp_path, manifest, model) -> None:
     assert_user_error(result, "candidate id 3", "not an item of this table")
 
 
+def test_a_picture_shared_by_several_items_is_embedded_once(cli, tmp_path, model) -> None:
+    # six questions about three pictures, in batches of 2 that cut across them: items
+    # 0, 1, 2 show picture a; 3 shows b; 4 and 5 show c
+    folder = tmp_path / "data"
+    shown = {0: "a", 1: "a", 2: "a", 3: "b", 4: "c", 5: "c"}
+    for index, name in enumerate("abc"):
+        make_picture(folder / f"{name}.png", index + 1)
+    manifest = folder / "m.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": i, "image": f"{p}.png", "question": f"q{i}?", "answers": []}) + "\n"
+            for i, p in shown.items()
+        )
+    )
+    out = tmp_path / "t.safetensors"
+    result = embed(cli, manifest, model, out, "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "6 items, [6, 8] (image," in result.output and "3 distinct images" in result.output
+    table = read_table(out)[0]
+    assert torch.equal(table[0], table[1]) and torch.equal(table[0], table[2])
+    assert torch.equal(table[4], table[5]) and not torch.allclose(table[0], table[3])
+    # the same rows as a manifest of one item per picture (pictures a, b, c as items 0-2)
+    single = folder / "single.jsonl"
+    single.write_text(
+        "".join(
+            json.dumps({"id": i, "image": f"{p}.png", "question": "q?", "answers": []}) + "\n"
+            for i, p in enumerate("abc")
+        )
+    )
+    alone = tmp_path / "alone.safetensors"
+    assert embed(cli, single, model, alone, "--batch-size", "2").exit_code == 0
+    by_picture = read_table(alone)[0]
+    assert torch.allclose(table[[0, 3, 4]], by_picture, atol=1e-5)
+
+
 def test_a_long_question_is_cut_with_a_warning(cli, tmp_path, model) -> None:
     long = "why " * 10  # 40 characters, each a token with this vocabulary: over MAX_TOKENS
     assert len(long.replace(" ", "")) + 2 > MAX_TOKENS

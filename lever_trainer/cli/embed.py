@@ -103,16 +103,15 @@ def embed_cmd(
         close()
     write_output(table_output, embedding_file(result, encoder, modality, digest), "--output")
     seconds = time.monotonic() - started
+    notes = [modality, model, where, f"{seconds:.1f} s"]
+    if 0 < result.images < len(items):
+        notes.append(f"{result.images} distinct images")
     padding = rows - len(items)
+    if padding:
+        notes.append(f"{padding} row{'s' if padding > 1 else ''} of padding for absent ids")
     say(
         f"wrote {'standard output' if to_stdout else table_output}: {len(items)} items, "
-        f"[{rows}, {result.table.shape[1]}] ({modality}, {model}, {where}, {seconds:.1f} s"
-        + (
-            f", {padding} row{'s' if padding > 1 else ''} of padding for absent ids"
-            if padding
-            else ""
-        )
-        + ")"
+        f"[{rows}, {result.table.shape[1]}] ({', '.join(notes)})"
     )
     if result.cut_texts:
         warn(
