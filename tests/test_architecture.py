@@ -16,18 +16,8 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {
-        "fileio",
-        "jsonstream",
-        "manifest",
-        "losses",
-        "metrics",
-        "options",
-        "rundir",
-        "config",
-        "entrypoints",
-    },
-    {"coreoptions"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
+    {"coreoptions", "manifest"},
     {"stats", "judge_driver"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs", "plan"},
