@@ -108,7 +108,8 @@ class ClipEncoder:
         """``[len(texts), dim]`` float32 text embeddings, each of unit length, and how many
         texts were longer than the text tower takes (cut to :attr:`max_text_tokens`)."""
         tokenizer = self.processor.tokenizer
-        lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+        # verbose=False: the library would warn of each long text; the summary counts them
+        lengths = [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
         cut = sum(1 for n in lengths if n > self.max_text_tokens)
         inputs = tokenizer(
             list(texts),
