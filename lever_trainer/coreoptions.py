@@ -30,11 +30,12 @@ TRAIN, PREPARE, SELECT, EVALUATE = "train", "prepare", "select", "evaluate"
 DEMO, PLOT, EXPORT, CONVERT = "demo-data", "plot", "export-verdicts", "convert-checkpoint"
 SERVE = "serve-judge"
 COLLECT = "collect"
+EMBED = "embed"
 #: The commands that read RL data, run policies or judge; :class:`~lever_trainer.plan.Settings`
 #: holds their options.
 RUN_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE, COLLECT)
 #: Every command with options, each generated from this table.
-TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT, SERVE)
+TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT, SERVE, EMBED)
 _DATA = (TRAIN, PREPARE)
 _EMB = (TRAIN, SELECT, EVALUATE)
 _REWARDS = (TRAIN, PREPARE, EVALUATE)
@@ -477,7 +478,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         ("--device",),
         default="auto",
         group="Run",
-        commands=(TRAIN, SELECT, EVALUATE),
+        commands=(TRAIN, SELECT, EVALUATE, EMBED),
         resume="apply",
         resume_reason="runs on the new device",
         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; asking for CUDA "
@@ -956,7 +957,57 @@ _SMALL: tuple[Option, ...] = (
         commands=(CONVERT,),
     ),
 )
-CORE_OPTIONS = CORE_OPTIONS + _SMALL
+
+# ------------------------------------------------------------ embed
+_EMBED_OPTIONS: tuple[Option, ...] = (
+    Option(
+        ("--model",),
+        "str",
+        None,
+        "CLIP model: a Hugging Face hub name (read from the local cache, else downloaded) "
+        "or a folder holding one (save_pretrained).",
+        metavar="NAME_OR_PATH",
+        required=True,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--output",),
+        "path",
+        None,
+        "The embedding table to write (*.safetensors; --img-emb of train, select, evaluate).",
+        dest="table_output",
+        path_kind="file",
+        required=True,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--modality",),
+        "choice",
+        "image",
+        "What each row embeds: the image, the question (text), or both side by side "
+        "(twice the width; the cosine of two rows is the mean of their image and text "
+        "cosines).",
+        choices=("image", "text", "both"),
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--batch-size",),
+        "int",
+        32,
+        "Items per forward pass of the model.",
+        min=1,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--overwrite",),
+        "bool",
+        False,
+        "Replace --output if it exists.",
+        dest="replace",
+        commands=(EMBED,),
+    ),
+)
+CORE_OPTIONS = CORE_OPTIONS + _SMALL + _EMBED_OPTIONS
 
 
 def options_of(command: str, table: Iterable[Option] = CORE_OPTIONS) -> list[Option]:

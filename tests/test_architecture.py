@@ -23,7 +23,7 @@ LAYERS = [
     {"hookspecs", "plan"},
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
-    {"policies", "select", "selectors", "serve", "ray_judge"},
+    {"policies", "select", "selectors", "serve", "ray_judge", "embed"},
     {"collect"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},

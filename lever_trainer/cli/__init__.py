@@ -12,6 +12,7 @@ records, which are shown in ``--help`` under the plugin's name.
 from __future__ import annotations
 
 from .collect import collect_cmd
+from .embed import embed_cmd
 from .group import installed_plugins, main
 from .params import Number, click_option, user_errors, warn
 from .tools import (
@@ -38,6 +39,7 @@ for _command in (
     convert_checkpoint_cmd,
     serve_judge_cmd,
     collect_cmd,
+    embed_cmd,
 ):
     main.add_command(_command)
 
