@@ -19,6 +19,7 @@ from .data import (
     QueryTable,
     gather_groups,
     iter_batches,
+    load_embeddings,
     make_batch,
     pool_batches,
 )
@@ -49,6 +50,7 @@ from .losses import (
     top_k_mask,
     weighted_sequence_loss,
 )
+from .manifest import ManifestError, ManifestItem, image_data, iter_manifest, read_manifest
 from .options import DATA_COMMANDS, Option
 from .phase import EpochData, Phase
 from .policy import (
@@ -63,6 +65,7 @@ from .policy import (
 )
 from .rewards import NormalizeFn, RawRewardFn, RewardParams
 from .state import About, PolicyObjective, RewardChoice, StopRequest, TrainConfig, TrainState
+from .vqa_eval import most_common_answer, normalize_answer, vqa_accuracy
 
 
 def expect_tensor(
@@ -101,6 +104,8 @@ __all__ = [
     "Environment",
     "EpochData",
     "LeverError",
+    "ManifestError",
+    "ManifestItem",
     "NormalizeFn",
     "Option",
     "PermanentJudgeError",
@@ -134,25 +139,32 @@ __all__ = [
     "grpo_loss",
     "grpo_terms",
     "hookimpl",
+    "image_data",
     "iter_batches",
+    "iter_manifest",
     "iter_object_members",
     "json_line",
     "json_safe",
+    "load_embeddings",
     "losses",
     "make_batch",
     "masked_mean",
     "masked_std",
     "metrics",
+    "most_common_answer",
+    "normalize_answer",
     "one_token_attention",
     "policy_logprobs",
     "pool_batches",
     "rce_loss",
     "rce_temperature",
+    "read_manifest",
     "sample_sequences",
     "sequence_logprobs",
     "softmax_weights",
     "step_entropy",
     "top_k_mask",
     "truncate_file",
+    "vqa_accuracy",
     "weighted_sequence_loss",
 ]

@@ -29,15 +29,19 @@ DEFAULT_POLICY = "cosine-bilinear"
 TRAIN, PREPARE, SELECT, EVALUATE = "train", "prepare", "select", "evaluate"
 DEMO, PLOT, EXPORT, CONVERT = "demo-data", "plot", "export-verdicts", "convert-checkpoint"
 SERVE = "serve-judge"
-#: The commands that read RL data and run policies; :class:`~lever_trainer.plan.Settings`
+COLLECT = "collect"
+EMBED = "embed"
+#: The commands that read RL data, run policies or judge; :class:`~lever_trainer.plan.Settings`
 #: holds their options.
-RUN_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE)
+RUN_COMMANDS = (TRAIN, PREPARE, SELECT, EVALUATE, COLLECT)
 #: Every command with options, each generated from this table.
-TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT, SERVE)
+TABLE_COMMANDS = (*RUN_COMMANDS, DEMO, PLOT, EXPORT, CONVERT, SERVE, EMBED)
 _DATA = (TRAIN, PREPARE)
 _EMB = (TRAIN, SELECT, EVALUATE)
 _REWARDS = (TRAIN, PREPARE, EVALUATE)
-_PLUGINS = (TRAIN, PREPARE, SELECT, EVALUATE)
+_PLUGINS = (TRAIN, PREPARE, SELECT, EVALUATE, COLLECT)
+#: The commands that judge through the run's judge (driver options, store).
+_JUDGING = (TRAIN, EVALUATE, COLLECT)
 _USE = (SELECT, EVALUATE)
 #: The help group of the options that steer how values are read.
 CONFIGURATION = "Configuration"
@@ -128,7 +132,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         min=1,
         metavar="N",
         group="Data",
-        commands=(TRAIN, PREPARE, SELECT, EVALUATE),
+        commands=(TRAIN, PREPARE, SELECT, EVALUATE, COLLECT),
         help="Cut each query's pool to its first N ids (default: keep every pool whole; "
         "refused, naming this flag, when padding to the largest pool would not fit in "
         "memory).",
@@ -265,13 +269,13 @@ CORE_OPTIONS: tuple[Option, ...] = (
         type="path",
         path_kind="file",
         group="Data",
-        commands=_EMB,
+        commands=(*_EMB, COLLECT),
         help="Separate candidate embedding table (default: --img-emb).",
     ),
     _data(
         "--emb-key",
         group="Data",
-        commands=_EMB,
+        commands=(*_EMB, COLLECT),
         help="Tensor name inside a multi-tensor embedding file.",
     ),
     # ------------------------------------------------------------ policy
@@ -474,7 +478,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         ("--device",),
         default="auto",
         group="Run",
-        commands=(TRAIN, SELECT, EVALUATE),
+        commands=(TRAIN, SELECT, EVALUATE, EMBED),
         resume="apply",
         resume_reason="runs on the new device",
         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; asking for CUDA "
@@ -570,7 +574,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         type="path",
         path_kind="file",
         group="Judge",
-        commands=(TRAIN, EVALUATE, EXPORT),
+        commands=(*_JUDGING, EXPORT),
         help="SQLite verdict store shared by runs (default: "
         "$XDG_CACHE_HOME/lever-train/verdicts.sqlite).",
     ),
@@ -578,7 +582,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         ("--no-store",),
         type="bool",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         help="Keep verdicts in memory only.",
     ),
     _core(
@@ -588,7 +592,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         default=0.0,
         metavar="SECONDS",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
         help="Give up a call to the judge that takes longer (asked again up to "
@@ -601,7 +605,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         default=None,
         min=1,
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
         help="Sequences per call to the judge (default: the environment's choice; "
@@ -613,7 +617,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         default=1,
         min=1,
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
         help="Calls to the judge in flight at once.",
@@ -624,7 +628,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         default=3,
         min=0,
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
         help="Times a call that failed for a transient reason (a timeout, a lost "
@@ -637,7 +641,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         min=0,
         metavar="CALLS",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="applies to the judge's calls from now on",
         help="At most this many calls (batches) to the judge started per second; 0: no limit.",
@@ -649,7 +653,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         min=0,
         metavar="VERDICTS",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason="a budget of the resumed process's own",
         help="Budget: verdicts this process may ask of the judge (retries count); a run "
@@ -661,7 +665,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         choices=("local", "ray"),
         default="local",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason=JUDGE_HOW,
         help="Where the judge runs: local (in this process) or ray (in --judge-workers "
@@ -675,7 +679,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         min=1,
         metavar="N",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason=JUDGE_HOW,
         help="With --judge-backend ray: Ray actors judging at once, each with its own "
@@ -688,7 +692,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         min=0,
         metavar="GPUS",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason=JUDGE_HOW,
         help="With --judge-backend ray: GPUs Ray reserves for each worker (a fraction "
@@ -698,11 +702,124 @@ CORE_OPTIONS: tuple[Option, ...] = (
         ("--ray-address",),
         metavar="ADDRESS",
         group="Judge",
-        commands=(TRAIN, EVALUATE),
+        commands=_JUDGING,
         resume="apply",
         resume_reason=JUDGE_HOW,
         help="With --judge-backend ray: join the Ray cluster at this address (e.g. auto, "
         "or ray://host:10001); default: start a local cluster for the run.",
+    ),
+    # ------------------------------------------------------------ collect
+    _core(
+        ("--judge",),
+        metavar="NAME",
+        group="Judge",
+        commands=(COLLECT,),
+        help="The environment (a plugin) that judges every sequence collected (required, "
+        "except with --merge).",
+    ),
+    _core(
+        ("--img-emb",),
+        type="path",
+        path_kind="file",
+        group="Data",
+        commands=(COLLECT,),
+        help="Embedding table [N, d] (.pt/.pth, .npy or .safetensors); needed by --cosine "
+        "and --beam-candidates, which rank pool items by cosine similarity to the query.",
+    ),
+    _core(
+        ("--shots",),
+        type="int",
+        min=1,
+        default=2,
+        group="Collect",
+        commands=(COLLECT,),
+        help="S: demonstrations in each collected sequence.",
+    ),
+    _core(
+        ("--beam-size",),
+        type="int",
+        min=1,
+        default=5,
+        metavar="B",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Sequences kept after each step of the beam search; the B final ones are "
+        "written (gen_method beam, beam_rank 0 = best).",
+    ),
+    _core(
+        ("--beam-score",),
+        type="choice",
+        choices=("vqa_gt_prob", "vqa_acc_score", "vqa_correct", "vqa_rel_score"),
+        default="vqa_gt_prob",
+        group="Collect",
+        commands=(COLLECT,),
+        help="The verdict field the beam search ranks by (higher is better; ties go to the "
+        "sequence whose pool positions come first).",
+    ),
+    _core(
+        ("--beam-candidates",),
+        type="int",
+        min=1,
+        metavar="K",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Extend the beams only with the K pool items most cosine-similar to the query "
+        "(needs --img-emb); default: every pool item. Bounds the judge calls per query.",
+    ),
+    _core(
+        ("--random",),
+        dest="random_sequences",
+        type="int",
+        min=0,
+        default=0,
+        metavar="N",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Also judge and write N ordered sequences of S distinct pool items drawn "
+        "uniformly (gen_method random; seeded by --seed and the query id).",
+    ),
+    _core(
+        ("--cosine",),
+        dest="cosine_sequences",
+        type="bool",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Also judge and write the S pool items most cosine-similar to the query, most "
+        "similar first (gen_method cosine) and last (cosine-reversed); needs --img-emb.",
+    ),
+    _core(
+        ("--seed",),
+        type="int",
+        min=0,
+        max=2**63 - 1,
+        default=0,
+        group="Collect",
+        commands=(COLLECT,),
+        help="Seed of the --random draws.",
+    ),
+    _core(
+        ("--shard",),
+        metavar="I/N",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Collect only part I of N (0 <= I < N): the queries at positions I, I+N, "
+        "I+2N, ... in query-id order; join the parts with --merge.",
+    ),
+    _core(
+        ("--merge",),
+        type="bool",
+        group="Collect",
+        commands=(COLLECT,),
+        help="Join the outputs of collect runs (the arguments, e.g. the parts of a "
+        "--shard run) into one RL data file; judges nothing.",
+    ),
+    _core(
+        ("--output", "-o"),
+        type="path",
+        path_kind="file",
+        group="Run",
+        commands=(COLLECT,),
+        help="RL data JSON to write (replaced atomically; - for standard output).  [required]",
     ),
     # ------------------------------------------------------------ plugins
     _core(
@@ -805,6 +922,16 @@ _SMALL: tuple[Option, ...] = (
         commands=(EXPORT,),
     ),
     Option(
+        ("--shots",),
+        "int",
+        None,
+        "Export only the sequences of this many demonstrations (needed when the store "
+        "holds several lengths, as after lever-train collect).",
+        dest="export_shots",
+        min=1,
+        commands=(EXPORT,),
+    ),
+    Option(
         ("--input-dim",),
         "int",
         None,
@@ -830,7 +957,57 @@ _SMALL: tuple[Option, ...] = (
         commands=(CONVERT,),
     ),
 )
-CORE_OPTIONS = CORE_OPTIONS + _SMALL
+
+# ------------------------------------------------------------ embed
+_EMBED_OPTIONS: tuple[Option, ...] = (
+    Option(
+        ("--model",),
+        "str",
+        None,
+        "CLIP model: a Hugging Face hub name (read from the local cache, else downloaded) "
+        "or a folder holding one (save_pretrained).",
+        metavar="NAME_OR_PATH",
+        required=True,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--output",),
+        "path",
+        None,
+        "The embedding table to write (*.safetensors; --img-emb of train, select, evaluate).",
+        dest="table_output",
+        path_kind="file",
+        required=True,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--modality",),
+        "choice",
+        "image",
+        "What each row embeds: the image, the question (text), or both side by side "
+        "(twice the width; the cosine of two rows is the mean of their image and text "
+        "cosines).",
+        choices=("image", "text", "both"),
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--batch-size",),
+        "int",
+        32,
+        "Items per forward pass of the model.",
+        min=1,
+        commands=(EMBED,),
+    ),
+    Option(
+        ("--overwrite",),
+        "bool",
+        False,
+        "Replace --output if it exists.",
+        dest="replace",
+        commands=(EMBED,),
+    ),
+)
+CORE_OPTIONS = CORE_OPTIONS + _SMALL + _EMBED_OPTIONS
 
 
 def options_of(command: str, table: Iterable[Option] = CORE_OPTIONS) -> list[Option]:

@@ -181,10 +181,12 @@ def environments() -> Mapping[str, Environment] | None:
     Return ``{name: environment}`` where each is a :class:`lever_trainer.api.Environment`:
     ``judge(query_ids, sequences)`` returns, for each (query, ordered sequence of global
     ids) pair, the verdict fields (``vqa_correct`` 0 or 1, ``vqa_acc_score``,
-    ``vqa_gt_prob``, ``vqa_rel_score`` in [0, 1]), in one batched call. Its ``version``
-    keys the verdict store. Called once per run when ``--judge`` is given (and by
-    ``evaluate`` and ``export-verdicts``). Broadcast; the answers are merged, and two
-    plugins providing the same name is an error naming both.
+    ``vqa_gt_prob``, ``vqa_rel_score`` in [0, 1]), in one batched call; a verdict may add
+    the judged model's answer text (``vqa_pred_answer``) and leave out (or set to None)
+    a field its ``optional_fields`` lists. Its ``version`` keys the verdict store. Called
+    once per run when ``--judge`` is given (and by ``evaluate`` and ``export-verdicts``).
+    Broadcast; the answers are merged, and two plugins providing the same name is an
+    error naming both.
     """
 
 

@@ -41,8 +41,23 @@ from .judge_driver import DriverSettings, JudgeBudgetSpent, JudgeCost, JudgeDriv
 
 #: The verdict fields a judge returns.
 VERDICT_FIELDS = ("vqa_correct", "vqa_acc_score", "vqa_gt_prob", "vqa_rel_score")
-#: Format of the store's schema: 2 keeps the pool of every verdict (1 kept one per query).
-STORE_FORMAT = "2"
+#: Verdict fields an environment may declare it cannot always give (``Environment.
+#: optional_fields``): ``None`` in its verdict, NULL in the store. ``vqa_correct`` is
+#: never optional: every judged metric reads it.
+OPTIONAL_FIELDS = ("vqa_acc_score", "vqa_gt_prob", "vqa_rel_score")
+#: The key of the judged model's answer text in a verdict (optional, kept in the store
+#: and written by ``export-verdicts``).
+ANSWER_FIELD = "vqa_pred_answer"
+#: Longest answer text the store keeps, in characters (a longer one is cut).
+MAX_ANSWER_CHARS = 2000
+#: Format of the store's schema: 3 keeps an answer text per verdict and lets the fields
+#: of ``OPTIONAL_FIELDS`` be NULL (unavailable); 2 kept the pool of every verdict; 1 kept
+#: one pool per query.
+STORE_FORMAT = "3"
+
+#: A verdict: the ``VERDICT_FIELDS`` (a number, or None for an unavailable optional
+#: field) and, when the environment gives one, ``ANSWER_FIELD`` (a string).
+Verdict = dict[str, Any]
 #: Seconds a write waits for another process's write lock on the store.
 STORE_BUSY_SECONDS = 60.0
 
@@ -59,6 +74,16 @@ class Environment:
     name: str = ""
     version: str = "0"
     cheap: bool = False
+    #: Verdict fields (of ``OPTIONAL_FIELDS``) this environment may leave out or set to
+    #: None when it cannot give them (a server that returns no log-probabilities, say):
+    #: stored as unavailable (NULL), never as a made-up number. A reward mode that reads
+    #: such a field stops the run at the first verdict that lacks it. Any other missing
+    #: field is a plugin error.
+    optional_fields: tuple[str, ...] = ()
+    #: Of those, the fields it will give in no verdict of this run (set by ``configure``:
+    #: a setting that turns one off): a reward mode that reads one is refused before the
+    #: first call, not at the first verdict.
+    unavailable_fields: tuple[str, ...] = ()
     #: Sequences per call the environment prefers (``--judge-batch-size`` overrides it);
     #: None: a whole round in one call, right for a judge that runs in-process.
     batch_size: int | None = None
@@ -71,8 +96,11 @@ class Environment:
 
     def judge(
         self, query_ids: Sequence[int], sequences: Sequence[Sequence[int]]
-    ) -> Sequence[Mapping[str, float]]:
+    ) -> Sequence[Mapping[str, Any]]:
         """One verdict (a mapping with the ``VERDICT_FIELDS``) per (query, sequence) pair.
+
+        A verdict may also carry the judged model's answer text under ``vqa_pred_answer``
+        (kept in the store), and leave out the fields of ``optional_fields``.
 
         May be an ``async def``. Raise
         :class:`~lever_trainer.judge_driver.TransientJudgeError` for a failure worth
@@ -140,6 +168,9 @@ class VerdictStore:
             if fmt == "1":
                 self._upgrade_from_1()
                 fmt = self._format()
+            if fmt == "2":
+                self._upgrade_from_2()
+                fmt = self._format()
             if fmt != STORE_FORMAT:
                 raise LeverError(
                     f"{self.path}: verdict store format {fmt!r}, this lever-train reads "
@@ -199,13 +230,14 @@ class VerdictStore:
         )
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS verdicts (env TEXT, version TEXT, query INTEGER, "
-            "sequence TEXT, correct REAL NOT NULL, acc REAL NOT NULL, gt_prob REAL NOT NULL, "
-            "rel REAL NOT NULL, created REAL, pool_id INTEGER, "
+            "sequence TEXT, correct REAL NOT NULL, acc REAL, gt_prob REAL, rel REAL, "
+            "answer TEXT, created REAL, pool_id INTEGER, "
             "PRIMARY KEY (env, version, query, sequence))"
         )
 
     def _upgrade_from_1(self) -> None:
-        """Format 1 kept one pool per query: each verdict gets that pool."""
+        """Format 1 kept one pool per query: each verdict gets that pool (and no answer
+        text); the store goes straight to the current format."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             if self._format() != "1":  # another process upgraded it meanwhile
@@ -217,14 +249,34 @@ class VerdictStore:
                 "SELECT env, version, query, pool FROM pools"
             )
             self.db.execute(
-                "INSERT OR IGNORE INTO verdicts SELECT v.env, v.version, v.query, v.sequence, "
-                "v.correct, v.acc, v.gt_prob, v.rel, v.created, p.id FROM verdicts_v1 v "
-                "LEFT JOIN verdict_pools p ON p.env = v.env AND p.version = v.version "
-                "AND p.query = v.query"
+                f"INSERT OR IGNORE INTO verdicts ({_V2_COLUMNS}) SELECT v.env, v.version, "
+                "v.query, v.sequence, v.correct, v.acc, v.gt_prob, v.rel, v.created, p.id "
+                "FROM verdicts_v1 v LEFT JOIN verdict_pools p ON p.env = v.env "
+                "AND p.version = v.version AND p.query = v.query"
             )
             self.db.execute("DROP TABLE verdicts_v1")
             self.db.execute("DROP TABLE pools")
-            self.db.execute("UPDATE lever_store SET value = ? WHERE key = 'format'", ("2",))
+            self.db.execute(
+                "UPDATE lever_store SET value = ? WHERE key = 'format'", (STORE_FORMAT,)
+            )
+
+    def _upgrade_from_2(self) -> None:
+        """Format 2 had no answer text and no unavailable field: its verdicts are copied
+        as they are, each without an answer."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self._format() != "2":  # another process upgraded it meanwhile
+                return
+            self.db.execute("ALTER TABLE verdicts RENAME TO verdicts_v2")
+            self._create_tables()
+            self.db.execute(
+                f"INSERT OR IGNORE INTO verdicts ({_V2_COLUMNS}) SELECT {_V2_COLUMNS} "
+                "FROM verdicts_v2"
+            )
+            self.db.execute("DROP TABLE verdicts_v2")
+            self.db.execute(
+                "UPDATE lever_store SET value = ? WHERE key = 'format'", (STORE_FORMAT,)
+            )
 
     def versions(self, env: str) -> dict[str, int]:
         """``{version: verdicts}`` the store holds for ``env``."""
@@ -235,20 +287,28 @@ class VerdictStore:
             return {str(v): int(n) for v, n in rows}
 
     @staticmethod
-    def _verdict(fields: Sequence[Any], where: str) -> dict[str, float]:
-        """A stored row's fields, each a finite number (else the store is damaged)."""
-        out = {}
+    def _verdict(fields: Sequence[Any], answer: Any, where: str) -> Verdict:
+        """A stored row's fields, each a finite number or, for an optional field, NULL
+        (unavailable); its answer text when it has one (else the store is damaged)."""
+        out: Verdict = {}
         for name, value in zip(VERDICT_FIELDS, fields, strict=True):
+            if value is None and name in OPTIONAL_FIELDS:
+                out[name] = None
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{where}: {name} is {value!r}")
             out[name] = float(value)
+        if answer is not None:
+            if not isinstance(answer, str):
+                raise ValueError(f"{where}: the answer is {answer!r}")
+            out[ANSWER_FIELD] = answer
         return out
 
     def get(
         self, env: str, version: str, keys: Sequence[tuple[int, str]]
-    ) -> dict[tuple[int, str], dict[str, float]]:
+    ) -> dict[tuple[int, str], Verdict]:
         """The stored verdicts among ``keys`` ((query, sequence key) pairs)."""
-        out: dict[tuple[int, str], dict[str, float]] = {}
+        out: dict[tuple[int, str], Verdict] = {}
         by_query: dict[int, list[str]] = {}
         for q, s in keys:
             by_query.setdefault(q, []).append(s)
@@ -258,23 +318,25 @@ class VerdictStore:
                     chunk = seqs[start : start + 500]
                     marks = ",".join("?" * len(chunk))
                     rows = self.db.execute(
-                        "SELECT sequence, correct, acc, gt_prob, rel FROM verdicts WHERE "
+                        "SELECT sequence, correct, acc, gt_prob, rel, answer FROM verdicts WHERE "
                         f"env=? AND version=? AND query=? AND sequence IN ({marks})",
                         (env, version, q, *chunk),
                     ).fetchall()
-                    for seq, *fields in rows:
-                        out[(q, seq)] = self._verdict(fields, f"query {q} sequence {seq}")
+                    for seq, *fields, answer in rows:
+                        where = f"query {q} sequence {seq}"
+                        out[(q, seq)] = self._verdict(fields, answer, where)
         return out
 
     def put(
         self,
         env: str,
         version: str,
-        items: Iterable[tuple[int, str, Mapping[str, float]]],
+        items: Iterable[tuple[int, str, Mapping[str, Any]]],
         pools: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         """Store verdicts, each with the pool its query was judged with, in one
-        transaction. Every verdict must carry all of ``VERDICT_FIELDS``."""
+        transaction. Every verdict must carry all of ``VERDICT_FIELDS`` (None, stored as
+        NULL, for an unavailable optional one) and may carry ``ANSWER_FIELD``."""
         now = time.time()
         items = list(items)
         with self._guard(), self.db:
@@ -293,16 +355,27 @@ class VerdictStore:
                 ).fetchone()
                 pool_ids[q] = int(row[0])
             rows = [
-                (env, version, q, s, *(float(v[f]) for f in VERDICT_FIELDS), now, pool_ids.get(q))
+                (
+                    env,
+                    version,
+                    q,
+                    s,
+                    *(_stored_number(v, f) for f in VERDICT_FIELDS),
+                    _stored_answer(v),
+                    now,
+                    pool_ids.get(q),
+                )
                 for q, s, v in items
             ]
             self.db.executemany(
-                "INSERT OR IGNORE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                f"INSERT OR IGNORE INTO verdicts ({_V3_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
 
     def iter_verdicts(
         self, env: str, version: str
-    ) -> Iterator[tuple[int, list[int], dict[str, float], list[int] | None]]:
+    ) -> Iterator[tuple[int, list[int], Verdict, list[int] | None]]:
         """Every stored ``(query, sequence, verdict, pool or None)`` of one environment
         version, by query; ``pool`` is the one that verdict was judged with."""
         with self._guard():
@@ -314,13 +387,13 @@ class VerdictStore:
                 )
             }
             rows = self.db.execute(
-                "SELECT query, sequence, correct, acc, gt_prob, rel, pool_id FROM verdicts "
+                "SELECT query, sequence, correct, acc, gt_prob, rel, answer, pool_id FROM verdicts "
                 "WHERE env=? AND version=? ORDER BY query, created, sequence",
                 (env, version),
             )
-            for q, seq, *fields, pool_id in rows:
+            for q, seq, *fields, answer, pool_id in rows:
                 where = f"query {q} sequence {seq}"
-                verdict = self._verdict(fields, where)
+                verdict = self._verdict(fields, answer, where)
                 if isinstance(q, bool) or not isinstance(q, int):
                     raise ValueError(f"{where}: the query is {q!r}")
                 yield q, _ids(seq, where), verdict, pools.get(pool_id)
@@ -330,17 +403,46 @@ class VerdictStore:
         self.db.close()
 
 
+_V2_COLUMNS = "env, version, query, sequence, correct, acc, gt_prob, rel, created, pool_id"
+_V3_COLUMNS = "env, version, query, sequence, correct, acc, gt_prob, rel, answer, created, pool_id"
+
+
+def _stored_number(verdict: Mapping[str, Any], name: str) -> float | None:
+    value = verdict.get(name)
+    if value is None and name in OPTIONAL_FIELDS:
+        return None
+    return float(value)  # type: ignore[arg-type]  # a checked verdict: a number
+
+
+def _stored_answer(verdict: Mapping[str, Any]) -> str | None:
+    answer = verdict.get(ANSWER_FIELD)
+    return None if answer is None else str(answer)[:MAX_ANSWER_CHARS]
+
+
 def check_verdict(
-    value: Any, plugin: str, env: str, query: int, sequence: Sequence[int]
-) -> dict[str, float]:
-    """A judge's answer as a plain dict, or a :class:`PluginError` naming what is wrong."""
+    value: Any,
+    plugin: str,
+    env: str,
+    query: int,
+    sequence: Sequence[int],
+    optional: Iterable[str] = (),
+) -> Verdict:
+    """A judge's answer as a plain dict, or a :class:`PluginError` naming what is wrong.
+
+    A field of ``optional`` (the environment's ``optional_fields``) may be missing or
+    None: it is kept as None (unavailable). A string under ``ANSWER_FIELD`` is kept
+    (cut to ``MAX_ANSWER_CHARS``)."""
     where = f"plugin {plugin}: environment {env} judged query {query} sequence {list(sequence)}"
     if not isinstance(value, Mapping):
         raise PluginError(
             f"{where}: expected a mapping of verdict fields, got {type(value).__name__}"
         )
-    out: dict[str, float] = {}
+    may_lack = set(optional) & set(OPTIONAL_FIELDS)
+    out: Verdict = {}
     for name in VERDICT_FIELDS:
+        if value.get(name) is None and name in may_lack:
+            out[name] = None
+            continue
         if name not in value:
             raise PluginError(
                 f"{where}: verdict field {name} is missing (a verdict holds "
@@ -360,7 +462,53 @@ def check_verdict(
         if not 0.0 <= number <= 1.0:
             raise PluginError(f"{where}: {name} is {raw!r}, expected a number in [0, 1]")
         out[name] = number
+    answer = value.get(ANSWER_FIELD)
+    if answer is not None:
+        if not isinstance(answer, str):
+            raise PluginError(
+                f"{where}: {ANSWER_FIELD} is a {type(answer).__name__}, expected a string"
+            )
+        out[ANSWER_FIELD] = answer[:MAX_ANSWER_CHARS]
     return out
+
+
+class UnavailableFieldError(LeverError):
+    """A reward mode read a verdict field the environment could not give."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _ReadChecked(Mapping[str, Any]):
+    """A verdict as a reward mode reads it: reading an unavailable field (None) is a
+    :class:`UnavailableFieldError` naming the field and the environment, not a silent 0."""
+
+    def __init__(self, verdict: Mapping[str, Any], env: str, query: int, sequence: str) -> None:
+        self.verdict, self.env, self.query, self.sequence = verdict, env, query, sequence
+
+    def __getitem__(self, name: str) -> Any:
+        value = self.verdict[name]
+        if value is None and name in VERDICT_FIELDS:
+            raise UnavailableFieldError(
+                f"--reward-mode needs {name}, which environment {self.env} could not give "
+                f"(query {self.query}, sequence [{self.sequence}]): choose a reward mode "
+                f"that does not read {name}",
+                name,
+            )
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self.verdict else default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.verdict
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.verdict)
+
+    def __len__(self) -> int:
+        return len(self.verdict)
 
 
 class _ProgressBar:
@@ -423,7 +571,7 @@ class Judge:
         env: Environment,
         plugin: str,
         store: VerdictStore | None,
-        reward: Callable[[Mapping[str, float]], float],
+        reward: Callable[[Mapping[str, Any]], float],
         warn: Callable[[str], None] | None = None,
         timeout: float | None = None,
         driver: DriverSettings | None = None,
@@ -449,7 +597,8 @@ class Judge:
         #: file): a line every ``PROGRESS_LOG_SECONDS``; None: nowhere.
         self.log: Callable[[str], None] | None = None
         self.calls: Counter[int] = Counter()
-        self._memory: dict[tuple[int, str], dict[str, float]] = {}
+        self._memory: dict[tuple[int, str], Verdict] = {}
+        self._refuse_unavailable_reads()
         if store is not None and warn is not None:
             versions = store.versions(self.name)
             others = {v: n for v, n in versions.items() if v != self.version}
@@ -459,6 +608,30 @@ class Judge:
                     f"warning: {store.path} holds verdicts of {self.name} version {shown}, "
                     f"not of this run's version {self.version}: none of them is reused"
                 )
+
+    def _refuse_unavailable_reads(self) -> None:
+        """Before any call: a reward mode that reads a field the environment gives in no
+        verdict of this run (``unavailable_fields``) is one line now, not after the first
+        batch. The reward is tried on a made-up verdict (every field 0, ``vqa_correct``
+        0 and 1) whose unavailable fields are None; other failures are left for the
+        real verdicts to show."""
+        never = set(getattr(self.env, "unavailable_fields", ()) or ()) & set(OPTIONAL_FIELDS)
+        if not never:
+            return
+        for correct in (0.0, 1.0):
+            probe: Verdict = {f: (None if f in never else 0.0) for f in VERDICT_FIELDS}
+            probe["vqa_correct"] = correct
+            try:
+                self.reward(_ReadChecked(probe, self.name, -1, ""))
+            except UnavailableFieldError as exc:
+                raise UnavailableFieldError(
+                    f"--reward-mode needs {exc.field}, which environment {self.name} gives "
+                    f"in no verdict with this run's settings: choose a reward mode that "
+                    f"does not read {exc.field}, or the settings that give it",
+                    exc.field,
+                ) from None
+            except Exception:
+                return
 
     @property
     def cost(self) -> JudgeCost:
@@ -470,7 +643,7 @@ class Judge:
         query_ids: Sequence[int],
         sequences: Sequence[Sequence[int]],
         pools: Mapping[int, Sequence[int]] | None = None,
-    ) -> list[dict[str, float]]:
+    ) -> list[Verdict]:
         """The verdict of every (query, sequence) pair; only unseen pairs reach the judge,
         batch by batch, each batch stored as it returns."""
         keys = [(int(q), sequence_key(s)) for q, s in zip(query_ids, sequences, strict=True)]
@@ -492,15 +665,20 @@ class Judge:
     def _judge(
         self,
         missing: list[tuple[int, str]],
-        known: dict[tuple[int, str], dict[str, float]],
+        known: dict[tuple[int, str], Verdict],
         pools: Mapping[int, Sequence[int]] | None,
         hits: int,
     ) -> None:
         """Ask the driver for the ``missing`` pairs; store each batch as it returns."""
 
+        optional = (
+            *(getattr(self.env, "optional_fields", ()) or ()),
+            *(getattr(self.env, "unavailable_fields", ()) or ()),
+        )
+
         def on_batch(qids: list[int], seqs: list[list[int]], answers: list[Any]) -> None:
             new = {
-                (q, sequence_key(s)): check_verdict(a, self.plugin, self.name, q, s)
+                (q, sequence_key(s)): check_verdict(a, self.plugin, self.name, q, s, optional)
                 for a, q, s in zip(answers, qids, seqs, strict=True)
             }
             if self.store is not None:
@@ -544,14 +722,27 @@ class Judge:
         sequences: Sequence[Sequence[int]],
         pools: Mapping[int, Sequence[int]] | None = None,
     ) -> tuple[list[float], list[float]]:
-        """Raw rewards (the run's reward mode) and ``vqa_correct`` of every pair."""
+        """Raw rewards (the run's reward mode) and ``vqa_correct`` of every pair.
+
+        A reward mode that reads a field the environment could not give (None) stops
+        with one line naming the field and the environment (the verdicts are stored)."""
         verdicts = self.verdicts(query_ids, sequences, pools)
-        return [self.reward(v) for v in verdicts], [v["vqa_correct"] for v in verdicts]
+        rewards = [
+            self.reward(_ReadChecked(v, self.name, int(q), sequence_key(s)))
+            for v, q, s in zip(verdicts, query_ids, sequences, strict=True)
+        ]
+        return rewards, [float(v["vqa_correct"]) for v in verdicts]
 
     def calls_per_query(self, queries: Iterable[int]) -> float:
         """New verdicts asked of the judge per query of ``queries`` (cached ones are free)."""
         qs = list(queries)
         return sum(self.calls[q] for q in qs) / max(len(qs), 1)
+
+    def forget(self) -> None:
+        """Drop the verdicts kept in memory (the store keeps them): a long job that never
+        asks for a past query again (``lever-train collect``, chunk by chunk) holds
+        only its current chunk's."""
+        self._memory.clear()
 
 
 def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]]:
@@ -576,20 +767,27 @@ def environments_from_plugins(plugins: Any) -> dict[str, tuple[str, Environment]
     return found
 
 
-def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any]:
+def export_rl_data(
+    store: VerdictStore, env: str, version: str, shots: int | None = None
+) -> dict[str, Any]:
     """The stored verdicts of one environment version as RL data (docs/algorithm.md#rl-data):
     one query per judged query, one logged candidate per judged sequence.
 
     A query judged with one pool gets that pool as ``candidate_pool_ids``; one judged with
     several (runs with different pools sharing the store) gets their union, in the order
     first seen, so that every sequence indexes it (``_meta.queries_with_several_pools``
-    counts them). A query whose verdicts carry no pool lists global ids only."""
+    counts them). A query whose verdicts carry no pool lists global ids only.
+
+    ``shots``: only the sequences of that many demonstrations (a store that ``lever-train
+    collect`` filled also holds the shorter sequences of its beam search). Without it,
+    sequences of several lengths are a :class:`LeverError` naming ``--shots``: RL data
+    holds one length."""
     out: dict[str, Any] = {
         "_meta": {"source": "lever-train export-verdicts", "env": env, "env_version": version}
     }
     several = 0
     query: int | None = None
-    group: list[tuple[list[int], dict[str, float], list[int] | None]] = []
+    group: list[tuple[list[int], Verdict, list[int] | None]] = []
 
     def flush() -> None:
         nonlocal several
@@ -620,7 +818,17 @@ def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any
             entry = {"candidate_pool_ids": list(union), **entry}
         out[str(query)] = entry
 
+    lengths: set[int] = set()
     for q, seq, verdict, pool in store.iter_verdicts(env, version):
+        if shots is not None and len(seq) != shots:
+            continue
+        lengths.add(len(seq))
+        if shots is None and len(lengths) > 1:
+            raise LeverError(
+                f"--shots: the store holds sequences of {' and '.join(map(str, sorted(lengths)))} "
+                f"demonstrations for {env} {version} (collect also judges shorter ones); "
+                "name the length to export"
+            )
         if q != query:
             flush()
             query, group = q, []
@@ -632,9 +840,13 @@ def export_rl_data(store: VerdictStore, env: str, version: str) -> dict[str, Any
 
 
 __all__ = [
+    "ANSWER_FIELD",
+    "OPTIONAL_FIELDS",
     "VERDICT_FIELDS",
     "Environment",
     "Judge",
+    "UnavailableFieldError",
+    "Verdict",
     "VerdictStore",
     "check_verdict",
     "default_store_path",

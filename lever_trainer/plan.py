@@ -103,6 +103,13 @@ class Settings:
     judge_workers: int
     judge_gpus_per_worker: float
     ray_address: str | None
+    beam_size: int
+    beam_score: str
+    beam_candidates: int | None
+    random_sequences: int
+    cosine_sequences: bool
+    shard: str | None
+    merge: bool
     plugins_on: tuple[str, ...]
     plugins_off: tuple[str, ...]
     plugin_values: Mapping[str, Any] = field(default_factory=dict)

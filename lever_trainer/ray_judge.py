@@ -123,6 +123,9 @@ class RayEnvironment(Environment):
         self.plugin = plugin
         self.name, self.version = local.name, str(local.version)
         self.cheap, self.batch_size = local.cheap, local.batch_size
+        #: verdict fields the environment may leave unavailable (the judge checks them)
+        self.optional_fields = tuple(getattr(local, "optional_fields", ()) or ())
+        self.unavailable_fields = tuple(getattr(local, "unavailable_fields", ()) or ())
         self.factory, self.workers, self.gpus = factory, int(workers), float(gpus_per_worker)
         #: Actors replaced after they died.
         self.replaced = 0

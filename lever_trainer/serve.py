@@ -172,6 +172,11 @@ class _JudgeService:
         #: starlette's ``JSONResponse`` (imported only when a server is built).
         self.json_response = json_response
         self.name, self.version = env.name, str(env.version)
+        #: verdict fields the environment may leave unavailable (None)
+        self.optional_fields = (
+            *(getattr(env, "optional_fields", ()) or ()),
+            *(getattr(env, "unavailable_fields", ()) or ()),
+        )
         self.pool = ThreadPoolExecutor(
             max_workers=limits.threads, thread_name_prefix=f"judge {self.name}"
         )
@@ -204,6 +209,7 @@ class _JudgeService:
                 "version": self.version,
                 "cheap": bool(self.env.cheap),
                 "max_batch": self.limits.max_batch,
+                "optional_fields": list(self.optional_fields),
             }
         )
 
@@ -248,7 +254,7 @@ class _JudgeService:
                 f"{len(query_ids)} sequences"
             )
         return [
-            check_verdict(a, plugin, name, q, s)
+            check_verdict(a, plugin, name, q, s, self.optional_fields)
             for a, q, s in zip(answers, query_ids, sequences, strict=True)
         ]
 

@@ -16,14 +16,15 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 #: are exempt, as ARCHITECTURE.md allows.
 LAYERS = [
     {"errors"},
-    {"fileio", "jsonstream", "manifest", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
-    {"coreoptions"},
+    {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
+    {"coreoptions", "manifest", "vqa_eval"},
     {"stats", "judge_driver"},
     {"rewards", "policy", "phase", "state"},
     {"hookspecs", "plan"},
     {"plugins"},
     {"data", "checkpoint", "demo", "judge"},
-    {"policies", "select", "selectors", "serve", "ray_judge"},
+    {"policies", "select", "selectors", "serve", "ray_judge", "embed"},
+    {"collect"},
     {"evaluation", "snapshot", "retention"},
     {"trainer"},
     {"resuming"},

@@ -192,9 +192,10 @@ def test_resume_after_a_judge_failure_mid_round_continues_that_round(digits40, t
     assert info.value.snapshot is True
     snapshot = torch.load(out / SNAPSHOT_NAME, weights_only=True)
     assert (snapshot["phase"], snapshot["epoch"], snapshot["epoch_closed"]) == ("online", 1, True)
-    judged = snapshot["phases"]["online"]["judged"]
+    judged = snapshot["phases"]["online"]["judged"]  # query -> "12,7;3,9;..."
     round1 = next(h for h in full.state.history if h["phase"] == "online")
-    assert sum(len(s) for s in judged.values()) / 32 == round1["judge_calls_per_query"]
+    counts = [len(s.split(";")) if s else 0 for s in judged.values()]
+    assert sum(counts) / 32 == round1["judge_calls_per_query"]
     resumed = trainer_for(digits40, out, env=flaky, batch_size=8)
     resumed.fit(resume=snapshot)
     for key, value in full.model.state_dict().items():
@@ -242,3 +243,19 @@ def test_an_online_run_reports_exactly_the_metrics_its_phase_declares(digits40, 
     own = {k for k in row if k.startswith("train_") or k.startswith("online_")}
     own |= {k for k in ("kl_beta", "judge_calls_per_query") if k in row}
     assert own - set(TRAINER_METRICS) == declared
+
+
+def test_a_snapshot_with_the_judged_sequences_as_lists_still_loads(digits40, tmp_path) -> None:
+    """Snapshots written before the judged sequences were one string per query kept a
+    list per query: both forms restore the same sets."""
+    trainer = trainer_for(digits40, tmp_path / "run", batch_size=8)
+    trainer.fit()
+    phase = phase_named(trainer, "online")
+    saved = phase.state_dict()
+    assert all(isinstance(v, str) for v in saved["judged"].values())
+    old_form = {**saved, "judged": {q: sorted(s) for q, s in phase.judged.items()}}
+    expected = {q: set(s) for q, s in phase.judged.items()}
+    for form in (saved, old_form):
+        phase.judged = {}
+        phase.load_state_dict(form)
+        assert phase.judged == expected and sum(map(len, expected.values())) > 0

@@ -13,7 +13,7 @@ from lever_trainer.coreoptions import CORE_OPTIONS, DEFAULT_POLICY, TABLE_COMMAN
 from lever_trainer.options import Option
 
 #: Flags that name a different option in different commands, on purpose: each is two
-#: records with disjoint commands. ``--output`` is what a command writes (select's picks,
+#: records with disjoint commands. ``--output`` (and ``-o``) is what a command writes (select's picks,
 #: evaluate's report, plot's picture, export-verdicts' RL data); ``--shots`` defaults to
 #: the checkpoint's S in select but to the data's in evaluate; ``--batch-size`` is queries
 #: per optimiser step in training but per forward pass in select/evaluate; ``--beam-data``
@@ -21,7 +21,9 @@ from lever_trainer.options import Option
 #: demo-data's ``--queries`` and ``--seed`` are the size and seed of the dataset it makes;
 #: export-verdicts' ``--judge`` names the environment whose stored verdicts it writes (no
 #: judging); convert-checkpoint's ``--num-heads`` is only recorded in the metadata and its
-#: ``--overwrite`` replaces one file, not a run's directory.
+#: ``--overwrite`` replaces one file, not a run's directory. In collect, ``--img-emb`` is
+#: optional (only --cosine and --beam-candidates need it), ``--shots`` defaults to 2 and
+#: ``--seed`` seeds the --random draws.
 PER_COMMAND = {
     "--output",
     "--shots",
@@ -34,6 +36,8 @@ PER_COMMAND = {
     "--judge",
     "--num-heads",
     "--overwrite",
+    "--img-emb",
+    "-o",
 }
 
 

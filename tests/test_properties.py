@@ -27,7 +27,13 @@ from hypothesis import strategies as st
 from lever_trainer.config import OptionNames, load_config
 from lever_trainer.data import DataOptions, load_pools, load_rl_data
 from lever_trainer.errors import LeverError
-from lever_trainer.judge import VERDICT_FIELDS, VerdictStore, export_rl_data, sequence_key
+from lever_trainer.judge import (
+    OPTIONAL_FIELDS,
+    VERDICT_FIELDS,
+    VerdictStore,
+    export_rl_data,
+    sequence_key,
+)
 from lever_trainer.plot import read_run
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -378,7 +384,11 @@ def test_a_damaged_row_is_refused_in_one_line(column: str, value: Any) -> None:
         assert "\n" not in str(exc) and "v.sqlite" in str(exc)
         return
     cand = doc["3"]["pointer_candidates"][0]
-    assert all(isinstance(cand[f], int | float) for f in VERDICT_FIELDS)
+    # NULL in an optional field is a verdict the environment could not give (format 3)
+    assert all(
+        isinstance(cand[f], int | float) or (cand[f] is None and f in OPTIONAL_FIELDS)
+        for f in VERDICT_FIELDS
+    )
 
 
 # ------------------------------------------------------------------ the select writer

@@ -17,7 +17,13 @@ from test_trainer import make_trainer
 from lever_trainer import hookimpl
 from lever_trainer.data import DataOptions, load_rl_data
 from lever_trainer.errors import StoreError
-from lever_trainer.judge import VERDICT_FIELDS, Judge, VerdictStore, export_rl_data
+from lever_trainer.judge import (
+    STORE_FORMAT,
+    VERDICT_FIELDS,
+    Judge,
+    VerdictStore,
+    export_rl_data,
+)
 from lever_trainer.trainer import SNAPSHOT_NAME
 from lever_trainer_plugins.policy_bilinear import CosineBilinearPolicy
 
@@ -239,4 +245,5 @@ def test_a_first_format_store_is_upgraded_with_its_pools(tmp_path) -> None:
         (3, [4, 5], dict(zip(VERDICT_FIELDS, (1.0, 0.5, 0.25, 0.0), strict=True)), [4, 5, 6]),
         (8, [9, 1], dict(zip(VERDICT_FIELDS, (0.0, 0.5, 0.25, 0.0), strict=True)), None),
     ]
-    assert store.db.execute("SELECT value FROM lever_store").fetchone()[0] == "2"
+    # format 1 goes straight to the current format (3: answers, unavailable fields)
+    assert store.db.execute("SELECT value FROM lever_store").fetchone()[0] == STORE_FORMAT

@@ -11,6 +11,8 @@ records, which are shown in ``--help`` under the plugin's name.
 
 from __future__ import annotations
 
+from .collect import collect_cmd
+from .embed import embed_cmd
 from .group import installed_plugins, main
 from .params import Number, click_option, user_errors, warn
 from .tools import (
@@ -36,6 +38,8 @@ for _command in (
     export_verdicts,
     convert_checkpoint_cmd,
     serve_judge_cmd,
+    collect_cmd,
+    embed_cmd,
 ):
     main.add_command(_command)
 

@@ -117,7 +117,11 @@ def prepare(ctx: click.Context, **opts: Any) -> None:
 @table_command("export-verdicts")
 @user_errors
 def export_verdicts(
-    store: str | None, judge_name: str, env_version: str | None, rl_output: str
+    store: str | None,
+    judge_name: str,
+    env_version: str | None,
+    rl_output: str,
+    export_shots: int | None,
 ) -> None:
     """Write the stored verdicts of one environment as RL data JSON: every judged sequence
     a logged candidate (gen_method "judge"), ready for offline training."""
@@ -142,11 +146,17 @@ def export_verdicts(
         env_version = next(iter(versions))
     elif env_version not in versions:
         raise LeverError(f"--version: {path} holds no verdicts of {judge_name} {env_version}")
-    doc = export_rl_data(verdicts, judge_name, env_version)
+    doc = export_rl_data(verdicts, judge_name, env_version, export_shots)
     queries = sum(1 for k in doc if k.isdigit())
+    if not queries:
+        raise LeverError(
+            f"--shots: {path} holds no sequence of {export_shots} demonstrations of "
+            f"{judge_name} {env_version}"
+        )
+    written = sum(len(v["pointer_candidates"]) for k, v in doc.items() if k.isdigit())
     write_output(output, (json.dumps(doc) + "\n").encode(), "--output")
     click.echo(
-        f"wrote {versions[env_version]} verdicts of {queries} queries "
+        f"wrote {written} verdicts of {queries} queries "
         f"({judge_name} {env_version}) to {'standard output' if to_stdout else output}",
         err=to_stdout,
     )

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from .cache import CACHE_FORMAT, CACHE_SUFFIX, TABLE_FIELDS, cache_path_for, options_key
 from .embeddings import (
+    TABLE_FORMAT,
+    TABLE_TENSOR,
     Embeddings,
     check_ids_in_range,
     embedding_warnings,
+    format_ids,
+    listed_items,
     load_embedding_table,
     load_embeddings,
+    parse_ids,
     read_tensor_file,
+    table_bytes,
 )
 from .load import file_fingerprint, load_rl_data, load_verified, plugin_members
 from .pools import PoolBatch, PoolTable, check_pool_ids, iter_pools, load_pools, pool_batches
@@ -26,6 +32,8 @@ __all__ = [
     "CACHE_SUFFIX",
     "POINTER_FIELDS",
     "TABLE_FIELDS",
+    "TABLE_FORMAT",
+    "TABLE_TENSOR",
     "Batch",
     "DataOptions",
     "Embeddings",
@@ -39,9 +47,11 @@ __all__ = [
     "check_pool_ids",
     "embedding_warnings",
     "file_fingerprint",
+    "format_ids",
     "gather_groups",
     "iter_batches",
     "iter_pools",
+    "listed_items",
     "load_embedding_table",
     "load_embeddings",
     "load_pools",
@@ -49,9 +59,11 @@ __all__ = [
     "load_verified",
     "make_batch",
     "options_key",
+    "parse_ids",
     "parse_rl_members",
     "plugin_members",
     "pool_batches",
     "read_tensor_file",
     "split_train_val",
+    "table_bytes",
 ]

@@ -1,9 +1,19 @@
-"""Embedding tables: ``.pt``/``.pth`` (weights_only), ``.npy``, ``.safetensors``."""
+"""Embedding tables: ``.pt``/``.pth`` (weights_only), ``.npy``, ``.safetensors``.
+
+A table written by ``lever-train embed`` is a ``.safetensors`` file with one tensor,
+``embeddings`` ``[N, d]``, whose row ``i`` is the item with global id ``i``, and a metadata
+header (``format`` :data:`TABLE_FORMAT`) that lists the ids the table holds (``ids``, as
+ranges such as ``0-41,43-99``). Rows between listed ids are zero padding; the loader
+remembers which rows are items, and an RL data id whose row is padding is refused rather
+than trained on. Other tables hold an item in every row.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +34,11 @@ class Embeddings:
     cand: torch.Tensor
     query_path: str
     cand_path: str
+    #: ``[N]`` bool: which rows of ``query`` are items, for a table whose metadata lists
+    #: its ids (:data:`TABLE_FORMAT`); None when every row is one.
+    query_items: torch.Tensor | None = None
+    #: The same for ``cand``.
+    cand_items: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -135,13 +150,122 @@ def load_embeddings(
 ) -> Embeddings:
     """Load the query table and (optionally separate) candidate table."""
     query = load_embedding_table(path, key)
-    cand = query if cand_path is None else load_embedding_table(cand_path, key)
+    query_items = listed_items(path, query.shape[0])
+    cand, cand_items = query, query_items
+    if cand_path is not None:
+        cand = load_embedding_table(cand_path, key)
+        cand_items = listed_items(cand_path, cand.shape[0])
     if cand.shape[1] != query.shape[1]:
         raise LeverError(
             f"{cand_path}: candidate embeddings have d={cand.shape[1]} but query embeddings "
             f"({path}) have d={query.shape[1]}"
         )
-    return Embeddings(query, cand, str(path), str(cand_path or path))
+    return Embeddings(query, cand, str(path), str(cand_path or path), query_items, cand_items)
+
+
+#: The ``format`` entry of the metadata of a table written by ``lever-train embed``.
+TABLE_FORMAT = "lever-trainer-embeddings"
+#: The name of its one tensor.
+TABLE_TENSOR = "embeddings"
+
+
+def format_ids(ids: Iterable[int]) -> str:
+    """Ids as sorted ranges: ``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"``."""
+    parts: list[str] = []
+    start = prev = None
+    for i in sorted(set(ids)):
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = i
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
+
+
+def parse_ids(text: str, where: str) -> list[tuple[int, int]]:
+    """The ranges of :func:`format_ids`'s text, as ``(first, last)`` pairs; anything else
+    (a negative id, a range that runs backwards or overlaps the one before) is a
+    :class:`LeverError` naming ``where``."""
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(",") if text else []:
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise LeverError(f"{where}: {part!r} is not an id or a range FIRST-LAST") from None
+        if lo < 0 or hi < lo or (ranges and lo <= ranges[-1][1]):
+            raise LeverError(f"{where}: {part!r} is out of order or overlaps the range before")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def table_bytes(table: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+    """A ``.safetensors`` file holding ``table`` (as float32, named :data:`TABLE_TENSOR`)
+    and ``metadata``, the same bytes for the same table and metadata.
+
+    The header's keys are written in sorted order (the safetensors library writes them in
+    an order that changes from one process to the next), so a table made twice from the
+    same inputs is byte-identical and its sha256 identifies it."""
+    import numpy as np
+
+    data = np.ascontiguousarray(table.detach().cpu().to(torch.float32).numpy(), dtype="<f4")
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        TABLE_TENSOR: {"dtype": "F32", "shape": list(data.shape), "data_offsets": [0, data.nbytes]},
+    }
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data.tobytes()
+
+
+def listed_items(path: str | os.PathLike[str], rows: int) -> torch.Tensor | None:
+    """``[rows]`` bool, True where a row of the table at ``path`` is an item, for a
+    table whose metadata lists its ids (:data:`TABLE_FORMAT`); None for any other file."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception:  # unreadable headers were refused when the table was read
+        return None
+    if metadata.get("format") != TABLE_FORMAT:
+        return None
+    if "ids" not in metadata:
+        raise LeverError(f"{path}: metadata field ids is missing (the ids the table holds)")
+    items = torch.zeros(rows, dtype=torch.bool)
+    for lo, hi in parse_ids(metadata["ids"], f"{path}: metadata field ids"):
+        if hi >= rows:
+            raise LeverError(
+                f"{path}: metadata field ids lists id {hi}, but the table has {rows} rows"
+            )
+        items[lo : hi + 1] = True
+    return items
+
+
+def first_unlisted(items: torch.Tensor | None, ids: torch.Tensor) -> int | None:
+    """The first of ``ids`` (all within the table) whose row is not an item; None when
+    every one is (or the table holds an item in every row)."""
+    if items is None or ids.numel() == 0:
+        return None
+    missing = ~items[ids]
+    return int(ids[missing][0]) if bool(missing.any()) else None
+
+
+def unlisted_error(path: str, items: torch.Tensor, what: str) -> LeverError:
+    """The error for an RL data id (``what``: ``query 7``, ...) whose row in the table at
+    ``path`` is padding."""
+    listed = format_ids(items.nonzero().flatten().tolist())
+    if len(listed) > 60:
+        listed = listed[:57] + "..."
+    return LeverError(
+        f"{path}: {what} is not an item of this table (its row is padding between the "
+        f"ids the table holds: {listed}); embed a manifest that has it"
+    )
 
 
 def check_ids_in_range(table: QueryTable, emb: Embeddings) -> None:
@@ -163,6 +287,14 @@ def check_ids_in_range(table: QueryTable, emb: Embeddings) -> None:
             f"{emb.cand_path}: has {n_c} rows but query {int(table.query_ids[row])} "
             f"uses candidate id {max_c} (too few rows for the RL data)"
         )
+    q = first_unlisted(emb.query_items, table.query_ids)
+    if q is not None:
+        assert emb.query_items is not None
+        raise unlisted_error(emb.query_path, emb.query_items, f"query id {q}")
+    c = first_unlisted(emb.cand_items, table.pool_ids[valid])
+    if c is not None:
+        assert emb.cand_items is not None
+        raise unlisted_error(emb.cand_path, emb.cand_items, f"candidate id {c}")
 
 
 def embedding_warnings(table: QueryTable, emb: Embeddings) -> list[str]:

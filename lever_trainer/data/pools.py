@@ -25,7 +25,7 @@ import torch
 from ..errors import LeverError
 from ..jsonstream import iter_object_members
 from .budget import check_table
-from .embeddings import Embeddings
+from .embeddings import Embeddings, first_unlisted, unlisted_error
 from .rljson import POINTER_FIELDS, DataOptions, _drop_reason, _int_list, _query_id
 from .tables import QueryTable, _pad, gather_cand_emb, length_mask, max_length
 
@@ -274,6 +274,14 @@ def check_pool_ids(pools: PoolTable, emb: Embeddings, path: str) -> None:
             f"{path}: query {int(pools.query_ids[row])}'s pool names id "
             f"{int(pools.pool_ids[row, col])}, outside {emb.cand_path} ({n_c} rows)"
         )
+    query = first_unlisted(emb.query_items, pools.query_ids)
+    if query is not None:
+        assert emb.query_items is not None
+        raise unlisted_error(emb.query_path, emb.query_items, f"query id {query} (of {path})")
+    cand = first_unlisted(emb.cand_items, pools.pool_ids[pools.pool_mask()])
+    if cand is not None:
+        assert emb.cand_items is not None
+        raise unlisted_error(emb.cand_path, emb.cand_items, f"candidate id {cand} (of {path})")
 
 
 __all__ = [

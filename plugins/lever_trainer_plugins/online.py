@@ -193,10 +193,12 @@ class OnlinePhase(GroupObjectivePhase):
         return {**self.round_stats, **super().epoch_metrics(state)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Sequences judged per query, the current round's groups, the KL weight."""
+        """Sequences judged per query (one ``;``-joined string each: a snapshot of tens of
+        thousands of small strings is slow to check and write), the current round's
+        groups, the KL weight."""
         out: dict[str, Any] = {
             **super().state_dict(),
-            "judged": {str(q): sorted(s) for q, s in self.judged.items()},
+            "judged": {str(q): ";".join(sorted(s)) for q, s in self.judged.items()},
             "round_stats": dict(self.round_stats),
         }
         if self.round is not None:
@@ -208,7 +210,7 @@ class OnlinePhase(GroupObjectivePhase):
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(saved)
-        self.judged = {int(q): set(s) for q, s in saved.get("judged", {}).items()}
+        self.judged = {int(q): _sequence_set(s) for q, s in saved.get("judged", {}).items()}
         self.round_stats = dict(saved.get("round_stats", {}))
         if "round" in saved:
             table = QueryTable(**saved["round"])
@@ -292,3 +294,11 @@ def about() -> About:
 
 
 __all__ = ["OnlinePhase"]
+
+
+def _sequence_set(saved: str | list[str]) -> set[str]:
+    """The sequences of a snapshot's ``judged`` entry: a ``;``-joined string, or a list
+    (snapshots written before the string form)."""
+    if isinstance(saved, str):
+        return set(saved.split(";")) if saved else set()
+    return set(saved)

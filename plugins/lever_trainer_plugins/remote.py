@@ -89,7 +89,7 @@ class RemoteEnvironment(Environment):
         self.concurrency = int(options.get("remote_concurrency") or 1)
         self.batch_size = self.request_size * self.concurrency * len(self.urls)
         self.down = {}
-        served: dict[str, tuple[str, str, bool]] = {}
+        served: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {}
         failed: dict[str, str] = {}
         with httpx.Client(timeout=self.timeout, headers=self.headers()) as client:
             for url in self.urls:
@@ -102,25 +102,26 @@ class RemoteEnvironment(Environment):
                 "--judge-url: no judge server answered: "
                 + "; ".join(f"{u} ({cause})" for u, cause in failed.items())
             )
-        if len({(n, v) for n, v, _ in served.values()}) > 1:
+        if len({(n, v) for n, v, _, _ in served.values()}) > 1:
             raise LeverError(
                 "--judge-url: the servers judge differently: "
-                + ", ".join(f"{u} serves {n} {v}" for u, (n, v, _) in served.items())
+                + ", ".join(f"{u} serves {n} {v}" for u, (n, v, _, _) in served.items())
             )
         for url, cause in failed.items():
             self.warn(
                 f"warning: judge server {url} did not answer ({cause}); judging on the others"
             )
             self.down[url] = time.monotonic()
-        self.name, self.version, self.cheap = next(iter(served.values()))
+        self.name, self.version, self.cheap, self.optional_fields = next(iter(served.values()))
 
     def headers(self) -> dict[str, str]:
         token = os.environ.get(TOKEN_VARIABLE)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def health(self, client: Any, url: str) -> tuple[str, str, bool]:
-        """``(name, version, cheap)`` that ``url`` serves; :class:`ServerDown` when it
-        does not answer after the retries, LeverError when it refuses or is no judge."""
+    def health(self, client: Any, url: str) -> tuple[str, str, bool, tuple[str, ...]]:
+        """``(name, version, cheap, optional fields)`` that ``url`` serves;
+        :class:`ServerDown` when it does not answer after the retries, LeverError when it
+        refuses or is no judge."""
         cause = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -140,7 +141,11 @@ class RemoteEnvironment(Environment):
                     f"judge server {url}: /health gave no environment name and version "
                     f"(is it a lever-train serve-judge server?)"
                 )
-            return name, version, bool(doc.get("cheap", False))
+            optional = doc.get("optional_fields") or ()
+            if not isinstance(optional, list | tuple):
+                optional = ()
+            fields = tuple(str(f) for f in optional)
+            return name, version, bool(doc.get("cheap", False)), fields
         raise ServerDown(cause)
 
     def delay(self, attempt: int) -> float:
@@ -362,7 +367,7 @@ def environments() -> Mapping[str, Environment]:
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--judge-url`` and how the servers are asked."""
-    commands = ("train", "evaluate")
+    commands = ("train", "evaluate", "collect")
     return [
         Option(
             ("--judge-url",),

@@ -171,7 +171,7 @@ def add_options() -> Sequence[Option]:
             "t0",
             "digits: the task to judge, a bundled one (t0-t5) or a folder with its files.",
             metavar="TASK",
-            commands=("train", "evaluate", "serve-judge"),
+            commands=("train", "evaluate", "collect", "serve-judge"),
         )
     ]
 
