@@ -8,8 +8,9 @@ prompt a plain interleaved chat message with base64 images; else in this process
 gives the same answers) about every ordered sequence of S pool items, and prints the
 share of queries answered correctly by: ``cosine`` (the S most cosine-similar items,
 most similar first), ``cosine-reversed``, ``random`` (the exact expectation over every
-ordered sequence) and ``best`` (some ordered sequence answers it). "Correct" is the
-stand-in's answer equal to the query's true value (what ``make_task.py`` drew).
+ordered sequence) and ``best`` (some ordered sequence answers it). "Correct" is what the
+``openai-vlm`` judge calls ``vqa_correct``: a VQA accuracy above 0 against the query's ten
+human answers.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from standin_vlm import StandinModel, ToyItem, load_items
+from standin_vlm import StandinModel, load_items
 
 from lever_trainer.data import load_embeddings, load_pools
+from lever_trainer.manifest import read_manifest
 from lever_trainer.selectors import cosine_selection
+from lever_trainer.vqa_eval import vqa_accuracy
 
 
 class HttpAsker:
@@ -84,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     asker = HttpAsker(args.url, manifest) if args.url else None
 
+    answers = {i: item.answers for i, item in read_manifest(manifest).items()}
+
     def correct(query: int, demos: Sequence[int]) -> bool:
-        truth: ToyItem = items[query]
         answer = asker.answer(query, demos) if asker else model.reply(query, demos).answer
-        return answer == truth.truth
+        return vqa_accuracy(answer, answers[query]) > 0
 
     qids = pools.query_ids.tolist()
     lengths = pools.pool_len.tolist()
