@@ -53,7 +53,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from lever_trainer.api import (
     About,
@@ -70,6 +69,8 @@ from lever_trainer.api import (
     read_manifest,
     vqa_accuracy,
 )
+
+from ._http import check_server_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,16 +287,7 @@ def server_message(response: Any) -> str:
 
 def check_url(url: Any) -> str:
     """``url`` without a trailing slash; LeverError unless http(s) without credentials."""
-    text = str(url).strip().rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise LeverError(f"--vlm-url: {text!r} is not an http:// or https:// URL")
-    if parts.username or parts.password:
-        raise LeverError(
-            f"--vlm-url: put the key in {KEY_VARIABLES[0]}, not in the URL (the URL is "
-            "recorded in run_config.json)"
-        )
-    return text
+    return check_server_url(url, "--vlm-url", KEY_VARIABLES[0])
 
 
 def api_key() -> str | None:

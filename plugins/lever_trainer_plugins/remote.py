@@ -33,9 +33,10 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from lever_trainer.api import About, Environment, LeverError, Option, PluginError, hookimpl
+
+from ._http import check_server_url
 
 #: The environment variable holding the bearer token.
 TOKEN_VARIABLE = "LEVER_JUDGE_TOKEN"
@@ -265,17 +266,8 @@ class RemoteEnvironment(Environment):
 
 
 def check_url(url: Any) -> str:
-    """``url`` without a trailing slash; LeverError unless it is http(s) without credentials."""
-    text = str(url).strip().rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise LeverError(f"--judge-url: {text!r} is not an http:// or https:// URL")
-    if parts.username or parts.password:
-        raise LeverError(
-            f"--judge-url: put the credentials in {TOKEN_VARIABLE}, not in the URL "
-            "(the URL is recorded in run_config.json)"
-        )
-    return text
+    """``url`` without a trailing slash; LeverError unless http(s) without credentials."""
+    return check_server_url(url, "--judge-url", TOKEN_VARIABLE)
 
 
 def describe(exc: BaseException, timeout: float) -> str:
