@@ -306,3 +306,19 @@ def test_an_answer_that_is_not_json_is_one_line(
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not JSON" in errors[0] and "sequence [" in errors[0], errors
+
+
+def test_a_server_that_is_down_is_one_line_after_the_retries(
+    cli: Callable[..., Result], small_task: Path, tmp_path: Path
+) -> None:
+    srv = standin_vlm.start(small_task / "manifest.jsonl")
+    url = srv.url
+    srv.shutdown()
+    srv.server_close()  # nothing listens on that port any more
+    result = collect(cli, small_task, url, tmp_path / "v.sqlite", tmp_path / "rl.json")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert f"cannot reach {url}" in errors[0] and "sequence [" in errors[0], errors
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "rl.json").exists()
