@@ -466,3 +466,17 @@ def test_images_are_recognised_by_the_hash_of_their_bytes(task: Path, lines) -> 
         digest = hashlib.sha256((task / lines[item_id]["image"]).read_bytes()).hexdigest()
         assert images[digest] == item_id
     assert len(images) == len(lines)  # no two pictures share their bytes
+
+
+def test_the_walkthrough_script_parses_and_runs_the_tested_recipe() -> None:
+    script = TOY / "walkthrough.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    # the recipe tests/test_vqa_end_to_end.py checks, flag for flag
+    for flags in (
+        "--modality both",
+        "--shots 2 --beam-size 4 --beam-candidates 8 --cosine --random 4",
+        "--plugin judge-rank",
+        "--baselines cosine,cosine-reversed",
+    ):
+        assert flags in text, flags
