@@ -50,7 +50,7 @@ if str(TOY) not in sys.path:
 
 import make_task  # noqa: E402
 import standin_vlm  # noqa: E402
-import tiny_clip  # noqa: E402
+from tiny_clip import toy_clip  # noqa: E402  (tests/tiny_clip.py loads the example's by path)
 
 #: The task seed CI runs.
 SEED = 0
@@ -64,7 +64,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The task and the tiny CLIP model."""
     root = tmp_path_factory.mktemp("vqa-e2e")
     make_task.make_task(root / "task", seed=SEED)
-    tiny_clip.make_tiny_clip(root / "clip")
+    toy_clip.make_tiny_clip(root / "clip")  # the walk-through's model, width 32
     return root
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 #: The longest text the text tower takes, in tokens (a character each, plus two).
 MAX_TOKENS = 64
@@ -31,16 +32,10 @@ def byte_characters() -> list[str]:
     return [chr(c) for c in printable + moved]
 
 
-def make_tiny_clip(folder: Path, seed: int = 0, width: int = 32) -> Path:
-    """Save the model, its tokenizer and its image processor into ``folder``."""
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
+def save_character_tokenizer(folder: Path) -> Any:
+    """Write a character-level CLIP vocabulary (every byte's character a token, also as an
+    end-of-word token; no merges) into ``folder`` and return its tokenizer."""
+    from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -49,32 +44,58 @@ def make_tiny_clip(folder: Path, seed: int = 0, width: int = 32) -> Path:
         vocab[ch + "</w>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    tower = {
-        "hidden_size": width,
-        "intermediate_size": 2 * width,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
-    config = CLIPConfig(
-        text_config={
-            **tower,
-            "vocab_size": len(vocab),
-            "max_position_embeddings": MAX_TOKENS,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-        projection_dim=width,
-    )
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def save_random_clip(folder: Path, config: Any, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a CLIP model of ``config`` with random weights (seeded), the character-level
+    tokenizer and an image processor for ``image_size``-pixel pictures into ``folder``."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = save_character_tokenizer(folder)
+    size = {"height": image_size, "width": image_size}
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def make_tiny_clip(
+    folder: Path,
+    seed: int = 0,
+    width: int = 32,
+    *,
+    layers: int = 2,
+    projection: int | None = None,
+    max_tokens: int = MAX_TOKENS,
+) -> Path:
+    """Save the tiny model (towers of ``layers`` layers of ``width``, embeddings of
+    ``projection``, default ``width``), its tokenizer and its image processor."""
+    from transformers import CLIPConfig
+
+    tower = {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+    }
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": 2 + 2 * len(byte_characters()),
+            "max_position_embeddings": max_tokens,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=projection or width,
+    )
+    return save_random_clip(folder, config, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
