@@ -389,3 +389,32 @@ def test_without_ray_the_backend_says_how_to_install_it(cli, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     result = cli(*_train_args(tmp_path, "run"), "--judge-backend", "ray")
     assert_user_error(result, "--judge-backend ray", "pip install 'lever-trainer[ray]'")
+
+
+@pytest.mark.ray
+def test_collect_judged_on_ray_writes_the_local_file(cluster, cli, tmp_path) -> None:
+    """``lever-train collect --judge-backend ray``: the same RL data, byte for byte, and
+    the same store rows as the in-process collect (its beam search depends only on the
+    verdicts, not on which actor gave them or in what order they came back)."""
+    test = json.loads(Path(FILES["test"]).read_text())
+    keys = [k for k in test if k.isdigit()][:8]
+    pools = write_json(
+        tmp_path / "pools.json", {k: test[k]["candidate_pool_ids"][:9] for k in keys}
+    )
+
+    def collect(name: str, *more: object) -> Any:
+        return cli(
+            "collect", pools, "--judge", "digits", "--shots", "2", "--beam-size", "3",
+            "--random", "2", "--cosine", "--img-emb", FILES["embeddings"],
+            "--store", tmp_path / f"{name}.sqlite", "--output", tmp_path / f"{name}.json",
+            "--judge-batch-size", "16", *more,
+        )  # fmt: skip
+
+    local = collect("local")
+    assert local.exit_code == 0, local.output
+    on_ray = collect("ray", "--judge-backend", "ray", "--judge-workers", "2")
+    assert on_ray.exit_code == 0, on_ray.output
+    written = (tmp_path / "ray.json").read_bytes()
+    assert written == (tmp_path / "local.json").read_bytes()
+    assert len(json.loads(written)) == 8 + 1  # the queries and _meta
+    assert store_rows(tmp_path / "ray.sqlite") == store_rows(tmp_path / "local.sqlite")
