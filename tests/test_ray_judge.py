@@ -21,7 +21,7 @@ import lever_digits_env
 import pytest
 import torch
 from conftest import assert_user_error, write_json
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lever_trainer.judge import Environment, Judge, VerdictStore
 from lever_trainer.judge_driver import DriverSettings, RoundProgress
@@ -418,3 +418,61 @@ def test_collect_judged_on_ray_writes_the_local_file(cluster, cli, tmp_path) -> 
     assert written == (tmp_path / "local.json").read_bytes()
     assert len(json.loads(written)) == 8 + 1  # the queries and _meta
     assert store_rows(tmp_path / "ray.sqlite") == store_rows(tmp_path / "local.sqlite")
+
+
+@pytest.mark.ray
+def test_the_openai_vlm_judge_on_ray_actors_equals_in_process(cluster, tmp_path) -> None:
+    """An ``async def judge`` environment with its own options (``openai-vlm`` against a
+    fake OpenAI-compatible server on 127.0.0.1) built and configured in two Ray actors:
+    the same verdicts, answers and store rows as in process."""
+    pytest.importorskip("httpx")
+    from vlm_fake import FakeVLM
+
+    from lever_trainer.ray_judge import RayEnvironment
+
+    (tmp_path / "img").mkdir()
+    lines = []
+    for gid in range(6):
+        (tmp_path / "img" / f"{gid}.png").write_bytes(b"\x89PNG picture %d" % gid)
+        answers = ["red", "blue", "green"][gid % 3 : gid % 3 + 1] * 10
+        item = {"id": gid, "image": f"img/{gid}.png", "question": f"q{gid}?", "answers": answers}
+        lines.append(json.dumps(item) + "\n")
+    (tmp_path / "items.jsonl").write_text("".join(lines))
+    emb = torch.eye(6)[:, :4] + 0.1
+    save_file({"emb": emb}, str(tmp_path / "emb.safetensors"))
+    server = FakeVLM().start()
+    options = {
+        "vlm_url": server.url, "vlm_model": "tiny-vlm", "vlm_timeout": 5.0,
+        "vlm_manifest": str(tmp_path / "items.jsonl"), "img_emb": str(tmp_path / "emb.safetensors"),
+    }  # fmt: skip
+    factory = PluginEnvironment("openai-vlm", "openai-vlm", ("openai-vlm",), (), options)
+    qids = [0, 0, 3, 3, 4, 5]
+    seqs = [[1, 2], [2, 1], [0, 1], [4, 5], [3, 0], [1, 4]]
+    settings = DriverSettings(batch_size=2, concurrency=2, retries=0)
+
+    def run(env: Environment, name: str) -> list[Any]:
+        judge = Judge(
+            env, "openai-vlm", VerdictStore(tmp_path / name), lambda v: 0.0, None, None, settings
+        )
+        return judge.verdicts(qids, seqs)
+
+    try:
+        expected = run(factory(), "local.sqlite")
+        remote = RayEnvironment(factory(), "openai-vlm", factory, workers=2)
+        try:
+            got = run(remote, "ray.sqlite")
+        finally:
+            remote.close()
+    finally:
+        server.stop()
+    assert got == expected and len(got) == 6
+    assert {v["vqa_pred_answer"] for v in got} >= {
+        "blue",
+        "green",
+    }  # the fake copies the last answer
+    with (
+        sqlite3.connect(tmp_path / "ray.sqlite") as ray_db,
+        sqlite3.connect(tmp_path / "local.sqlite") as db,
+    ):
+        query = "SELECT version, query, sequence, correct, acc, gt_prob, rel, answer FROM verdicts ORDER BY query, sequence"
+        assert ray_db.execute(query).fetchall() == db.execute(query).fetchall()
