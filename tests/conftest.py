@@ -87,6 +87,20 @@ def cli() -> Callable[..., Result]:
     return run
 
 
+@pytest.fixture
+def cli_apart() -> Callable[..., Result]:
+    """Like ``cli``, with standard output and standard error kept apart (click < 8.2
+    mixes them unless told not to; 8.2 always keeps them apart)."""
+    import inspect
+
+    apart = {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner).parameters else {}
+
+    def run(*args: str) -> Result:
+        return CliRunner(**apart).invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+    return run
+
+
 def assert_user_error(result: Result, *fragments: str) -> None:
     """A user error: exit 2, one ``error:`` line naming every fragment, no traceback."""
     out = result.output

@@ -466,9 +466,9 @@ def test_a_collect_stopped_by_its_budget_asks_only_the_rest_when_run_again(cli, 
     assert out.read_bytes() == whole.read_bytes()
 
 
-def test_collect_to_standard_output_and_the_progress_lines(cli, tmp_path, capsys) -> None:
+def test_collect_to_standard_output_and_the_progress_lines(cli_apart, tmp_path, capsys) -> None:
     pools = _queries(tmp_path, n=2, pool=4)
-    result = cli("collect", pools, "--judge", "digits", "--no-store", "--output", "-")
+    result = cli_apart("collect", pools, "--judge", "digits", "--no-store", "--output", "-")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["_meta"]["queries"] == 2 and len(doc) == 3
