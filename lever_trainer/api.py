@@ -11,6 +11,17 @@ from typing import Any
 import torch
 
 from . import losses, metrics
+
+# The core's records of the options plugins may read (``LOG_EVERY.of(state.options)``).
+from .coreoptions import (
+    CAND_EMB,
+    EMB_KEY,
+    IMG_EMB,
+    LOG_EVERY,
+    POLICY_TEMPERATURE,
+    SELECT_SHOTS,
+    VAL_RATIO,
+)
 from .data import (
     TABLE_FIELDS,
     Batch,
@@ -92,10 +103,17 @@ def expect_tensor(
 
 
 __all__ = [
+    "CAND_EMB",
     "CHOSEN_LOGIT",
     "DATA_COMMANDS",
+    "EMB_KEY",
+    "IMG_EMB",
+    "LOG_EVERY",
     "LOG_RATIO_BOUND",
+    "POLICY_TEMPERATURE",
+    "SELECT_SHOTS",
     "TABLE_FIELDS",
+    "VAL_RATIO",
     "VERDICT_FIELDS",
     "ZSCORE_STD_EPS",
     "About",

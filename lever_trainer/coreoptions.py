@@ -74,6 +74,71 @@ def _core(flags: Iterable[str], **kw: object) -> Option:
     return Option(flags=tuple(flags), **kw)  # type: ignore[arg-type]
 
 
+#: Core records whose values code below the command line reads (``RECORD.of(options)``);
+#: each is also a row of :data:`CORE_OPTIONS`. ``SELECT_SHOTS`` is the ``--shots`` of
+#: ``select`` (no default: a policy falls back to its own).
+VAL_RATIO = _data(
+    "--val-ratio",
+    "--val_ratio",
+    type="float",
+    default=0.2,
+    min=0,
+    max=1,
+    max_open=True,
+    group="Data",
+    help="Share of queries kept for validation (see --val-split).",
+)
+IMG_EMB = _data(
+    "--img-emb",
+    "--img_emb",
+    type="path",
+    path_kind="file",
+    group="Data",
+    commands=_EMB,
+    help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.  [required]",
+)
+CAND_EMB = _data(
+    "--cand-emb",
+    type="path",
+    path_kind="file",
+    group="Data",
+    commands=(*_EMB, COLLECT),
+    help="Separate candidate embedding table (default: --img-emb).",
+)
+EMB_KEY = _data(
+    "--emb-key",
+    group="Data",
+    commands=(*_EMB, COLLECT),
+    help="Tensor name inside a multi-tensor embedding file.",
+)
+POLICY_TEMPERATURE = _policy(
+    "--policy-temperature",
+    dest="temperature",
+    type="float",
+    min=0,
+    min_open=True,
+    help="Logit temperature tau_p of the pointer scores (default 0.1).",
+)
+LOG_EVERY = _core(
+    ("--log-every",),
+    type="int",
+    min=1,
+    default=10,
+    metavar="N",
+    group="Run",
+    help="Log the step values (steps.jsonl, trackers) every N optimiser steps, and at "
+    "the last step of every epoch.",
+)
+SELECT_SHOTS = _core(
+    ("--shots",),
+    type="int",
+    min=1,
+    group="Run",
+    commands=(SELECT,),
+    help="Demonstrations to pick per query (default: the checkpoint's S, else 2).",
+)
+
+
 CORE_OPTIONS: tuple[Option, ...] = (
     # ------------------------------------------------------------ configuration
     _core(
@@ -217,17 +282,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         commands=_DATA,
         help="Group normaliser, from a plugin.",
     ),
-    _data(
-        "--val-ratio",
-        "--val_ratio",
-        type="float",
-        default=0.2,
-        min=0,
-        max=1,
-        max_open=True,
-        group="Data",
-        help="Share of queries kept for validation (see --val-split).",
-    ),
+    VAL_RATIO,
     _data(
         "--val-split",
         type="choice",
@@ -255,29 +310,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
         resume_reason="only decides whether the prepared cache is used",
         help="Neither read nor write the prepared cache next to --beam-data.",
     ),
-    _data(
-        "--img-emb",
-        "--img_emb",
-        type="path",
-        path_kind="file",
-        group="Data",
-        commands=_EMB,
-        help="Embedding table [N, d]: .pt/.pth, .npy or .safetensors.  [required]",
-    ),
-    _data(
-        "--cand-emb",
-        type="path",
-        path_kind="file",
-        group="Data",
-        commands=(*_EMB, COLLECT),
-        help="Separate candidate embedding table (default: --img-emb).",
-    ),
-    _data(
-        "--emb-key",
-        group="Data",
-        commands=(*_EMB, COLLECT),
-        help="Tensor name inside a multi-tensor embedding file.",
-    ),
+    IMG_EMB,
+    CAND_EMB,
+    EMB_KEY,
     # ------------------------------------------------------------ policy
     _policy(
         "--policy",
@@ -324,14 +359,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         max_open=True,
         help="Dropout on the attention weights in training (default 0.1).",
     ),
-    _policy(
-        "--policy-temperature",
-        dest="temperature",
-        type="float",
-        min=0,
-        min_open=True,
-        help="Logit temperature tau_p of the pointer scores (default 0.1).",
-    ),
+    POLICY_TEMPERATURE,
     _policy(
         "--sft-ckpt",
         "--sft_ckpt",
@@ -395,14 +423,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         help="Comma-separated: random, cosine, cosine-reversed, start (the first "
         "checkpoint's starting policy), best; '' for none.",
     ),
-    _core(
-        ("--shots",),
-        type="int",
-        min=1,
-        group="Run",
-        commands=(SELECT,),
-        help="Demonstrations to pick per query (default: the checkpoint's S, else 2).",
-    ),
+    SELECT_SHOTS,
     _core(
         ("--shots",),
         type="int",
@@ -484,16 +505,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; asking for CUDA "
         "without it is an error.",
     ),
-    _core(
-        ("--log-every",),
-        type="int",
-        min=1,
-        default=10,
-        metavar="N",
-        group="Run",
-        help="Log the step values (steps.jsonl, trackers) every N optimiser steps, and at "
-        "the last step of every epoch.",
-    ),
+    LOG_EVERY,
     _core(
         ("--deterministic",),
         type="bool",

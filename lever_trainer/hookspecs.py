@@ -122,8 +122,10 @@ def add_options() -> Sequence[Option] | None:
     Return a list of :class:`lever_trainer.api.Option`. Called once per process for
     every installed plugin, when plugins are discovered (before the command line is
     built), so ``lever-train train --help`` lists them
-    under the plugin's name (and ``lever-train plugins`` shows them). Each value,
-    given or default, reaches every plugin as ``state.options[option.dest]`` and is
+    under the plugin's name (and ``lever-train plugins`` shows them). Keep each record in
+    a module-level constant and return those. Each value, given or default, reaches
+    every plugin in ``state.options`` under the option's ``dest``; read it with the
+    record, ``OPTION.of(state.options)`` (``state.options[dest]`` works too). It is
     recorded in ``run_config.json`` and checkpoint metadata. Two plugins declaring the
     same flag or ``dest`` is an error naming both. Broadcast; no ``state`` argument.
     """

@@ -2,14 +2,17 @@
 
 A plugin returns a list of :class:`Option`; the command line shows them in
 ``lever-train train --help`` under the plugin's name and in ``lever-train plugins``.
-Every value (default or given) reaches the plugins as ``state.options[dest]``, and
-is recorded in ``run_config.json`` and in each checkpoint's metadata. This module
-does not import torch or click, so declaring options stays cheap.
+Every value (default or given) reaches the plugins in ``state.options`` under the
+option's ``dest``, and is recorded in ``run_config.json`` and in each checkpoint's
+metadata. A plugin keeps its options as module-level constants and reads a value with
+:meth:`Option.of` (``RANK_EPOCHS.of(state.options)``); looking it up by its ``dest``
+string (``state.options["rank_epochs"]``) still works. This module does not import
+torch or click, so declaring options stays cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,10 @@ OPTION_TYPES = ("int", "float", "str", "bool", "choice", "path")
 RESUME_RULES = ("", "apply", "fixed")
 #: ``commands`` of an option that decides how RL data is read and scored.
 DATA_COMMANDS = ("train", "prepare", "select", "evaluate")
+
+
+#: ``Option.of``'s ``missing`` when not given: the option's declared default.
+_DECLARED: Any = object()
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,22 @@ class Option:
     def name(self) -> str:
         """The main spelling, e.g. ``--mmr-reduction``."""
         return self.flags[0]
+
+    def of(self, options: Mapping[str, Any], missing: Any = _DECLARED) -> Any:
+        """This option's value in a run's option mapping (``state.options``, or the
+        mapping an environment's ``configure`` receives).
+
+        A run's mapping holds every declared option (the value given, or the default),
+        so this is the value the run uses. A mapping that lacks the option's ``dest`` (a
+        partial mapping built by hand, such as in a test) gives ``missing``, which is the
+        declared :attr:`default` unless given: the options recorded in a checkpoint
+        written before the option existed pass the value that reproduces that
+        checkpoint (``CANDIDATE_TERM.of(options, missing="off")``). A value present but
+        ``None`` is returned as ``None``: it is not replaced by either.
+        """
+        if self.dest in options:
+            return options[self.dest]
+        return self.default if missing is _DECLARED else missing
 
 
 def check_value(option: Option, value: Any) -> str | None:

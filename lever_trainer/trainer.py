@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, snapshot
 from .checkpoint import checkpoint_name
+from .coreoptions import VAL_RATIO
 from .data import Batch, Embeddings, QueryTable, iter_batches
 from .errors import Interrupted, JudgeStopped, LeverError, PluginError, StoreError
 from .evaluation import (
@@ -846,7 +847,7 @@ class Trainer:
         ) or (last.n == 1 and last.difference > 0)
         if noisy and not keeper.warned_noise:
             keeper.warned_noise = True
-            ratio = state.options.get("val_ratio")
+            ratio = VAL_RATIO.of(state.options)
             now = f" (now {ratio})" if ratio is not None else ""
             state.log(
                 f"warning: the validation split ({last.n} queries) is too small to tell "

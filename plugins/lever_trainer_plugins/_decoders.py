@@ -16,14 +16,21 @@ and from :mod:`lever_trainer.api`, nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import LeverError, PointerTrunk, TrunkConfig, decode_steps
+from lever_trainer.api import (
+    SELECT_SHOTS,
+    LeverError,
+    Option,
+    PointerTrunk,
+    TrunkConfig,
+    decode_steps,
+)
 
 #: Upstream's default ``shot_num``, used when the options carry no ``shots``.
 DEFAULT_SHOTS = 2
@@ -34,28 +41,23 @@ Encoding = tuple[torch.Tensor, ...]
 
 
 def shots_from(options: Mapping[str, Any]) -> int:
-    """The sequence length S (``options["shots"]``; upstream's default 2 when missing)."""
-    value = options.get("shots")
+    """The sequence length S (``--shots``; upstream's default 2 when missing or None)."""
+    value = SELECT_SHOTS.of(options)
     shots = DEFAULT_SHOTS if value is None else int(value)
     if shots < 1:
         raise LeverError(f"shots must be at least 1, got {shots}")
     return shots
 
 
-def option_value(
-    options: Mapping[str, Any],
-    dest: str,
-    default: Any,
-    choices: Sequence[Any] | None = None,
-    flag: str | None = None,
-) -> Any:
-    """``options[dest]``, or ``default`` when missing or None; checked against ``choices``."""
-    value = options.get(dest)
+def option_value(options: Mapping[str, Any], option: Option) -> Any:
+    """``option``'s value in ``options``, or its declared default when missing or None;
+    a choice option's value is checked against its choices."""
+    value = option.of(options)
     if value is None:
-        return default
-    if choices is not None and value not in choices:
-        name = flag or dest
-        raise LeverError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return option.default
+    if option.choices and value not in option.choices:
+        choices = ", ".join(map(str, option.choices))
+        raise LeverError(f"{option.name}: expected one of {choices}, got {value!r}")
     return value
 
 

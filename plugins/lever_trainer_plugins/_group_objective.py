@@ -37,6 +37,7 @@ import torch
 from lever_trainer.api import (
     Batch,
     LeverError,
+    Option,
     Phase,
     PluginError,
     PolicyObjective,
@@ -88,6 +89,25 @@ OBJECTIVE_METRICS: tuple[str, ...] = (
 )
 
 
+#: The GRPO phase declares these two (its ``add_options``); every group-objective phase
+#: and the surrogate and advantage plugins read them.
+KL_BETA = Option(
+    ("--kl-beta", "--kl_beta"),
+    "float",
+    0.1,
+    "Starting weight of the KL penalty.",
+    min=0,
+)
+CLIP_EPSILON = Option(
+    ("--clip-epsilon", "--clip_epsilon"),
+    "float",
+    0.2,
+    "PPO clip: ratios are clipped to [1 - eps, 1 + eps].",
+    min=0,
+    min_open=True,
+)
+
+
 class GroupObjectivePhase(Phase):
     """A phase whose loss is the group-relative objective of the module docstring.
 
@@ -104,7 +124,7 @@ class GroupObjectivePhase(Phase):
 
     def init(self, state: TrainState) -> None:
         """The KL weight starts at ``--kl-beta``."""
-        self.kl_beta = float(state.options["kl_beta"])
+        self.kl_beta = float(KL_BETA.of(state.options))
         self.use_kl = True
 
     def start(self, state: TrainState, resumed: bool) -> None:

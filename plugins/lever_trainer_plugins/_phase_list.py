@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from lever_trainer.api import LeverError, TrainState
+from lever_trainer.api import LeverError, Option, TrainState
 
 
-def phase_set(state: TrainState, dest: str, flag: str) -> frozenset[str] | None:
-    """The phases ``state.options[dest]`` names (None for ``all``); an unknown name is a
-    user error naming ``flag`` and the run's phases."""
-    value = str(state.options.get(dest) or "all").strip()
+def phase_set(state: TrainState, option: Option) -> frozenset[str] | None:
+    """The phases ``option`` names in this run (None for ``all``); an unknown name is a
+    user error naming the option's flag and the run's phases."""
+    flag = option.name
+    value = str(option.of(state.options) or "all").strip()
     if value == "all":
         return None
     names = frozenset(n.strip() for n in value.split(",") if n.strip())

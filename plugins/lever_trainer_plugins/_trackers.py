@@ -24,12 +24,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lever_trainer.api import About, LeverError, Option, TrainState, hookimpl
+from lever_trainer.api import LOG_EVERY, About, LeverError, Option, TrainState, hookimpl
 
 
 def should_log(state: TrainState) -> bool:
     """Every ``--log-every`` global steps, and the last step of each epoch."""
-    every = int(state.options.get("log_every") or 10)
+    every = int(LOG_EVERY.of(state.options) or 10)
     return state.global_step % every == 0 or state.step_in_epoch >= state.steps_per_epoch
 
 

@@ -45,30 +45,34 @@ def policy_objective(
     state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor
 ) -> PolicyObjective:
     """The CISPO objective at the run's bounds."""
-    low = float(state.options["cispo_epsilon_low"])
-    high = float(state.options["cispo_epsilon_high"])
+    low = float(CISPO_EPSILON_LOW.of(state.options))
+    high = float(CISPO_EPSILON_HIGH.of(state.options))
     return cispo_objective(ratio, advantages, low, high)
+
+
+CISPO_EPSILON_LOW = Option(
+    ("--cispo-epsilon-low",),
+    "float",
+    1.0,
+    "cispo: importance weights are kept >= 1 - eps (1: no lower bound).",
+    min=0,
+    max=1,
+)
+CISPO_EPSILON_HIGH = Option(
+    ("--cispo-epsilon-high",),
+    "float",
+    0.28,
+    "cispo: importance weights are capped at 1 + eps.",
+    min=0,
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The bounds of the importance weight."""
     return [
-        Option(
-            ("--cispo-epsilon-low",),
-            "float",
-            1.0,
-            "cispo: importance weights are kept >= 1 - eps (1: no lower bound).",
-            min=0,
-            max=1,
-        ),
-        Option(
-            ("--cispo-epsilon-high",),
-            "float",
-            0.28,
-            "cispo: importance weights are capped at 1 + eps.",
-            min=0,
-        ),
+        CISPO_EPSILON_LOW,
+        CISPO_EPSILON_HIGH,
     ]
 
 

@@ -99,26 +99,27 @@ def _console(state: TrainState) -> _Console:
     return mine
 
 
+PROGRESS_EVERY = Option(
+    ("--progress-every",),
+    "str",
+    "30s",
+    "Without a terminal, print a progress line this often: seconds (30s, 2m) or a "
+    "number of steps (100). On a terminal a progress bar is shown instead.",
+    metavar="INTERVAL",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """How often a log file gets a progress line."""
-    return [
-        Option(
-            ("--progress-every",),
-            "str",
-            "30s",
-            "Without a terminal, print a progress line this often: seconds (30s, 2m) or a "
-            "number of steps (100). On a terminal a progress bar is shown instead.",
-            metavar="INTERVAL",
-        )
-    ]
+    return [PROGRESS_EVERY]
 
 
 @hookimpl
 def on_train_start(state: TrainState) -> None:
     """Read --progress-every and whether stderr is a terminal."""
     mine = _console(state)
-    mine.every_s, mine.every_steps = parse_every(str(state.options.get("progress_every", "30s")))
+    mine.every_s, mine.every_steps = parse_every(str(PROGRESS_EVERY.of(state.options)))
     mine.tty = sys.stderr.isatty()
 
 

@@ -30,20 +30,20 @@ def about() -> About:
 @hookimpl
 def train_mode(state: TrainState, phase: str) -> bool | None:
     """False (eval mode: no dropout) for the chosen phases."""
-    phases = phase_set(state, "disable_dropout_phases", "--disable-dropout-phases")
+    phases = phase_set(state, DISABLE_DROPOUT_PHASES)
     return False if phases is None or phase in phases else None
+
+
+DISABLE_DROPOUT_PHASES = Option(
+    ("--disable-dropout-phases",),
+    "str",
+    "grpo",
+    "disable-dropout: phases that train with dropout off ('all' or names, comma-separated).",
+    metavar="PHASES",
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """Which phases train without dropout."""
-    return [
-        Option(
-            ("--disable-dropout-phases",),
-            "str",
-            "grpo",
-            "disable-dropout: phases that train with dropout off ('all' or names, "
-            "comma-separated).",
-            metavar="PHASES",
-        )
-    ]
+    return [DISABLE_DROPOUT_PHASES]

@@ -48,7 +48,7 @@ def direction(metric: str, mode: str) -> str:
 @hookimpl
 def on_train_start(state: TrainState) -> None:
     """Refuse, before the first epoch, a metric that no epoch of this run reports."""
-    metric = str(state.options["early_stop_metric"])
+    metric = str(EARLY_STOP_METRIC.of(state.options))
     if not state.knows_metric(metric):
         raise LeverError(
             f"--early-stop-metric {metric!r}: no epoch of this run reports it (its "
@@ -59,10 +59,10 @@ def on_train_start(state: TrainState) -> None:
 @hookimpl
 def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     """Count epochs without improvement; request the stop at the patience."""
-    phases = phase_set(state, "early_stop_phases", "--early-stop-phases")
+    phases = phase_set(state, EARLY_STOP_PHASES)
     if phases is not None and state.phase not in phases:
         return
-    metric = str(state.options["early_stop_metric"])
+    metric = str(EARLY_STOP_METRIC.of(state.options))
     if metric not in metrics:
         raise LeverError(
             f"--early-stop-metric {metric!r}: not among the metrics of {state.phase} epoch "
@@ -72,9 +72,9 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
     if saved["phase"] != state.phase:
         saved.update(phase=state.phase, best=None, bad=0)
     value = float(metrics[metric])
-    delta = float(state.options["early_stop_min_delta"])
+    delta = float(EARLY_STOP_MIN_DELTA.of(state.options))
     best = saved["best"]
-    if direction(metric, str(state.options["early_stop_mode"])) == "min":
+    if direction(metric, str(EARLY_STOP_MODE.of(state.options))) == "min":
         improved = not math.isnan(value) and (best is None or value < best - delta)
     else:
         improved = not math.isnan(value) and (best is None or value > best + delta)
@@ -82,7 +82,7 @@ def on_epoch_end(state: TrainState, metrics: dict[str, float]) -> None:
         saved.update(best=value, bad=0)
         return
     saved["bad"] += 1
-    patience = int(state.options["early_stop_patience"])
+    patience = int(EARLY_STOP_PATIENCE.of(state.options))
     if saved["bad"] >= patience:
         shown = "none" if best is None else f"{best:.6g}"
         state.request_stop(
@@ -102,44 +102,51 @@ def load_plugin_state(state: TrainState, saved: dict[str, Any]) -> None:
     state.extra[NAME] = dict(saved)
 
 
+EARLY_STOP_METRIC = Option(
+    ("--early-stop-metric",),
+    "str",
+    "val_loss",
+    "early-stopping: the epoch metric to watch (e.g. val_loss, policy_reward@1).",
+    metavar="NAME",
+)
+EARLY_STOP_MODE = Option(
+    ("--early-stop-mode",),
+    "choice",
+    "auto",
+    "early-stopping: whether lower (min) or higher (max) is better; auto: min for "
+    "names containing 'loss'.",
+    choices=("auto", "min", "max"),
+)
+EARLY_STOP_PATIENCE = Option(
+    ("--early-stop-patience",),
+    "int",
+    3,
+    "early-stopping: epochs without improvement before the run stops.",
+    min=1,
+)
+EARLY_STOP_MIN_DELTA = Option(
+    ("--early-stop-min-delta",),
+    "float",
+    0.0,
+    "early-stopping: the smallest change that counts as an improvement.",
+    min=0,
+)
+EARLY_STOP_PHASES = Option(
+    ("--early-stop-phases",),
+    "str",
+    "all",
+    "early-stopping: phases whose epochs are watched ('all' or names, comma-separated).",
+    metavar="PHASES",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """Metric, mode, patience, minimum change and phases."""
     return [
-        Option(
-            ("--early-stop-metric",),
-            "str",
-            "val_loss",
-            "early-stopping: the epoch metric to watch (e.g. val_loss, policy_reward@1).",
-            metavar="NAME",
-        ),
-        Option(
-            ("--early-stop-mode",),
-            "choice",
-            "auto",
-            "early-stopping: whether lower (min) or higher (max) is better; auto: min for "
-            "names containing 'loss'.",
-            choices=("auto", "min", "max"),
-        ),
-        Option(
-            ("--early-stop-patience",),
-            "int",
-            3,
-            "early-stopping: epochs without improvement before the run stops.",
-            min=1,
-        ),
-        Option(
-            ("--early-stop-min-delta",),
-            "float",
-            0.0,
-            "early-stopping: the smallest change that counts as an improvement.",
-            min=0,
-        ),
-        Option(
-            ("--early-stop-phases",),
-            "str",
-            "all",
-            "early-stopping: phases whose epochs are watched ('all' or names, comma-separated).",
-            metavar="PHASES",
-        ),
+        EARLY_STOP_METRIC,
+        EARLY_STOP_MODE,
+        EARLY_STOP_PATIENCE,
+        EARLY_STOP_MIN_DELTA,
+        EARLY_STOP_PHASES,
     ]

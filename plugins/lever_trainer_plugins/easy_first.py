@@ -34,7 +34,7 @@ def about() -> About:
 
 def easy_rows(state: TrainState) -> torch.Tensor:
     """The rows of ``state.train`` in the easy subset, in row order (cached per run)."""
-    fraction = float(state.options["easy_fraction"])
+    fraction = float(EASY_FRACTION.of(state.options))
     cached = state.extra.get(NAME)
     if cached is not None and cached["fraction"] == fraction:
         rows: torch.Tensor = cached["rows"]
@@ -61,38 +61,43 @@ def train_rows(
     state: TrainState, phase: str, epoch: int, generator: torch.Generator
 ) -> torch.Tensor | None:
     """The easy subset, shuffled, in the first epochs of the chosen phases."""
-    phases = phase_set(state, "easy_phases", "--easy-phases")
-    if (phases is not None and phase not in phases) or epoch > int(state.options["easy_epochs"]):
+    phases = phase_set(state, EASY_PHASES)
+    if (phases is not None and phase not in phases) or epoch > int(EASY_EPOCHS.of(state.options)):
         return None
     rows = easy_rows(state)
     return rows[torch.randperm(len(rows), generator=generator)]
+
+
+EASY_FRACTION = Option(
+    ("--easy-fraction",),
+    "float",
+    0.5,
+    "easy-first: share of the training queries in the easy subset.",
+    min=0,
+    max=1,
+    min_open=True,
+)
+EASY_EPOCHS = Option(
+    ("--easy-epochs",),
+    "int",
+    1,
+    "easy-first: epochs of each chosen phase that visit only the easy subset.",
+    min=0,
+)
+EASY_PHASES = Option(
+    ("--easy-phases",),
+    "str",
+    "all",
+    "easy-first: phases that start with the easy subset ('all' or names, comma-separated).",
+    metavar="PHASES",
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """Size of the subset, its epochs and phases."""
     return [
-        Option(
-            ("--easy-fraction",),
-            "float",
-            0.5,
-            "easy-first: share of the training queries in the easy subset.",
-            min=0,
-            max=1,
-            min_open=True,
-        ),
-        Option(
-            ("--easy-epochs",),
-            "int",
-            1,
-            "easy-first: epochs of each chosen phase that visit only the easy subset.",
-            min=0,
-        ),
-        Option(
-            ("--easy-phases",),
-            "str",
-            "all",
-            "easy-first: phases that start with the easy subset ('all' or names, comma-separated).",
-            metavar="PHASES",
-        ),
+        EASY_FRACTION,
+        EASY_EPOCHS,
+        EASY_PHASES,
     ]

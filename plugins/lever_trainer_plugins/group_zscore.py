@@ -27,19 +27,20 @@ def compute_advantages(
     state: TrainState, phase: str, rewards: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """The clipped group z-score."""
-    return group_advantages(rewards, mask, float(state.options["advantage_clip"]))
+    return group_advantages(rewards, mask, float(ADVANTAGE_CLIP.of(state.options)))
+
+
+ADVANTAGE_CLIP = Option(
+    ("--advantage-clip", "--advantage_clip"),
+    "float",
+    5.0,
+    "Advantages are clipped to [-c, c].",
+    min=0,
+    min_open=True,
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The advantage clip."""
-    return [
-        Option(
-            ("--advantage-clip", "--advantage_clip"),
-            "float",
-            5.0,
-            "Advantages are clipped to [-c, c].",
-            min=0,
-            min_open=True,
-        )
-    ]
+    return [ADVANTAGE_CLIP]

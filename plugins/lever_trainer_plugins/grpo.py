@@ -24,7 +24,25 @@ import torch
 
 from lever_trainer.api import About, Batch, Option, Phase, TrainState, hookimpl
 
-from ._group_objective import GroupObjectivePhase, check_decisions, warn_idle_objective_plugins
+from ._group_objective import (
+    CLIP_EPSILON,
+    KL_BETA,
+    GroupObjectivePhase,
+    check_decisions,
+    warn_idle_objective_plugins,
+)
+
+GRPO_EPOCHS = Option(
+    ("--grpo-epochs", "--grpo_epochs"), "int", 0, "Epochs of the GRPO phase.", min=0
+)
+GRPO_LR = Option(
+    ("--grpo-lr", "--grpo_lr"),
+    "float",
+    1e-5,
+    "GRPO learning rate (AdamW).",
+    min=0,
+    min_open=True,
+)
 
 
 class GRPOPhase(GroupObjectivePhase):
@@ -32,8 +50,8 @@ class GRPOPhase(GroupObjectivePhase):
 
     name = "grpo"
     order = 30
-    epochs_option = "grpo_epochs"
-    lr_option = "grpo_lr"
+    epochs_option = GRPO_EPOCHS.dest
+    lr_option = GRPO_LR.dest
     needs_reference = True
     log_metrics = ("train_kl", "kl_beta")
 
@@ -46,30 +64,10 @@ class GRPOPhase(GroupObjectivePhase):
 def add_options() -> Sequence[Option]:
     """Epochs, learning rate, PPO clip and the starting KL weight of GRPO."""
     return [
-        Option(("--grpo-epochs", "--grpo_epochs"), "int", 0, "Epochs of the GRPO phase.", min=0),
-        Option(
-            ("--grpo-lr", "--grpo_lr"),
-            "float",
-            1e-5,
-            "GRPO learning rate (AdamW).",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--kl-beta", "--kl_beta"),
-            "float",
-            0.1,
-            "Starting weight of the KL penalty.",
-            min=0,
-        ),
-        Option(
-            ("--clip-epsilon", "--clip_epsilon"),
-            "float",
-            0.2,
-            "PPO clip: ratios are clipped to [1 - eps, 1 + eps].",
-            min=0,
-            min_open=True,
-        ),
+        GRPO_EPOCHS,
+        GRPO_LR,
+        KL_BETA,
+        CLIP_EPSILON,
     ]
 
 

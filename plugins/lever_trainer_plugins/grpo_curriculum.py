@@ -30,34 +30,39 @@ def select_candidates(
     """The top-k mask of the current GRPO epoch."""
     if phase != "grpo":
         return None
-    early = state.epoch - 1 < state.options["early_epochs"]
-    k = state.options["early_top_k"] if early else state.options["late_top_k"]
+    early = state.epoch - 1 < EARLY_EPOCHS.of(state.options)
+    k = EARLY_TOP_K.of(state.options) if early else LATE_TOP_K.of(state.options)
     return top_k_mask(rewards, batch.cand_mask, int(k))
+
+
+EARLY_TOP_K = Option(
+    ("--early-top-k", "--early_top_k"),
+    "int",
+    3,
+    "Candidates kept per query in the early GRPO epochs.",
+    min=1,
+)
+LATE_TOP_K = Option(
+    ("--late-top-k", "--late_top_k"),
+    "int",
+    5,
+    "Candidates kept per query in the later GRPO epochs.",
+    min=1,
+)
+EARLY_EPOCHS = Option(
+    ("--early-epochs", "--early_epochs"),
+    "int",
+    1,
+    "How many GRPO epochs count as early.",
+    min=0,
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The curriculum's two group sizes and the switch epoch."""
     return [
-        Option(
-            ("--early-top-k", "--early_top_k"),
-            "int",
-            3,
-            "Candidates kept per query in the early GRPO epochs.",
-            min=1,
-        ),
-        Option(
-            ("--late-top-k", "--late_top_k"),
-            "int",
-            5,
-            "Candidates kept per query in the later GRPO epochs.",
-            min=1,
-        ),
-        Option(
-            ("--early-epochs", "--early_epochs"),
-            "int",
-            1,
-            "How many GRPO epochs count as early.",
-            min=0,
-        ),
+        EARLY_TOP_K,
+        LATE_TOP_K,
+        EARLY_EPOCHS,
     ]

@@ -47,32 +47,36 @@ def policy_objective(
         ratio,
         advantages,
         max(int(state.train.seq_len), 1),
-        float(state.options["gspo_epsilon_low"]),
-        float(state.options["gspo_epsilon_high"]),
+        float(GSPO_EPSILON_LOW.of(state.options)),
+        float(GSPO_EPSILON_HIGH.of(state.options)),
     )
+
+
+GSPO_EPSILON_LOW = Option(
+    ("--gspo-epsilon-low",),
+    "float",
+    3e-4,
+    "gspo: sequence ratios below 1 - eps stop losing.",
+    min=0,
+    max=1,
+    min_open=True,
+)
+GSPO_EPSILON_HIGH = Option(
+    ("--gspo-epsilon-high",),
+    "float",
+    4e-4,
+    "gspo: sequence ratios above 1 + eps stop gaining.",
+    min=0,
+    min_open=True,
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The two sides of the sequence-level clip."""
     return [
-        Option(
-            ("--gspo-epsilon-low",),
-            "float",
-            3e-4,
-            "gspo: sequence ratios below 1 - eps stop losing.",
-            min=0,
-            max=1,
-            min_open=True,
-        ),
-        Option(
-            ("--gspo-epsilon-high",),
-            "float",
-            4e-4,
-            "gspo: sequence ratios above 1 + eps stop gaining.",
-            min=0,
-            min_open=True,
-        ),
+        GSPO_EPSILON_LOW,
+        GSPO_EPSILON_HIGH,
     ]
 
 

@@ -60,13 +60,57 @@ def about() -> About:
     )
 
 
+RANK_EPOCHS = Option(("--rank-epochs",), "int", 30, "Epochs of the judge-rank phase.", min=0)
+RANK_LR = Option(
+    ("--rank-lr",), "float", 2e-2, "judge-rank learning rate (AdamW).", min=0, min_open=True
+)
+RANK_CANDIDATES = Option(
+    ("--rank-candidates",),
+    "int",
+    16,
+    "Top candidates judged per training query and round (behind the anchors).",
+    min=2,
+)
+RANK_ROUNDS = Option(
+    ("--rank-rounds",),
+    "int",
+    1,
+    "Rounds of judging, spread over the epochs (new top candidates only).",
+    min=1,
+)
+RANK_LOSS = Option(
+    ("--rank-loss",),
+    "choice",
+    "pairwise",
+    "How the verdicts are learned: `pairwise` (logistic loss over every ordered pair "
+    "the rewards rank) or `listwise` (cross-entropy to the rewards' softmax at "
+    "--rank-temperature).",
+    choices=("pairwise", "listwise"),
+)
+RANK_TEMPERATURE = Option(
+    ("--rank-temperature",),
+    "float",
+    0.1,
+    "Temperature of the rewards' softmax of --rank-loss listwise.",
+    min=0,
+    min_open=True,
+)
+RANK_PENALTY = Option(
+    ("--rank-penalty",),
+    "float",
+    3e-3,
+    "Weight of the squared distance of the weights from the phase's start.",
+    min=0,
+)
+
+
 class JudgeRankPhase(Phase):
     """Judge the top candidates one by one, then learn their order (module docstring)."""
 
     name = "judge-rank"
     order = 45
-    epochs_option = "rank_epochs"
-    lr_option = "rank_lr"
+    epochs_option = RANK_EPOCHS.dest
+    lr_option = RANK_LR.dest
     needs_reward = False
     log_metrics = ("judge_calls_per_query", "train_pair_accuracy")
     metric_names = ("train_pair_accuracy", "train_penalty", "judge_calls_per_query")
@@ -96,7 +140,7 @@ class JudgeRankPhase(Phase):
         scores (padded with -1 where the pool is too small)."""
         model, table, emb = state.model, state.train, state.emb
         assert emb is not None
-        steps, want = table.seq_len, int(state.options["rank_candidates"])
+        steps, want = table.seq_len, int(RANK_CANDIDATES.of(state.options))
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -189,7 +233,7 @@ class JudgeRankPhase(Phase):
         """The verdicts: ``--rank-rounds`` rounds spread evenly over the phase's epochs,
         each judging the current policy's top candidates not judged before; every epoch
         learns from all the verdicts so far."""
-        rounds = max(1, min(int(state.options["rank_rounds"]), state.epochs))
+        rounds = max(1, min(int(RANK_ROUNDS.of(state.options)), state.epochs))
         per_round = -(-state.epochs // rounds)
         due = min((epoch - 1) // per_round + 1, rounds)
         while self.rounds_done < due:
@@ -211,9 +255,9 @@ class JudgeRankPhase(Phase):
         better = (r.unsqueeze(2) > r.unsqueeze(1)) & valid
         diff = score.unsqueeze(2) - score.unsqueeze(1)
         pairs = better.sum().clamp_min(1)
-        if state.options["rank_loss"] == "listwise":
+        if RANK_LOSS.of(state.options) == "listwise":
             ranking = listwise_loss(
-                score, r, batch.cand_mask, float(state.options["rank_temperature"])
+                score, r, batch.cand_mask, float(RANK_TEMPERATURE.of(state.options))
             )
         else:
             ranking = (torch.nn.functional.softplus(-diff) * better).sum() / pairs
@@ -222,7 +266,7 @@ class JudgeRankPhase(Phase):
             start = self.anchor.get(name)
             if start is not None and p.requires_grad:
                 penalty = penalty + ((p - start.to(p.device)) ** 2).sum()
-        weight = float(state.options["rank_penalty"])
+        weight = float(RANK_PENALTY.of(state.options))
         return {
             "loss": ranking + weight * penalty,
             "pair_accuracy": ((diff > 0) & better).sum() / pairs,
@@ -279,48 +323,13 @@ def phases() -> Sequence[Phase]:
 def add_options() -> Sequence[Option]:
     """Epochs, learning rate, candidates judged and the penalty."""
     return [
-        Option(("--rank-epochs",), "int", 30, "Epochs of the judge-rank phase.", min=0),
-        Option(
-            ("--rank-lr",), "float", 2e-2, "judge-rank learning rate (AdamW).", min=0, min_open=True
-        ),
-        Option(
-            ("--rank-candidates",),
-            "int",
-            16,
-            "Top candidates judged per training query and round (behind the anchors).",
-            min=2,
-        ),
-        Option(
-            ("--rank-rounds",),
-            "int",
-            1,
-            "Rounds of judging, spread over the epochs (new top candidates only).",
-            min=1,
-        ),
-        Option(
-            ("--rank-loss",),
-            "choice",
-            "pairwise",
-            "How the verdicts are learned: `pairwise` (logistic loss over every ordered pair "
-            "the rewards rank) or `listwise` (cross-entropy to the rewards' softmax at "
-            "--rank-temperature).",
-            choices=("pairwise", "listwise"),
-        ),
-        Option(
-            ("--rank-temperature",),
-            "float",
-            0.1,
-            "Temperature of the rewards' softmax of --rank-loss listwise.",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--rank-penalty",),
-            "float",
-            3e-3,
-            "Weight of the squared distance of the weights from the phase's start.",
-            min=0,
-        ),
+        RANK_EPOCHS,
+        RANK_LR,
+        RANK_CANDIDATES,
+        RANK_ROUNDS,
+        RANK_LOSS,
+        RANK_TEMPERATURE,
+        RANK_PENALTY,
     ]
 
 

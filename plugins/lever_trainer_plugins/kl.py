@@ -95,6 +95,24 @@ class PPOClipOnly:
         return False
 
 
+KL_TARGET = Option(
+    ("--kl-target",),
+    "float",
+    0.05,
+    "kl-target: the KL the controller steers towards.",
+    min=0,
+    min_open=True,
+)
+KL_HORIZON = Option(
+    ("--kl-horizon",),
+    "float",
+    10.0,
+    "kl-target: optimiser steps over which a 20% KL error moves the weight by "
+    "20% (the gain is 1 / horizon).",
+    min=1,
+)
+
+
 class KLTarget:
     """Proportional control of the KL weight towards a target KL."""
 
@@ -110,29 +128,15 @@ class KLTarget:
     @hookimpl
     def adapt_kl_beta(self, state: TrainState, kl: float, beta: float) -> float:
         """One step of the proportional controller."""
-        error = min(max(kl / float(state.options["kl_target"]) - 1.0, -0.2), 0.2)
-        return beta * (1.0 + error / float(state.options["kl_horizon"]))
+        error = min(max(kl / float(KL_TARGET.of(state.options)) - 1.0, -0.2), 0.2)
+        return beta * (1.0 + error / float(KL_HORIZON.of(state.options)))
 
     @hookimpl
     def add_options(self) -> Sequence[Option]:
         """Target and horizon."""
         return [
-            Option(
-                ("--kl-target",),
-                "float",
-                0.05,
-                "kl-target: the KL the controller steers towards.",
-                min=0,
-                min_open=True,
-            ),
-            Option(
-                ("--kl-horizon",),
-                "float",
-                10.0,
-                "kl-target: optimiser steps over which a 20% KL error moves the weight by "
-                "20% (the gain is 1 / horizon).",
-                min=1,
-            ),
+            KL_TARGET,
+            KL_HORIZON,
         ]
 
 

@@ -59,7 +59,7 @@ def scheduled_lr(
 @hookimpl
 def learning_rate(state: TrainState, phase: str, base_lr: float) -> float | None:
     """The scheduled rate of the step about to be taken."""
-    phases = phase_set(state, "lr_schedule_phases", "--lr-schedule-phases")
+    phases = phase_set(state, LR_SCHEDULE_PHASES)
     if phases is not None and phase not in phases:
         return None
     per_epoch = max(state.steps_per_epoch, 1)
@@ -69,9 +69,9 @@ def learning_rate(state: TrainState, phase: str, base_lr: float) -> float | None
         base_lr,
         progress,
         1.0 / (per_epoch * epochs),
-        str(state.options["lr_schedule"]),
-        float(state.options["lr_warmup"]),
-        float(state.options["lr_min_ratio"]),
+        str(LR_SCHEDULE.of(state.options)),
+        float(LR_WARMUP.of(state.options)),
+        float(LR_MIN_RATIO.of(state.options)),
     )
     state.extra[NAME] = {"phase": phase, "step": state.step, "lr": lr}
     return lr
@@ -90,38 +90,44 @@ def load_plugin_state(state: TrainState, saved: dict[str, Any]) -> None:
     state.extra[NAME] = dict(saved)
 
 
+LR_SCHEDULE = Option(
+    ("--lr-schedule",),
+    "choice",
+    "cosine",
+    "lr-schedule: the decay after the warm-up.",
+    choices=("constant", "linear", "cosine"),
+)
+LR_WARMUP = Option(
+    ("--lr-warmup",),
+    "float",
+    0.1,
+    "lr-schedule: share of each phase spent warming up linearly from 0.",
+    min=0,
+    max=1,
+)
+LR_MIN_RATIO = Option(
+    ("--lr-min-ratio",),
+    "float",
+    0.0,
+    "lr-schedule: the rate the decay ends at, as a share of the base rate.",
+    min=0,
+    max=1,
+)
+LR_SCHEDULE_PHASES = Option(
+    ("--lr-schedule-phases",),
+    "str",
+    "all",
+    "lr-schedule: phases that follow the schedule ('all' or names, comma-separated).",
+    metavar="PHASES",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """Shape, warm-up, floor and phases of the schedule."""
     return [
-        Option(
-            ("--lr-schedule",),
-            "choice",
-            "cosine",
-            "lr-schedule: the decay after the warm-up.",
-            choices=("constant", "linear", "cosine"),
-        ),
-        Option(
-            ("--lr-warmup",),
-            "float",
-            0.1,
-            "lr-schedule: share of each phase spent warming up linearly from 0.",
-            min=0,
-            max=1,
-        ),
-        Option(
-            ("--lr-min-ratio",),
-            "float",
-            0.0,
-            "lr-schedule: the rate the decay ends at, as a share of the base rate.",
-            min=0,
-            max=1,
-        ),
-        Option(
-            ("--lr-schedule-phases",),
-            "str",
-            "all",
-            "lr-schedule: phases that follow the schedule ('all' or names, comma-separated).",
-            metavar="PHASES",
-        ),
+        LR_SCHEDULE,
+        LR_WARMUP,
+        LR_MIN_RATIO,
+        LR_SCHEDULE_PHASES,
     ]

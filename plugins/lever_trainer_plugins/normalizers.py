@@ -76,18 +76,19 @@ def normalizers() -> Mapping[str, NormalizeFn]:
     return NORMALIZERS
 
 
+NORMALIZE_CLAMP = Option(
+    ("--normalize-clamp-value", "--normalize_clamp_value"),
+    "float",
+    3.0,
+    "Bound of z_score_clamp.",
+    dest="normalize_clamp",
+    min=0,
+    min_open=True,
+    commands=DATA_COMMANDS,
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The bound of ``z_score_clamp``."""
-    return [
-        Option(
-            ("--normalize-clamp-value", "--normalize_clamp_value"),
-            "float",
-            3.0,
-            "Bound of z_score_clamp.",
-            dest="normalize_clamp",
-            min=0,
-            min_open=True,
-            commands=DATA_COMMANDS,
-        )
-    ]
+    return [NORMALIZE_CLAMP]

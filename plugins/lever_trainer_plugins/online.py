@@ -44,14 +44,61 @@ from lever_trainer.api import (
 
 from ._group_objective import OBJECTIVE_METRICS, GroupObjectivePhase, check_decisions
 
+ONLINE_EPOCHS = Option(("--online-epochs",), "int", 8, "Rounds of the online phase.", min=0)
+ONLINE_LR = Option(
+    ("--online-lr",), "float", 1e-4, "Online learning rate (AdamW).", min=0, min_open=True
+)
+ONLINE_SAMPLES = Option(
+    ("--online-samples",),
+    "int",
+    8,
+    "Sequences drawn per query per round (plus the greedy one).",
+    min=1,
+)
+ONLINE_TEMPERATURE = Option(
+    ("--online-temperature",),
+    "float",
+    1.0,
+    "Sampling temperature of the proposals.",
+    min=0,
+    min_open=True,
+)
+ONLINE_BUDGET = Option(
+    ("--online-budget",),
+    "int",
+    64,
+    "Most distinct sequences judged per training query over the phase.",
+    min=1,
+)
+ONLINE_PASSES = Option(("--online-passes",), "int", 2, "Passes over each round's groups.", min=1)
+ONLINE_CLIP_EPSILON = Option(
+    ("--online-clip-epsilon",),
+    "float",
+    None,
+    "Removed: the online phase uses --clip-epsilon.",
+    min=0,
+    extra={"removed": "use --clip-epsilon (one PPO clip for grpo and online)"},
+)
+ONLINE_KL_BETA = Option(
+    ("--online-kl-beta",),
+    "float",
+    None,
+    "Removed: the online phase uses --kl-beta.",
+    min=0,
+    extra={
+        "removed": "use --kl-beta (one KL weight for grpo and online; "
+        "--plugin ppo-clip-only for no KL term, the old default)"
+    },
+)
+
 
 class OnlinePhase(GroupObjectivePhase):
     """Rounds of propose -> judge -> group-objective update (see the module docstring)."""
 
     name = "online"
     order = 40
-    epochs_option = "online_epochs"
-    lr_option = "online_lr"
+    epochs_option = ONLINE_EPOCHS.dest
+    lr_option = ONLINE_LR.dest
     needs_reward = False
     log_metrics = ("judge_calls_per_query", "online_reward", "online_correct")
     metric_names = (
@@ -78,8 +125,8 @@ class OnlinePhase(GroupObjectivePhase):
     def propose(self, state: TrainState, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences [Q, 1 + N, S] (greedy first) and their log-probs at collection."""
         model, table = state.model, state.train
-        steps, samples = table.seq_len, int(state.options["online_samples"])
-        temperature = float(state.options["online_temperature"])
+        steps, samples = table.seq_len, int(ONLINE_SAMPLES.of(state.options))
+        temperature = float(ONLINE_TEMPERATURE.of(state.options))
         generator = torch.Generator().manual_seed(state.config.seed * 1009 + epoch)
         was_training = model.training
         model.eval()
@@ -106,7 +153,7 @@ class OnlinePhase(GroupObjectivePhase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rewards, correctness and a mask [Q, G] of the proposals within the budget."""
         assert state.judge is not None
-        table, budget = state.train, int(state.options["online_budget"])
+        table, budget = state.train, int(ONLINE_BUDGET.of(state.options))
         ids = table.pool_ids.gather(1, positions.flatten(1)).view(positions.shape)
         query_ids = table.query_ids.tolist()
         rows: list[int] = []
@@ -171,7 +218,7 @@ class OnlinePhase(GroupObjectivePhase):
             correct=correct.gather(1, idx),
             cand_index=idx,
         )
-        self.round = EpochData(table, logps.gather(1, idx), int(state.options["online_passes"]))
+        self.round = EpochData(table, logps.gather(1, idx), int(ONLINE_PASSES.of(state.options)))
         greedy_kept = keep[:, 0]
         self.round_stats = {
             "online_reward": float(rewards[:, 0][greedy_kept].mean()) if greedy_kept.any() else 0.0,
@@ -235,52 +282,14 @@ def on_train_start(state: TrainState) -> None:
 def add_options() -> Sequence[Option]:
     """Rounds, learning rate, proposals, budget and passes (the update takes GRPO's)."""
     return [
-        Option(("--online-epochs",), "int", 8, "Rounds of the online phase.", min=0),
-        Option(
-            ("--online-lr",), "float", 1e-4, "Online learning rate (AdamW).", min=0, min_open=True
-        ),
-        Option(
-            ("--online-samples",),
-            "int",
-            8,
-            "Sequences drawn per query per round (plus the greedy one).",
-            min=1,
-        ),
-        Option(
-            ("--online-temperature",),
-            "float",
-            1.0,
-            "Sampling temperature of the proposals.",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--online-budget",),
-            "int",
-            64,
-            "Most distinct sequences judged per training query over the phase.",
-            min=1,
-        ),
-        Option(("--online-passes",), "int", 2, "Passes over each round's groups.", min=1),
-        Option(
-            ("--online-clip-epsilon",),
-            "float",
-            None,
-            "Removed: the online phase uses --clip-epsilon.",
-            min=0,
-            extra={"removed": "use --clip-epsilon (one PPO clip for grpo and online)"},
-        ),
-        Option(
-            ("--online-kl-beta",),
-            "float",
-            None,
-            "Removed: the online phase uses --kl-beta.",
-            min=0,
-            extra={
-                "removed": "use --kl-beta (one KL weight for grpo and online; "
-                "--plugin ppo-clip-only for no KL term, the old default)"
-            },
-        ),
+        ONLINE_EPOCHS,
+        ONLINE_LR,
+        ONLINE_SAMPLES,
+        ONLINE_TEMPERATURE,
+        ONLINE_BUDGET,
+        ONLINE_PASSES,
+        ONLINE_CLIP_EPSILON,
+        ONLINE_KL_BETA,
     ]
 
 

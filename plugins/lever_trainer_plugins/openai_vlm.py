@@ -55,6 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from lever_trainer.api import (
+    CAND_EMB,
+    EMB_KEY,
+    IMG_EMB,
     About,
     Environment,
     LeverError,
@@ -337,16 +340,16 @@ class OpenAIVLMEnvironment(Environment):
             import httpx  # noqa: F401  (checked now: one line, before anything starts)
         except ImportError:
             raise LeverError(f"--judge {NAME} needs httpx: {INSTALL_HINT}") from None
-        if not options.get("vlm_url"):
+        if not VLM_URL.of(options):
             raise LeverError(
                 f"--judge {NAME}: name the server with --vlm-url (e.g. http://127.0.0.1:8000/v1)"
             )
-        self.url = check_url(options["vlm_url"])
-        model = options.get("vlm_model")
+        self.url = check_url(VLM_URL.of(options))
+        model = VLM_MODEL.of(options)
         if not model:
             raise LeverError(f"--judge {NAME}: name the served model with --vlm-model")
         self.model = str(model)
-        manifest = options.get("vlm_manifest")
+        manifest = VLM_MANIFEST.of(options)
         if not manifest:
             raise LeverError(
                 f"--judge {NAME}: give the items (images, questions, answers) with "
@@ -354,21 +357,21 @@ class OpenAIVLMEnvironment(Environment):
             )
         self.manifest_path = str(manifest)
         self.items = read_manifest(manifest)
-        self.template = load_template(options.get("vlm_template"))
-        self.max_tokens = int(options.get("vlm_max_tokens") or 16)
-        self.timeout = float(options.get("vlm_timeout") or 60.0)
-        self.max_image_bytes = int(float(options.get("vlm_max_image_mb") or 10.0) * 2**20)
-        self.concurrency = int(options.get("vlm_concurrency") or 8)
+        self.template = load_template(VLM_TEMPLATE.of(options))
+        self.max_tokens = int(VLM_MAX_TOKENS.of(options) or 16)
+        self.timeout = float(VLM_TIMEOUT.of(options) or 60.0)
+        self.max_image_bytes = int(float(VLM_MAX_IMAGE_MB.of(options) or 10.0) * 2**20)
+        self.concurrency = int(VLM_CONCURRENCY.of(options) or 8)
         self.batch_size = self.concurrency
-        self.logprobs = not options.get("vlm_no_logprobs")
-        self.leave_one_out = (options.get("vlm_accuracy") or "leave-one-out") == "leave-one-out"
+        self.logprobs = not VLM_NO_LOGPROBS.of(options)
+        self.leave_one_out = (VLM_ACCURACY.of(options) or "leave-one-out") == "leave-one-out"
         self._images.clear()
         self._answered.clear()
         self._client = self._client_loop = None  # new settings (timeout): a new client
-        emb_path = options.get("img_emb")
+        emb_path = IMG_EMB.of(options)
         never: list[str] = [] if self.logprobs else ["vqa_gt_prob"]
         if emb_path:
-            emb = load_embeddings(emb_path, options.get("cand_emb"), options.get("emb_key"))
+            emb = load_embeddings(emb_path, CAND_EMB.of(options), EMB_KEY.of(options))
             self.query_emb, self.cand_emb = emb.query, emb.cand
             self.optional_fields = ("vqa_gt_prob",)
         else:
@@ -636,96 +639,111 @@ def environments() -> Mapping[str, Environment]:
     return {NAME: _ENV}
 
 
+#: The commands that take this plugin's options.
+_COMMANDS = ("train", "evaluate", "serve-judge", "collect")
+
+
+VLM_URL = Option(
+    ("--vlm-url",),
+    "str",
+    None,
+    f"{NAME}: the server's OpenAI API base URL (e.g. http://127.0.0.1:8000/v1).",
+    metavar="URL",
+    commands=_COMMANDS,
+)
+VLM_MODEL = Option(
+    ("--vlm-model",),
+    "str",
+    None,
+    f"{NAME}: the model name the server serves (the request's model field).",
+    metavar="NAME",
+    commands=_COMMANDS,
+)
+VLM_MANIFEST = Option(
+    ("--vlm-manifest",),
+    "path",
+    None,
+    f"{NAME}: the dataset manifest (JSON Lines: id, image, question, answers).",
+    path_kind="file",
+    metavar="FILE",
+    commands=_COMMANDS,
+)
+VLM_TEMPLATE = Option(
+    ("--vlm-template",),
+    "path",
+    None,
+    f"{NAME}: prompt template (TOML: system, instruction, demonstration, query); "
+    "default: the short-answer VQA layout.",
+    path_kind="file",
+    metavar="FILE",
+    commands=_COMMANDS,
+)
+VLM_MAX_TOKENS = Option(
+    ("--vlm-max-tokens",),
+    "int",
+    16,
+    f"{NAME}: most tokens of an answer (the request's max_tokens).",
+    min=1,
+    commands=_COMMANDS,
+)
+VLM_TIMEOUT = Option(
+    ("--vlm-timeout",),
+    "float",
+    60.0,
+    f"{NAME}: seconds one request may take (then asked again, --judge-retries).",
+    min=0.0,
+    min_open=True,
+    metavar="SECONDS",
+    commands=_COMMANDS,
+)
+VLM_MAX_IMAGE_MB = Option(
+    ("--vlm-max-image-mb",),
+    "float",
+    10.0,
+    f"{NAME}: largest local image sent, in MiB; a larger one stops the run.",
+    min=0.0,
+    min_open=True,
+    commands=_COMMANDS,
+)
+VLM_CONCURRENCY = Option(
+    ("--vlm-concurrency",),
+    "int",
+    8,
+    f"{NAME}: requests in flight per judge call (also the pairs per call).",
+    min=1,
+    commands=_COMMANDS,
+)
+VLM_ACCURACY = Option(
+    ("--vlm-accuracy",),
+    "choice",
+    "leave-one-out",
+    f"{NAME}: VQA accuracy averaged over the leave-one-out subsets of the human "
+    "answers (as the VQAv2 evaluation) or over the whole set once.",
+    choices=("leave-one-out", "whole-set"),
+    commands=_COMMANDS,
+)
+VLM_NO_LOGPROBS = Option(
+    ("--vlm-no-logprobs",),
+    "bool",
+    False,
+    f"{NAME}: do not ask for log-probabilities (for a server that refuses them); "
+    "vqa_gt_prob is then unavailable.",
+    commands=_COMMANDS,
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The server, the model, the items and how they are asked."""
-    commands = ("train", "evaluate", "serve-judge", "collect")
     return [
-        Option(
-            ("--vlm-url",),
-            "str",
-            None,
-            f"{NAME}: the server's OpenAI API base URL (e.g. http://127.0.0.1:8000/v1).",
-            metavar="URL",
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-model",),
-            "str",
-            None,
-            f"{NAME}: the model name the server serves (the request's model field).",
-            metavar="NAME",
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-manifest",),
-            "path",
-            None,
-            f"{NAME}: the dataset manifest (JSON Lines: id, image, question, answers).",
-            path_kind="file",
-            metavar="FILE",
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-template",),
-            "path",
-            None,
-            f"{NAME}: prompt template (TOML: system, instruction, demonstration, query); "
-            "default: the short-answer VQA layout.",
-            path_kind="file",
-            metavar="FILE",
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-max-tokens",),
-            "int",
-            16,
-            f"{NAME}: most tokens of an answer (the request's max_tokens).",
-            min=1,
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-timeout",),
-            "float",
-            60.0,
-            f"{NAME}: seconds one request may take (then asked again, --judge-retries).",
-            min=0.0,
-            min_open=True,
-            metavar="SECONDS",
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-max-image-mb",),
-            "float",
-            10.0,
-            f"{NAME}: largest local image sent, in MiB; a larger one stops the run.",
-            min=0.0,
-            min_open=True,
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-concurrency",),
-            "int",
-            8,
-            f"{NAME}: requests in flight per judge call (also the pairs per call).",
-            min=1,
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-accuracy",),
-            "choice",
-            "leave-one-out",
-            f"{NAME}: VQA accuracy averaged over the leave-one-out subsets of the human "
-            "answers (as the VQAv2 evaluation) or over the whole set once.",
-            choices=("leave-one-out", "whole-set"),
-            commands=commands,
-        ),
-        Option(
-            ("--vlm-no-logprobs",),
-            "bool",
-            False,
-            f"{NAME}: do not ask for log-probabilities (for a server that refuses them); "
-            "vqa_gt_prob is then unavailable.",
-            commands=commands,
-        ),
+        VLM_URL,
+        VLM_MODEL,
+        VLM_MANIFEST,
+        VLM_TEMPLATE,
+        VLM_MAX_TOKENS,
+        VLM_TIMEOUT,
+        VLM_MAX_IMAGE_MB,
+        VLM_CONCURRENCY,
+        VLM_ACCURACY,
+        VLM_NO_LOGPROBS,
     ]

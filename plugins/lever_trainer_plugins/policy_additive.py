@@ -79,20 +79,20 @@ class AdditivePointerPolicy(StepPointerPolicy):
         return super().step_scores(context, memory, state, step, chosen, pad)
 
 
+SCORING_HEAD = Option(
+    flags=("--scoring-head", "--attention_type"),
+    type="choice",
+    choices=HEADS,
+    default="additive",
+    dest="scoring_head",
+    help="pointer-additive: step scoring head (additive|bilinear|dot); upstream --attention_type",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--scoring-head``."""
-    return [
-        Option(
-            flags=("--scoring-head", "--attention_type"),
-            type="choice",
-            choices=HEADS,
-            default="additive",
-            dest="scoring_head",
-            help="pointer-additive: step scoring head (additive|bilinear|dot); "
-            "upstream --attention_type",
-        )
-    ]
+    return [SCORING_HEAD]
 
 
 @hookimpl
@@ -117,5 +117,5 @@ def build(input_dim: int, options: Mapping[str, Any]) -> AdditivePointerPolicy:
     return AdditivePointerPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),
-        head=str(option_value(options, "scoring_head", "additive", HEADS, "--scoring-head")),
+        head=str(option_value(options, SCORING_HEAD)),
     )

@@ -33,7 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_trainer.api import CHOSEN_LOGIT, About, Option, Policy, decode_steps, hookimpl
+from lever_trainer.api import (
+    CHOSEN_LOGIT,
+    POLICY_TEMPERATURE,
+    SELECT_SHOTS,
+    About,
+    Option,
+    Policy,
+    decode_steps,
+    hookimpl,
+)
 
 NAME = "cosine-bilinear"
 
@@ -146,34 +155,38 @@ def build(input_dim: int, options: Mapping[str, Any]) -> CosineBilinearPolicy:
     """``cosine-bilinear`` with ``shots`` positions, ``temperature`` (0.1), the order and
     the candidate term (off when the options do not name it: a checkpoint written before
     it existed)."""
-    temperature = options.get("temperature")
+    temperature = POLICY_TEMPERATURE.of(options)
     return CosineBilinearPolicy(
         input_dim,
-        int(options.get("shots") or 2),
+        int(SELECT_SHOTS.of(options) or 2),
         0.1 if temperature is None else float(temperature),
-        str(options.get("bilinear_order") or "reverse"),
-        options.get("bilinear_candidate_term") == "on",
+        str(BILINEAR_ORDER.of(options) or "reverse"),
+        BILINEAR_CANDIDATE_TERM.of(options, missing="off") == "on",
     )
+
+
+BILINEAR_ORDER = Option(
+    ("--bilinear-order",),
+    "choice",
+    "reverse",
+    "cosine-bilinear: decide the last position first (reverse) or the first (forward).",
+    dest="bilinear_order",
+    choices=ORDERS,
+)
+BILINEAR_CANDIDATE_TERM = Option(
+    ("--bilinear-candidate-term",),
+    "choice",
+    "on",
+    "cosine-bilinear: score each item on its own as well (c^T B c per position).",
+    dest="bilinear_candidate_term",
+    choices=("on", "off"),
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The decoding order."""
     return [
-        Option(
-            ("--bilinear-order",),
-            "choice",
-            "reverse",
-            "cosine-bilinear: decide the last position first (reverse) or the first (forward).",
-            dest="bilinear_order",
-            choices=ORDERS,
-        ),
-        Option(
-            ("--bilinear-candidate-term",),
-            "choice",
-            "on",
-            "cosine-bilinear: score each item on its own as well (c^T B c per position).",
-            dest="bilinear_candidate_term",
-            choices=("on", "off"),
-        ),
+        BILINEAR_ORDER,
+        BILINEAR_CANDIDATE_TERM,
     ]

@@ -33,18 +33,19 @@ class GruPointerPolicy(StepPointerPolicy):
         )
 
 
+GRU_NO_STEP_EMB = Option(
+    flags=("--gru-no-step-emb", "--no_step_emb"),
+    type="bool",
+    default=False,
+    dest="gru_no_step_emb",
+    help="pointer-gru: no step embedding (h~ = h); upstream --no_step_emb",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--gru-no-step-emb``."""
-    return [
-        Option(
-            flags=("--gru-no-step-emb", "--no_step_emb"),
-            type="bool",
-            default=False,
-            dest="gru_no_step_emb",
-            help="pointer-gru: no step embedding (h~ = h); upstream --no_step_emb",
-        )
-    ]
+    return [GRU_NO_STEP_EMB]
 
 
 @hookimpl
@@ -67,5 +68,5 @@ def build(input_dim: int, options: Mapping[str, Any]) -> GruPointerPolicy:
     return GruPointerPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),
-        no_step_emb=bool(option_value(options, "gru_no_step_emb", False)),
+        no_step_emb=bool(option_value(options, GRU_NO_STEP_EMB)),
     )

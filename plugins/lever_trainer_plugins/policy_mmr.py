@@ -38,25 +38,29 @@ class MmrPolicy(MmrPointerPolicy):
         )
 
 
+MMR_REDUCTION = Option(
+    flags=("--mmr-reduction", "--mmr_reduction"),
+    type="choice",
+    choices=REDUCTIONS,
+    default="max",
+    dest="mmr_reduction",
+    help="pointer-mmr: how the similarities to earlier choices combine (max|mean)",
+)
+MMR_NO_GRU = Option(
+    flags=("--mmr-no-gru", "--no_gru"),
+    type="bool",
+    default=False,
+    dest="mmr_no_gru",
+    help="pointer-mmr: no GRU state update (the state stays h0); upstream --no_gru",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--mmr-reduction`` and ``--mmr-no-gru``."""
     return [
-        Option(
-            flags=("--mmr-reduction", "--mmr_reduction"),
-            type="choice",
-            choices=REDUCTIONS,
-            default="max",
-            dest="mmr_reduction",
-            help="pointer-mmr: how the similarities to earlier choices combine (max|mean)",
-        ),
-        Option(
-            flags=("--mmr-no-gru", "--no_gru"),
-            type="bool",
-            default=False,
-            dest="mmr_no_gru",
-            help="pointer-mmr: no GRU state update (the state stays h0); upstream --no_gru",
-        ),
+        MMR_REDUCTION,
+        MMR_NO_GRU,
     ]
 
 
@@ -80,6 +84,6 @@ def build(input_dim: int, options: Mapping[str, Any]) -> MmrPolicy:
     return MmrPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),
-        reduction=str(option_value(options, "mmr_reduction", "max", REDUCTIONS, "--mmr-reduction")),
-        no_gru=bool(option_value(options, "mmr_no_gru", False)),
+        reduction=str(option_value(options, MMR_REDUCTION)),
+        no_gru=bool(option_value(options, MMR_NO_GRU)),
     )

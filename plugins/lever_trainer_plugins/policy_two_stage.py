@@ -112,27 +112,30 @@ class TwoStagePointerPolicy(StepPointerPolicy):
         return torch.full_like(cheap, CHOSEN_LOGIT).scatter(2, top, rho)
 
 
+REFINE_HEAD = Option(
+    flags=("--refine-head", "--refine_type"),
+    type="choice",
+    choices=HEADS,
+    default="attn",
+    dest="refine_head",
+    help="pointer-two-stage: re-scoring head of the top M (attn|mlp); upstream --refine_type",
+)
+TWO_STAGE_TOP_M = Option(
+    flags=("--two-stage-top-m", "--top_m"),
+    type="int",
+    default=DEFAULT_TOP_M,
+    min=1,
+    dest="two_stage_top_m",
+    help="pointer-two-stage: how many cheap-score leaders are re-scored; upstream --top_m",
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--refine-head`` and ``--two-stage-top-m``."""
     return [
-        Option(
-            flags=("--refine-head", "--refine_type"),
-            type="choice",
-            choices=HEADS,
-            default="attn",
-            dest="refine_head",
-            help="pointer-two-stage: re-scoring head of the top M (attn|mlp); "
-            "upstream --refine_type",
-        ),
-        Option(
-            flags=("--two-stage-top-m", "--top_m"),
-            type="int",
-            default=DEFAULT_TOP_M,
-            min=1,
-            dest="two_stage_top_m",
-            help="pointer-two-stage: how many cheap-score leaders are re-scored; upstream --top_m",
-        ),
+        REFINE_HEAD,
+        TWO_STAGE_TOP_M,
     ]
 
 
@@ -155,12 +158,12 @@ def policies() -> dict[str, Callable[[int, Mapping[str, Any]], TwoStagePointerPo
 
 def build(input_dim: int, options: Mapping[str, Any]) -> TwoStagePointerPolicy:
     """Build ``pointer-two-stage`` from the trunk options, ``shots`` and its own options."""
-    top_m = int(option_value(options, "two_stage_top_m", DEFAULT_TOP_M))
+    top_m = int(option_value(options, TWO_STAGE_TOP_M))
     if top_m < 1:
         raise LeverError(f"--two-stage-top-m must be at least 1, got {top_m}")
     return TwoStagePointerPolicy(
         TrunkConfig.from_options(input_dim, options),
         shots_from(options),
-        head=str(option_value(options, "refine_head", "attn", HEADS, "--refine-head")),
+        head=str(option_value(options, REFINE_HEAD)),
         top_m=top_m,
     )

@@ -40,13 +40,40 @@ def about() -> About:
     )
 
 
+RCE_EPOCHS = Option(("--rce-epochs", "--rce_epochs"), "int", 10, "Epochs of the RCE phase.", min=0)
+RCE_LR = Option(
+    ("--rce-lr", "--rce_lr"),
+    "float",
+    1e-3,
+    "RCE learning rate (AdamW).",
+    min=0,
+    min_open=True,
+)
+RCE_TEMP_START = Option(
+    ("--rce-temp-start", "--rce_temp_start"),
+    "float",
+    0.5,
+    "RCE reward temperature at the first step.",
+    min=0,
+    min_open=True,
+)
+RCE_TEMP_END = Option(
+    ("--rce-temp-end", "--rce_temp_end"),
+    "float",
+    0.1,
+    "RCE reward temperature at the last step (linear in between).",
+    min=0,
+    min_open=True,
+)
+
+
 class RCEPhase(Phase):
     """Reward-weighted cross-entropy at an annealed temperature."""
 
     name = "rce"
     order = 20
-    epochs_option = "rce_epochs"
-    lr_option = "rce_lr"
+    epochs_option = RCE_EPOCHS.dest
+    lr_option = RCE_LR.dest
     metric_names = ("train_tau", "train_ess")
 
     def __init__(self) -> None:
@@ -66,7 +93,7 @@ class RCEPhase(Phase):
         epochs = self.planned_epochs if self.planned_epochs is not None else state.epochs
         total = epochs * state.steps_per_epoch
         return rce_temperature(
-            state.step, total, state.options["rce_temp_start"], state.options["rce_temp_end"]
+            state.step, total, RCE_TEMP_START.of(state.options), RCE_TEMP_END.of(state.options)
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -112,31 +139,10 @@ def add_options() -> Sequence[Option]:
     return [
         # Defaults: the quality task's best offline recipe (reference: 5 epochs, 1e-4, 2.0 -> 0.5;
         # `--preset upstream`).
-        Option(("--rce-epochs", "--rce_epochs"), "int", 10, "Epochs of the RCE phase.", min=0),
-        Option(
-            ("--rce-lr", "--rce_lr"),
-            "float",
-            1e-3,
-            "RCE learning rate (AdamW).",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--rce-temp-start", "--rce_temp_start"),
-            "float",
-            0.5,
-            "RCE reward temperature at the first step.",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--rce-temp-end", "--rce_temp_end"),
-            "float",
-            0.1,
-            "RCE reward temperature at the last step (linear in between).",
-            min=0,
-            min_open=True,
-        ),
+        RCE_EPOCHS,
+        RCE_LR,
+        RCE_TEMP_START,
+        RCE_TEMP_END,
     ]
 
 

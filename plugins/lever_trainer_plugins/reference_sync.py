@@ -44,16 +44,16 @@ def on_step_end(state: TrainState) -> None:
     phase = state.current_phase
     if phase is None or not phase.needs_reference or state.ref_logprobs is None:
         return
-    if state.step % int(state.options["ref_sync_steps"]):
+    if state.step % int(REF_SYNC_STEPS.of(state.options)):
         return
-    alpha = float(state.options["ref_sync_alpha"])
+    alpha = float(REF_SYNC_ALPHA.of(state.options))
     # a new tensor, never in place: the starting model's log-probs may be the same object
     state.ref_logprobs = alpha * state.eval_logprobs() + (1.0 - alpha) * state.ref_logprobs
     saved = _state(state)
     if saved["syncs"] == 0:
         state.log(
             f"reference-sync: {state.phase} step {state.step}: reference = {alpha:g} current "
-            f"+ {1.0 - alpha:g} reference (every {state.options['ref_sync_steps']} steps)"
+            f"+ {1.0 - alpha:g} reference (every {REF_SYNC_STEPS.of(state.options)} steps)"
         )
     saved["syncs"] += 1
     saved["last_step"] = state.step
@@ -79,24 +79,28 @@ def load_plugin_state(state: TrainState, saved: dict[str, Any]) -> None:
     state.extra[NAME] = {"syncs": int(saved["syncs"]), "last_step": int(saved["last_step"])}
 
 
+REF_SYNC_STEPS = Option(
+    ("--ref-sync-steps",),
+    "int",
+    100,
+    "reference-sync: refresh the reference every N optimiser steps of the phase.",
+    min=1,
+)
+REF_SYNC_ALPHA = Option(
+    ("--ref-sync-alpha",),
+    "float",
+    0.6,
+    "reference-sync: weight of the current policy's log-probs in the new reference.",
+    min=0,
+    max=1,
+    min_open=True,
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """Period and mix-up weight."""
     return [
-        Option(
-            ("--ref-sync-steps",),
-            "int",
-            100,
-            "reference-sync: refresh the reference every N optimiser steps of the phase.",
-            min=1,
-        ),
-        Option(
-            ("--ref-sync-alpha",),
-            "float",
-            0.6,
-            "reference-sync: weight of the current policy's log-probs in the new reference.",
-            min=0,
-            max=1,
-            min_open=True,
-        ),
+        REF_SYNC_STEPS,
+        REF_SYNC_ALPHA,
     ]

@@ -27,6 +27,8 @@ import torch
 
 from lever_trainer.api import About, TrainState, hookimpl
 
+from ._group_objective import KL_BETA
+
 #: Added to the batch's standard deviation (a batch of equal rewards gets advantage 0).
 STD_EPS = 1e-8
 
@@ -49,7 +51,7 @@ def compute_advantages(
     state: TrainState, rewards: torch.Tensor, mask: torch.Tensor, log_ratio: torch.Tensor
 ) -> torch.Tensor:
     """Batch-normalised KL-shaped rewards."""
-    return batch_advantages(rewards, mask, log_ratio, float(state.options["kl_beta"]))
+    return batch_advantages(rewards, mask, log_ratio, float(KL_BETA.of(state.options)))
 
 
 @hookimpl

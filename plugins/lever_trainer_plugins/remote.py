@@ -79,15 +79,15 @@ class RemoteEnvironment(Environment):
             import httpx
         except ImportError:
             raise LeverError(f"--judge remote needs httpx: {INSTALL_HINT}") from None
-        urls = [check_url(u) for u in (options.get("judge_url") or ())]
+        urls = [check_url(u) for u in (JUDGE_URL.of(options) or ())]
         if not urls:
             raise LeverError("--judge remote: name the judge server with --judge-url URL")
         self.urls = list(dict.fromkeys(urls))
-        self.timeout = float(options.get("remote_timeout") or 60.0)
-        self.retries = int(options.get("remote_retries") or 0)
-        self.backoff = float(options.get("remote_backoff") or 0.0)
-        self.request_size = int(options.get("remote_batch_size") or 256)
-        self.concurrency = int(options.get("remote_concurrency") or 1)
+        self.timeout = float(REMOTE_TIMEOUT.of(options) or 60.0)
+        self.retries = int(REMOTE_RETRIES.of(options) or 0)
+        self.backoff = float(REMOTE_BACKOFF.of(options) or 0.0)
+        self.request_size = int(REMOTE_BATCH_SIZE.of(options) or 256)
+        self.concurrency = int(REMOTE_CONCURRENCY.of(options) or 1)
         self.batch_size = self.request_size * self.concurrency * len(self.urls)
         self.down = {}
         served: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {}
@@ -356,62 +356,73 @@ def environments() -> Mapping[str, Environment]:
     return {"remote": _ENV}
 
 
+#: The commands that take this plugin's options.
+_COMMANDS = ("train", "evaluate", "collect")
+
+
+JUDGE_URL = Option(
+    ("--judge-url",),
+    "str",
+    (),
+    "remote: a judge server's URL (lever-train serve-judge); repeatable, the "
+    "batches are spread over them.",
+    multiple=True,
+    metavar="URL",
+    commands=_COMMANDS,
+)
+REMOTE_TIMEOUT = Option(
+    ("--remote-timeout",),
+    "float",
+    60.0,
+    "remote: seconds one request may take before it is retried.",
+    min=0.0,
+    min_open=True,
+    metavar="SECONDS",
+    commands=_COMMANDS,
+)
+REMOTE_RETRIES = Option(
+    ("--remote-retries",),
+    "int",
+    3,
+    "remote: retries of a failed request before its server is skipped.",
+    min=0,
+    commands=_COMMANDS,
+)
+REMOTE_BACKOFF = Option(
+    ("--remote-backoff",),
+    "float",
+    0.5,
+    "remote: seconds before the first retry, doubled at each next one (with jitter).",
+    min=0.0,
+    metavar="SECONDS",
+    commands=_COMMANDS,
+)
+REMOTE_BATCH_SIZE = Option(
+    ("--remote-batch-size",),
+    "int",
+    256,
+    "remote: (query, sequence) pairs per request.",
+    min=1,
+    commands=_COMMANDS,
+)
+REMOTE_CONCURRENCY = Option(
+    ("--remote-concurrency",),
+    "int",
+    4,
+    "remote: requests in flight per server.",
+    min=1,
+    commands=_COMMANDS,
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """``--judge-url`` and how the servers are asked."""
-    commands = ("train", "evaluate", "collect")
     return [
-        Option(
-            ("--judge-url",),
-            "str",
-            (),
-            "remote: a judge server's URL (lever-train serve-judge); repeatable, the "
-            "batches are spread over them.",
-            multiple=True,
-            metavar="URL",
-            commands=commands,
-        ),
-        Option(
-            ("--remote-timeout",),
-            "float",
-            60.0,
-            "remote: seconds one request may take before it is retried.",
-            min=0.0,
-            min_open=True,
-            metavar="SECONDS",
-            commands=commands,
-        ),
-        Option(
-            ("--remote-retries",),
-            "int",
-            3,
-            "remote: retries of a failed request before its server is skipped.",
-            min=0,
-            commands=commands,
-        ),
-        Option(
-            ("--remote-backoff",),
-            "float",
-            0.5,
-            "remote: seconds before the first retry, doubled at each next one (with jitter).",
-            min=0.0,
-            metavar="SECONDS",
-            commands=commands,
-        ),
-        Option(
-            ("--remote-batch-size",),
-            "int",
-            256,
-            "remote: (query, sequence) pairs per request.",
-            min=1,
-            commands=commands,
-        ),
-        Option(
-            ("--remote-concurrency",),
-            "int",
-            4,
-            "remote: requests in flight per server.",
-            min=1,
-            commands=commands,
-        ),
+        JUDGE_URL,
+        REMOTE_TIMEOUT,
+        REMOTE_RETRIES,
+        REMOTE_BACKOFF,
+        REMOTE_BATCH_SIZE,
+        REMOTE_CONCURRENCY,
     ]

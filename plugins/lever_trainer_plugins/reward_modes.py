@@ -109,37 +109,43 @@ def reward_modes() -> Mapping[str, RawRewardFn]:
     return MODES
 
 
+REWARD_ALPHA = Option(
+    ("--reward-alpha", "--reward_alpha"),
+    "float",
+    1.0,
+    "legacy mode: weight of the beam quality.",
+    commands=DATA_COMMANDS,
+)
+REWARD_BETA = Option(
+    ("--reward-beta", "--reward_beta"),
+    "float",
+    1.0,
+    "legacy mode: weight of the correctness.",
+    commands=DATA_COMMANDS,
+)
+CORRECTNESS_MODE = Option(
+    ("--correctness-mode", "--correctness_mode"),
+    "choice",
+    "01",
+    "legacy mode: correctness as 0/1 or -1/+1.",
+    choices=("01", "pm1"),
+    commands=DATA_COMMANDS,
+)
+USE_LOGPROB = Option(
+    ("--use-logprob", "--use_logprob"),
+    "bool",
+    False,
+    "legacy mode: quality = -logprob_score instead of beam_score.",
+    commands=DATA_COMMANDS,
+)
+
+
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The settings of the ``legacy`` mode."""
     return [
-        Option(
-            ("--reward-alpha", "--reward_alpha"),
-            "float",
-            1.0,
-            "legacy mode: weight of the beam quality.",
-            commands=DATA_COMMANDS,
-        ),
-        Option(
-            ("--reward-beta", "--reward_beta"),
-            "float",
-            1.0,
-            "legacy mode: weight of the correctness.",
-            commands=DATA_COMMANDS,
-        ),
-        Option(
-            ("--correctness-mode", "--correctness_mode"),
-            "choice",
-            "01",
-            "legacy mode: correctness as 0/1 or -1/+1.",
-            choices=("01", "pm1"),
-            commands=DATA_COMMANDS,
-        ),
-        Option(
-            ("--use-logprob", "--use_logprob"),
-            "bool",
-            False,
-            "legacy mode: quality = -logprob_score instead of beam_score.",
-            commands=DATA_COMMANDS,
-        ),
+        REWARD_ALPHA,
+        REWARD_BETA,
+        CORRECTNESS_MODE,
+        USE_LOGPROB,
     ]

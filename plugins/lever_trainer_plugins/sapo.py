@@ -45,31 +45,35 @@ def policy_objective(
     state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor
 ) -> PolicyObjective:
     """The SAPO gate at the run's temperatures."""
-    tau_pos = float(state.options["sapo_tau_pos"])
-    tau_neg = float(state.options["sapo_tau_neg"])
+    tau_pos = float(SAPO_TAU_POS.of(state.options))
+    tau_neg = float(SAPO_TAU_NEG.of(state.options))
     return sapo_objective(ratio, advantages, tau_pos, tau_neg)
+
+
+SAPO_TAU_POS = Option(
+    ("--sapo-tau-pos",),
+    "float",
+    1.0,
+    "sapo: gate temperature for positive advantages (larger: faster decay).",
+    min=0,
+    min_open=True,
+)
+SAPO_TAU_NEG = Option(
+    ("--sapo-tau-neg",),
+    "float",
+    1.05,
+    "sapo: gate temperature for negative advantages.",
+    min=0,
+    min_open=True,
+)
 
 
 @hookimpl
 def add_options() -> Sequence[Option]:
     """The gate's two temperatures."""
     return [
-        Option(
-            ("--sapo-tau-pos",),
-            "float",
-            1.0,
-            "sapo: gate temperature for positive advantages (larger: faster decay).",
-            min=0,
-            min_open=True,
-        ),
-        Option(
-            ("--sapo-tau-neg",),
-            "float",
-            1.05,
-            "sapo: gate temperature for negative advantages.",
-            min=0,
-            min_open=True,
-        ),
+        SAPO_TAU_POS,
+        SAPO_TAU_NEG,
     ]
 
 

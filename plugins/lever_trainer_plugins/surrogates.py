@@ -24,6 +24,8 @@ import torch
 
 from lever_trainer.api import About, Option, PolicyObjective, TrainState, hookimpl
 
+from ._group_objective import CLIP_EPSILON
+
 
 def clipped_objective(
     ratio: torch.Tensor, advantages: torch.Tensor, low: float, high: float
@@ -35,6 +37,25 @@ def clipped_objective(
         clipped_low=(ratio < 1.0 - low) & (advantages < 0),
         clipped_high=(ratio > 1.0 + high) & (advantages > 0),
     )
+
+
+CLIP_EPSILON_HIGH = Option(
+    ("--clip-epsilon-high",),
+    "float",
+    0.28,
+    "clip-higher: ratios above 1 + eps_high stop gaining (the lower bound stays "
+    "1 - --clip-epsilon).",
+    min=0,
+    min_open=True,
+)
+DUAL_CLIP_C = Option(
+    ("--dual-clip-c",),
+    "float",
+    3.0,
+    "dual-clip: the objective of a negative advantage is at least c * A (c > 1).",
+    min=1,
+    min_open=True,
+)
 
 
 class PPOClip:
@@ -53,7 +74,7 @@ class PPOClip:
         self, state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor
     ) -> PolicyObjective:
         """The symmetric clip at ``--clip-epsilon``."""
-        eps = float(state.options["clip_epsilon"])
+        eps = float(CLIP_EPSILON.of(state.options))
         return clipped_objective(ratio, advantages, eps, eps)
 
 
@@ -72,24 +93,14 @@ class ClipHigher:
         self, state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor
     ) -> PolicyObjective:
         """``clamp(r, 1 - eps, 1 + eps_high)``."""
-        low = float(state.options["clip_epsilon"])
-        high = float(state.options["clip_epsilon_high"])
+        low = float(CLIP_EPSILON.of(state.options))
+        high = float(CLIP_EPSILON_HIGH.of(state.options))
         return clipped_objective(ratio, advantages, low, high)
 
     @hookimpl
     def add_options(self) -> Sequence[Option]:
         """The upper clip."""
-        return [
-            Option(
-                ("--clip-epsilon-high",),
-                "float",
-                0.28,
-                "clip-higher: ratios above 1 + eps_high stop gaining (the lower bound stays "
-                "1 - --clip-epsilon).",
-                min=0,
-                min_open=True,
-            )
-        ]
+        return [CLIP_EPSILON_HIGH]
 
 
 class DualClip:
@@ -109,8 +120,8 @@ class DualClip:
         self, state: TrainState, ratio: torch.Tensor, advantages: torch.Tensor
     ) -> PolicyObjective:
         """``max(min(r A, clamp(r) A), c A)`` for ``A < 0``."""
-        eps = float(state.options["clip_epsilon"])
-        c = float(state.options["dual_clip_c"])
+        eps = float(CLIP_EPSILON.of(state.options))
+        c = float(DUAL_CLIP_C.of(state.options))
         base = clipped_objective(ratio, advantages, eps, eps)
         negative = advantages < 0
         floor = c * advantages
@@ -125,16 +136,7 @@ class DualClip:
     @hookimpl
     def add_options(self) -> Sequence[Option]:
         """The dual-clip constant."""
-        return [
-            Option(
-                ("--dual-clip-c",),
-                "float",
-                3.0,
-                "dual-clip: the objective of a negative advantage is at least c * A (c > 1).",
-                min=1,
-                min_open=True,
-            )
-        ]
+        return [DUAL_CLIP_C]
 
 
 ppo_clip = PPOClip()

@@ -76,6 +76,29 @@ class MlflowSession(Session):
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
+MLFLOW_TRACKING_URI = Option(
+    ("--mlflow-tracking-uri",),
+    "str",
+    None,
+    "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store in OUTPUT_DIR/mlruns).",
+    metavar="URI",
+)
+MLFLOW_EXPERIMENT = Option(
+    ("--mlflow-experiment",),
+    "str",
+    "lever-trainer",
+    "MLflow experiment name (created when missing).",
+    metavar="NAME",
+)
+MLFLOW_RUN_NAME = Option(
+    ("--mlflow-run-name",),
+    "str",
+    None,
+    "MLflow run name (default: the output folder's name).",
+    metavar="NAME",
+)
+
+
 class MlflowPlugin(TrackerPlugin):
     """The ``mlflow`` plugin."""
 
@@ -88,40 +111,21 @@ class MlflowPlugin(TrackerPlugin):
 
     def options(self) -> Sequence[Option]:
         return [
-            Option(
-                ("--mlflow-tracking-uri",),
-                "str",
-                None,
-                "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file store in "
-                "OUTPUT_DIR/mlruns).",
-                metavar="URI",
-            ),
-            Option(
-                ("--mlflow-experiment",),
-                "str",
-                "lever-trainer",
-                "MLflow experiment name (created when missing).",
-                metavar="NAME",
-            ),
-            Option(
-                ("--mlflow-run-name",),
-                "str",
-                None,
-                "MLflow run name (default: the output folder's name).",
-                metavar="NAME",
-            ),
+            MLFLOW_TRACKING_URI,
+            MLFLOW_EXPERIMENT,
+            MLFLOW_RUN_NAME,
         ]
 
     def open(self, state: TrainState, run_id: str | None) -> Session:
-        uri = state.options.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = MLFLOW_TRACKING_URI.of(state.options) or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             # The file store needs no server; MLflow 3 asks for an explicit opt-in to it.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = (state.output_dir / "mlruns").absolute().as_uri()
-        name = state.options.get("mlflow_run_name") or state.output_dir.absolute().name
+        name = MLFLOW_RUN_NAME.of(state.options) or state.output_dir.absolute().name
         try:
             return MlflowSession(
-                uri, str(state.options.get("mlflow_experiment")), name, run_id, run_params(state)
+                uri, str(MLFLOW_EXPERIMENT.of(state.options)), name, run_id, run_params(state)
             )
         except Exception as exc:  # the library's own errors: a bad URI, a refused server
             raise LeverError(f"plugin mlflow: cannot start a run at {uri}: {exc}") from None

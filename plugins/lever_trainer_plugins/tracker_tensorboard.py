@@ -43,6 +43,15 @@ class TensorBoardSession(Session):
         self.writer.close()
 
 
+TENSORBOARD_DIR = Option(
+    ("--tensorboard-dir",),
+    "path",
+    None,
+    "Folder of the TensorBoard event files (default: OUTPUT_DIR/tensorboard).",
+    metavar="DIR",
+)
+
+
 class TensorBoardPlugin(TrackerPlugin):
     """The ``tensorboard`` plugin."""
 
@@ -52,18 +61,10 @@ class TensorBoardPlugin(TrackerPlugin):
     EXTRA = "tensorboard"
 
     def options(self) -> Sequence[Option]:
-        return [
-            Option(
-                ("--tensorboard-dir",),
-                "path",
-                None,
-                "Folder of the TensorBoard event files (default: OUTPUT_DIR/tensorboard).",
-                metavar="DIR",
-            )
-        ]
+        return [TENSORBOARD_DIR]
 
     def open(self, state: TrainState, run_id: str | None) -> Session:
-        folder = state.options.get("tensorboard_dir") or state.output_dir / "tensorboard"
+        folder = TENSORBOARD_DIR.of(state.options) or state.output_dir / "tensorboard"
         resumed: Any = state.global_step if run_id else None
         return TensorBoardSession(Path(folder), resumed, run_params(state))
 

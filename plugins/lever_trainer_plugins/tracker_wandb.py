@@ -39,6 +39,34 @@ class WandbSession(Session):
         wandb.teardown()
 
 
+WANDB_PROJECT = Option(("--wandb-project",), "str", "lever-trainer", "W&B project.", metavar="NAME")
+WANDB_ENTITY = Option(
+    ("--wandb-entity",), "str", None, "W&B entity (user or team).", metavar="NAME"
+)
+WANDB_MODE = Option(
+    ("--wandb-mode",),
+    "choice",
+    "offline",
+    "offline: keep the run on disk (no account needed; `wandb sync` later); "
+    "online: stream it to the W&B server.",
+    choices=("offline", "online"),
+)
+WANDB_DIR = Option(
+    ("--wandb-dir",),
+    "path",
+    None,
+    "Folder W&B writes into (default: OUTPUT_DIR).",
+    metavar="DIR",
+)
+WANDB_RUN_NAME = Option(
+    ("--wandb-run-name",),
+    "str",
+    None,
+    "W&B run name (default: the output folder's name).",
+    metavar="NAME",
+)
+
+
 class WandbPlugin(TrackerPlugin):
     """The ``wandb`` plugin."""
 
@@ -51,44 +79,25 @@ class WandbPlugin(TrackerPlugin):
 
     def options(self) -> Sequence[Option]:
         return [
-            Option(("--wandb-project",), "str", "lever-trainer", "W&B project.", metavar="NAME"),
-            Option(("--wandb-entity",), "str", None, "W&B entity (user or team).", metavar="NAME"),
-            Option(
-                ("--wandb-mode",),
-                "choice",
-                "offline",
-                "offline: keep the run on disk (no account needed; `wandb sync` later); "
-                "online: stream it to the W&B server.",
-                choices=("offline", "online"),
-            ),
-            Option(
-                ("--wandb-dir",),
-                "path",
-                None,
-                "Folder W&B writes into (default: OUTPUT_DIR).",
-                metavar="DIR",
-            ),
-            Option(
-                ("--wandb-run-name",),
-                "str",
-                None,
-                "W&B run name (default: the output folder's name).",
-                metavar="NAME",
-            ),
+            WANDB_PROJECT,
+            WANDB_ENTITY,
+            WANDB_MODE,
+            WANDB_DIR,
+            WANDB_RUN_NAME,
         ]
 
     def open(self, state: TrainState, run_id: str | None) -> Session:
         import wandb
 
-        folder = Path(state.options.get("wandb_dir") or state.output_dir)
+        folder = Path(WANDB_DIR.of(state.options) or state.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             run = wandb.init(
-                project=state.options.get("wandb_project"),
-                entity=state.options.get("wandb_entity"),
-                mode=state.options.get("wandb_mode") or "offline",
+                project=WANDB_PROJECT.of(state.options),
+                entity=WANDB_ENTITY.of(state.options),
+                mode=WANDB_MODE.of(state.options) or "offline",
                 dir=str(folder),
-                name=state.options.get("wandb_run_name") or state.output_dir.absolute().name,
+                name=WANDB_RUN_NAME.of(state.options) or state.output_dir.absolute().name,
                 config=run_values(state),
                 id=run_id,
                 resume="allow" if run_id else None,
