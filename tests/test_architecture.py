@@ -13,7 +13,7 @@ BUILTINS = ROOT / "plugins" / "lever_trainer_plugins"
 
 #: Each core module's layer; a module may import (at run time, deferred imports
 #: included) only modules of a lower layer. Type-only imports (under TYPE_CHECKING)
-#: are exempt, as ARCHITECTURE.md allows.
+#: are exempt: they do not run.
 LAYERS = [
     {"errors"},
     {"fileio", "jsonstream", "losses", "metrics", "options", "rundir", "config", "entrypoints"},
