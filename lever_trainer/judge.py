@@ -484,7 +484,10 @@ class _ReadChecked(Mapping[str, Any]):
     """A verdict as a reward mode reads it: reading an unavailable field (None) is a
     :class:`UnavailableFieldError` naming the field and the environment, not a silent 0."""
 
-    def __init__(self, verdict: Mapping[str, Any], env: str, query: int, sequence: str) -> None:
+    def __init__(
+        self, verdict: Mapping[str, Any], env: str, query: int, sequence: Sequence[int]
+    ) -> None:
+        # the sequence is formatted only for the error: rewards wrap every verdict
         self.verdict, self.env, self.query, self.sequence = verdict, env, query, sequence
 
     def __getitem__(self, name: str) -> Any:
@@ -492,8 +495,8 @@ class _ReadChecked(Mapping[str, Any]):
         if value is None and name in VERDICT_FIELDS:
             raise UnavailableFieldError(
                 f"--reward-mode needs {name}, which environment {self.env} could not give "
-                f"(query {self.query}, sequence [{self.sequence}]): choose a reward mode "
-                f"that does not read {name}",
+                f"(query {self.query}, sequence [{sequence_key(self.sequence)}]): choose a "
+                f"reward mode that does not read {name}",
                 name,
             )
         return value
@@ -622,7 +625,7 @@ class Judge:
             probe: Verdict = {f: (None if f in never else 0.0) for f in VERDICT_FIELDS}
             probe["vqa_correct"] = correct
             try:
-                self.reward(_ReadChecked(probe, self.name, -1, ""))
+                self.reward(_ReadChecked(probe, self.name, -1, ()))
             except UnavailableFieldError as exc:
                 raise UnavailableFieldError(
                     f"--reward-mode needs {exc.field}, which environment {self.name} gives "
@@ -728,7 +731,7 @@ class Judge:
         with one line naming the field and the environment (the verdicts are stored)."""
         verdicts = self.verdicts(query_ids, sequences, pools)
         rewards = [
-            self.reward(_ReadChecked(v, self.name, int(q), sequence_key(s)))
+            self.reward(_ReadChecked(v, self.name, int(q), s))
             for v, q, s in zip(verdicts, query_ids, sequences, strict=True)
         ]
         return rewards, [float(v["vqa_correct"]) for v in verdicts]
