@@ -11,6 +11,11 @@ virtual environment (torch==2.13.0 first, as the README says), both under
 epoch, one GRPO epoch, greedy select) runs in its own process, alternating base and
 current ``--repeats`` times so that both see the same machine load. It prints the
 median queries/s of each side and the ratio current / base. Not a test.
+
+``load (s)`` includes discovering the plugins of each side's environment, so it is
+only like for like when both environments hold the same plugins: a development
+environment with more packages installed (the digits environment, the tutorial's)
+loads about 0.05 s slower at 1,000 queries than the same revision given as ``--base``.
 """
 
 from __future__ import annotations
