@@ -720,6 +720,21 @@ CORE_OPTIONS: tuple[Option, ...] = (
         help="With --judge-backend ray: join the Ray cluster at this address (e.g. auto, "
         "or ray://host:10001); default: start a local cluster for the run.",
     ),
+    _core(
+        ("--ray-start-timeout",),
+        type="float",
+        default=600.0,
+        min=0,
+        min_open=True,
+        metavar="SECONDS",
+        group="Judge",
+        commands=_JUDGING,
+        resume="apply",
+        resume_reason=JUDGE_HOW,
+        help="With --judge-backend ray: how long the actors may take to start (each loads "
+        "its environment, e.g. a model; a joined cluster may first have to grow) before "
+        "the run stops.",
+    ),
     # ------------------------------------------------------------ collect
     _core(
         ("--judge",),

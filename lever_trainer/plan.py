@@ -103,6 +103,7 @@ class Settings:
     judge_workers: int
     judge_gpus_per_worker: float
     ray_address: str | None
+    ray_start_timeout: float
     beam_size: int
     beam_score: str
     beam_candidates: int | None

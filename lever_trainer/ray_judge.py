@@ -43,7 +43,8 @@ from .plugins import load_plugins
 BACKENDS = ("local", "ray")
 #: What to install for ``--judge-backend ray``.
 INSTALL_HINT = "pip install 'lever-trainer[ray]'"
-#: Seconds the actors may take to start (a model loaded in ``configure`` included).
+#: Seconds the actors may take to start by default (``--ray-start-timeout``; a model
+#: loaded in ``configure`` included).
 START_SECONDS = 600.0
 
 
@@ -90,6 +91,13 @@ class _EnvironmentActor:
     def describe(self) -> tuple[str, str]:
         return str(self.env.name), str(self.env.version)
 
+    def placement(self) -> tuple[str, list[str]]:
+        """The node this actor runs on and the GPU ids Ray gave it."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return str(context.get_node_id()), [str(g) for g in context.get_accelerator_ids()["GPU"]]
+
     def judge(self, query_ids: list[int], sequences: list[list[int]]) -> list[Any]:
         answer = self.env.judge(query_ids, sequences)
         if inspect.isawaitable(answer):
@@ -118,6 +126,8 @@ class RayEnvironment(Environment):
         workers: int = 1,
         gpus_per_worker: float = 0.0,
         address: str | None = None,
+        notice: Callable[[str], None] | None = None,
+        start_seconds: float = START_SECONDS,
     ) -> None:
         self.ray = import_ray()
         self.plugin = plugin
@@ -127,14 +137,18 @@ class RayEnvironment(Environment):
         self.optional_fields = tuple(getattr(local, "optional_fields", ()) or ())
         self.unavailable_fields = tuple(getattr(local, "unavailable_fields", ()) or ())
         self.factory, self.workers, self.gpus = factory, int(workers), float(gpus_per_worker)
+        self.start_seconds = float(start_seconds)
         #: Actors replaced after they died.
         self.replaced = 0
         self._owns_cluster = False
+        #: whether this process started the cluster itself (it cannot grow)
+        self._local_cluster = False
         self._lock = threading.Lock()
         self._load: dict[Any, int] = {}
         #: Actors a call found dead, to be replaced.
         self._dead: set[Any] = set()
         self._start_cluster(address)
+        self._check_gpus(notice)
         self._actor_cls = self.ray.remote(_EnvironmentActor)
         self.actors = [self._new_actor() for _ in range(self.workers)]
         self._finalizer: Any = None
@@ -154,7 +168,10 @@ class RayEnvironment(Environment):
                 ray.init(address=address, log_to_driver=False)
             else:
                 cpus = max(os.cpu_count() or 1, self.workers)
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                # "local": a new cluster even when one runs on this machine (ray start)
+                ray.init(
+                    address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False
+                )
         except Exception as exc:
             where = f"--ray-address {address}" if address else "a local Ray cluster"
             raise LeverError(
@@ -162,6 +179,41 @@ class RayEnvironment(Environment):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from None
         self._owns_cluster = True
+        self._local_cluster = not address
+
+    def _check_gpus(self, notice: Callable[[str], None] | None) -> None:
+        """Enough GPUs for every worker: at once one line when a cluster this run started
+        lacks them; a warning when a joined cluster lacks them now (it may grow)."""
+        if not self.gpus:
+            return
+        need = self.gpus * self.workers
+        have = float(self.ray.cluster_resources().get("GPU", 0))
+        if have >= need:
+            return
+        what = (
+            f"--judge-workers {self.workers} with --judge-gpus-per-worker {self.gpus:g} "
+            f"need {need:g} GPUs"
+        )
+        if self._local_cluster:
+            self.ray.shutdown()
+            raise LeverError(
+                f"{what}; the local Ray cluster has {have:g} (join a cluster with GPUs with "
+                "--ray-address, or give fewer workers or GPUs)"
+            )
+        if notice is not None:
+            notice(
+                f"warning: {what}; the Ray cluster offers {have:g} now: waiting up to "
+                f"{self.start_seconds:g} s (--ray-start-timeout) for the actors to start"
+            )
+
+    def placement(self) -> str:
+        """Where the actors run: nodes, and each actor's GPU ids (one line)."""
+        places = self.ray.get([a.placement.remote() for a in self.actors])
+        nodes = len({node for node, _ in places})
+        line = f"judge on Ray: {len(places)} actor(s) on {nodes} node(s)"
+        if self.gpus:
+            line += "; GPU ids " + " | ".join(",".join(ids) or "-" for _, ids in places)
+        return line
 
     def _new_actor(self) -> Any:
         actor = self._actor_cls.options(
@@ -174,14 +226,16 @@ class RayEnvironment(Environment):
         """Wait for the actors to start; each must judge as ``name`` ``version``."""
         ray = self.ray
         refs = [a.describe.remote() for a in self.actors]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=START_SECONDS)
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.start_seconds)
         if pending:
-            self.close()
+            offers = ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
+                               if k in ("CPU", "GPU"))  # fmt: skip
+            self.close()  # read before: closing may disconnect from the cluster
             gpus = f", {self.gpus:g} GPU each" if self.gpus else ""
             raise LeverError(
                 f"--judge-workers {self.workers}: {len(pending)} of the Ray actors did not "
-                f"start within {START_SECONDS:g} s (1 CPU{gpus}; the cluster offers "
-                f"{ray.cluster_resources()})"
+                f"start within {self.start_seconds:g} s (--ray-start-timeout; each needs "
+                f"1 CPU{gpus}; the cluster offers {offers or 'none'})"
             )
         for ref in refs:
             try:

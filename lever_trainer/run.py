@@ -249,6 +249,7 @@ def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | No
                 ("--judge-workers", settings.judge_workers != 1),
                 ("--judge-gpus-per-worker", bool(settings.judge_gpus_per_worker)),
                 ("--ray-address", bool(settings.ray_address)),
+                ("--ray-start-timeout", settings.ray_start_timeout != 600.0),
             )
             if value
         ]
@@ -297,7 +298,11 @@ def _ray_environment(
         workers=workers,
         gpus_per_worker=settings.judge_gpus_per_worker,
         address=settings.ray_address,
+        start_seconds=settings.ray_start_timeout,
+        notice=warn,
     )
+    if warn is not None:
+        warn(remote.placement())
     return remote, dataclasses.replace(driver, concurrency=max(driver.concurrency, workers))
 
 
