@@ -56,6 +56,8 @@ RECIPES: dict[str, list[str]] = {
     "online-grpo": ["--judge", "digits", "--plugin", "online", "--plugin", "ppo-clip-only"],
     # The preset pins the reference's --max-pool 64 (its pools' size); t5's pools hold 128.
     "upstream": ["--preset", "upstream", "--max-pool", "128"],
+    # the default with the decoding order chosen from the logged verdicts (not the default)
+    "auto-order": ["--bilinear-order", "auto"],
 }
 TASKS = ("t0", "t1", "t2", "t3", "t4", "t5")
 HEURISTICS = ("cosine", "cosine-reversed")

@@ -109,6 +109,9 @@ class JudgeRankPhase(Phase):
 
     name = "judge-rank"
     order = 45
+    #: the phase judges and learns the last slot, which a policy deciding it first
+    #: (``--bilinear-order reverse``) fills with its best item; ``auto`` keeps reverse
+    assumes_last_first = True
     epochs_option = RANK_EPOCHS.dest
     lr_option = RANK_LR.dest
     needs_reward = False

@@ -22,6 +22,16 @@ stay indexed by sequence position and the sequence log-prob is still
 ``sum_t log_softmax(logits_t)[y_t]`` (the factorisation p(y_S) p(y_S-1 | y_S) ...), so
 RCE and GRPO apply unchanged. Downstream models that weigh the last demonstration most
 (recency) get the policy's best item in the slot that counts.
+
+``--bilinear-order auto`` lets the training data decide, once, when
+training starts: the starting policy's greedy sequence of every training query (the
+validation split left out) is taken in both orders, and the order whose sequence the
+judge found correct more often — counted over the queries whose logged candidates hold
+both sequences — is kept (``reverse`` on a tie, when no query holds both, and when a
+phase of the run learns the last position on its own, ``assumes_last_first``). The run
+prints the counts; the checkpoint records the order chosen, so ``select`` decodes as the
+run did. Soft rewards are not used for the choice: the soft score favours the last
+slot's similarity whichever order answers better.
 """
 
 from __future__ import annotations
@@ -40,13 +50,17 @@ from lever_trainer.api import (
     About,
     Option,
     Policy,
+    TrainState,
     decode_steps,
     hookimpl,
+    pool_batches,
 )
 
 NAME = "cosine-bilinear"
 
 ORDERS = ("reverse", "forward")
+#: ``--bilinear-order`` values: an order, or ``auto`` (chosen from the training data)
+ORDER_CHOICES = ("auto", *ORDERS)
 
 
 class CosineBilinearPolicy(Policy):
@@ -160,7 +174,7 @@ def build(input_dim: int, options: Mapping[str, Any]) -> CosineBilinearPolicy:
         input_dim,
         int(SELECT_SHOTS.of(options) or 2),
         0.1 if temperature is None else float(temperature),
-        str(BILINEAR_ORDER.of(options) or "reverse"),
+        _build_order(BILINEAR_ORDER.of(options)),
         BILINEAR_CANDIDATE_TERM.of(options, missing="off") == "on",
     )
 
@@ -169,9 +183,10 @@ BILINEAR_ORDER = Option(
     ("--bilinear-order",),
     "choice",
     "reverse",
-    "cosine-bilinear: decide the last position first (reverse) or the first (forward).",
+    "cosine-bilinear: decide the last position first (reverse), the first (forward), or "
+    "whichever the training data's verdicts favour when training starts (auto).",
     dest="bilinear_order",
-    choices=ORDERS,
+    choices=ORDER_CHOICES,
 )
 BILINEAR_CANDIDATE_TERM = Option(
     ("--bilinear-candidate-term",),
@@ -181,6 +196,70 @@ BILINEAR_CANDIDATE_TERM = Option(
     dest="bilinear_candidate_term",
     choices=("on", "off"),
 )
+
+
+def _build_order(value: Any) -> str:
+    """The order a policy is built with: ``auto`` builds ``reverse`` until training
+    chooses (a checkpoint records the chosen one; one without it decodes in reverse)."""
+    return "reverse" if value in (None, "auto") else str(value)
+
+
+@hookimpl
+def on_train_start(state: TrainState) -> None:
+    """``--bilinear-order auto``: the order the training data's verdicts favour."""
+    model = state.model
+    if not isinstance(model, CosineBilinearPolicy) or BILINEAR_ORDER.of(state.options) != "auto":
+        return
+    learners = [
+        p.name
+        for p in state.phases
+        if getattr(p, "assumes_last_first", False) and p.epochs(state) > 0
+    ]
+    if learners:
+        model.order = "reverse"
+        state.log(f"--bilinear-order auto: reverse (phase {learners[0]} learns the last slot)")
+        return
+    correct = {order: _logged_correct(state, model, order) for order in ORDERS}
+    both = correct["reverse"][0] & correct["forward"][0]
+    counts = {order: sum(hits[q] for q in both) for order, (_, hits) in correct.items()}
+    model.order = "forward" if counts["forward"] > counts["reverse"] else "reverse"
+    state.log(
+        f"--bilinear-order auto: {model.order} (the starting policy's sequences were correct "
+        f"on {counts['reverse']:g} training queries in reverse order and {counts['forward']:g} "
+        f"forward, of the {len(both)} whose logged candidates hold both)"
+    )
+
+
+@torch.no_grad()
+def _logged_correct(
+    state: TrainState, model: CosineBilinearPolicy, order: str
+) -> tuple[set[int], dict[int, float]]:
+    """The training rows whose logged candidates hold the policy's greedy sequence in
+    ``order``, and that candidate's correctness."""
+    table, emb = state.train, state.emb
+    assert emb is not None
+    was_order, was_training = model.order, model.training
+    model.order = order
+    model.eval()
+    device = next(model.parameters()).device
+    found: set[int] = set()
+    hits: dict[int, float] = {}
+    try:
+        for batch in pool_batches(table, emb, 256):
+            b = batch.to(device)
+            _, greedy = model.decode(
+                model.encode(b.query_emb, b.cand_emb, b.pool_mask), b.pool_mask, None, table.seq_len
+            )
+            for row, seq in zip(batch.rows.tolist(), greedy[:, 0].cpu(), strict=True):
+                n = int(table.group_len[row])
+                same = (table.sequences[row, :n] == seq).all(-1).nonzero()
+                if len(same):
+                    found.add(row)
+                    hits[row] = float(table.correct[row, int(same[0])])
+    finally:
+        model.order = was_order
+        model.train(was_training)
+    return found, hits
 
 
 @hookimpl
