@@ -330,3 +330,53 @@ def test_without_judge_the_log_says_only_logged_candidates_are_ranked(
     )
     assert result.exit_code == 0, result.output
     assert "validation ranks the logged candidates only" in result.output
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_the_returned_verdicts_stay(tmp_path) -> None:
+    """The judge hangs after 16 verdicts (two batches of 8 came back); SIGINT: the line
+    ``interrupted`` with where the verdicts are, exit 130, no traceback; the store holds
+    the 16 and a second evaluate asks the judge only for the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lever_trainer.judge import VerdictStore
+
+    test = json.loads(Path(FILES["test"]).read_text())
+    keys = [k for k in test if k.isdigit()][:40]
+    pools = write_json(tmp_path / "pools.json", {k: test[k]["candidate_pool_ids"] for k in keys})
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent / "fault_judge"), os.environ.get("PYTHONPATH", "")]
+        ),
+        "OMP_NUM_THREADS": "1",
+        "FAULT_JUDGE": "hang:16",
+        "FAULT_JUDGE_HUNG": str(tmp_path / "hung"),
+    }
+    store = tmp_path / "v.sqlite"
+    args = [sys.executable, "-m", "lever_trainer", "evaluate", "--queries", str(pools),
+            "--img-emb", FILES["embeddings"], "--judge", "faulty", "--baselines", "cosine",
+            "--judge-batch-size", "8", "--judge-concurrency", "1", "--store", str(store)]  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "hung").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (
+        f"interrupted; the verdicts that returned are stored in {store}: run the same "
+        "command again to continue"
+    )
+    assert VerdictStore(store).versions("faulty") == {"1": 16}
+    del env["FAULT_JUDGE"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "24 new verdicts" in done.stdout + done.stderr, done.stdout + done.stderr

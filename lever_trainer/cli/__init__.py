@@ -14,7 +14,7 @@ from __future__ import annotations
 from .collect import collect_cmd
 from .embed import embed_cmd
 from .group import installed_plugins, main
-from .params import Number, click_option, user_errors, warn
+from .params import EXIT_INTERRUPTED, Number, click_option, user_errors, warn
 from .tools import (
     convert_checkpoint_cmd,
     demo_data,
@@ -24,7 +24,7 @@ from .tools import (
     prepare,
     serve_judge_cmd,
 )
-from .train import EXIT_INTERRUPTED, EXIT_STOPPED, train
+from .train import EXIT_STOPPED, train
 from .use import SelectionWriter, evaluate_cmd, select_cmd
 
 for _command in (

@@ -15,7 +15,7 @@ import click
 
 from ..errors import Interrupted, JudgeStopped, LeverError
 from ..plan import Settings
-from .params import given_options, table_command, user_errors, warn
+from .params import EXIT_INTERRUPTED, given_options, kept_verdicts, table_command, user_errors, warn
 
 
 class CollectProgress:
@@ -65,8 +65,6 @@ class CollectProgress:
 
 #: Exit status of a collect stopped by a signal (as a stopped training run's).
 EXIT_STOPPED = 3
-#: Exit status of a collect interrupted at once (a second Ctrl-C).
-EXIT_INTERRUPTED = 130
 
 
 @contextmanager
@@ -222,12 +220,7 @@ def collect_cmd(ctx: click.Context, inputs: tuple[str, ...], **opts: Any) -> Non
     )
     progress = CollectProgress(planned, judge.name, PROGRESS_LOG_SECONDS)
     judge.progress = progress.within_round
-    kept = (
-        f"the verdicts that returned are stored in {judge.store.path}: run the same command "
-        "again to continue"
-        if judge.store is not None
-        else "the verdicts were kept in memory only (--no-store) and are lost"
-    )
+    kept = kept_verdicts(judge)
     try:
         with _stop_on_signal(judge):
             doc = collect(judge, pools, emb, spec, progress.round_done)

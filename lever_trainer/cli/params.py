@@ -27,8 +27,13 @@ def warn(message: str) -> None:
     click.echo(message, err=True)
 
 
+#: Exit status of a command interrupted by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a LeverError into one line on stderr and exit status 2."""
+    """Turn a LeverError into one line on stderr and exit status 2, and Ctrl-C into the
+    line ``interrupted`` and exit status 130 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,8 +42,21 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LeverError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def kept_verdicts(judge: Any) -> str:
+    """What became of the verdicts of a judged command that stopped before its end."""
+    if judge.store is not None:
+        return (
+            f"the verdicts that returned are stored in {judge.store.path}: run the same "
+            "command again to continue"
+        )
+    return "the verdicts were kept in memory only (--no-store) and are lost"
 
 
 class Number(click.ParamType):  # type: ignore[type-arg]

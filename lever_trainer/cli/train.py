@@ -12,12 +12,17 @@ from .. import settings
 from ..errors import Interrupted, LeverError
 from ..plan import RunPlan, Settings, plan_run, preflight
 from .group import installed_plugins, plugin_declarations
-from .params import given_options, option_checker, table_command, user_errors, warn
+from .params import (
+    EXIT_INTERRUPTED,
+    given_options,
+    option_checker,
+    table_command,
+    user_errors,
+    warn,
+)
 
 #: Exit status after a clean stop on SIGINT/SIGTERM (a resumable snapshot was written).
 EXIT_STOPPED = 3
-#: Exit status after a second Ctrl-C stopped the run at once.
-EXIT_INTERRUPTED = 130
 
 
 @table_command("train", context_settings={"auto_envvar_prefix": settings.ENV_PREFIX})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import click
 
 from ..errors import LeverError
 from ..plan import Settings
-from .params import given_options, table_command, user_errors, warn
+from .params import EXIT_INTERRUPTED, given_options, kept_verdicts, table_command, user_errors, warn
 
 
 class SelectionWriter:
@@ -218,6 +219,10 @@ def evaluate_cmd(ctx: click.Context, checkpoints: tuple[str, ...], **opts: Any) 
             say,
         )
         show_report(report, s, queries, baselines, judge, say, to_stdout)
+    except KeyboardInterrupt:
+        kept = f"; {kept_verdicts(judge)}" if judge is not None else ""
+        click.echo(f"interrupted{kept}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         close_judge(judge)  # the Ray actors of --judge-backend ray
 
