@@ -380,3 +380,16 @@ def test_ctrl_c_in_evaluate_is_one_line_and_the_returned_verdicts_stay(tmp_path)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "24 new verdicts" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_ctrl_c_in_any_command_is_the_line_interrupted_and_status_130(capsys) -> None:
+    from lever_trainer.cli.params import user_errors
+
+    @user_errors
+    def command() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        command()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
