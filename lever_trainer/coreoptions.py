@@ -1026,6 +1026,16 @@ _EMBED_OPTIONS: tuple[Option, ...] = (
         commands=(EMBED,),
     ),
     Option(
+        ("--save-every",),
+        "int",
+        4096,
+        "Keep the work done every this many items (whole batches) in OUTPUT.partial/, "
+        "so that the same command, run again after an interruption, continues it.",
+        metavar="ITEMS",
+        min=1,
+        commands=(EMBED,),
+    ),
+    Option(
         ("--overwrite",),
         "bool",
         False,

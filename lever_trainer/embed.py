@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import math
 import os
 import urllib.error
@@ -46,6 +47,10 @@ URL_TIMEOUT = 30.0
 URL_MAX_BYTES = 64 * 2**20
 #: Images read (or fetched) at once while a batch is assembled.
 READERS = 8
+#: Items embedded between two saves of the work done (``--save-every``; whole batches).
+SAVE_EVERY = 4096
+#: The layout of the unfinished-work folder (``OUTPUT.partial``).
+PARTIAL_FORMAT = "lever-trainer-embed-partial"
 #: A table may hold padding rows (ids absent from the manifest) up to this many ...
 PADDING_ROWS = 10_000
 #: ... or up to this many times the number of items, whichever is larger.
@@ -262,6 +267,127 @@ class EmbedResult:
     images: int = 0
 
 
+class PartialEmbed:
+    """The work of an ``embed`` that has not finished, kept next to its output in
+    ``OUTPUT.partial/`` so that running the same command again continues it.
+
+    ``identity.json`` says what is being embedded (manifest digest, model, modality,
+    batch size, table shape); ``part-NNNNN.safetensors`` holds, for a run of whole
+    batches of the items in id order, their rows (``rows``) and the embeddings of the
+    pictures that later items still use (``carry``, their keys in the metadata), so that
+    a continued run embeds exactly the batches an uninterrupted one would and writes the
+    same bytes. Each part is written atomically; the folder is removed once the table is
+    written."""
+
+    def __init__(self, folder: Path, identity: dict[str, str]) -> None:
+        self.folder, self.identity = folder, {"format": PARTIAL_FORMAT, **identity}
+        #: Items whose rows are kept in the folder (known once loaded or saved).
+        self.done = 0
+
+    @classmethod
+    def beside(cls, output: str, identity: dict[str, str]) -> PartialEmbed:
+        """The folder of the unfinished work of ``output``; one line when it holds the
+        work of another embedding."""
+        partial = cls(Path(f"{output}.partial"), identity)
+        partial.check()
+        return partial
+
+    def check(self) -> None:
+        """One line when the folder holds the work of another embedding."""
+        saved = self.folder / "identity.json"
+        if not saved.is_file():
+            return
+        try:
+            theirs = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise LeverError(f"{saved}: unreadable ({exc}); remove {self.folder}") from None
+        differ = [k for k in sorted(self.identity) if theirs.get(k) != self.identity[k]]
+        if differ:
+            key = differ[0]
+            raise LeverError(
+                f"{self.folder} holds the unfinished work of another embedding "
+                f"({key} {theirs.get(key)!r} there, {self.identity[key]!r} now): run "
+                f"the command that started it again, or remove {self.folder} to start over"
+            )
+
+    def model_revision(self, revision: str | None) -> None:
+        """The model's revision, known once it is loaded, must be the one the saved
+        work was done with."""
+        if revision:
+            self.identity["model_revision"] = revision
+            self.check()
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.safetensors"))
+
+    def load(
+        self, table: torch.Tensor, ordered: Sequence[ManifestItem]
+    ) -> tuple[int, dict[str, torch.Tensor], int, int]:
+        """Fill ``table`` with the rows saved; ``(items done, pictures carried, questions
+        cut, pictures embedded)``."""
+        from safetensors import safe_open
+
+        done = cut = images = 0
+        carry: dict[str, torch.Tensor] = {}
+        for path in self.parts():
+            try:
+                with safe_open(str(path), "pt") as fh:
+                    meta = fh.metadata()
+                    start, end = int(meta["start"]), int(meta["end"])
+                    if start != done or end > len(ordered):
+                        raise ValueError(f"items {start}-{end} do not follow {done}")
+                    rows = fh.get_tensor("rows")
+                    keys = json.loads(meta["carry"])
+                    carried = fh.get_tensor("carry") if keys else None
+            except Exception as exc:  # a torn or foreign file
+                raise LeverError(
+                    f"{path}: not a part of this embedding ({_first_line(exc)}); remove "
+                    f"{self.folder} to start over"
+                ) from None
+            table[torch.tensor([item.id for item in ordered[start:end]])] = rows
+            carry = dict(zip(keys, carried, strict=True)) if carried is not None else {}
+            done, cut, images = end, cut + int(meta["cut"]), images + int(meta["images"])
+            self.done = done
+        return done, carry, cut, images
+
+    def save(
+        self,
+        table: torch.Tensor,
+        ordered: Sequence[ManifestItem],
+        span: tuple[int, int],
+        carry: dict[str, torch.Tensor],
+        cut: int,
+        images: int,
+    ) -> None:
+        """Keep items ``span`` (their rows), the pictures still in use and the counts of
+        questions cut and pictures embedded within the span."""
+        from safetensors.torch import save as save_bytes
+
+        from .fileio import atomic_write_bytes
+
+        start, end = span
+        self.folder.mkdir(parents=True, exist_ok=True)
+        identity = self.folder / "identity.json"
+        if not identity.is_file():
+            atomic_write_bytes(identity, json.dumps(self.identity, sort_keys=True).encode())
+        ids = torch.tensor([item.id for item in ordered[start:end]])
+        keys = sorted(carry)
+        tensors = {"rows": table[ids].contiguous()}
+        if keys:
+            tensors["carry"] = torch.stack([carry[k] for k in keys]).contiguous()
+        meta = {"start": str(start), "end": str(end), "carry": json.dumps(keys)}
+        meta.update(cut=str(cut), images=str(images))
+        atomic_write_bytes(self.folder / f"part-{start:09d}.safetensors", save_bytes(tensors, meta))
+        self.done = end
+
+    def remove(self) -> None:
+        """The table is written: the unfinished work goes."""
+        for path in self.folder.glob("*"):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
 def embed_items(
     items: Sequence[ManifestItem],
     encoder: ClipEncoder,
@@ -270,12 +396,17 @@ def embed_items(
     manifest: str,
     rows: int,
     progress: Callable[[int], None] | None = None,
+    partial: PartialEmbed | None = None,
+    save_every: int = SAVE_EVERY,
 ) -> EmbedResult:
     """Embed ``items`` in order of id, ``batch_size`` at a time, into a table of ``rows``
     rows (rows of absent ids stay zero). ``both`` is the unit image embedding and the unit
     text embedding side by side, scaled by 1/sqrt(2) so the row has unit length and the
     cosine of two rows is the mean of their image and text cosines. ``progress(n)`` is
     told after each batch how many items are done.
+
+    With ``partial``, the work saved by an earlier run is taken up where it stopped, and
+    the work done is saved every ``save_every`` items (rounded up to whole batches).
 
     A picture shared by several items (VQA datasets ask several questions about one
     image) is read and embedded once, when the first of them comes, and kept until the
@@ -288,8 +419,14 @@ def embed_items(
     table = torch.zeros(rows, width, dtype=torch.float32)
     pictures: dict[str, torch.Tensor] = {}  # embeddings of pictures still to be used
     cut = done = images = 0
+    if partial is not None:
+        done, pictures, cut, images = partial.load(table, ordered)
+        if progress is not None and done:
+            progress(done)
+    every = -(-max(save_every, 1) // batch_size) * batch_size
+    saved, saved_cut, saved_images = done, cut, images
     with ThreadPoolExecutor(max_workers=READERS) as pool:
-        for start in range(0, len(ordered), batch_size):
+        for start in range(done, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
             parts = []
             if modality in ("image", "both"):
@@ -313,6 +450,10 @@ def embed_items(
             joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) / math.sqrt(2)
             table[rows_of] = joined
             done += len(batch)
+            if partial is not None and (done - saved >= every or done == len(ordered)):
+                span = (saved, done)
+                partial.save(table, ordered, span, pictures, cut - saved_cut, images - saved_images)
+                saved, saved_cut, saved_images = done, cut, images
             if progress is not None:
                 progress(done)
     return EmbedResult(table, [item.id for item in ordered], cut, images)
@@ -364,8 +505,10 @@ def embedding_file(
 __all__ = [
     "INSTALL_HINT",
     "MODALITIES",
+    "SAVE_EVERY",
     "ClipEncoder",
     "EmbedResult",
+    "PartialEmbed",
     "check_ids",
     "embed_items",
     "embedding_file",

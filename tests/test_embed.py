@@ -331,3 +331,98 @@ def test_progress_lines_when_stderr_is_not_a_terminal(cli, tmp_path, manifest, m
     # 5 items in batches of 2: after 2 and 4 (the end, 5, is the summary line's)
     lines = [ln for ln in result.output.splitlines() if ln.startswith("embed: ")]
     assert lines == ["embed: 2/5 items", "embed: 4/5 items"]
+
+
+def shared_pictures_manifest(folder: Path) -> Path:
+    """Nine questions about five pictures; with batches of 2 a picture is shared across
+    batch boundaries (items 1-2 show picture 1, 3-4 picture 2, ...)."""
+    for p in range(5):
+        make_picture(folder / f"p{p}.png", p + 1)
+    manifest = folder / "m.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {"id": i, "image": f"p{(i + 1) // 2}.png", "question": f"q {i}?", "answers": []}
+            )
+            + "\n"
+            for i in range(9)
+        )
+    )
+    return manifest
+
+
+def test_an_interrupted_embedding_continues_to_the_same_bytes(
+    cli, tmp_path, model, monkeypatch
+) -> None:
+    from lever_trainer.embed import ClipEncoder
+
+    manifest = shared_pictures_manifest(tmp_path / "data")
+    args = ("--modality", "both", "--batch-size", "2", "--save-every", "3")
+    whole = tmp_path / "whole.safetensors"
+    assert embed(cli, manifest, model, whole, *args).exit_code == 0
+    assert not (tmp_path / "whole.safetensors.partial").exists()
+
+    seen: list[str] = []
+    texts = ClipEncoder.texts
+
+    def counting(self, questions):
+        if stop_at and len(seen) >= stop_at:
+            raise KeyboardInterrupt
+        seen.extend(questions)
+        return texts(self, questions)
+
+    stop_at = 6  # three batches of two, then Ctrl-C
+    monkeypatch.setattr(ClipEncoder, "texts", counting)
+    out = tmp_path / "t.safetensors"
+    result = embed(cli, manifest, model, out, *args)
+    assert result.exit_code == 130, result.output
+    partial = tmp_path / "t.safetensors.partial"
+    # saves every 4 items (3 rounded up to whole batches): items 0-3 are kept
+    assert result.output.strip().splitlines()[-1] == (
+        f"interrupted; 4 of 9 items embedded are kept in {partial}: run the same command "
+        "again to continue"
+    )
+    assert not out.exists() and len(list(partial.glob("part-*.safetensors"))) == 1
+
+    seen.clear()
+    stop_at = 0
+    result = embed(cli, manifest, model, out, *args)
+    assert result.exit_code == 0, result.output
+    assert f"continuing the unfinished embedding kept in {partial}" in result.output
+    assert seen == [f"q {i}?" for i in range(4, 9)]  # only the items not kept
+    assert out.read_bytes() == whole.read_bytes()
+    assert not partial.exists()
+
+
+def test_unfinished_work_of_another_embedding_is_refused_with_one_line(
+    cli, tmp_path, model, monkeypatch
+) -> None:
+    from lever_trainer.embed import ClipEncoder
+
+    manifest = shared_pictures_manifest(tmp_path / "data")
+    texts = ClipEncoder.texts
+    calls = []
+
+    def stop_second(self, questions):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return texts(self, questions)
+
+    monkeypatch.setattr(ClipEncoder, "texts", stop_second)
+    out = tmp_path / "t.safetensors"
+    base = ("--modality", "text", "--save-every", "1")
+    assert embed(cli, manifest, model, out, *base, "--batch-size", "2").exit_code == 130
+    monkeypatch.setattr(ClipEncoder, "texts", texts)
+    result = embed(cli, manifest, model, out, *base, "--batch-size", "4")
+    assert_user_error(
+        result,
+        f"{out}.partial holds the unfinished work of another embedding (batch_size '2' "
+        "there, '4' now)",
+        "remove",
+    )
+    assert len(list(Path(f"{out}.partial").glob("part-*"))) == 1  # nothing lost
+    # a torn part is one line too
+    next(Path(f"{out}.partial").glob("part-*")).write_bytes(b"torn")
+    result = embed(cli, manifest, model, out, *base, "--batch-size", "2")
+    assert_user_error(result, "not a part of this embedding", "to start over")

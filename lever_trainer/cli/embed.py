@@ -6,11 +6,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..errors import LeverError
-from .params import table_command, user_errors, warn
+from .params import EXIT_INTERRUPTED, table_command, user_errors, warn
 
 #: Seconds between two progress lines when stderr is not a terminal.
 PROGRESS_LINE_SECONDS = 30.0
@@ -60,6 +61,28 @@ def check_output(output: str, replace: bool) -> bool:
     return kind == STDOUT
 
 
+def _identity(digest: str, model: str, modality: str, batch_size: int, rows: int) -> dict[str, str]:
+    """What an unfinished embedding must share with the command that continues it (the
+    same batches give the same bytes)."""
+    return {
+        "manifest_sha256": digest,
+        "model": str(model),
+        "modality": modality,
+        "batch_size": str(batch_size),
+        "rows": str(rows),
+    }
+
+
+def _kept(partial: Any, total: int) -> str:
+    """Where the work done before a stop is kept, or "" when nothing is."""
+    if partial is None or not partial.done:
+        return ""
+    return (
+        f"{partial.done} of {total} items embedded are kept in {partial.folder}: run the "
+        "same command again to continue"
+    )
+
+
 @table_command("embed")
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @user_errors
@@ -70,6 +93,7 @@ def embed_cmd(
     modality: str,
     batch_size: int,
     device: str,
+    save_every: int,
     replace: bool,
 ) -> None:
     """Embed a manifest's items with CLIP: the table --img-emb reads.
@@ -79,10 +103,20 @@ def embed_cmd(
     with id i, each row of unit length.
 
     The whole manifest is checked (every line, every local image) before the model
-    loads; URL images are fetched as they are embedded. Nothing is written unless every
-    item is embedded. Needs the clip extra: pip install 'lever-trainer[clip]'.
+    loads; URL images are fetched as they are embedded. The table is written once every
+    item is embedded; until then the work done is kept in OUTPUT.partial/ every
+    --save-every items, and running the same command again continues it (the table is
+    the same, byte for byte). Needs the clip extra: pip install 'lever-trainer[clip]'.
     """
-    from ..embed import check_ids, embed_items, embedding_file, file_sha256, load_clip, require_clip
+    from ..embed import (
+        PartialEmbed,
+        check_ids,
+        embed_items,
+        embedding_file,
+        file_sha256,
+        load_clip,
+        require_clip,
+    )
     from ..fileio import write_output
     from ..manifest import read_manifest
     from ..run import resolve_device
@@ -95,13 +129,33 @@ def embed_cmd(
     digest = file_sha256(manifest)
     where = resolve_device(device, warn)
     started = time.monotonic()
+    partial = None
+    if not to_stdout:  # a table for standard output is made in one go
+        partial = PartialEmbed.beside(
+            table_output, _identity(digest, model, modality, batch_size, rows)
+        )
+        if partial.parts():
+            say(f"continuing the unfinished embedding kept in {partial.folder}")
     encoder = load_clip(model, where)
+    if partial is not None:
+        partial.model_revision(encoder.revision)
     update, close = _progress(len(items))
     try:
-        result = embed_items(items, encoder, modality, batch_size, manifest, rows, update)
+        result = embed_items(
+            items, encoder, modality, batch_size, manifest, rows, update, partial, save_every
+        )
+    except (KeyboardInterrupt, LeverError) as exc:
+        close()
+        kept = _kept(partial, len(items))
+        if isinstance(exc, LeverError):
+            raise LeverError(f"{exc}{'; ' + kept if kept else ''}") from None
+        click.echo(f"interrupted{'; ' + kept if kept else ''}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         close()
     write_output(table_output, embedding_file(result, encoder, modality, digest), "--output")
+    if partial is not None:
+        partial.remove()
     seconds = time.monotonic() - started
     notes = [modality, model, where, f"{seconds:.1f} s"]
     if 0 < result.images < len(items):
