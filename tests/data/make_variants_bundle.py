@@ -11,9 +11,9 @@ header metadata:
 
 Usage::
 
-    python tests/data/make_variants_bundle.py [SOURCE_DIR] [OUTPUT]
+    python tests/data/make_variants_bundle.py SOURCE_DIR [OUTPUT]
 
-SOURCE_DIR defaults to ``/work/shared/reference/variants``, OUTPUT to
+SOURCE_DIR is the folder of the reference files; OUTPUT defaults to
 ``variants.safetensors`` next to this script. The output is deterministic (files and
 keys are visited in sorted order). :func:`load_bundle` reads it back.
 """
@@ -29,7 +29,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-DEFAULT_SOURCE = Path("/work/shared/reference/variants")
 DEFAULT_OUTPUT = Path(__file__).parent / "variants.safetensors"
 
 
@@ -83,7 +82,9 @@ def load_bundle(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[st
 
 
 def main(argv: list[str]) -> None:
-    source = Path(argv[0]) if argv else DEFAULT_SOURCE
+    if not argv:
+        sys.exit("usage: make_variants_bundle.py SOURCE_DIR [OUTPUT] (the reference files' folder)")
+    source = Path(argv[0])
     output = Path(argv[1]) if len(argv) > 1 else DEFAULT_OUTPUT
     n_index, n_stored = build(source, output)
     size = output.stat().st_size
