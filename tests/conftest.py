@@ -113,3 +113,23 @@ def assert_user_error(result: Result, *fragments: str) -> None:
     assert len(errors) == 1, out
     for frag in fragments:
         assert frag in errors[0], (frag, errors[0])
+
+
+def signal_when_hung(
+    args: list[str], env: dict[str, str], hung: Path, signum: int
+) -> tuple[int, str]:
+    """Run ``args`` (a command whose fault judge hangs, writing ``hung`` when it does),
+    send it ``signum`` once it hangs; ``(exit status, stdout and stderr together)``."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not hung.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out

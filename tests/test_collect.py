@@ -11,7 +11,7 @@ from pathlib import Path
 import lever_digits_env
 import pytest
 import torch
-from conftest import assert_user_error, builtin_registry, write_json
+from conftest import assert_user_error, builtin_registry, signal_when_hung, write_json
 
 from lever_trainer.collect import (
     CollectSpec,
@@ -523,7 +523,6 @@ def test_a_signal_stops_collect_with_one_line_and_keeps_what_returned(tmp_path) 
     import signal
     import subprocess
     import sys
-    import time
 
     fault = Path(__file__).parent / "fault_judge"
     pools = _queries(tmp_path, n=4, pool=6)  # 6 + 3 * 5 = 21 per query, 84 in all
@@ -538,16 +537,8 @@ def test_a_signal_stops_collect_with_one_line_and_keeps_what_returned(tmp_path) 
     args = [sys.executable, "-m", "lever_trainer", "collect", str(pools), "--judge", "faulty",
             "--beam-size", "3", "--judge-batch-size", "8", "--store", str(store),
             "--output", str(tmp_path / "rl.json")]  # fmt: skip
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "hung").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3, out
+    status, out = signal_when_hung(args, env, tmp_path / "hung", signal.SIGTERM)
+    assert status == 3, out
     assert "stopped by SIGTERM; the verdicts that returned are stored in" in out
     assert "run the same command again" in out and "Traceback" not in out
     assert VerdictStore(store).versions("faulty") == {"1": 24}

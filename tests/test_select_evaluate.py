@@ -9,7 +9,7 @@ from pathlib import Path
 import lever_digits_env
 import numpy as np
 import pytest
-from conftest import assert_user_error, write_json
+from conftest import assert_user_error, signal_when_hung, write_json
 from safetensors.torch import load_file
 
 from lever_trainer.checkpoint import save_checkpoint
@@ -340,7 +340,6 @@ def test_ctrl_c_in_evaluate_is_one_line_and_the_returned_verdicts_stay(tmp_path)
     import signal
     import subprocess
     import sys
-    import time
 
     from lever_trainer.judge import VerdictStore
 
@@ -360,16 +359,8 @@ def test_ctrl_c_in_evaluate_is_one_line_and_the_returned_verdicts_stay(tmp_path)
     args = [sys.executable, "-m", "lever_trainer", "evaluate", "--queries", str(pools),
             "--img-emb", FILES["embeddings"], "--judge", "faulty", "--baselines", "cosine",
             "--judge-batch-size", "8", "--judge-concurrency", "1", "--store", str(store)]  # fmt: skip
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "hung").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    status, out = signal_when_hung(args, env, tmp_path / "hung", signal.SIGINT)
+    assert status == 130, out
     assert "Traceback" not in out
     assert out.strip().splitlines()[-1] == (
         f"interrupted; the verdicts that returned are stored in {store}: run the same "
