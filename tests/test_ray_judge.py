@@ -38,7 +38,9 @@ def cluster() -> Iterator[Any]:
     # the test module's own classes travel to the workers by value (tests/ is not
     # importable there)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a cluster of the tests' own, even when the machine has another (or a
+    # stale record of one that ray start left in /tmp/ray)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
