@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, snapshot
 from .checkpoint import checkpoint_name
+from .coreoptions import by_dest
 from .data import (
     DataOptions,
     Embeddings,
@@ -56,6 +57,9 @@ from .rewards import RewardParams, clip_reward, registry_from_plugins
 from .rundir import RunLock, check_output_dir, clear_previous_run, occupied_error, run_files
 from .state import TrainConfig
 from .trainer import Trainer, collect_phases
+
+#: --ray-start-timeout's declared default (a different value is named when unused)
+RAY_START_DEFAULT = by_dest()["ray_start_timeout"].default
 
 #: File name of a run's configuration in its output directory.
 RUN_CONFIG = "run_config.json"
@@ -249,7 +253,7 @@ def make_judge(settings: Settings, plugins: PluginSet, warn: Echo) -> Judge | No
                 ("--judge-workers", settings.judge_workers != 1),
                 ("--judge-gpus-per-worker", bool(settings.judge_gpus_per_worker)),
                 ("--ray-address", bool(settings.ray_address)),
-                ("--ray-start-timeout", settings.ray_start_timeout != 600.0),
+                ("--ray-start-timeout", settings.ray_start_timeout != RAY_START_DEFAULT),
             )
             if value
         ]

@@ -220,8 +220,8 @@ def on_train_start(state: TrainState) -> None:
         state.log(f"--bilinear-order auto: reverse (phase {learners[0]} learns the last slot)")
         return
     correct = {order: _logged_correct(state, model, order) for order in ORDERS}
-    both = correct["reverse"][0] & correct["forward"][0]
-    counts = {order: sum(hits[q] for q in both) for order, (_, hits) in correct.items()}
+    both = correct["reverse"].keys() & correct["forward"].keys()
+    counts = {order: sum(hits[q] for q in both) for order, hits in correct.items()}
     model.order = "forward" if counts["forward"] > counts["reverse"] else "reverse"
     state.log(
         f"--bilinear-order auto: {model.order} (the starting policy's sequences were correct "
@@ -231,18 +231,15 @@ def on_train_start(state: TrainState) -> None:
 
 
 @torch.no_grad()
-def _logged_correct(
-    state: TrainState, model: CosineBilinearPolicy, order: str
-) -> tuple[set[int], dict[int, float]]:
-    """The training rows whose logged candidates hold the policy's greedy sequence in
-    ``order``, and that candidate's correctness."""
+def _logged_correct(state: TrainState, model: CosineBilinearPolicy, order: str) -> dict[int, float]:
+    """``{training row: correctness}`` of the rows whose logged candidates hold the
+    policy's greedy sequence in ``order`` (that candidate's correctness)."""
     table, emb = state.train, state.emb
     assert emb is not None
     was_order, was_training = model.order, model.training
     model.order = order
     model.eval()
     device = next(model.parameters()).device
-    found: set[int] = set()
     hits: dict[int, float] = {}
     try:
         for batch in pool_batches(table, emb, 256):
@@ -254,12 +251,11 @@ def _logged_correct(
                 n = int(table.group_len[row])
                 same = (table.sequences[row, :n] == seq).all(-1).nonzero()
                 if len(same):
-                    found.add(row)
                     hits[row] = float(table.correct[row, int(same[0])])
     finally:
         model.order = was_order
         model.train(was_training)
-    return found, hits
+    return hits
 
 
 @hookimpl
